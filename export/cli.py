@@ -1,0 +1,37 @@
+"""`stairs-export`: maps arguments onto export.export_model, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(prog="stairs-export", description=__doc__)
+    p.add_argument("model", help="hub name (t5-3b, google/flan-t5-large) or local HF folder")
+    p.add_argument("-o", "--output", help="output folder (default models/<name>/)")
+    p.add_argument("--assistant", default="auto",
+                   help="assistant model to export too; 'none' for none (default: registered one)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--opset", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true")
+    a = p.parse_args(argv)
+    from export import ExportError, export_model
+
+    try:
+        res = export_model(a.model, a.output, None if a.assistant == "none" else a.assistant,
+                           a.dtype, a.opset, a.device, a.force, a.quiet)
+    except ExportError as exc:
+        print(f"stairs-export: error: {exc}", file=sys.stderr)
+        return 2
+    for path, m in res.manifests.items():
+        print(f"{path}: max abs diff {m['validation']['max_abs_diff']}")
+    print(f"done in {res.seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
