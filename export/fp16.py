@@ -29,15 +29,25 @@ def convert_file(path: Path) -> None:
 
     # A file that already had external data (over 2 GB in fp32) keeps it: protobuf caps at 2 GB.
     large = any(path.parent.glob(path.name + "*data"))
+    if large:
+        # The converter needs value types to place its casts; in-memory inference caps at 2 GB,
+        # so infer by path first and let the converter skip its own pass.
+        onnx.shape_inference.infer_shapes_path(str(path), str(path))
     model = onnx.load(str(path), load_external_data=True)
+    keep = fp32_nodes(model.graph)
     model16 = convert_float_to_float16(
         model,
         keep_io_types=True,
         op_block_list=FP32_OPS,
-        node_block_list=fp32_nodes(model.graph),
-        disable_shape_infer=True,
+        node_block_list=keep,
+        disable_shape_infer=large,
     )
+    _restore_fp32_weights(model16.graph, set(keep))
     del model
+    # The converter appends its input casts at the end; the ONNX checker wants topological order.
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    OnnxModel(model16).topological_sort()
     for old in path.parent.glob(path.name + "*data"):
         old.unlink()
     onnx.save_model(
@@ -48,3 +58,19 @@ def convert_file(path: Path) -> None:
         location=path.name + "_data",
     )
 
+
+
+def _restore_fp32_weights(graph, names: set[str]) -> None:
+    """The converter halves every initializer, blocked nodes' weights too: give those back fp32."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    wanted = {i for n in graph.node if n.name in names for i in n.input}
+    users: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            users[i] = users.get(i, 0) + 1
+    for k, init in enumerate(graph.initializer):
+        if init.name in wanted and init.data_type == 10 and users.get(init.name) == 1:
+            arr = numpy_helper.to_array(init).astype(np.float32)
+            graph.initializer[k].CopyFrom(numpy_helper.from_array(arr, init.name))

@@ -1,0 +1,15 @@
+"""stairs engine: token-exact speculative T5 generation on ONNX Runtime with numpy only.
+
+Never imports torch, transformers or optimum.
+"""
+
+from .accept import accept, full_staircase, staircase
+from .api import Engine, GenerationResult
+from .errors import (EngineError, InputError, ModelFileError, NonFiniteLogitsError,
+                     PairMismatchError, ProviderError)
+from .stats import Stats
+from .strategies import STRATEGIES
+
+__all__ = ["Engine", "GenerationResult", "Stats", "STRATEGIES", "accept", "staircase",
+           "full_staircase", "EngineError", "InputError", "ModelFileError", "NonFiniteLogitsError",
+           "PairMismatchError", "ProviderError"]

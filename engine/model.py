@@ -1,0 +1,163 @@
+"""One exported T5 folder on ONNX Runtime, and the per-generation decoder cache.
+
+Shapes: B rows, T new decoder tokens, P past decoder length, S encoder length, M d_model,
+H heads, D d_kv, V vocab.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import providers as prov
+from .errors import ModelFileError
+from .stats import Counter
+from .tokenizer import Tokenizer
+
+ONNX_FILES = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
+              "decoder_with_past": "decoder_with_past_model.onnx"}
+REQUIRED = ["config.json", "spiece.model", *ONNX_FILES.values()]
+
+
+class T5Model:
+    """Sessions, config and tokenizer of one exported folder (stairs-export or optimum layout)."""
+
+    def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
+                 provider_options: dict | None = None, name: str | None = None):
+        self.folder = Path(folder)
+        self.name = name or self.folder.name
+        missing = [f for f in REQUIRED if not (self.folder / f).is_file()]
+        if missing:
+            raise ModelFileError(f"{self.folder}: missing {', '.join(missing)} "
+                                 "(export it with stairs-export)")
+        try:
+            self.config = json.loads((self.folder / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelFileError(f"{self.folder / 'config.json'} is corrupt: {exc}") from exc
+        self.manifest = self._read_manifest()
+        c = self.config
+        self.vocab_size = c["vocab_size"]
+        self.pad_id, self.eos_id = c["pad_token_id"], c["eos_token_id"]
+        self.start_id = c.get("decoder_start_token_id", self.pad_id)
+        self.num_heads, self.d_kv = c["num_heads"], c["d_kv"]
+        self.num_decoder_layers = c.get("num_decoder_layers") or c["num_layers"]
+        self.tokenizer = Tokenizer(self.folder / "spiece.model", self.vocab_size, self.eos_id,
+                                   self.pad_id, self.folder / "tokenizer_config.json")
+        explicit = provider.lower() != "auto"
+        self.provider = prov.resolve(provider)
+        so = prov.session_options(threads)
+        plist = prov.provider_list(self.provider, provider_options)
+        self.sessions = {}
+        for role, fname in ONNX_FILES.items():
+            path = self.folder / fname
+            try:
+                sess = ort.InferenceSession(str(path), so, providers=plist)
+            except Exception as exc:  # onnxruntime raises several types for a bad file
+                raise ModelFileError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
+            prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)
+            self.sessions[role] = sess
+        dwp = self.sessions["decoder_with_past"]
+        self.past_names = [i.name for i in dwp.get_inputs() if i.name.startswith("past_key_values")]
+        self.self_names = [n for n in self.past_names if ".decoder." in n]
+        self.cross_names = [n for n in self.past_names if ".encoder." in n]
+        self.step_needs_enc = "encoder_hidden_states" in {i.name for i in dwp.get_inputs()}
+        outs = [o.name for o in self.sessions["decoder"].get_outputs()]
+        self._first_self = [outs.index(n.replace("past_key_values", "present")) for n in self.self_names]
+        self._first_cross = [outs.index(n.replace("past_key_values", "present")) for n in self.cross_names]
+        step_outs = [o.name for o in dwp.get_outputs()]
+        if step_outs[1:] != [n.replace("past_key_values", "present") for n in self.self_names]:
+            raise ModelFileError(f"{self.folder}: unexpected outputs of decoder_with_past_model.onnx")
+
+    def _read_manifest(self) -> dict | None:
+        """stairs.json if present; sizes are checked so a truncated file fails here, clearly."""
+        path = self.folder / "stairs.json"
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelFileError(f"{path} is corrupt: {exc}") from exc
+        for fname, info in manifest.get("files", {}).items():
+            f = self.folder / fname
+            if f.is_file() and f.stat().st_size != info["bytes"]:
+                raise ModelFileError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']}"
+                                     " (truncated or replaced: export again)")
+        return manifest
+
+    def _run(self, role: str, feed: dict, counter: Counter) -> list[np.ndarray]:
+        t = time.perf_counter()
+        out = self.sessions[role].run(None, feed)
+        counter.session_s += time.perf_counter() - t
+        return out
+
+    def encode(self, ids: np.ndarray, counter: Counter) -> tuple[np.ndarray, np.ndarray]:
+        """Encoder: ids [1, S] -> hidden [1, S, M], mask [1, S]."""
+        mask = np.ones_like(ids)
+        return self._run("encoder", {"input_ids": ids, "attention_mask": mask}, counter)[0], mask
+
+
+class Cache:
+    """One model's decoder state for one generation; the only place key/values are rewound.
+
+    `length` tokens of the decoder sequence are in the cache. feed() appends T tokens for B rows
+    (rows share the past, broadcast); rewind() keeps one row and the first `length` positions.
+    """
+
+    def __init__(self, model: T5Model, enc: np.ndarray, mask: np.ndarray, counter: Counter):
+        self.model, self.counter = model, counter
+        self.enc, self.mask = enc, mask  # [1, S, M], [1, S]
+        self.length = 0
+        self.self_kv: list[np.ndarray] = []  # 2 per layer, [B, H, P, D]
+        self._cross: dict[int, dict] = {}  # B -> feed entries of cross key/values and mask
+
+    def _cross_feed(self, b: int) -> dict:
+        # Encoder key/values never change during a generation: tile them once per row count.
+        if b not in self._cross:
+            one = self._cross[1]
+            self._cross[b] = {k: np.ascontiguousarray(np.broadcast_to(v, (b,) + v.shape[1:]))
+                              for k, v in one.items()}
+        return self._cross[b]
+
+    def feed(self, tokens: np.ndarray) -> np.ndarray:
+        """Run the decoder on tokens [B, T] after the cached past; returns logits [B, T, V]."""
+        m, b = self.model, tokens.shape[0]
+        if self.length == 0:
+            out = self.first(tokens)
+            self._cross[1] = {n: out[i][:1] for n, i in zip(m.cross_names, m._first_cross)}
+            self._cross[1]["encoder_attention_mask"] = self.mask
+            if m.step_needs_enc:
+                self._cross[1]["encoder_hidden_states"] = self.enc
+            self.self_kv = [out[i] for i in m._first_self]
+        else:
+            feed = dict(self._cross_feed(b))
+            feed["input_ids"] = tokens
+            if b == 1:
+                feed.update(zip(m.self_names, self.self_kv))
+            else:
+                feed.update((n, np.broadcast_to(a, (b,) + a.shape[1:]))
+                            for n, a in zip(m.self_names, self.self_kv))
+            out = m._run("decoder_with_past", feed, self.counter)
+            self.self_kv = out[1:]
+        self.length += tokens.shape[1]
+        return out[0]
+
+    def first(self, tokens: np.ndarray) -> list[np.ndarray]:
+        """decoder_model.onnx (no past) on tokens [B, T]; the cache itself is not touched."""
+        b = tokens.shape[0]
+        enc = self.enc if b == 1 else np.broadcast_to(self.enc, (b,) + self.enc.shape[1:])
+        mask = self.mask if b == 1 else np.broadcast_to(self.mask, (b,) + self.mask.shape[1:])
+        return self.model._run("decoder", {"input_ids": tokens, "encoder_hidden_states": enc,
+                                           "encoder_attention_mask": mask}, self.counter)
+
+    def rewind(self, length: int, row: int = 0) -> None:
+        """Keep row `row` and the first `length` cached positions (drop rejected drafts)."""
+        if length > self.length:
+            raise ValueError(f"cannot rewind forward ({self.length} -> {length})")
+        if length == self.length and self.self_kv[0].shape[0] == 1:
+            return
+        self.self_kv = [a[row : row + 1, :, :length] for a in self.self_kv]
+        self.length = length

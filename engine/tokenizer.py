@@ -1,0 +1,56 @@
+"""T5 tokenisation with sentencepiece, matching Hugging Face's T5Tokenizer ids."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import sentencepiece as spm
+
+from .errors import ModelFileError
+
+DEFAULT_MAX_INPUT = 512  # T5's pre-training input length
+
+
+class Tokenizer:
+    """sentencepiece pieces plus T5's special tokens (</s>, <pad>, <unk>, <extra_id_N>)."""
+
+    def __init__(self, spiece: Path, vocab_size: int, eos_id: int, pad_id: int,
+                 tokenizer_config: Path | None = None):
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(spiece))
+        except Exception as exc:
+            raise ModelFileError(f"{spiece}: not a sentencepiece model ({exc})") from exc
+        self.n_pieces = self.sp.get_piece_size()
+        self.eos_id, self.pad_id = eos_id, pad_id
+        # T5 appends 100 sentinel ids after the pieces, <extra_id_0> last (HF's convention).
+        self.n_extra = 100 if vocab_size >= self.n_pieces + 100 else 0
+        specials = {"</s>": eos_id, "<pad>": pad_id, "<unk>": self.sp.unk_id()}
+        specials.update({f"<extra_id_{i}>": self.n_pieces + self.n_extra - 1 - i
+                         for i in range(self.n_extra)})
+        self.specials = specials
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+        self.max_input_tokens = DEFAULT_MAX_INPUT
+        if tokenizer_config and tokenizer_config.is_file():
+            try:
+                n = json.loads(tokenizer_config.read_text()).get("model_max_length")
+                if isinstance(n, int) and 0 < n < 1_000_000:
+                    self.max_input_tokens = n
+            except json.JSONDecodeError:
+                pass
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, special tokens recognised, without the trailing EOS."""
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if part in self.specials:
+                ids.append(self.specials[part])
+            elif part:
+                ids.extend(self.sp.encode(part))
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of ids, special tokens and sentinels left out."""
+        return self.sp.decode([int(i) for i in ids
+                               if i < self.n_pieces and i not in (self.eos_id, self.pad_id)])

@@ -1,0 +1,91 @@
+"""Fixtures: tiny random T5 models (v1.0 and v1.1) built on the fly, and the ../shared pair."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PYCODE_MAIN = SHARED / "models" / "pycode-t5-main"
+PYCODE_DRAFT = SHARED / "models" / "pycode-t5-draft"
+PROMPTS = SHARED / "prompts" / "pycode_public.jsonl"
+T5_TOKENIZER = SHARED / "models" / "t5-small-tokenizer"
+
+# v1.0: relu, tied embeddings, the real t5-small tokenizer (32000 pieces + 100 sentinels).
+# v1.1: gated-gelu, untied, the pycode tokenizer (8192 pieces).
+VARIANTS = {
+    "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=32128,
+                 spiece=T5_TOKENIZER / "spiece.model"),
+    "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=8192,
+                 spiece=PYCODE_MAIN / "spiece.model"),
+}
+
+
+def need_shared():
+    if not PYCODE_MAIN.is_dir():
+        pytest.skip("../shared/models/pycode-t5-main is absent")
+
+
+def make_tiny_t5(folder: Path, variant: str, seed: int, d_model: int = 64, layers: int = 2,
+                 **overrides) -> Path:
+    """Save a random-weight T5 (HF format, spiece.model inside) into folder."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    v = dict(VARIANTS[variant])
+    spiece = v.pop("spiece")
+    v.update(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    v.update(overrides)
+    cfg = T5Config(d_model=d_model, d_ff=2 * d_model, d_kv=16, num_heads=4, num_layers=layers,
+                   num_decoder_layers=layers, **v)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(cfg).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    shutil.copy(spiece, folder / "spiece.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{variant: {"main": onnx dir, "random": onnx dir of another random model, "hf": hf dir}}."""
+    from export import export_model
+
+    base = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for variant in VARIANTS:
+        hf_main = make_tiny_t5(base / "hf" / f"{variant}-main", variant, seed=1)
+        hf_rand = make_tiny_t5(base / "hf" / f"{variant}-rand", variant, seed=2, d_model=32,
+                               layers=1)
+        # The assistant lands beside the main folder, named after its source folder.
+        res = export_model(str(hf_main), base / "onnx" / f"{variant}-main",
+                           assistant=str(hf_rand), quiet=True)
+        out[variant] = {"main": res.main, "random": res.assistant, "hf": hf_main}
+    return out
+
+
+@pytest.fixture(scope="session")
+def pycode_pair(tmp_path_factory):
+    """The ../shared pycode pair exported to ONNX once per test session."""
+    need_shared()
+    from export import export_model
+
+    base = tmp_path_factory.mktemp("pycode")
+    res = export_model(str(PYCODE_MAIN), base / "pycode-t5-main", assistant=str(PYCODE_DRAFT),
+                       quiet=True)
+    return res.main, res.assistant
+
+
+@pytest.fixture(scope="session")
+def pycode_prompts():
+    """Encoder input ids of the public prompts: spiece.encode(context)[-255:] + [eos]."""
+    need_shared()
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(PYCODE_MAIN / "spiece.model"))
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    return [sp.encode(r["context"])[-255:] + [1] for r in rows]

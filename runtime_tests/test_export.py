@@ -1,0 +1,151 @@
+"""stairs-export: files, manifest, validation, refusals, atomicity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import PYCODE_DRAFT, PYCODE_MAIN, make_tiny_t5
+from export import (CheckpointError, OutputExistsError, PairMismatchError, ValidationError,
+                    export_model)
+from export.cli import main as export_cli
+
+FILES = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
+         "spiece.model", "config.json", "generation_config.json", "stairs.json"]
+
+
+@pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
+def test_tiny_export_files_and_manifest(tiny_models, variant):
+    folder = tiny_models[variant]["main"]
+    for f in FILES:
+        assert (folder / f).is_file(), f
+    m = json.loads((folder / "stairs.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
+    assert m["format_version"] == 1 and m["dtype"] == "fp32"
+    assert m["d_kv"] == 16 and m["num_heads"] == 4 and m["vocab_size"] == cfg["vocab_size"]
+    assert (m["pad_token_id"], m["eos_token_id"], m["decoder_start_token_id"]) == (0, 1, 0)
+    assert m["feed_forward_proj"] == cfg["feed_forward_proj"]
+    for f in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"):
+        assert m["files"][f]["bytes"] == (folder / f).stat().st_size
+        assert len(m["files"][f]["sha256"]) == 64
+        assert 0 <= m["validation"]["max_abs_diff"][f] < 1e-3
+    assert m["assistant"] == f"../{tiny_models[variant]['random'].name}"
+    assert not list(folder.parent.glob(".*tmp-*"))
+
+
+def test_pycode_pair_export(pycode_pair):
+    main, draft = pycode_pair
+    for folder in (main, draft):
+        m = json.loads((folder / "stairs.json").read_text())
+        assert m["vocab_size"] == 8192
+        assert max(m["validation"]["max_abs_diff"].values()) < 1e-3
+    assert json.loads((main / "stairs.json").read_text())["num_layers"] == 6
+    assert json.loads((draft / "stairs.json").read_text())["num_decoder_layers"] == 2
+
+
+def test_refuses_existing_output_unless_force(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError):
+        export_model(str(tiny_models["v1_1"]["hf"]), out, assistant=None, quiet=True)
+    assert (out / "keep.txt").read_text() == "precious"
+    assert export_cli([str(tiny_models["v1_1"]["hf"]), "-o", str(out), "--assistant", "none",
+                       "-q"]) == 2
+    export_model(str(tiny_models["v1_1"]["hf"]), out, assistant=None, force=True, quiet=True)
+    assert not (out / "keep.txt").exists() and (out / "stairs.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_interrupted_export_leaves_nothing(tiny_models, tmp_path, monkeypatch):
+    import export.validate
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.validate, "validate_folder", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(str(tiny_models["v1_1"]["hf"]), tmp_path / "out", assistant=None, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validation_failure_is_typed(tiny_models, tmp_path, monkeypatch):
+    import export.validate
+
+    real = export.validate._session
+
+    class Off:  # an ONNX Runtime session whose encoder output is off by 0.5
+        def __init__(self, path):
+            self.s = real(path)
+            self.enc = path.name == "encoder_model.onnx"
+
+        def __getattr__(self, name):
+            return getattr(self.s, name)
+
+        def run(self, names, feed):
+            out = self.s.run(names, feed)
+            return [out[0] + 0.5, *out[1:]] if self.enc else out
+
+    monkeypatch.setattr(export.validate, "_session", Off)
+    with pytest.raises(ValidationError) as err:
+        export_model(str(tiny_models["v1_1"]["hf"]), tmp_path / "out", assistant=None, quiet=True)
+    assert err.value.file == "encoder_model.onnx" and err.value.output == "last_hidden_state"
+    assert err.value.max_diff == pytest.approx(0.5, abs=1e-3)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pair_mismatch_names_the_difference(tmp_path):
+    a = make_tiny_t5(tmp_path / "a", "v1_1", seed=1)
+    b = make_tiny_t5(tmp_path / "b", "v1_1", seed=1, vocab_size=8000, eos_token_id=2)
+    with pytest.raises(PairMismatchError, match=r"vocab_size: main 8192 vs assistant 8000.*eos"):
+        export_model(str(a), tmp_path / "out", assistant=str(b), quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="Known: .*t5-3b"):
+        export_model("no-such-model", tmp_path / "x", quiet=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="config.json"):
+        export_model(str(tmp_path / "empty"), tmp_path / "x", quiet=True)
+    bad = make_tiny_t5(tmp_path / "bad", "v1_1", seed=1)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="cannot load"):
+        export_model(str(bad), tmp_path / "x", assistant=None, quiet=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_fp16_export_keeps_overflow_parts_fp32(tmp_path):
+    import onnx
+
+    hf = make_tiny_t5(tmp_path / "hf", "v1_1", seed=3)
+    res = export_model(str(hf), tmp_path / "fp16", assistant=None, dtype="fp16", quiet=True)
+    m = json.loads((res.main / "stairs.json").read_text())
+    assert m["dtype"] == "fp16"
+    # validated within 5% of the logits' scale; nonzero because it really is half precision
+    assert 0 < max(m["validation"]["max_abs_diff"].values()) < 1.0
+    graph = onnx.load(str(res.main / "decoder_with_past_model.onnx")).graph
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # logits fp32
+    from engine import Engine
+
+    eng = Engine.load(res.main)
+    ids = eng.generate([5, 6, 7, 1], max_new_tokens=8).token_ids
+    assert 1 <= len(ids) <= 8
+
+
+def test_registry_resolves_known_pairs():
+    from models import lookup
+
+    assert lookup("t5-3b")["assistant"] == "t5-small"
+    assert lookup("google/flan-t5-xl")["assistant"] == "flan-t5-small"
+    assert lookup("nothing") is None
+
+
+def test_shared_models_exist_for_export_tests():
+    if not PYCODE_MAIN.is_dir():
+        pytest.skip("../shared absent")
+    assert (PYCODE_DRAFT / "spiece.model").is_file()
+    assert np.isfinite(1.0)
