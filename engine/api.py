@@ -42,13 +42,19 @@ class Engine:
     @classmethod
     def load(cls, main: str | Path, assistant: str | Path | None = None, provider: str = "cpu",
              threads: int | None = None, provider_options: dict | None = None,
-             assistant_provider: str | None = None) -> "Engine":
-        """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ)."""
-        m = T5Model(main, provider, threads, provider_options, name="main")
+             assistant_provider: str | None = None,
+             shared_thread_pool: bool = False) -> "Engine":
+        """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
+
+        shared_thread_pool: one process-wide ORT pool (fastest on few cores), usable only if no
+        ORT session exists yet; every later session of the process must then opt out of
+        per-session threads.
+        """
+        m = T5Model(main, provider, threads, provider_options, "main", shared_thread_pool)
         a = None
         if assistant is not None:
             a = T5Model(assistant, assistant_provider or provider, threads, provider_options,
-                        name="assistant")
+                        "assistant", shared_thread_pool)
         return cls(m, a)
 
     def encode(self, prompt: str | Sequence[int], max_input_tokens: int | None = None,

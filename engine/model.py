@@ -27,7 +27,8 @@ class T5Model:
     """Sessions, config and tokenizer of one exported folder (stairs-export or optimum layout)."""
 
     def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
-                 provider_options: dict | None = None, name: str | None = None):
+                 provider_options: dict | None = None, name: str | None = None,
+                 shared_thread_pool: bool = False):
         self.folder = Path(folder)
         self.name = name or self.folder.name
         missing = [f for f in REQUIRED if not (self.folder / f).is_file()]
@@ -49,7 +50,7 @@ class T5Model:
                                    self.pad_id, self.folder / "tokenizer_config.json")
         explicit = provider.lower() != "auto"
         self.provider = prov.resolve(provider)
-        so = prov.session_options(threads)
+        so = prov.session_options(threads, shared_thread_pool)
         plist = prov.provider_list(self.provider, provider_options)
         self.sessions = {}
         for role, fname in ONNX_FILES.items():

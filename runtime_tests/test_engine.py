@@ -1,0 +1,191 @@
+"""Engine API, bad input, tokenizer parity, providers, isolation from torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import T5_TOKENIZER
+from engine import (Engine, InputError, ModelFileError, NonFiniteLogitsError, PairMismatchError,
+                    ProviderError)
+from engine import providers as prov
+from engine.cli import main as generate_cli
+from engine.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_models):
+    m = tiny_models["v1_1"]
+    return Engine.load(m["main"], assistant=m["random"])
+
+
+def test_engine_never_imports_heavy_packages():
+    code = ("import sys, engine; bad = [m for m in ('torch', 'transformers', 'optimum') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_text_prompt_stream_and_result(tiny):
+    res = tiny.generate("def add(a, b):", strategy="assisted", max_new_tokens=10)
+    assert len(res.token_ids) <= 10 and res.text == tiny.main.tokenizer.decode(res.token_ids)
+    pieces = list(tiny.stream("def add(a, b):", strategy="assisted", max_new_tokens=10))
+    assert "".join(pieces) == res.text
+    s = res.stats
+    assert s.new_tokens == len(res.token_ids) and s.main_calls >= 1
+    assert s.total_s >= s.session_s > 0 and s.encoder_s > 0
+    assert set(s.as_dict()) >= {"acceptance_rate", "tokens_per_main_call", "overhead_s"}
+
+
+def test_stops_at_eos_and_max_new_tokens(tiny, monkeypatch):
+    ref = tiny.generate([5, 6, 7, 1], max_new_tokens=7)
+    assert len(ref.token_ids) == 7 or ref.token_ids[-1] == 1
+    for strategy in ("assisted", "stairs", "lookup", "staged"):
+        assert tiny.generate([5, 6, 7, 1], strategy=strategy,
+                             max_new_tokens=7).token_ids == ref.token_ids
+    # Force EOS as the third token: every strategy must stop right there.
+    real = tiny.main._run
+
+    def eos_third(role, feed, counter):
+        out = real(role, feed, counter)
+        if role != "encoder":
+            logits = out[0].copy()
+            past = feed["past_key_values.0.decoder.key"].shape[2] if role != "decoder" else 0
+            for t in range(logits.shape[1]):
+                if past + t == 3:
+                    logits[:, t, 1] = 1e9
+            out = [logits, *out[1:]]
+        return out
+
+    monkeypatch.setattr(tiny.main, "_run", eos_third)
+    for strategy in ("greedy", "assisted", "stairs", "lookup", "staged"):
+        ids = tiny.generate([5, 6, 7, 1], strategy=strategy, max_new_tokens=20).token_ids
+        assert len(ids) == 4 and ids[-1] == 1, strategy
+
+
+def test_bad_input_is_refused_clearly(tiny):
+    with pytest.raises(InputError, match="empty prompt"):
+        tiny.generate("   ")
+    with pytest.raises(InputError, match="empty list"):
+        tiny.generate([])
+    with pytest.raises(InputError, match="out of range"):
+        tiny.generate([5, 99999])
+    with pytest.raises(InputError, match="over the limit of 8"):
+        tiny.generate("a b c d e f g h i j k l", max_input_tokens=8)
+    ids = tiny.encode("a b c d e f g h i j k l", max_input_tokens=8, truncation="left")
+    assert ids.shape == (1, 8) and ids[0, -1] == 1
+    with pytest.raises(InputError, match="max_new_tokens"):
+        tiny.generate("x", max_new_tokens=0)
+    with pytest.raises(InputError, match="unknown strategy"):
+        tiny.generate("x", strategy="magic")
+    with pytest.raises(InputError, match="bad option"):
+        tiny.generate("x", strategy="assisted", nonsense=3)
+    with pytest.raises(InputError, match="needs an assistant"):
+        Engine(tiny.main).generate("x", strategy="assisted")
+
+
+def test_nan_logits_raise_naming_model_and_step(tiny, monkeypatch):
+    real = tiny.main._run
+    calls = {"n": 0}
+
+    def nan_later(role, feed, counter):
+        out = real(role, feed, counter)
+        if role == "decoder_with_past":
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out = [np.full_like(out[0], np.nan), *out[1:]]
+        return out
+
+    monkeypatch.setattr(tiny.main, "_run", nan_later)
+    with pytest.raises(NonFiniteLogitsError, match=r"main produced NaN/inf logits at decoder step 3"):
+        tiny.generate([5, 6, 7, 1], max_new_tokens=10)
+
+
+def test_pair_mismatch_is_refused(tiny_models):
+    m1, m0 = tiny_models["v1_1"]["main"], tiny_models["v1_0"]["main"]
+    with pytest.raises(PairMismatchError, match="vocab_size: main 8192 vs assistant 32128"):
+        Engine.load(m1, assistant=m0)
+
+
+def test_missing_and_corrupt_model_files(tiny_models, tmp_path):
+    src = tiny_models["v1_1"]["main"]
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    (broken / "decoder_model.onnx").unlink()
+    with pytest.raises(ModelFileError, match="missing decoder_model.onnx"):
+        Engine.load(broken)
+    shutil.copy(src / "decoder_model.onnx", broken / "decoder_model.onnx")
+    data = (src / "encoder_model.onnx").read_bytes()
+    (broken / "encoder_model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        Engine.load(broken)
+    (broken / "stairs.json").unlink()  # without a manifest onnxruntime itself must refuse it
+    with pytest.raises(ModelFileError, match="encoder_model.onnx: cannot load"):
+        Engine.load(broken)
+
+
+def test_unknown_and_unavailable_providers(tiny_models, monkeypatch, capsys):
+    main = tiny_models["v1_1"]["main"]
+    with pytest.raises(ProviderError, match="unknown provider 'tpu'.*available here: cpu"):
+        Engine.load(main, provider="tpu")
+    with pytest.raises(ProviderError, match="'cuda' is not available.*available: cpu"):
+        Engine.load(main, provider="cuda")
+    assert generate_cli(["--main", str(main), "--provider", "cuda", "x"]) == 2
+    assert "available: cpu" in capsys.readouterr().err
+    assert Engine.load(main, provider="auto").main.provider == "cpu"
+
+
+def test_silent_fallback_is_detected(monkeypatch):
+    class FakeSession:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(prov, "available", lambda: ["cuda", "cpu"])
+    assert prov.resolve("auto") == "cuda"
+    with pytest.raises(ProviderError, match="asked for CUDAExecutionProvider but the session runs "
+                                            "on CPUExecutionProvider"):
+        prov.check_loaded(FakeSession(), "x", "cuda", "x.onnx", explicit=True)
+    prov.check_loaded(FakeSession(), "x", "cuda", "x.onnx", explicit=False)  # auto: log only
+    opts = prov.provider_list("coreml")
+    assert opts[0][0] == "CoreMLExecutionProvider" and opts[0][1]["ModelFormat"] == "MLProgram"
+
+
+def test_threads_give_the_same_tokens_as_serial(tiny):
+    prompts = [[int(t) for t in np.random.default_rng(i).integers(3, 8000, 12)] + [1]
+               for i in range(8)]
+    serial = [tiny.generate(p, strategy="assisted", max_new_tokens=16).token_ids for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda p: tiny.generate(p, strategy="assisted",
+                                                         max_new_tokens=16).token_ids, prompts))
+    assert threaded == serial
+
+
+def test_cli_json(tiny_models, capsys):
+    m = tiny_models["v1_1"]
+    assert generate_cli(["--main", str(m["main"]), "--assistant", str(m["random"]), "--strategy",
+                         "stairs", "--draft-tokens", "3", "--max-new-tokens", "5", "--json",
+                         "def f():"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["strategy"] == "stairs" and len(out["token_ids"]) <= 5
+    assert out["stats"]["main_calls"] >= 1
+
+
+TEXTS = ["translate English to German: My dog is cute.", "Hello   world\n\tindented",
+         "summarize: The <extra_id_0> sat on <extra_id_1>.", "a</s>b <pad> c<unk>",
+         "Ünïcödé — ça marche? 日本語", "x = [i**2 for i in range(10)]  # squares", " leading",
+         "trailing  ", "<extra_id_99> edge <extra_id_5>"]
+
+
+def test_token_ids_match_hf_t5tokenizer():
+    transformers = pytest.importorskip("transformers")
+    if not T5_TOKENIZER.is_dir():
+        pytest.skip("../shared/models/t5-small-tokenizer is absent")
+    hf = transformers.T5Tokenizer.from_pretrained(T5_TOKENIZER)
+    ours = Tokenizer(T5_TOKENIZER / "spiece.model", 32128, 1, 0)
+    for text in TEXTS:
+        assert ours.encode(text) + [1] == hf(text).input_ids, text
