@@ -30,8 +30,10 @@ class GenerationResult:
 class Engine:
     """A main T5 model and optionally its assistant, each an exported ONNX folder."""
 
-    def __init__(self, main: T5Model, assistant: T5Model | None = None):
-        self.main, self.assistant = main, assistant
+    def __init__(self, main: T5Model, assistant: T5Model | None = None,
+                 threads: int | None = None):
+        self.main, self.assistant, self.threads = main, assistant, threads
+        self._auto: tuple[str, dict] | None = None
         if assistant is not None:
             diffs = [f"{k}: main {main.config.get(k)} vs assistant {assistant.config.get(k)}"
                      for k in PAIR_KEYS if main.config.get(k) != assistant.config.get(k)]
@@ -43,19 +45,41 @@ class Engine:
     def load(cls, main: str | Path, assistant: str | Path | None = None, provider: str = "cpu",
              threads: int | None = None, provider_options: dict | None = None,
              assistant_provider: str | None = None,
-             shared_thread_pool: bool = False) -> "Engine":
+             shared_thread_pool: bool = False, assistant_threads: int | None = None,
+             io_binding: bool = False) -> "Engine":
         """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
 
         shared_thread_pool: one process-wide ORT pool (fastest on few cores), usable only if no
         ORT session exists yet; every later session of the process must then opt out of
-        per-session threads.
+        per-session threads. assistant_threads: the small assistant's ops are too short to gain
+        from a second thread on some machines (None = same as threads; measured equal here).
+        io_binding: run through ORT IO binding (outputs allocated on the provider's device).
         """
-        m = T5Model(main, provider, threads, provider_options, "main", shared_thread_pool)
+        m = T5Model(main, provider, threads, provider_options, "main", shared_thread_pool,
+                    io_binding)
         a = None
         if assistant is not None:
-            a = T5Model(assistant, assistant_provider or provider, threads, provider_options,
-                        "assistant", shared_thread_pool)
-        return cls(m, a)
+            a_threads = threads if assistant_threads is None else assistant_threads
+            a = T5Model(assistant, assistant_provider or provider, a_threads, provider_options,
+                        "assistant", shared_thread_pool, io_binding)
+        return cls(m, a, threads)
+
+    def calibrate(self, prompts, max_new_tokens: int = 64, save: bool = True) -> dict:
+        """Measure every candidate strategy on prompts; store and use the fastest for 'auto'."""
+        from . import tune
+
+        result = tune.calibrate(self, prompts, max_new_tokens, save)
+        self._auto = (result["strategy"], result["options"])
+        return result
+
+    def auto_choice(self) -> tuple[str, dict]:
+        """What strategy='auto' runs: the stored calibration, else a sensible default."""
+        if self._auto is None:
+            from . import tune
+
+            stored = tune.load(self)
+            self._auto = (stored["strategy"], stored["options"]) if stored else tune.default(self)
+        return self._auto
 
     def encode(self, prompt: str | Sequence[int], max_input_tokens: int | None = None,
                truncation: str | None = None) -> np.ndarray:
@@ -85,8 +109,12 @@ class Engine:
 
     def _run(self, prompt, strategy: str, max_new_tokens: int, max_input_tokens, truncation,
              options: dict) -> tuple[Run, Iterator[list[int]]]:
+        if strategy == "auto":
+            strategy, auto_opts = self.auto_choice()
+            options = {**auto_opts, **options}
         if strategy not in STRATEGIES:
-            raise InputError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+            raise InputError(f"unknown strategy {strategy!r}; choose from auto, "
+                             f"{', '.join(STRATEGIES)}")
         if strategy in NEEDS_ASSISTANT and self.assistant is None:
             raise InputError(f"strategy {strategy!r} needs an assistant: "
                              "Engine.load(main, assistant=DIR)")

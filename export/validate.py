@@ -24,7 +24,7 @@ def _check(file: str, name: str, got: np.ndarray, ref: np.ndarray, rtol: float, 
     diff = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64))))
     tol = rtol * max(1.0, float(np.max(np.abs(ref))))
     report.setdefault(file, {})[name] = diff
-    if not np.isfinite(diff) or diff > tol:
+    if not np.isfinite(diff) or (rtol > 0 and diff > tol):
         raise ValidationError(file, name, diff, tol)
 
 
@@ -35,14 +35,16 @@ def _legacy(cache):
     return cache
 
 
-def validate_folder(model, folder: Path, input_ids: list[int], dtype: str = "fp32") -> dict:
+def validate_folder(model, folder: Path, input_ids: list[int], dtype: str = "fp32",
+                    strict: bool = True) -> dict:
     """Compare encoder, decoder and decoder-with-past (3 new tokens at once) with PyTorch.
 
-    Returns {file: {output: max_abs_diff}} plus the tolerance used; raises ValidationError.
+    Returns {file: {output: max_abs_diff}} plus the tolerance used; raises ValidationError
+    (strict=False only records the differences, NaN/inf still raise).
     """
     import torch
 
-    rtol = 1e-3 if dtype == "fp32" else 5e-2
+    rtol = {"fp32": 1e-3, "fp16": 5e-2}.get(dtype, 0.0) if strict else 0.0
     cfg = model.config
     report: dict = {}
     ids = torch.tensor([input_ids])

@@ -189,3 +189,21 @@ def test_token_ids_match_hf_t5tokenizer():
     ours = Tokenizer(T5_TOKENIZER / "spiece.model", 32128, 1, 0)
     for text in TEXTS:
         assert ours.encode(text) + [1] == hf(text).input_ids, text
+
+
+def test_io_binding_path_gives_identical_tokens(tiny_models):
+    m = tiny_models["v1_0"]
+    plain = Engine.load(m["main"], assistant=m["random"])
+    bound = Engine.load(m["main"], assistant=m["random"], io_binding=True)
+    assert bound.main.io_binding and not plain.main.io_binding
+    for i in range(6):
+        prompt = [int(t) for t in np.random.default_rng(i).integers(3, 30000, 10)] + [1]
+        for strategy in ("greedy", "assisted", "stairs", "tree"):
+            assert (bound.generate(prompt, strategy=strategy, max_new_tokens=12).token_ids
+                    == plain.generate(prompt, strategy=strategy, max_new_tokens=12).token_ids)
+
+
+def test_assistant_on_another_provider_setting(tiny_models):
+    m = tiny_models["v1_1"]
+    eng = Engine.load(m["main"], assistant=m["random"], provider="auto", assistant_provider="cpu")
+    assert eng.main.provider == "cpu" and eng.assistant.provider == "cpu"

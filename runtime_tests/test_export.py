@@ -149,3 +149,25 @@ def test_shared_models_exist_for_export_tests():
         pytest.skip("../shared absent")
     assert (PYCODE_DRAFT / "spiece.model").is_file()
     assert np.isfinite(1.0)
+
+
+def test_int8_assistant_keeps_output_exact(tmp_path):
+    from engine import Engine
+
+    main = make_tiny_t5(tmp_path / "hf-main", "v1_1", seed=5)
+    res = export_model(str(main), tmp_path / "onnx" / "main", assistant=str(main),
+                       assistant_dtype="int8", quiet=True)
+    m = json.loads((res.assistant / "stairs.json").read_text())
+    assert m["dtype"] == "int8" and m["validation"]["int8"]["max_abs_diff"]
+    assert max(m["validation"]["max_abs_diff"].values()) < 1e-3  # fp32 graph validated first
+    assert json.loads((res.main / "stairs.json").read_text())["dtype"] == "fp32"
+    eng = Engine.load(res.main, assistant=res.assistant)
+    rng = np.random.default_rng(1)
+    accepted = 0
+    for _ in range(6):
+        prompt = [int(t) for t in rng.integers(3, 8000, 20)] + [1]
+        ref = eng.generate(prompt, max_new_tokens=16).token_ids
+        out = eng.generate(prompt, strategy="assisted", max_new_tokens=16, draft_tokens=4)
+        assert out.token_ids == ref
+        accepted += out.stats.accepted
+    assert accepted > 0  # the int8 copy of the main model still agrees with it mostly

@@ -3,13 +3,14 @@
 Each is a function generate(run, **options) -> iterator of emitted token lists.
 """
 
-from . import assisted, greedy, lookup, stairs, staged
+from . import assisted, greedy, lookup, stairs, staged, tree
 
 STRATEGIES = {
     "greedy": greedy.generate,
     "assisted": assisted.generate,
     "stairs": stairs.generate,
+    "tree": tree.generate,
     "lookup": lookup.generate,
     "staged": staged.generate,
 }
-NEEDS_ASSISTANT = {"assisted", "stairs", "staged"}
+NEEDS_ASSISTANT = {"assisted", "stairs", "staged", "tree"}

@@ -1,0 +1,1 @@
+"""stairs-bench: every strategy against the real peers, side by side in one run (needs [bench])."""

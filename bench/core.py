@@ -1,0 +1,271 @@
+"""The benchmark: methods interleaved prompt by prompt, rows, sweeps and the main-call cost curve."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_STRATEGIES = ["greedy", "assisted:draft_tokens=3", "assisted:draft_tokens=4",
+                      "assisted:draft_tokens=5,schedule=heuristic", "stairs:batch_size=3",
+                      "stairs:batch_size=7", "tree:draft_tokens=4,branches=2", "lookup", "staged",
+                      "auto"]
+NO_ASSISTANT = ("greedy", "lookup")
+DEFAULT_PEERS = ["hf", "optimum", "ct2"]
+
+
+def parse_strategy(spec: str) -> tuple[str, dict]:
+    """'assisted:draft_tokens=4,schedule=heuristic' -> ('assisted', {...})."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = int(value)
+        except ValueError:
+            try:
+                opts[key] = float(value)
+            except ValueError:
+                opts[key] = value
+    return name, opts
+
+
+@dataclass
+class Method:
+    """One row of the table: a name and a function ids -> (generated ids sans EOS, stats)."""
+
+    name: str
+    fn: object
+    kind: str = "engine"
+    seconds: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    stats: list = field(default_factory=list)
+    error: str | None = None
+
+
+def engine_method(eng, spec: str, max_new: int, label: str = "") -> Method:
+    from bench.peers import strip
+
+    name, opts = parse_strategy(spec)
+    if name == "auto":  # show what auto resolved to
+        choice, auto_opts = eng.auto_choice()
+        spec = f"auto={choice}:" + ",".join(f"{k}={v}" for k, v in auto_opts.items())
+
+    def fn(ids):
+        r = eng.generate(ids, strategy=name, max_new_tokens=max_new, **opts)
+        return strip(r.token_ids), r.stats
+
+    return Method(f"stairs/{spec}{label}", fn)
+
+
+def peer_methods(peers: list[str], hf_main: Path, hf_asst: Path | None, onnx_main: Path,
+                 onnx_asst: Path | None, threads: int, max_new: int, workdir: Path,
+                 log) -> list[Method]:
+    """Build the peers that can run here; a missing package becomes a row with a note."""
+    out: list[Method] = []
+
+    def add(name, kind, build):
+        try:
+            fn = build()
+            out.append(Method(name, fn, kind))
+        except Exception as exc:  # missing package or failing peer: report, never hide
+            out.append(Method(name, None, kind, error=f"{type(exc).__name__}: {exc}"))
+            log(f"peer {name} skipped: {exc}")
+
+    if "hf" in peers:
+        try:
+            from bench.peers import HF
+
+            hf = HF(hf_main, hf_asst, threads)
+        except Exception as exc:
+            hf = None
+            out.append(Method("hf/greedy", None, "peer", error=f"{type(exc).__name__}: {exc}"))
+        if hf is not None:
+            add("hf/greedy", "peer", lambda: lambda ids: (hf.greedy(ids, max_new), None))
+            if hf_asst is not None:
+                add("hf/assisted-default", "peer",
+                    lambda: lambda ids: (hf.assisted(ids, max_new), None))
+                add("hf/assisted-heuristic-5", "peer",
+                    lambda: lambda ids: (hf.assisted(ids, max_new, 5, "heuristic"), None))
+                add("hf/assisted-constant-4", "peer",
+                    lambda: lambda ids: (hf.assisted(ids, max_new, 4, "constant"), None))
+    if "optimum" in peers:
+        try:
+            from bench.peers import Optimum
+
+            opt = Optimum(onnx_main, onnx_asst, threads)
+            add("optimum/greedy", "peer", lambda: lambda ids: (opt.greedy(ids, max_new), None))
+            if onnx_asst is not None:
+                try:  # optimum cannot run assisted generation on T5: record why
+                    opt.greedy([5, 6, 1], 4, assistant=True)
+                    add("optimum/assisted", "peer",
+                        lambda: lambda ids: (opt.greedy(ids, max_new, True), None))
+                except Exception as exc:
+                    out.append(Method("optimum/assisted", None, "peer",
+                                      error=f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:
+            out.append(Method("optimum/greedy", None, "peer", error=f"{type(exc).__name__}: {exc}"))
+    if "ct2" in peers:
+        for ctype in ("float32", "int8"):
+            def build(ctype=ctype):
+                from bench.peers import CT2
+
+                ct = CT2(hf_main, threads, ctype, workdir)
+                return lambda ids: (ct.greedy(ids, max_new), None)
+
+            add(f"ct2/{ctype}", "peer", build)
+    return out
+
+
+def interleave(methods: list[Method], prompts: list[list[int]], rounds: int, progress) -> None:
+    """Run every method on every prompt, A B C A B C ..., so machine drift hits all alike."""
+    live = [m for m in methods if m.fn is not None]
+    for m in live:  # warm-up: first calls allocate arenas and page in weights
+        m.fn(prompts[0])
+    bar = progress(total=rounds * len(prompts) * len(live), desc="bench", unit="gen")
+    for r in range(rounds):
+        for i, ids in enumerate(prompts):
+            for m in live:
+                t = time.perf_counter()
+                toks, stats = m.fn(ids)
+                m.seconds.append(time.perf_counter() - t)
+                m.tokens.append(len(toks))
+                if r == 0:
+                    m.outputs.append(toks)
+                    m.stats.append(stats)
+                bar.update()
+    bar.close()
+
+
+def rows(methods: list[Method], prompts: int, rounds: int) -> list[dict]:
+    """Table rows: medians over rounds, speed-ups, latency, acceptance, mismatches."""
+    by = {m.name: m for m in methods}
+    ref = by.get("hf/greedy")
+    ref = ref if ref and ref.fn else by.get("stairs/greedy")
+    out = []
+    for m in methods:
+        if m.fn is None:
+            out.append({"method": m.name, "kind": m.kind, "error": m.error})
+            continue
+        per_round = [sum(m.seconds[r * prompts:(r + 1) * prompts]) for r in range(rounds)]
+        toks = sum(m.tokens[:prompts])
+        total = statistics.median(per_round)
+        lat = np.array(m.seconds).reshape(rounds, prompts)
+        lat = np.median(lat, axis=0)
+        row = {"method": m.name, "kind": m.kind, "seconds": total, "tokens": toks,
+               "tokens_per_s": toks / total, "round_seconds": per_round,
+               "p50_ms": float(np.percentile(lat, 50) * 1e3),
+               "p90_ms": float(np.percentile(lat, 90) * 1e3),
+               "mismatches": sum(a != b for a, b in zip(m.outputs, ref.outputs)),
+               "reference": ref.name}
+        st = [s for s in m.stats if s is not None]
+        if st:
+            tot = st[0]
+            for s in st[1:]:
+                tot = tot + s
+            row.update(main_calls=tot.main_calls, draft_calls=tot.draft_calls,
+                       acceptance_rate=tot.acceptance_rate,
+                       tokens_per_main_call=tot.tokens_per_main_call,
+                       session_s=tot.session_s, engine_total_s=tot.total_s,
+                       overhead_pct=100 * tot.overhead_s / tot.total_s,
+                       encoder_s=tot.encoder_s, draft_s=tot.draft_s, verify_s=tot.verify_s)
+        out.append(row)
+    base = {r["method"]: r["tokens_per_s"] for r in out if "tokens_per_s" in r}
+    for r in out:
+        if "tokens_per_s" in r:
+            if "hf/greedy" in base:
+                r["speedup_vs_hf_greedy"] = r["tokens_per_s"] / base["hf/greedy"]
+            if "stairs/greedy" in base:
+                r["speedup_vs_engine_greedy"] = r["tokens_per_s"] / base["stairs/greedy"]
+    return out
+
+
+def sweep(eng, prompts, max_new: int, name: str, key: str, values, progress) -> list[dict]:
+    """Speed-up over engine greedy for each setting, all interleaved prompt by prompt."""
+    methods = [engine_method(eng, "greedy", max_new)]
+    methods += [engine_method(eng, f"{name}:{key}={v}", max_new) for v in values]
+    interleave(methods, prompts, 1, progress)
+    g = sum(methods[0].seconds)
+    res = []
+    for v, m in zip(values, methods[1:]):
+        st = m.stats[0]
+        for s in m.stats[1:]:
+            st = st + s
+        res.append({key: v, "speedup_vs_engine_greedy": g / sum(m.seconds),
+                    "tokens_per_s": sum(m.tokens) / sum(m.seconds),
+                    "acceptance_rate": st.acceptance_rate,
+                    "tokens_per_main_call": st.tokens_per_main_call})
+    return res
+
+
+def cost_curve(model, sizes, past: int = 32, enc_len: int = 129, reps: int = 30) -> dict:
+    """Main decoder-with-past call time with B rows x 1 token, 1 row x T tokens and B x B
+    (the staircase), relative to 1 row x 1 token: whether a staircase can pay."""
+    sess = model.sessions["decoder_with_past"]
+    h, d = model.num_heads, model.d_kv
+    rng = np.random.default_rng(0)
+
+    def feed(b, t):
+        f = {"input_ids": rng.integers(3, 100, (b, t)).astype(np.int64),
+             "encoder_attention_mask": np.ones((b, enc_len), np.int64)}
+        for n in model.self_names:
+            f[n] = rng.standard_normal((b, h, past, d)).astype(np.float32)
+        for n in model.cross_names:
+            f[n] = rng.standard_normal((b, h, enc_len, d)).astype(np.float32)
+        if model.step_needs_enc:
+            f["encoder_hidden_states"] = rng.standard_normal(
+                (b, enc_len, model.config["d_model"])).astype(np.float32)
+        return f
+
+    def ms(b, t):
+        f = feed(b, t)
+        for _ in range(3):
+            sess.run(None, f)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            sess.run(None, f)
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts) * 1e3)
+
+    base = ms(1, 1)
+    out = {"base_ms": base, "past": past, "encoder_length": enc_len, "rows": [], "tokens": [],
+           "staircase": []}
+    for s in sizes:
+        out["rows"].append({"n": s, "ms": (v := ms(s, 1)), "ratio": v / base})
+        out["tokens"].append({"n": s, "ms": (v := ms(1, s)), "ratio": v / base})
+        out["staircase"].append({"n": s, "ms": (v := ms(s, s)), "ratio": v / base})
+    return out
+
+
+def machine() -> dict:
+    """What ran the benchmark."""
+    import onnxruntime
+
+    info = {"platform": platform.platform(), "processor": platform.processor(),
+            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info["CT2_USE_MKL"] = __import__("os").environ.get("CT2_USE_MKL", "default")
+    for pkg in ("torch", "transformers", "optimum", "ctranslate2"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:
+            info[pkg] = None
+    return info
+
+
+def save(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -1,0 +1,133 @@
+"""Peers: Hugging Face PyTorch, optimum ONNX Runtime, CTranslate2 — same prompts, greedy, batch 1.
+
+Each method maps encoder input ids to generated ids (EOS and padding stripped) and optional stats.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+EOS = 1
+
+
+def strip(ids, eos: int = EOS, pad: int = 0) -> list[int]:
+    """Generated ids up to (not including) EOS; trailing padding removed."""
+    out = [int(i) for i in ids]
+    if eos in out:
+        out = out[: out.index(eos)]
+    while out and out[-1] == pad:
+        out.pop()
+    return out
+
+
+class HF:
+    """transformers generate(): greedy, and with assistant_model."""
+
+    def __init__(self, main_dir: Path, assistant_dir: Path | None, threads: int):
+        import torch
+        from transformers import T5ForConditionalGeneration
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = T5ForConditionalGeneration.from_pretrained(main_dir, dtype=torch.float32).eval()
+        self.assistant = None
+        if assistant_dir is not None:
+            self.assistant = T5ForConditionalGeneration.from_pretrained(
+                assistant_dir, dtype=torch.float32).eval()
+
+    def greedy(self, ids, max_new: int):
+        with self.torch.no_grad():
+            out = self.model.generate(self.torch.tensor([ids]), do_sample=False, num_beams=1,
+                                      max_new_tokens=max_new)
+        return strip(out[0, 1:].tolist())
+
+    def assisted(self, ids, max_new: int, k: int | None = None, schedule: str | None = None):
+        """k/schedule None: transformers' own defaults. In 4.57 these must be set on the
+        assistant's generation_config (generate() arguments are ignored)."""
+        gc = self.assistant.generation_config
+        keys = ("num_assistant_tokens", "num_assistant_tokens_schedule",
+                "assistant_confidence_threshold")
+        saved = [getattr(gc, key) for key in keys]
+        if k is not None:  # a fixed K: no confidence stop
+            for key, value in zip(keys, (k, schedule or "constant", 0.0)):
+                setattr(gc, key, value)
+        try:
+            with self.torch.no_grad():
+                out = self.model.generate(self.torch.tensor([ids]), do_sample=False,
+                                          num_beams=1, max_new_tokens=max_new,
+                                          assistant_model=self.assistant)
+        finally:
+            for key, value in zip(keys, saved):
+                setattr(gc, key, value)
+        return strip(out[0, 1:].tolist())
+
+
+class Optimum:
+    """optimum's ORTModelForSeq2SeqLM on the same exported folders."""
+
+    def __init__(self, main_onnx: Path, assistant_onnx: Path | None, threads: int):
+        import onnxruntime as ort
+        import torch
+        from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+        self.torch = torch
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.model = ORTModelForSeq2SeqLM.from_pretrained(main_onnx, use_cache=True,
+                                                          session_options=so)
+        self.assistant = None
+        if assistant_onnx is not None:
+            self.assistant = ORTModelForSeq2SeqLM.from_pretrained(assistant_onnx, use_cache=True,
+                                                                  session_options=so)
+
+    def greedy(self, ids, max_new: int, assistant: bool = False):
+        kw = {"assistant_model": self.assistant} if assistant else {}
+        out = self.model.generate(input_ids=self.torch.tensor([ids]), do_sample=False,
+                                  num_beams=1, max_new_tokens=max_new, **kw)
+        return strip(out[0, 1:].tolist())
+
+
+def ct2_backend_env() -> str:
+    """On AMD CPUs CTranslate2's MKL backend is ~2x slower (measured here: 84 vs 153 tokens/s
+    float32); use its own backend there unless the user chose. Must run before the import."""
+    if "CT2_USE_MKL" not in os.environ:
+        try:
+            with open("/proc/cpuinfo") as f:
+                if "AMD" in f.read(4096):
+                    os.environ["CT2_USE_MKL"] = "0"
+        except OSError:
+            pass
+    return os.environ.get("CT2_USE_MKL", "default")
+
+
+class CT2:
+    """CTranslate2 Translator converted from the HF folder (float32 or int8)."""
+
+    def __init__(self, main_dir: Path, threads: int, compute_type: str, workdir: Path):
+        ct2_backend_env()
+        import ctranslate2
+        import sentencepiece as spm
+        from ctranslate2.converters import TransformersConverter
+        from transformers import T5Tokenizer
+
+        out = workdir / f"ct2-{compute_type}"
+        if not (out / "model.bin").is_file():
+            src = Path(tempfile.mkdtemp(dir=workdir))
+            for f in ("config.json", "model.safetensors", "generation_config.json"):
+                if (main_dir / f).exists():
+                    os.symlink((main_dir / f).resolve(), src / f)
+            # The converter reads the vocabulary from the tokenizer: build it without the 100
+            # sentinels the T5 tokenizer adds by default, or 8292 != 8192 pieces.
+            T5Tokenizer(str(main_dir / "spiece.model"), extra_ids=0).save_pretrained(src)
+            TransformersConverter(str(src)).convert(str(out), quantization=compute_type,
+                                                    force=True)
+        self.sp = spm.SentencePieceProcessor(model_file=str(main_dir / "spiece.model"))
+        self.tr = ctranslate2.Translator(str(out), device="cpu", intra_threads=threads,
+                                         inter_threads=1, compute_type=compute_type)
+
+    def greedy(self, ids, max_new: int):
+        pieces = [self.sp.id_to_piece(int(i)) for i in ids]
+        r = self.tr.translate_batch([pieces], beam_size=1, max_decoding_length=max_new)
+        return strip(self.sp.piece_to_id(p) for p in r[0].hypotheses[0])
