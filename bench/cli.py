@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median reported)")
     p.add_argument("--provider", default="cpu")
-    p.add_argument("--strategies", help="comma list of specs, ';' between them when a spec has "
-                   "options, e.g. 'greedy;assisted:draft_tokens=4;stairs:batch_size=7'")
+    p.add_argument(
+        "--strategies",
+        help="comma list of specs, ';' between them when a spec has "
+        "options, e.g. 'greedy;assisted:draft_tokens=4;stairs:batch_size=7'",
+    )
     p.add_argument("--peers", default="hf,optimum,ct2", help="hf,optimum,ct2 or none")
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--sweep-prompts", type=int, default=10)
@@ -32,9 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     if a.strategies:
         strategies = a.strategies.split(";") if ";" in a.strategies else a.strategies.split(",")
     try:
-        run_bench(a.main, a.assistant, a.prompts, a.n, a.max_new_tokens, a.threads, a.rounds,
-                  a.provider, strategies, [] if a.peers == "none" else a.peers.split(","),
-                  not a.no_sweeps, a.sweep_prompts, a.out, a.quick, a.quiet)
+        run_bench(
+            a.main,
+            a.assistant,
+            a.prompts,
+            a.n,
+            a.max_new_tokens,
+            a.threads,
+            a.rounds,
+            a.provider,
+            strategies,
+            [] if a.peers == "none" else a.peers.split(","),
+            not a.no_sweeps,
+            a.sweep_prompts,
+            a.out,
+            a.quick,
+            a.quiet,
+        )
     except Exception as exc:
         from engine import EngineError
 

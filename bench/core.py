@@ -1,4 +1,4 @@
-"""The benchmark: methods interleaved prompt by prompt, rows, sweeps and the main-call cost curve."""
+"""The benchmark: methods interleaved prompt by prompt, rows, sweeps, the main-call cost curve."""
 
 from __future__ import annotations
 
@@ -11,10 +11,18 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_STRATEGIES = ["greedy", "assisted:draft_tokens=3", "assisted:draft_tokens=4",
-                      "assisted:draft_tokens=5,schedule=heuristic", "stairs:batch_size=3",
-                      "stairs:batch_size=7", "tree:draft_tokens=4,branches=2", "lookup", "staged",
-                      "auto"]
+DEFAULT_STRATEGIES = [
+    "greedy",
+    "assisted:draft_tokens=3",
+    "assisted:draft_tokens=4",
+    "assisted:draft_tokens=5,schedule=heuristic",
+    "stairs:batch_size=3",
+    "stairs:batch_size=7",
+    "tree:draft_tokens=4,branches=2",
+    "lookup",
+    "staged",
+    "auto",
+]
 NO_ASSISTANT = ("greedy", "lookup")
 DEFAULT_PEERS = ["hf", "optimum", "ct2"]
 
@@ -64,9 +72,17 @@ def engine_method(eng, spec: str, max_new: int, label: str = "") -> Method:
     return Method(f"stairs/{spec}{label}", fn)
 
 
-def peer_methods(peers: list[str], hf_main: Path, hf_asst: Path | None, onnx_main: Path,
-                 onnx_asst: Path | None, threads: int, max_new: int, workdir: Path,
-                 log) -> list[Method]:
+def peer_methods(
+    peers: list[str],
+    hf_main: Path,
+    hf_asst: Path | None,
+    onnx_main: Path,
+    onnx_asst: Path | None,
+    threads: int,
+    max_new: int,
+    workdir: Path,
+    log,
+) -> list[Method]:
     """Build the peers that can run here; a missing package becomes a row with a note."""
     out: list[Method] = []
 
@@ -89,12 +105,21 @@ def peer_methods(peers: list[str], hf_main: Path, hf_asst: Path | None, onnx_mai
         if hf is not None:
             add("hf/greedy", "peer", lambda: lambda ids: (hf.greedy(ids, max_new), None))
             if hf_asst is not None:
-                add("hf/assisted-default", "peer",
-                    lambda: lambda ids: (hf.assisted(ids, max_new), None))
-                add("hf/assisted-heuristic-5", "peer",
-                    lambda: lambda ids: (hf.assisted(ids, max_new, 5, "heuristic"), None))
-                add("hf/assisted-constant-4", "peer",
-                    lambda: lambda ids: (hf.assisted(ids, max_new, 4, "constant"), None))
+                add(
+                    "hf/assisted-default",
+                    "peer",
+                    lambda: lambda ids: (hf.assisted(ids, max_new), None),
+                )
+                add(
+                    "hf/assisted-heuristic-5",
+                    "peer",
+                    lambda: lambda ids: (hf.assisted(ids, max_new, 5, "heuristic"), None),
+                )
+                add(
+                    "hf/assisted-constant-4",
+                    "peer",
+                    lambda: lambda ids: (hf.assisted(ids, max_new, 4, "constant"), None),
+                )
     if "optimum" in peers:
         try:
             from bench.peers import Optimum
@@ -104,15 +129,22 @@ def peer_methods(peers: list[str], hf_main: Path, hf_asst: Path | None, onnx_mai
             if onnx_asst is not None:
                 try:  # optimum cannot run assisted generation on T5: record why
                     opt.greedy([5, 6, 1], 4, assistant=True)
-                    add("optimum/assisted", "peer",
-                        lambda: lambda ids: (opt.greedy(ids, max_new, True), None))
+                    add(
+                        "optimum/assisted",
+                        "peer",
+                        lambda: lambda ids: (opt.greedy(ids, max_new, True), None),
+                    )
                 except Exception as exc:
-                    out.append(Method("optimum/assisted", None, "peer",
-                                      error=f"{type(exc).__name__}: {exc}"))
+                    out.append(
+                        Method(
+                            "optimum/assisted", None, "peer", error=f"{type(exc).__name__}: {exc}"
+                        )
+                    )
         except Exception as exc:
             out.append(Method("optimum/greedy", None, "peer", error=f"{type(exc).__name__}: {exc}"))
     if "ct2" in peers:
         for ctype in ("float32", "int8"):
+
             def build(ctype=ctype):
                 from bench.peers import CT2
 
@@ -147,36 +179,49 @@ def rows(methods: list[Method], prompts: int, rounds: int) -> list[dict]:
     """Table rows: medians over rounds, speed-ups, latency, acceptance, mismatches."""
     by = {m.name: m for m in methods}
     ref = by.get("hf/greedy")
-    ref = ref if ref and ref.fn else by.get("stairs/greedy")
+    if not (ref and ref.fn):
+        ref = next(m for m in methods if m.name.split("@")[0] == "stairs/greedy")
     out = []
     for m in methods:
         if m.fn is None:
             out.append({"method": m.name, "kind": m.kind, "error": m.error})
             continue
-        per_round = [sum(m.seconds[r * prompts:(r + 1) * prompts]) for r in range(rounds)]
+        per_round = [sum(m.seconds[r * prompts : (r + 1) * prompts]) for r in range(rounds)]
         toks = sum(m.tokens[:prompts])
         total = statistics.median(per_round)
         lat = np.array(m.seconds).reshape(rounds, prompts)
         lat = np.median(lat, axis=0)
-        row = {"method": m.name, "kind": m.kind, "seconds": total, "tokens": toks,
-               "tokens_per_s": toks / total, "round_seconds": per_round,
-               "p50_ms": float(np.percentile(lat, 50) * 1e3),
-               "p90_ms": float(np.percentile(lat, 90) * 1e3),
-               "mismatches": sum(a != b for a, b in zip(m.outputs, ref.outputs)),
-               "reference": ref.name}
+        row = {
+            "method": m.name,
+            "kind": m.kind,
+            "seconds": total,
+            "tokens": toks,
+            "tokens_per_s": toks / total,
+            "round_seconds": per_round,
+            "p50_ms": float(np.percentile(lat, 50) * 1e3),
+            "p90_ms": float(np.percentile(lat, 90) * 1e3),
+            "mismatches": sum(a != b for a, b in zip(m.outputs, ref.outputs)),
+            "reference": ref.name,
+        }
         st = [s for s in m.stats if s is not None]
         if st:
             tot = st[0]
             for s in st[1:]:
                 tot = tot + s
-            row.update(main_calls=tot.main_calls, draft_calls=tot.draft_calls,
-                       acceptance_rate=tot.acceptance_rate,
-                       tokens_per_main_call=tot.tokens_per_main_call,
-                       session_s=tot.session_s, engine_total_s=tot.total_s,
-                       overhead_pct=100 * tot.overhead_s / tot.total_s,
-                       encoder_s=tot.encoder_s, draft_s=tot.draft_s, verify_s=tot.verify_s)
+            row.update(
+                main_calls=tot.main_calls,
+                draft_calls=tot.draft_calls,
+                acceptance_rate=tot.acceptance_rate,
+                tokens_per_main_call=tot.tokens_per_main_call,
+                session_s=tot.session_s,
+                engine_total_s=tot.total_s,
+                overhead_pct=100 * tot.overhead_s / tot.total_s,
+                encoder_s=tot.encoder_s,
+                draft_s=tot.draft_s,
+                verify_s=tot.verify_s,
+            )
         out.append(row)
-    base = {r["method"]: r["tokens_per_s"] for r in out if "tokens_per_s" in r}
+    base = {r["method"].split("@")[0]: r["tokens_per_s"] for r in out if "tokens_per_s" in r}
     for r in out:
         if "tokens_per_s" in r:
             if "hf/greedy" in base:
@@ -197,10 +242,15 @@ def sweep(eng, prompts, max_new: int, name: str, key: str, values, progress) -> 
         st = m.stats[0]
         for s in m.stats[1:]:
             st = st + s
-        res.append({key: v, "speedup_vs_engine_greedy": g / sum(m.seconds),
-                    "tokens_per_s": sum(m.tokens) / sum(m.seconds),
-                    "acceptance_rate": st.acceptance_rate,
-                    "tokens_per_main_call": st.tokens_per_main_call})
+        res.append(
+            {
+                key: v,
+                "speedup_vs_engine_greedy": g / sum(m.seconds),
+                "tokens_per_s": sum(m.tokens) / sum(m.seconds),
+                "acceptance_rate": st.acceptance_rate,
+                "tokens_per_main_call": st.tokens_per_main_call,
+            }
+        )
     return res
 
 
@@ -212,15 +262,18 @@ def cost_curve(model, sizes, past: int = 32, enc_len: int = 129, reps: int = 30)
     rng = np.random.default_rng(0)
 
     def feed(b, t):
-        f = {"input_ids": rng.integers(3, 100, (b, t)).astype(np.int64),
-             "encoder_attention_mask": np.ones((b, enc_len), np.int64)}
+        f = {
+            "input_ids": rng.integers(3, 100, (b, t)).astype(np.int64),
+            "encoder_attention_mask": np.ones((b, enc_len), np.int64),
+        }
         for n in model.self_names:
             f[n] = rng.standard_normal((b, h, past, d)).astype(np.float32)
         for n in model.cross_names:
             f[n] = rng.standard_normal((b, h, enc_len, d)).astype(np.float32)
         if model.step_needs_enc:
             f["encoder_hidden_states"] = rng.standard_normal(
-                (b, enc_len, model.config["d_model"])).astype(np.float32)
+                (b, enc_len, model.config["d_model"])
+            ).astype(np.float32)
         return f
 
     def ms(b, t):
@@ -235,8 +288,14 @@ def cost_curve(model, sizes, past: int = 32, enc_len: int = 129, reps: int = 30)
         return float(np.median(ts) * 1e3)
 
     base = ms(1, 1)
-    out = {"base_ms": base, "past": past, "encoder_length": enc_len, "rows": [], "tokens": [],
-           "staircase": []}
+    out = {
+        "base_ms": base,
+        "past": past,
+        "encoder_length": enc_len,
+        "rows": [],
+        "tokens": [],
+        "staircase": [],
+    }
     for s in sizes:
         out["rows"].append({"n": s, "ms": (v := ms(s, 1)), "ratio": v / base})
         out["tokens"].append({"n": s, "ms": (v := ms(1, s)), "ratio": v / base})
@@ -248,13 +307,18 @@ def machine() -> dict:
     """What ran the benchmark."""
     import onnxruntime
 
-    info = {"platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "numpy": np.__version__}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+    }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                               if line.startswith("model name"))
+            info["cpu"] = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
     except (OSError, StopIteration):
         pass
     info["CT2_USE_MKL"] = __import__("os").environ.get("CT2_USE_MKL", "default")

@@ -1,5 +1,5 @@
 """Export benchmark: a random-weight model with a real config (default t5-3b) exported in fp32 and
-fp16; records wall time and peak RSS of each export (run in a child process, so the peak is its own).
+fp16; records wall time and peak RSS of each export (each in a child process: its own peak).
 
     python -m bench.export_bench [--config ../shared/models/configs/t5-3b.json] [--dtypes fp32,fp16]
 """
@@ -39,8 +39,9 @@ export_model(sys.argv[1], sys.argv[2], assistant=None, dtype=sys.argv[3], force=
 def child(code: str, *args: str) -> tuple[float, float]:
     """Run code in a fresh interpreter; returns (seconds, peak RSS GiB of that child alone)."""
     t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code + PEAK, *args], check=True,
-                          stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code + PEAK, *args], check=True, stdout=subprocess.PIPE, text=True
+    )
     return time.perf_counter() - t, int(done.stdout.strip().splitlines()[-1]) / 2**20
 
 
@@ -55,8 +56,9 @@ def main(argv=None) -> int:
     hf = work / "hf"
     results = {"config": a.config, "runs": []}
     try:
-        sec, rss = child(BUILD, a.config, str(hf), str(SHARED / "models" / "t5-small-tokenizer"
-                                                       / "spiece.model"))
+        sec, rss = child(
+            BUILD, a.config, str(hf), str(SHARED / "models" / "t5-small-tokenizer" / "spiece.model")
+        )
         results["build"] = {"seconds": sec, "peak_rss_gib": rss}
         print(f"built random model in {sec:.0f} s (peak RSS {rss:.1f} GiB)", flush=True)
         for dtype in a.dtypes.split(","):
@@ -64,8 +66,13 @@ def main(argv=None) -> int:
             sec, rss = child(EXPORT, str(hf), str(out), dtype)
             manifest = json.loads((out / "stairs.json").read_text())
             size = sum(f.stat().st_size for f in out.iterdir()) / 2**30
-            run = {"dtype": dtype, "seconds": sec, "peak_rss_gib": rss,
-                   "folder_gib": size, "max_abs_diff": manifest["validation"]["max_abs_diff"]}
+            run = {
+                "dtype": dtype,
+                "seconds": sec,
+                "peak_rss_gib": rss,
+                "folder_gib": size,
+                "max_abs_diff": manifest["validation"]["max_abs_diff"],
+            }
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
             shutil.rmtree(out)

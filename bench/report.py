@@ -11,15 +11,19 @@ def _f(v, fmt):
 
 def markdown(res: dict) -> str:
     s = res["settings"]
-    lines = [f"# stairs-bench: {s['prompts']} prompts, {s['max_new_tokens']} new tokens, "
-             f"{s['threads']} threads, median of {s['rounds']} interleaved round(s)", "",
-             f"Machine: {res['machine'].get('cpu', res['machine']['platform'])}; onnxruntime "
-             f"{res['machine']['onnxruntime']}, torch {res['machine'].get('torch')}, "
-             f"transformers {res['machine'].get('transformers')}, ctranslate2 "
-             f"{res['machine'].get('ctranslate2')}", "",
-             "| method | tok/s | x HF greedy | x engine greedy | p50 ms | p90 ms | main calls | "
-             "accept | tok/main call | overhead % | mismatches |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# stairs-bench: {s['prompts']} prompts, {s['max_new_tokens']} new tokens, "
+        f"{s['threads']} threads, median of {s['rounds']} interleaved round(s)",
+        "",
+        f"Machine: {res['machine'].get('cpu', res['machine']['platform'])}; onnxruntime "
+        f"{res['machine']['onnxruntime']}, torch {res['machine'].get('torch')}, "
+        f"transformers {res['machine'].get('transformers')}, ctranslate2 "
+        f"{res['machine'].get('ctranslate2')}",
+        "",
+        "| method | tok/s | x HF greedy | x engine greedy | p50 ms | p90 ms | main calls | "
+        "accept | tok/main call | overhead % | mismatches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"| {r['method']} | failed: {r['error'][:90]} |||||||||| |")
@@ -27,25 +31,42 @@ def markdown(res: dict) -> str:
         mm = r["mismatches"]
         mark = f"**{mm} ≠ {r['reference']}**" if mm else "0"
         lines.append(
-            f"| {r['method']} | {r['tokens_per_s']:.0f} | {_f(r.get('speedup_vs_hf_greedy'), '.2f')}"
+            f"| {r['method']} | {r['tokens_per_s']:.0f} | "
+            f"{_f(r.get('speedup_vs_hf_greedy'), '.2f')}"
             f" | {_f(r.get('speedup_vs_engine_greedy'), '.2f')} | {r['p50_ms']:.0f} | "
             f"{r['p90_ms']:.0f} | {_f(r.get('main_calls'), 'd')} | "
             f"{_f(r.get('acceptance_rate'), '.2f')} | {_f(r.get('tokens_per_main_call'), '.2f')} | "
-            f"{_f(r.get('overhead_pct'), '.1f')} | {mark} |")
-    for title, key in (("stairs batch size", "batch_size"), ("assisted draft length K",
-                                                              "draft_tokens")):
+            f"{_f(r.get('overhead_pct'), '.1f')} | {mark} |"
+        )
+    for title, key in (
+        ("stairs batch size", "batch_size"),
+        ("assisted draft length K", "draft_tokens"),
+    ):
         sw = res.get("sweeps", {}).get(key)
         if sw:
-            lines += ["", f"## Sweep: {title}", "", f"| {key} | x engine greedy | tok/s | accept |"
-                      " tok/main call |", "|---|---|---|---|---|"]
-            lines += [f"| {p[key]} | {p['speedup_vs_engine_greedy']:.2f} | "
-                      f"{p['tokens_per_s']:.0f} | {p['acceptance_rate']:.2f} | "
-                      f"{p['tokens_per_main_call']:.2f} |" for p in sw]
+            lines += [
+                "",
+                f"## Sweep: {title}",
+                "",
+                f"| {key} | x engine greedy | tok/s | accept | tok/main call |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {p[key]} | {p['speedup_vs_engine_greedy']:.2f} | "
+                f"{p['tokens_per_s']:.0f} | {p['acceptance_rate']:.2f} | "
+                f"{p['tokens_per_main_call']:.2f} |"
+                for p in sw
+            ]
     cc = res.get("cost_curve")
     if cc:
-        lines += ["", f"## Main decoder call cost (past {cc['past']}, encoder {cc['encoder_length']};"
-                  f" 1 row x 1 token = {cc['base_ms']:.2f} ms)", "",
-                  "| n | n rows x 1 token | 1 row x n tokens | n x n (staircase) |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Main decoder call cost (past {cc['past']}, encoder {cc['encoder_length']};"
+            f" 1 row x 1 token = {cc['base_ms']:.2f} ms)",
+            "",
+            "| n | n rows x 1 token | 1 row x n tokens | n x n (staircase) |",
+            "|---|---|---|---|",
+        ]
         for a, b, c in zip(cc["rows"], cc["tokens"], cc["staircase"]):
             lines.append(f"| {a['n']} | {a['ratio']:.2f} | {b['ratio']:.2f} | {c['ratio']:.2f} |")
     return "\n".join(lines) + "\n"
@@ -63,8 +84,10 @@ def plots(res: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
         names = [r["method"] for r in ok]
         vals = [r["tokens_per_s"] for r in ok]
-        colors = ["tab:red" if r["mismatches"] else
-                  ("tab:blue" if r["kind"] == "engine" else "tab:gray") for r in ok]
+        colors = [
+            "tab:red" if r["mismatches"] else ("tab:blue" if r["kind"] == "engine" else "tab:gray")
+            for r in ok
+        ]
         ax.barh(names, vals, color=colors)
         ax.invert_yaxis()
         ax.set_xlabel("tokens/s (blue: stairs engine, gray: peers, red: output differs)")
@@ -76,11 +99,17 @@ def plots(res: dict, out: Path) -> list[str]:
     sw = res.get("sweeps", {})
     if sw:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("batch_size", "stairs: batch size (rows)"),
-                           ("draft_tokens", "assisted: draft length K")):
+        for key, label in (
+            ("batch_size", "stairs: batch size (rows)"),
+            ("draft_tokens", "assisted: draft length K"),
+        ):
             if sw.get(key):
-                ax.plot([p[key] for p in sw[key]],
-                        [p["speedup_vs_engine_greedy"] for p in sw[key]], "o-", label=label)
+                ax.plot(
+                    [p[key] for p in sw[key]],
+                    [p["speedup_vs_engine_greedy"] for p in sw[key]],
+                    "o-",
+                    label=label,
+                )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xlabel("batch size / K")
         ax.set_ylabel("speed-up over engine greedy")
@@ -92,8 +121,11 @@ def plots(res: dict, out: Path) -> list[str]:
     cc = res.get("cost_curve")
     if cc:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (("rows", "n rows x 1 token"), ("tokens", "1 row x n tokens"),
-                           ("staircase", "n rows x n tokens (staircase)")):
+        for key, label in (
+            ("rows", "n rows x 1 token"),
+            ("tokens", "1 row x n tokens"),
+            ("staircase", "n rows x n tokens (staircase)"),
+        ):
             ax.plot([p["n"] for p in cc[key]], [p["ratio"] for p in cc[key]], "o-", label=label)
         ax.set_xlabel("n")
         ax.set_ylabel("main decoder call time / (1 row, 1 token)")

@@ -5,11 +5,29 @@ Never imports torch, transformers or optimum.
 
 from .accept import accept, full_staircase, staircase
 from .api import Engine, GenerationResult
-from .errors import (EngineError, InputError, ModelFileError, NonFiniteLogitsError,
-                     PairMismatchError, ProviderError)
+from .errors import (
+    EngineError,
+    InputError,
+    ModelFileError,
+    NonFiniteLogitsError,
+    PairMismatchError,
+    ProviderError,
+)
 from .stats import Stats
 from .strategies import STRATEGIES
 
-__all__ = ["Engine", "GenerationResult", "Stats", "STRATEGIES", "accept", "staircase",
-           "full_staircase", "EngineError", "InputError", "ModelFileError", "NonFiniteLogitsError",
-           "PairMismatchError", "ProviderError"]
+__all__ = [
+    "Engine",
+    "GenerationResult",
+    "Stats",
+    "STRATEGIES",
+    "accept",
+    "staircase",
+    "full_staircase",
+    "EngineError",
+    "InputError",
+    "ModelFileError",
+    "NonFiniteLogitsError",
+    "PairMismatchError",
+    "ProviderError",
+]

@@ -34,7 +34,9 @@ def staircase(pending: int, draft: Sequence[int], pad: int) -> tuple[np.ndarray,
     return ids, np.arange(k + 1)
 
 
-def full_staircase(seq: Sequence[int], draft: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:
+def full_staircase(
+    seq: Sequence[int], draft: Sequence[int], pad: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Staircase batch for no-past verification: row i = whole sequence + draft[:i], right-padded.
 
     Returns ids [K+1, L+K] and last [K+1] (= L-1+i), L = len(seq).

@@ -19,7 +19,8 @@ PAIR_KEYS = ["vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """token_ids: generated ids after the decoder start (EOS included if generated)."""
+    """token_ids: generated ids after the decoder start (EOS included if generated);
+    strategy: the one that ran ('auto' resolved)."""
 
     token_ids: list[int]
     text: str
@@ -30,23 +31,33 @@ class GenerationResult:
 class Engine:
     """A main T5 model and optionally its assistant, each an exported ONNX folder."""
 
-    def __init__(self, main: T5Model, assistant: T5Model | None = None,
-                 threads: int | None = None):
+    def __init__(self, main: T5Model, assistant: T5Model | None = None, threads: int | None = None):
         self.main, self.assistant, self.threads = main, assistant, threads
         self._auto: tuple[str, dict] | None = None
         if assistant is not None:
-            diffs = [f"{k}: main {main.config.get(k)} vs assistant {assistant.config.get(k)}"
-                     for k in PAIR_KEYS if main.config.get(k) != assistant.config.get(k)]
+            diffs = [
+                f"{k}: main {main.config.get(k)} vs assistant {assistant.config.get(k)}"
+                for k in PAIR_KEYS
+                if main.config.get(k) != assistant.config.get(k)
+            ]
             if diffs:
-                raise PairMismatchError(f"{main.folder} and {assistant.folder} are not a pair: "
-                                        + "; ".join(diffs))
+                raise PairMismatchError(
+                    f"{main.folder} and {assistant.folder} are not a pair: " + "; ".join(diffs)
+                )
 
     @classmethod
-    def load(cls, main: str | Path, assistant: str | Path | None = None, provider: str = "cpu",
-             threads: int | None = None, provider_options: dict | None = None,
-             assistant_provider: str | None = None,
-             shared_thread_pool: bool = False, assistant_threads: int | None = None,
-             io_binding: bool = False) -> "Engine":
+    def load(
+        cls,
+        main: str | Path,
+        assistant: str | Path | None = None,
+        provider: str = "cpu",
+        threads: int | None = None,
+        provider_options: dict | None = None,
+        assistant_provider: str | None = None,
+        shared_thread_pool: bool = False,
+        assistant_threads: int | None = None,
+        io_binding: bool = False,
+    ) -> "Engine":
         """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
 
         shared_thread_pool: one process-wide ORT pool (fastest on few cores), usable only if no
@@ -55,13 +66,21 @@ class Engine:
         from a second thread on some machines (None = same as threads; measured equal here).
         io_binding: run through ORT IO binding (outputs allocated on the provider's device).
         """
-        m = T5Model(main, provider, threads, provider_options, "main", shared_thread_pool,
-                    io_binding)
+        m = T5Model(
+            main, provider, threads, provider_options, "main", shared_thread_pool, io_binding
+        )
         a = None
         if assistant is not None:
             a_threads = threads if assistant_threads is None else assistant_threads
-            a = T5Model(assistant, assistant_provider or provider, a_threads, provider_options,
-                        "assistant", shared_thread_pool, io_binding)
+            a = T5Model(
+                assistant,
+                assistant_provider or provider,
+                a_threads,
+                provider_options,
+                "assistant",
+                shared_thread_pool,
+                io_binding,
+            )
         return cls(m, a, threads)
 
     def calibrate(self, prompts, max_new_tokens: int = 64, save: bool = True) -> dict:
@@ -81,9 +100,13 @@ class Engine:
             self._auto = (stored["strategy"], stored["options"]) if stored else tune.default(self)
         return self._auto
 
-    def encode(self, prompt: str | Sequence[int], max_input_tokens: int | None = None,
-               truncation: str | None = None) -> np.ndarray:
-        """Encoder input ids [1, S]: text gets sentencepiece + EOS; a list of ids is used as given."""
+    def encode(
+        self,
+        prompt: str | Sequence[int],
+        max_input_tokens: int | None = None,
+        truncation: str | None = None,
+    ) -> np.ndarray:
+        """Encoder input ids [1, S]: text gets sentencepiece + EOS; a list of ids is used as is."""
         tok = self.main.tokenizer
         limit = max_input_tokens or tok.max_input_tokens
         if isinstance(prompt, str):
@@ -103,21 +126,32 @@ class Engine:
             if bad:
                 raise InputError(f"input ids out of range [0, {self.main.vocab_size}): {bad[:5]}")
         if len(ids) > limit:
-            raise InputError(f"prompt is {len(ids)} tokens, over the limit of {limit}; "
-                             "pass truncation='left' or 'right' or raise max_input_tokens")
+            raise InputError(
+                f"prompt is {len(ids)} tokens, over the limit of {limit}; "
+                "pass truncation='left' or 'right' or raise max_input_tokens"
+            )
         return np.array([ids], dtype=np.int64)
 
-    def _run(self, prompt, strategy: str, max_new_tokens: int, max_input_tokens, truncation,
-             options: dict) -> tuple[Run, Iterator[list[int]]]:
+    def _run(
+        self,
+        prompt,
+        strategy: str,
+        max_new_tokens: int,
+        max_input_tokens,
+        truncation,
+        options: dict,
+    ) -> tuple[Run, Iterator[list[int]], str]:
         if strategy == "auto":
             strategy, auto_opts = self.auto_choice()
             options = {**auto_opts, **options}
         if strategy not in STRATEGIES:
-            raise InputError(f"unknown strategy {strategy!r}; choose from auto, "
-                             f"{', '.join(STRATEGIES)}")
+            raise InputError(
+                f"unknown strategy {strategy!r}; choose from auto, {', '.join(STRATEGIES)}"
+            )
         if strategy in NEEDS_ASSISTANT and self.assistant is None:
-            raise InputError(f"strategy {strategy!r} needs an assistant: "
-                             "Engine.load(main, assistant=DIR)")
+            raise InputError(
+                f"strategy {strategy!r} needs an assistant: Engine.load(main, assistant=DIR)"
+            )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         ids = self.encode(prompt, max_input_tokens, truncation)
@@ -128,25 +162,39 @@ class Engine:
             raise InputError(f"bad option for strategy {strategy!r}: {exc}") from exc
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        return run, it
+        return run, it, strategy
 
-    def generate(self, prompt: str | Sequence[int], strategy: str = "greedy",
-                 max_new_tokens: int = 64, max_input_tokens: int | None = None,
-                 truncation: str | None = None, **options) -> GenerationResult:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        strategy: str = "greedy",
+        max_new_tokens: int = 64,
+        max_input_tokens: int | None = None,
+        truncation: str | None = None,
+        **options,
+    ) -> GenerationResult:
         """Generate exactly the main model's greedy tokens with the chosen strategy."""
-        run, it = self._run(prompt, strategy, max_new_tokens, max_input_tokens, truncation,
-                            options)
+        run, it, resolved = self._run(
+            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options
+        )
         for _ in it:
             pass
         ids = run.seq[1:]
-        return GenerationResult(ids, self.main.tokenizer.decode(ids), run.stats(), strategy)
+        return GenerationResult(ids, self.main.tokenizer.decode(ids), run.stats(), resolved)
 
-    def stream(self, prompt: str | Sequence[int], strategy: str = "greedy",
-               max_new_tokens: int = 64, max_input_tokens: int | None = None,
-               truncation: str | None = None, **options) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        strategy: str = "greedy",
+        max_new_tokens: int = 64,
+        max_input_tokens: int | None = None,
+        truncation: str | None = None,
+        **options,
+    ) -> Iterator[str]:
         """Yield text pieces as tokens are accepted (held back while a UTF-8 byte is partial)."""
-        run, it = self._run(prompt, strategy, max_new_tokens, max_input_tokens, truncation,
-                            options)
+        run, it, _ = self._run(
+            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options
+        )
         shown = ""
         for _ in it:
             text = self.main.tokenizer.decode(run.seq[1:])

@@ -7,8 +7,15 @@ import json
 import sys
 
 
-def strategy_options(strategy: str, draft_tokens=None, batch_size=None, layout=None,
-                     schedule=None, threshold=None, branches=None) -> dict:
+def strategy_options(
+    strategy: str,
+    draft_tokens=None,
+    batch_size=None,
+    layout=None,
+    schedule=None,
+    threshold=None,
+    branches=None,
+) -> dict:
     """Map generic CLI settings onto the keyword options a strategy takes."""
     opts: dict = {}
     if strategy in ("assisted", "lookup", "staged", "tree") and draft_tokens:
@@ -61,14 +68,24 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [r.get("context") or r.get("prompt") or r.get("text") for r in rows][: a.n]
         else:
             prompts = [a.prompt]
-        opts = strategy_options(a.strategy, a.draft_tokens, a.batch_size, a.layout, a.schedule,
-                                a.threshold, a.branches)
+        opts = strategy_options(
+            a.strategy, a.draft_tokens, a.batch_size, a.layout, a.schedule, a.threshold, a.branches
+        )
         for prompt in prompts:
-            res = eng.generate(prompt, a.strategy, a.max_new_tokens, a.max_input_tokens,
-                               a.truncation, **opts)
+            res = eng.generate(
+                prompt, a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation, **opts
+            )
             if a.json:
-                print(json.dumps({"strategy": a.strategy, "token_ids": res.token_ids,
-                                  "text": res.text, "stats": res.stats.as_dict()}))
+                print(
+                    json.dumps(
+                        {
+                            "strategy": a.strategy,
+                            "token_ids": res.token_ids,
+                            "text": res.text,
+                            "stats": res.stats.as_dict(),
+                        }
+                    )
+                )
             else:
                 print(res.text)
     except (EngineError, OSError) as exc:
@@ -95,8 +112,12 @@ def tune_main(argv: list[str] | None = None) -> int:
         eng = Engine.load(a.main, a.assistant, provider=a.provider, threads=a.threads)
         with open(a.prompts) as f:
             rows = [json.loads(line) for line in f if line.strip()][: a.n]
-        ids = [eng.encode(r.get("context") or r.get("prompt") or r["text"], a.max_input_tokens,
-                          "left")[0].tolist() for r in rows]
+        ids = [
+            eng.encode(
+                r.get("context") or r.get("prompt") or r["text"], a.max_input_tokens, "left"
+            )[0].tolist()
+            for r in rows
+        ]
         res = eng.calibrate(ids, a.max_new_tokens)
     except (EngineError, OSError) as exc:
         print(f"stairs-tune: error: {exc}", file=sys.stderr)

@@ -18,23 +18,34 @@ from .errors import ModelFileError
 from .stats import Counter
 from .tokenizer import Tokenizer
 
-ONNX_FILES = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
-              "decoder_with_past": "decoder_with_past_model.onnx"}
+ONNX_FILES = {
+    "encoder": "encoder_model.onnx",
+    "decoder": "decoder_model.onnx",
+    "decoder_with_past": "decoder_with_past_model.onnx",
+}
 REQUIRED = ["config.json", "spiece.model", *ONNX_FILES.values()]
 
 
 class T5Model:
     """Sessions, config and tokenizer of one exported folder (stairs-export or optimum layout)."""
 
-    def __init__(self, folder: str | Path, provider: str = "cpu", threads: int | None = None,
-                 provider_options: dict | None = None, name: str | None = None,
-                 shared_thread_pool: bool = False, io_binding: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        provider_options: dict | None = None,
+        name: str | None = None,
+        shared_thread_pool: bool = False,
+        io_binding: bool = False,
+    ):
         self.folder = Path(folder)
         self.name = name or self.folder.name
         missing = [f for f in REQUIRED if not (self.folder / f).is_file()]
         if missing:
-            raise ModelFileError(f"{self.folder}: missing {', '.join(missing)} "
-                                 "(export it with stairs-export)")
+            raise ModelFileError(
+                f"{self.folder}: missing {', '.join(missing)} (export it with stairs-export)"
+            )
         try:
             self.config = json.loads((self.folder / "config.json").read_text())
         except json.JSONDecodeError as exc:
@@ -46,8 +57,13 @@ class T5Model:
         self.start_id = c.get("decoder_start_token_id", self.pad_id)
         self.num_heads, self.d_kv = c["num_heads"], c["d_kv"]
         self.num_decoder_layers = c.get("num_decoder_layers") or c["num_layers"]
-        self.tokenizer = Tokenizer(self.folder / "spiece.model", self.vocab_size, self.eos_id,
-                                   self.pad_id, self.folder / "tokenizer_config.json")
+        self.tokenizer = Tokenizer(
+            self.folder / "spiece.model",
+            self.vocab_size,
+            self.eos_id,
+            self.pad_id,
+            self.folder / "tokenizer_config.json",
+        )
         explicit = provider.lower() != "auto"
         self.provider = prov.resolve(provider)
         so = prov.session_options(threads, shared_thread_pool)
@@ -71,11 +87,17 @@ class T5Model:
         self.cross_names = [n for n in self.past_names if ".encoder." in n]
         self.step_needs_enc = "encoder_hidden_states" in {i.name for i in dwp.get_inputs()}
         outs = [o.name for o in self.sessions["decoder"].get_outputs()]
-        self._first_self = [outs.index(n.replace("past_key_values", "present")) for n in self.self_names]
-        self._first_cross = [outs.index(n.replace("past_key_values", "present")) for n in self.cross_names]
+        self._first_self = [
+            outs.index(n.replace("past_key_values", "present")) for n in self.self_names
+        ]
+        self._first_cross = [
+            outs.index(n.replace("past_key_values", "present")) for n in self.cross_names
+        ]
         step_outs = [o.name for o in dwp.get_outputs()]
         if step_outs[1:] != [n.replace("past_key_values", "present") for n in self.self_names]:
-            raise ModelFileError(f"{self.folder}: unexpected outputs of decoder_with_past_model.onnx")
+            raise ModelFileError(
+                f"{self.folder}: unexpected outputs of decoder_with_past_model.onnx"
+            )
 
     def _read_manifest(self) -> dict | None:
         """stairs.json if present; sizes are checked so a truncated file fails here, clearly."""
@@ -89,8 +111,10 @@ class T5Model:
         for fname, info in manifest.get("files", {}).items():
             f = self.folder / fname
             if f.is_file() and f.stat().st_size != info["bytes"]:
-                raise ModelFileError(f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']}"
-                                     " (truncated or replaced: export again)")
+                raise ModelFileError(
+                    f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']}"
+                    " (truncated or replaced: export again)"
+                )
         return manifest
 
     def _run(self, role: str, feed: dict, counter: Counter) -> list[np.ndarray]:
@@ -133,8 +157,10 @@ class Cache:
         # Encoder key/values never change during a generation: tile them once per row count.
         if b not in self._cross:
             one = self._cross[1]
-            self._cross[b] = {k: np.ascontiguousarray(np.broadcast_to(v, (b,) + v.shape[1:]))
-                              for k, v in one.items()}
+            self._cross[b] = {
+                k: np.ascontiguousarray(np.broadcast_to(v, (b,) + v.shape[1:]))
+                for k, v in one.items()
+            }
         return self._cross[b]
 
     def feed(self, tokens: np.ndarray) -> np.ndarray:
@@ -153,8 +179,10 @@ class Cache:
             if b == 1:
                 feed.update(zip(m.self_names, self.self_kv))
             else:
-                feed.update((n, np.broadcast_to(a, (b,) + a.shape[1:]))
-                            for n, a in zip(m.self_names, self.self_kv))
+                feed.update(
+                    (n, np.broadcast_to(a, (b,) + a.shape[1:]))
+                    for n, a in zip(m.self_names, self.self_kv)
+                )
             out = m._run("decoder_with_past", feed, self.counter)
             self.self_kv = out[1:]
         self.length += tokens.shape[1]
@@ -165,8 +193,11 @@ class Cache:
         b = tokens.shape[0]
         enc = self.enc if b == 1 else np.broadcast_to(self.enc, (b,) + self.enc.shape[1:])
         mask = self.mask if b == 1 else np.broadcast_to(self.mask, (b,) + self.mask.shape[1:])
-        return self.model._run("decoder", {"input_ids": tokens, "encoder_hidden_states": enc,
-                                           "encoder_attention_mask": mask}, self.counter)
+        return self.model._run(
+            "decoder",
+            {"input_ids": tokens, "encoder_hidden_states": enc, "encoder_attention_mask": mask},
+            self.counter,
+        )
 
     def rewind(self, length: int, row: int = 0) -> None:
         """Keep row `row` and the first `length` cached positions (drop rejected drafts)."""

@@ -14,8 +14,9 @@ from .stats import Counter
 class Run:
     """One generation: what strategies share. seq = [decoder start] + emitted tokens."""
 
-    def __init__(self, main: T5Model, draft: T5Model | None, input_ids: np.ndarray,
-                 max_new_tokens: int):
+    def __init__(
+        self, main: T5Model, draft: T5Model | None, input_ids: np.ndarray, max_new_tokens: int
+    ):
         self.main_model, self.draft_model = main, draft
         self.input_ids = input_ids  # [1, S]
         self.max_new_tokens = max_new_tokens

@@ -35,13 +35,17 @@ class Stats:
 
     def as_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d.update(acceptance_rate=self.acceptance_rate, overhead_s=self.overhead_s,
-                 tokens_per_main_call=self.tokens_per_main_call)
+        d.update(
+            acceptance_rate=self.acceptance_rate,
+            overhead_s=self.overhead_s,
+            tokens_per_main_call=self.tokens_per_main_call,
+        )
         return d
 
     def __add__(self, other: "Stats") -> "Stats":
-        return Stats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
-                        for f in fields(self)})
+        return Stats(
+            **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
+        )
 
 
 class Counter:

@@ -16,8 +16,14 @@ DEFAULT_MAX_INPUT = 512  # T5's pre-training input length
 class Tokenizer:
     """sentencepiece pieces plus T5's special tokens (</s>, <pad>, <unk>, <extra_id_N>)."""
 
-    def __init__(self, spiece: Path, vocab_size: int, eos_id: int, pad_id: int,
-                 tokenizer_config: Path | None = None):
+    def __init__(
+        self,
+        spiece: Path,
+        vocab_size: int,
+        eos_id: int,
+        pad_id: int,
+        tokenizer_config: Path | None = None,
+    ):
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(spiece))
         except Exception as exc:
@@ -27,8 +33,9 @@ class Tokenizer:
         # T5 appends 100 sentinel ids after the pieces, <extra_id_0> last (HF's convention).
         self.n_extra = 100 if vocab_size >= self.n_pieces + 100 else 0
         specials = {"</s>": eos_id, "<pad>": pad_id, "<unk>": self.sp.unk_id()}
-        specials.update({f"<extra_id_{i}>": self.n_pieces + self.n_extra - 1 - i
-                         for i in range(self.n_extra)})
+        specials.update(
+            {f"<extra_id_{i}>": self.n_pieces + self.n_extra - 1 - i for i in range(self.n_extra)}
+        )
         self.specials = specials
         self._split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
         self.max_input_tokens = DEFAULT_MAX_INPUT
@@ -52,5 +59,6 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text of ids, special tokens and sentinels left out."""
-        return self.sp.decode([int(i) for i in ids
-                               if i < self.n_pieces and i not in (self.eos_id, self.pad_id)])
+        return self.sp.decode(
+            [int(i) for i in ids if i < self.n_pieces and i not in (self.eos_id, self.pad_id)]
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from pathlib import Path
 
 log = logging.getLogger("stairs")
 TUNE_FILE = "stairs-tune.json"
@@ -43,12 +42,20 @@ def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True) -> d
             t = time.perf_counter()
             engine.generate(p, strategy=name, max_new_tokens=max_new_tokens, **opts)
             seconds[i] += time.perf_counter() - t
-    table = [{"strategy": n, "options": o, "seconds": s, "speedup_vs_greedy": seconds[0] / s}
-             for (n, o), s in zip(cands, seconds)]
+    table = [
+        {"strategy": n, "options": o, "seconds": s, "speedup_vs_greedy": seconds[0] / s}
+        for (n, o), s in zip(cands, seconds)
+    ]
     best = min(table[1:], key=lambda r: r["seconds"])
-    result = {"key": key(engine), "strategy": best["strategy"], "options": best["options"],
-              "speedup_vs_greedy": best["speedup_vs_greedy"], "prompts": len(prompts),
-              "max_new_tokens": max_new_tokens, "candidates": table}
+    result = {
+        "key": key(engine),
+        "strategy": best["strategy"],
+        "options": best["options"],
+        "speedup_vs_greedy": best["speedup_vs_greedy"],
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "candidates": table,
+    }
     if save:
         path = engine.main.folder / TUNE_FILE
         try:

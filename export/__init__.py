@@ -1,8 +1,21 @@
 """stairs export: Hugging Face T5 checkpoints -> validated ONNX folders (needs torch, optimum)."""
 
 from .core import ExportResult, check_pair, export_model
-from .errors import (CheckpointError, ExportError, OutputExistsError, PairMismatchError,
-                     ValidationError)
+from .errors import (
+    CheckpointError,
+    ExportError,
+    OutputExistsError,
+    PairMismatchError,
+    ValidationError,
+)
 
-__all__ = ["export_model", "check_pair", "ExportResult", "ExportError", "OutputExistsError",
-           "CheckpointError", "PairMismatchError", "ValidationError"]
+__all__ = [
+    "export_model",
+    "check_pair",
+    "ExportResult",
+    "ExportError",
+    "OutputExistsError",
+    "CheckpointError",
+    "PairMismatchError",
+    "ValidationError",
+]

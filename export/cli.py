@@ -11,11 +11,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="stairs-export", description=__doc__)
     p.add_argument("model", help="hub name (t5-3b, google/flan-t5-large) or local HF folder")
     p.add_argument("-o", "--output", help="output folder (default models/<name>/)")
-    p.add_argument("--assistant", default="auto",
-                   help="assistant model to export too; 'none' for none (default: registered one)")
+    p.add_argument(
+        "--assistant",
+        default="auto",
+        help="assistant model to export too; 'none' for none (default: registered one)",
+    )
     p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default="fp32")
-    p.add_argument("--assistant-dtype", choices=["fp32", "fp16", "int8"],
-                   help="the assistant's dtype (default: --dtype); int8 only changes acceptance")
+    p.add_argument(
+        "--assistant-dtype",
+        choices=["fp32", "fp16", "int8"],
+        help="the assistant's dtype (default: --dtype); int8 only changes acceptance",
+    )
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
@@ -24,8 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     from export import ExportError, export_model
 
     try:
-        res = export_model(a.model, a.output, None if a.assistant == "none" else a.assistant,
-                           a.dtype, a.opset, a.device, a.force, a.quiet, a.assistant_dtype)
+        res = export_model(
+            a.model,
+            a.output,
+            None if a.assistant == "none" else a.assistant,
+            a.dtype,
+            a.opset,
+            a.device,
+            a.force,
+            a.quiet,
+            a.assistant_dtype,
+        )
     except ExportError as exc:
         print(f"stairs-export: error: {exc}", file=sys.stderr)
         return 2

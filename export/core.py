@@ -22,8 +22,12 @@ from .errors import CheckpointError, ExportError, OutputExistsError, PairMismatc
 
 FORMAT_VERSION = 1
 ONNX_FILES = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
-TOKENIZER_FILES = ["spiece.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json"]
+TOKENIZER_FILES = [
+    "spiece.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
 PAIR_KEYS = ["vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"]
 
 
@@ -43,7 +47,7 @@ def _log(quiet: bool, msg: str) -> None:
 
 
 def resolve_source(model: str) -> tuple[Path, str]:
-    """A local HF folder, or a registered/hub name downloaded to the HF cache. Returns (path, name)."""
+    """A local HF folder, or a registered/hub name fetched to the HF cache. Returns (path, name)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -74,8 +78,11 @@ def read_config(src: Path) -> dict:
 
 def check_pair(main_cfg: dict, asst_cfg: dict) -> None:
     """Refuse a pair whose vocabulary or special ids differ, naming each difference."""
-    diffs = [f"{k}: main {main_cfg.get(k)} vs assistant {asst_cfg.get(k)}"
-             for k in PAIR_KEYS if main_cfg.get(k) != asst_cfg.get(k)]
+    diffs = [
+        f"{k}: main {main_cfg.get(k)} vs assistant {asst_cfg.get(k)}"
+        for k in PAIR_KEYS
+        if main_cfg.get(k) != asst_cfg.get(k)
+    ]
     if diffs:
         raise PairMismatchError("main and assistant are not a pair: " + "; ".join(diffs))
 
@@ -118,41 +125,48 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _export_one(src: Path, tmp: Path, dtype: str, opset: int | None, device: str,
-                quiet: bool) -> dict:
+def _export_one(
+    src: Path, tmp: Path, dtype: str, opset: int | None, device: str, quiet: bool
+) -> dict:
     """Export + validate one model into tmp; returns its manifest."""
     from optimum.exporters.onnx import onnx_export_from_model
     from tqdm.auto import tqdm
 
-    from .validate import check_onnx, validate_folder
+    from .validate import check_onnx, torch_reference, validate_folder
 
     cfg = read_config(src)
     steps = tqdm(total=4 if dtype == "fp32" else 5, desc=src.name, disable=quiet, unit="step")
     steps.set_postfix_str("load")
     model = load_torch_model(src)
+    # PyTorch reference outputs first, so the torch weights can go before ONNX Runtime loads
+    # the exported files (t5-3b: 11 GB of torch weights + a 6 GB decoder would not fit 24 GB).
+    ref = torch_reference(model, _sample_ids(src, cfg))
     steps.update()
     steps.set_postfix_str("export")
-    onnx_export_from_model(model, tmp, task="text2text-generation-with-past", opset=opset,
-                           do_validation=False, no_post_process=True, device=device)
+    onnx_export_from_model(
+        model,
+        tmp,
+        task="text2text-generation-with-past",
+        opset=opset,
+        do_validation=False,
+        no_post_process=True,
+        device=device,
+    )
+    del model
+    gc.collect()
     for extra in tmp.glob("decoder_model_merged*"):
         extra.unlink()
     steps.update()
     if dtype == "fp16":
         from .fp16 import convert_file
 
-        # Free the torch weights while converting (t5-3b: 11 GB + the ONNX graph in RAM), then
-        # load them again for validation: keeps the peak inside a 24 GB machine.
-        del model
-        gc.collect()
         steps.set_postfix_str("fp16")
         for f in ONNX_FILES:
             convert_file(tmp / f)
-        model = load_torch_model(src)
         steps.update()
     steps.set_postfix_str("validate")
     check_onnx(tmp, ONNX_FILES)
-    sample = _sample_ids(src, cfg)
-    validation = validate_folder(model, tmp, sample, "fp32" if dtype == "int8" else dtype)
+    validation = validate_folder(ref, tmp, "fp32" if dtype == "int8" else dtype)
     steps.update()
     if dtype == "int8":
         # For assistants: their numbers never reach the output (the main model verifies every
@@ -162,11 +176,11 @@ def _export_one(src: Path, tmp: Path, dtype: str, opset: int | None, device: str
 
         steps.set_postfix_str("int8")
         for f in ONNX_FILES:
-            quantize_dynamic(tmp / f, tmp / f, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"])
-        validation["int8"] = validate_folder(model, tmp, sample, "int8", strict=False)
+            quantize_dynamic(
+                tmp / f, tmp / f, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+            )
+        validation["int8"] = validate_folder(ref, tmp, "int8", strict=False)
         steps.update()
-    del model
     steps.set_postfix_str("manifest")
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         if (src / name).is_file():
@@ -179,10 +193,14 @@ def _export_one(src: Path, tmp: Path, dtype: str, opset: int | None, device: str
         "source": str(src),
         "dtype": dtype,
         "opset": opset,
-        "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
-                  for f in files},
-        "onnx": {"encoder": ONNX_FILES[0], "decoder": ONNX_FILES[1],
-                 "decoder_with_past": ONNX_FILES[2]},
+        "files": {
+            f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files
+        },
+        "onnx": {
+            "encoder": ONNX_FILES[0],
+            "decoder": ONNX_FILES[1],
+            "decoder_with_past": ONNX_FILES[2],
+        },
         "d_model": cfg["d_model"],
         "d_kv": cfg["d_kv"],
         "num_heads": cfg["num_heads"],
@@ -215,10 +233,17 @@ def _place(tmp: Path, out: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_model(model: str, output: str | Path | None = None, assistant: str | None = "auto",
-                 dtype: str = "fp32", opset: int | None = None, device: str = "cpu",
-                 force: bool = False, quiet: bool = False,
-                 assistant_dtype: str | None = None) -> ExportResult:
+def export_model(
+    model: str,
+    output: str | Path | None = None,
+    assistant: str | None = "auto",
+    dtype: str = "fp32",
+    opset: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    quiet: bool = False,
+    assistant_dtype: str | None = None,
+) -> ExportResult:
     """Export MODEL (hub name or local folder) and, if any, its assistant to validated ONNX folders.
 
     assistant: "auto" takes the registered assistant of a known model, None exports none,
@@ -240,7 +265,9 @@ def export_model(model: str, output: str | Path | None = None, assistant: str | 
     if assistant:
         a_src, a_name = resolve_source(assistant)
         check_pair(read_config(src), read_config(a_src))
-        targets.append((a_src, out.parent / a_name if a_src != src else out.parent / (a_name + "-assistant")))
+        targets.append(
+            (a_src, out.parent / a_name if a_src != src else out.parent / (a_name + "-assistant"))
+        )
     for _, target in targets:
         if target.exists() and not force:
             raise OutputExistsError(f"{target} exists; use --force to replace it")
@@ -262,5 +289,9 @@ def export_model(model: str, output: str | Path | None = None, assistant: str | 
         except BaseException:  # Ctrl-C included: never leave a half-written folder
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return ExportResult(main=out, assistant=targets[1][1] if assistant else None,
-                        seconds=time.perf_counter() - t0, manifests=manifests)
+    return ExportResult(
+        main=out,
+        assistant=targets[1][1] if assistant else None,
+        seconds=time.perf_counter() - t0,
+        manifests=manifests,
+    )

@@ -1,8 +1,8 @@
 """fp16 conversion that keeps T5's overflow-prone parts in fp32.
 
-T5 activations overflow fp16 (transformers issues 9295, 11461). Like onnxruntime's T5 mixed-precision
-helper, we keep layer norms (Pow/ReduceMean/Sqrt/Div), residual Adds, the feed-forward output
-projection (wo) and the logits projection in fp32 and convert the rest.
+T5 activations overflow fp16 (transformers issues 9295, 11461). Like onnxruntime's T5 mixed
+precision helper, we keep layer norms (Pow/ReduceMean/Sqrt/Div), residual Adds, the feed-forward
+output projection (wo) and the logits projection in fp32 and convert the rest.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ def fp32_nodes(graph) -> list[str]:
     """Names of MatMuls that must stay fp32: the FF output projection and the LM head."""
     keep = []
     for node in graph.node:
-        if node.op_type == "MatMul" and ("DenseReluDense/wo" in node.name or "lm_head" in node.name):
+        if node.op_type == "MatMul" and (
+            "DenseReluDense/wo" in node.name or "lm_head" in node.name
+        ):
             keep.append(node.name)
     return keep
 
@@ -57,7 +59,6 @@ def convert_file(path: Path) -> None:
         all_tensors_to_one_file=True,
         location=path.name + "_data",
     )
-
 
 
 def _restore_fp32_weights(graph, names: set[str]) -> None:

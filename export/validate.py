@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import ValidationError
 
-SAMPLE_TEXT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    a, b = 0, 1\n"
+SAMPLE_TEXT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
 
 
 def _session(path: Path):
@@ -16,6 +16,8 @@ def _session(path: Path):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Prepacked weight copies would double a t5-3b decoder in RAM during validation.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -35,18 +37,12 @@ def _legacy(cache):
     return cache
 
 
-def validate_folder(model, folder: Path, input_ids: list[int], dtype: str = "fp32",
-                    strict: bool = True) -> dict:
-    """Compare encoder, decoder and decoder-with-past (3 new tokens at once) with PyTorch.
-
-    Returns {file: {output: max_abs_diff}} plus the tolerance used; raises ValidationError
-    (strict=False only records the differences, NaN/inf still raise).
-    """
+def torch_reference(model, input_ids: list[int]) -> dict:
+    """PyTorch outputs the ONNX files must reproduce: encoder states, a 3-token first decoder
+    step and the 6-token full sequence (logits and key/values), as numpy."""
     import torch
 
-    rtol = {"fp32": 1e-3, "fp16": 5e-2}.get(dtype, 0.0) if strict else 0.0
     cfg = model.config
-    report: dict = {}
     ids = torch.tensor([input_ids])
     mask = torch.ones_like(ids)
     rng = np.random.default_rng(0)
@@ -54,32 +50,61 @@ def validate_folder(model, folder: Path, input_ids: list[int], dtype: str = "fp3
     dec = [cfg.decoder_start_token_id] + [int(t) for t in rng.integers(3, cfg.vocab_size, 5)]
     with torch.no_grad():
         enc = model.encoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        full = model(encoder_outputs=(enc,), attention_mask=mask,
-                     decoder_input_ids=torch.tensor([dec]), use_cache=True)
-        first = model(encoder_outputs=(enc,), attention_mask=mask,
-                      decoder_input_ids=torch.tensor([dec[:3]]), use_cache=True)
-    full_kv = _legacy(full.past_key_values)
-    first_kv = _legacy(first.past_key_values)
-    enc_np = enc.numpy()
-    mask_np = mask.numpy().astype(np.int64)
+        full = model(
+            encoder_outputs=(enc,),
+            attention_mask=mask,
+            decoder_input_ids=torch.tensor([dec]),
+            use_cache=True,
+        )
+        first = model(
+            encoder_outputs=(enc,),
+            attention_mask=mask,
+            decoder_input_ids=torch.tensor([dec[:3]]),
+            use_cache=True,
+        )
+    as_np = lambda kv: [[t.numpy() for t in layer] for layer in _legacy(kv)]  # noqa: E731
+    return {
+        "ids": ids.numpy().astype(np.int64),
+        "mask": mask.numpy().astype(np.int64),
+        "dec": dec,
+        "enc": enc.numpy(),
+        "first_logits": first.logits.numpy(),
+        "first_kv": as_np(first.past_key_values),
+        "full_logits": full.logits.numpy(),
+        "full_kv": as_np(full.past_key_values),
+    }
+
+
+def validate_folder(ref: dict, folder: Path, dtype: str = "fp32", strict: bool = True) -> dict:
+    """Compare encoder, decoder and decoder-with-past (3 new tokens at once) with the PyTorch
+    reference. Returns the max abs difference per file; raises ValidationError (strict=False
+    only records the differences; NaN/inf still raise)."""
+    rtol = {"fp32": 1e-3, "fp16": 5e-2}.get(dtype, 0.0) if strict else 0.0
+    report: dict = {}
+    dec, mask_np = ref["dec"], ref["mask"]
 
     sess = _session(folder / "encoder_model.onnx")
-    got = sess.run(None, {"input_ids": ids.numpy().astype(np.int64), "attention_mask": mask_np})[0]
-    _check("encoder_model.onnx", "last_hidden_state", got, enc_np, rtol, report)
-    enc_ort = got
+    enc_ort = sess.run(None, {"input_ids": ref["ids"], "attention_mask": mask_np})[0]
+    _check("encoder_model.onnx", "last_hidden_state", enc_ort, ref["enc"], rtol, report)
     del sess
 
     # decoder_model: the first 3 decoder tokens, no past; outputs logits and all key/values.
     sess = _session(folder / "decoder_model.onnx")
     names = [o.name for o in sess.get_outputs()]
-    outs = sess.run(None, {"input_ids": np.array([dec[:3]], np.int64),
-                           "encoder_hidden_states": enc_ort, "encoder_attention_mask": mask_np})
-    _check("decoder_model.onnx", "logits", outs[0], first.logits.numpy(), rtol, report)
+    outs = sess.run(
+        None,
+        {
+            "input_ids": np.array([dec[:3]], np.int64),
+            "encoder_hidden_states": enc_ort,
+            "encoder_attention_mask": mask_np,
+        },
+    )
+    _check("decoder_model.onnx", "logits", outs[0], ref["first_logits"], rtol, report)
     past = {}
     for name, arr in zip(names[1:], outs[1:]):
         layer, kind, kv = name.split(".")[1:4]
-        ref = first_kv[int(layer)][(0 if kind == "decoder" else 2) + (kv == "value")]
-        _check("decoder_model.onnx", name, arr, ref.numpy(), rtol, report)
+        want = ref["first_kv"][int(layer)][(0 if kind == "decoder" else 2) + (kv == "value")]
+        _check("decoder_model.onnx", name, arr, want, rtol, report)
         past[name.replace("present", "past_key_values")] = arr
     del sess
 
@@ -92,15 +117,20 @@ def validate_folder(model, folder: Path, input_ids: list[int], dtype: str = "fp3
         feed["encoder_hidden_states"] = enc_ort
     outs = sess.run(None, feed)
     names = [o.name for o in sess.get_outputs()]
-    _check("decoder_with_past_model.onnx", "logits", outs[0], full.logits[:, 3:].numpy(), rtol,
-           report)
+    _check(
+        "decoder_with_past_model.onnx", "logits", outs[0], ref["full_logits"][:, 3:], rtol, report
+    )
     for name, arr in zip(names[1:], outs[1:]):
         layer, kind, kv = name.split(".")[1:4]
-        ref = full_kv[int(layer)][(0 if kind == "decoder" else 2) + (kv == "value")]
-        _check("decoder_with_past_model.onnx", name, arr, ref.numpy(), rtol, report)
+        want = ref["full_kv"][int(layer)][(0 if kind == "decoder" else 2) + (kv == "value")]
+        _check("decoder_with_past_model.onnx", name, arr, want, rtol, report)
     del sess
-    return {"max_abs_diff": {f: max(d.values()) for f, d in report.items()}, "rtol": rtol,
-            "decoder_tokens": len(dec), "input_tokens": len(input_ids)}
+    return {
+        "max_abs_diff": {f: max(d.values()) for f, d in report.items()},
+        "rtol": rtol,
+        "decoder_tokens": len(dec),
+        "input_tokens": int(ref["ids"].shape[1]),
+    }
 
 
 def check_onnx(folder: Path, files: list[str]) -> None:

@@ -18,10 +18,18 @@ T5_TOKENIZER = SHARED / "models" / "t5-small-tokenizer"
 # v1.0: relu, tied embeddings, the real t5-small tokenizer (32000 pieces + 100 sentinels).
 # v1.1: gated-gelu, untied, the pycode tokenizer (8192 pieces).
 VARIANTS = {
-    "v1_0": dict(feed_forward_proj="relu", tie_word_embeddings=True, vocab_size=32128,
-                 spiece=T5_TOKENIZER / "spiece.model"),
-    "v1_1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False, vocab_size=8192,
-                 spiece=PYCODE_MAIN / "spiece.model"),
+    "v1_0": dict(
+        feed_forward_proj="relu",
+        tie_word_embeddings=True,
+        vocab_size=32128,
+        spiece=T5_TOKENIZER / "spiece.model",
+    ),
+    "v1_1": dict(
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        vocab_size=8192,
+        spiece=PYCODE_MAIN / "spiece.model",
+    ),
 }
 
 
@@ -30,8 +38,9 @@ def need_shared():
         pytest.skip("../shared/models/pycode-t5-main is absent")
 
 
-def make_tiny_t5(folder: Path, variant: str, seed: int, d_model: int = 64, layers: int = 2,
-                 **overrides) -> Path:
+def make_tiny_t5(
+    folder: Path, variant: str, seed: int, d_model: int = 64, layers: int = 2, **overrides
+) -> Path:
     """Save a random-weight T5 (HF format, spiece.model inside) into folder."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
@@ -40,8 +49,15 @@ def make_tiny_t5(folder: Path, variant: str, seed: int, d_model: int = 64, layer
     spiece = v.pop("spiece")
     v.update(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     v.update(overrides)
-    cfg = T5Config(d_model=d_model, d_ff=2 * d_model, d_kv=16, num_heads=4, num_layers=layers,
-                   num_decoder_layers=layers, **v)
+    cfg = T5Config(
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=16,
+        num_heads=4,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        **v,
+    )
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(cfg).eval()
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,11 +77,19 @@ def tiny_models(tmp_path_factory):
         hf_main = make_tiny_t5(base / "hf" / f"{variant}-main", variant, seed=1)
         # The random assistant is untied whatever the variant: random *tied* models echo their
         # last input token (logits hold e.e), so two of them agree by construction.
-        hf_rand = make_tiny_t5(base / "hf" / f"{variant}-rand", variant, seed=2, d_model=32,
-                               layers=1, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+        hf_rand = make_tiny_t5(
+            base / "hf" / f"{variant}-rand",
+            variant,
+            seed=2,
+            d_model=32,
+            layers=1,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+        )
         # The assistant lands beside the main folder, named after its source folder.
-        res = export_model(str(hf_main), base / "onnx" / f"{variant}-main",
-                           assistant=str(hf_rand), quiet=True)
+        res = export_model(
+            str(hf_main), base / "onnx" / f"{variant}-main", assistant=str(hf_rand), quiet=True
+        )
         out[variant] = {"main": res.main, "random": res.assistant, "hf": hf_main}
     return out
 
@@ -77,8 +101,9 @@ def pycode_pair(tmp_path_factory):
     from export import export_model
 
     base = tmp_path_factory.mktemp("pycode")
-    res = export_model(str(PYCODE_MAIN), base / "pycode-t5-main", assistant=str(PYCODE_DRAFT),
-                       quiet=True)
+    res = export_model(
+        str(PYCODE_MAIN), base / "pycode-t5-main", assistant=str(PYCODE_DRAFT), quiet=True
+    )
     return res.main, res.assistant
 
 

@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import T5_TOKENIZER
-from engine import (Engine, InputError, ModelFileError, NonFiniteLogitsError, PairMismatchError,
-                    ProviderError)
+from engine import (
+    Engine,
+    InputError,
+    ModelFileError,
+    NonFiniteLogitsError,
+    PairMismatchError,
+    ProviderError,
+)
 from engine import providers as prov
 from engine.cli import main as generate_cli
 from engine.tokenizer import Tokenizer
@@ -26,8 +32,10 @@ def tiny(tiny_models):
 
 
 def test_engine_never_imports_heavy_packages():
-    code = ("import sys, engine; bad = [m for m in ('torch', 'transformers', 'optimum') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, engine; bad = [m for m in ('torch', 'transformers', 'optimum') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -46,8 +54,10 @@ def test_stops_at_eos_and_max_new_tokens(tiny, monkeypatch):
     ref = tiny.generate([5, 6, 7, 1], max_new_tokens=7)
     assert len(ref.token_ids) == 7 or ref.token_ids[-1] == 1
     for strategy in ("assisted", "stairs", "lookup", "staged"):
-        assert tiny.generate([5, 6, 7, 1], strategy=strategy,
-                             max_new_tokens=7).token_ids == ref.token_ids
+        assert (
+            tiny.generate([5, 6, 7, 1], strategy=strategy, max_new_tokens=7).token_ids
+            == ref.token_ids
+        )
     # Force EOS as the third token: every strategy must stop right there.
     real = tiny.main._run
 
@@ -102,7 +112,9 @@ def test_nan_logits_raise_naming_model_and_step(tiny, monkeypatch):
         return out
 
     monkeypatch.setattr(tiny.main, "_run", nan_later)
-    with pytest.raises(NonFiniteLogitsError, match=r"main produced NaN/inf logits at decoder step 3"):
+    with pytest.raises(
+        NonFiniteLogitsError, match=r"main produced NaN/inf logits at decoder step 3"
+    ):
         tiny.generate([5, 6, 7, 1], max_new_tokens=10)
 
 
@@ -147,8 +159,10 @@ def test_silent_fallback_is_detected(monkeypatch):
 
     monkeypatch.setattr(prov, "available", lambda: ["cuda", "cpu"])
     assert prov.resolve("auto") == "cuda"
-    with pytest.raises(ProviderError, match="asked for CUDAExecutionProvider but the session runs "
-                                            "on CPUExecutionProvider"):
+    with pytest.raises(
+        ProviderError,
+        match="asked for CUDAExecutionProvider but the session runs on CPUExecutionProvider",
+    ):
         prov.check_loaded(FakeSession(), "x", "cuda", "x.onnx", explicit=True)
     prov.check_loaded(FakeSession(), "x", "cuda", "x.onnx", explicit=False)  # auto: log only
     opts = prov.provider_list("coreml")
@@ -156,29 +170,57 @@ def test_silent_fallback_is_detected(monkeypatch):
 
 
 def test_threads_give_the_same_tokens_as_serial(tiny):
-    prompts = [[int(t) for t in np.random.default_rng(i).integers(3, 8000, 12)] + [1]
-               for i in range(8)]
+    prompts = [
+        [int(t) for t in np.random.default_rng(i).integers(3, 8000, 12)] + [1] for i in range(8)
+    ]
     serial = [tiny.generate(p, strategy="assisted", max_new_tokens=16).token_ids for p in prompts]
     with ThreadPoolExecutor(4) as pool:
-        threaded = list(pool.map(lambda p: tiny.generate(p, strategy="assisted",
-                                                         max_new_tokens=16).token_ids, prompts))
+        threaded = list(
+            pool.map(
+                lambda p: tiny.generate(p, strategy="assisted", max_new_tokens=16).token_ids,
+                prompts,
+            )
+        )
     assert threaded == serial
 
 
 def test_cli_json(tiny_models, capsys):
     m = tiny_models["v1_1"]
-    assert generate_cli(["--main", str(m["main"]), "--assistant", str(m["random"]), "--strategy",
-                         "stairs", "--draft-tokens", "3", "--max-new-tokens", "5", "--json",
-                         "def f():"]) == 0
+    assert (
+        generate_cli(
+            [
+                "--main",
+                str(m["main"]),
+                "--assistant",
+                str(m["random"]),
+                "--strategy",
+                "stairs",
+                "--draft-tokens",
+                "3",
+                "--max-new-tokens",
+                "5",
+                "--json",
+                "def f():",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["strategy"] == "stairs" and len(out["token_ids"]) <= 5
     assert out["stats"]["main_calls"] >= 1
 
 
-TEXTS = ["translate English to German: My dog is cute.", "Hello   world\n\tindented",
-         "summarize: The <extra_id_0> sat on <extra_id_1>.", "a</s>b <pad> c<unk>",
-         "Ünïcödé — ça marche? 日本語", "x = [i**2 for i in range(10)]  # squares", " leading",
-         "trailing  ", "<extra_id_99> edge <extra_id_5>"]
+TEXTS = [
+    "translate English to German: My dog is cute.",
+    "Hello   world\n\tindented",
+    "summarize: The <extra_id_0> sat on <extra_id_1>.",
+    "a</s>b <pad> c<unk>",
+    "Ünïcödé — ça marche? 日本語",
+    "x = [i**2 for i in range(10)]  # squares",
+    " leading",
+    "trailing  ",
+    "<extra_id_99> edge <extra_id_5>",
+]
 
 
 def test_token_ids_match_hf_t5tokenizer():
@@ -199,8 +241,10 @@ def test_io_binding_path_gives_identical_tokens(tiny_models):
     for i in range(6):
         prompt = [int(t) for t in np.random.default_rng(i).integers(3, 30000, 10)] + [1]
         for strategy in ("greedy", "assisted", "stairs", "tree"):
-            assert (bound.generate(prompt, strategy=strategy, max_new_tokens=12).token_ids
-                    == plain.generate(prompt, strategy=strategy, max_new_tokens=12).token_ids)
+            assert (
+                bound.generate(prompt, strategy=strategy, max_new_tokens=12).token_ids
+                == plain.generate(prompt, strategy=strategy, max_new_tokens=12).token_ids
+            )
 
 
 def test_assistant_on_another_provider_setting(tiny_models):

@@ -31,8 +31,9 @@ def pycode_engine(pycode_pair):
 
 @pytest.fixture(scope="module")
 def greedy_ref(pycode_engine, pycode_prompts):
-    return [pycode_engine.generate(p, max_new_tokens=NEW).token_ids
-            for p in pycode_prompts[:N_PROMPTS]]
+    return [
+        pycode_engine.generate(p, max_new_tokens=NEW).token_ids for p in pycode_prompts[:N_PROMPTS]
+    ]
 
 
 @pytest.mark.parametrize("k", K_VALUES)
@@ -41,8 +42,9 @@ def test_strategy_equals_greedy_on_pycode(pycode_engine, pycode_prompts, greedy_
     strategy = case.split("-")[0]
     accepted = 0
     for prompt, ref in zip(pycode_prompts[:N_PROMPTS], greedy_ref):
-        res = pycode_engine.generate(prompt, strategy=strategy, max_new_tokens=NEW,
-                                     **CASES[case](k))
+        res = pycode_engine.generate(
+            prompt, strategy=strategy, max_new_tokens=NEW, **CASES[case](k)
+        )
         assert res.token_ids == ref
         assert res.stats.new_tokens == len(ref)
         accepted += res.stats.accepted
@@ -53,8 +55,9 @@ def test_strategy_equals_greedy_on_pycode(pycode_engine, pycode_prompts, greedy_
 def test_stairs_full_layout_equals_greedy(pycode_engine, pycode_prompts, greedy_ref, k):
     # The no-past layout recomputes every row from scratch: 24 new tokens keep CI short.
     for prompt, ref in zip(pycode_prompts[:N_PROMPTS], greedy_ref):
-        res = pycode_engine.generate(prompt, strategy="stairs", max_new_tokens=24,
-                                     batch_size=k + 1, layout="full")
+        res = pycode_engine.generate(
+            prompt, strategy="stairs", max_new_tokens=24, batch_size=k + 1, layout="full"
+        )
         assert res.token_ids == ref[:24]
 
 
@@ -67,8 +70,9 @@ def test_greedy_equals_hf_generate(pycode_engine, pycode_prompts, greedy_ref):
     model = T5ForConditionalGeneration.from_pretrained(PYCODE_MAIN, dtype=torch.float32).eval()
     for prompt, ref in zip(pycode_prompts[:20], greedy_ref):
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), do_sample=False, num_beams=1,
-                                 max_new_tokens=NEW)
+            out = model.generate(
+                torch.tensor([prompt]), do_sample=False, num_beams=1, max_new_tokens=NEW
+            )
         hf = out[0, 1:].tolist()  # drop the decoder start token
         while hf and hf[-1] == model.config.pad_token_id and len(hf) > len(ref):
             hf.pop()
@@ -102,10 +106,12 @@ def test_tree_second_branch_is_used(pycode_engine, pycode_prompts, greedy_ref):
     """With 3 branches the tree accepts more per main call than its own first branch alone."""
     tree = linear = None
     for prompt, ref in zip(pycode_prompts[:10], greedy_ref):
-        a = pycode_engine.generate(prompt, strategy="tree", max_new_tokens=NEW, draft_tokens=4,
-                                   branches=3)
-        b = pycode_engine.generate(prompt, strategy="tree", max_new_tokens=NEW, draft_tokens=4,
-                                   branches=1)
+        a = pycode_engine.generate(
+            prompt, strategy="tree", max_new_tokens=NEW, draft_tokens=4, branches=3
+        )
+        b = pycode_engine.generate(
+            prompt, strategy="tree", max_new_tokens=NEW, draft_tokens=4, branches=1
+        )
         assert a.token_ids == ref and b.token_ids == ref
         tree = a.stats if tree is None else tree + a.stats
         linear = b.stats if linear is None else linear + b.stats
@@ -121,6 +127,7 @@ def test_auto_calibrates_stores_and_stays_exact(pycode_pair, pycode_prompts, gre
     fresh = Engine.load(main, assistant=draft, threads=2)  # reads stairs-tune.json
     assert fresh.auto_choice() == (res["strategy"], res["options"])
     for prompt, ref in zip(pycode_prompts[:N_PROMPTS], greedy_ref):
-        assert fresh.generate(prompt, strategy="auto", max_new_tokens=NEW).token_ids == ref
+        out = fresh.generate(prompt, strategy="auto", max_new_tokens=NEW)
+        assert out.token_ids == ref and out.strategy == res["strategy"]
     other = Engine.load(main, assistant=draft, threads=1)  # another setting: not this tuning
     assert other.auto_choice() == ("assisted", {"draft_tokens": 4})

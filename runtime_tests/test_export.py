@@ -8,12 +8,24 @@ import numpy as np
 import pytest
 
 from conftest import PYCODE_DRAFT, PYCODE_MAIN, make_tiny_t5
-from export import (CheckpointError, OutputExistsError, PairMismatchError, ValidationError,
-                    export_model)
+from export import (
+    CheckpointError,
+    OutputExistsError,
+    PairMismatchError,
+    ValidationError,
+    export_model,
+)
 from export.cli import main as export_cli
 
-FILES = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx",
-         "spiece.model", "config.json", "generation_config.json", "stairs.json"]
+FILES = [
+    "encoder_model.onnx",
+    "decoder_model.onnx",
+    "decoder_with_past_model.onnx",
+    "spiece.model",
+    "config.json",
+    "generation_config.json",
+    "stairs.json",
+]
 
 
 @pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
@@ -52,8 +64,10 @@ def test_refuses_existing_output_unless_force(tiny_models, tmp_path):
     with pytest.raises(OutputExistsError):
         export_model(str(tiny_models["v1_1"]["hf"]), out, assistant=None, quiet=True)
     assert (out / "keep.txt").read_text() == "precious"
-    assert export_cli([str(tiny_models["v1_1"]["hf"]), "-o", str(out), "--assistant", "none",
-                       "-q"]) == 2
+    assert (
+        export_cli([str(tiny_models["v1_1"]["hf"]), "-o", str(out), "--assistant", "none", "-q"])
+        == 2
+    )
     export_model(str(tiny_models["v1_1"]["hf"]), out, assistant=None, force=True, quiet=True)
     assert not (out / "keep.txt").exists() and (out / "stairs.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -155,8 +169,13 @@ def test_int8_assistant_keeps_output_exact(tmp_path):
     from engine import Engine
 
     main = make_tiny_t5(tmp_path / "hf-main", "v1_1", seed=5)
-    res = export_model(str(main), tmp_path / "onnx" / "main", assistant=str(main),
-                       assistant_dtype="int8", quiet=True)
+    res = export_model(
+        str(main),
+        tmp_path / "onnx" / "main",
+        assistant=str(main),
+        assistant_dtype="int8",
+        quiet=True,
+    )
     m = json.loads((res.assistant / "stairs.json").read_text())
     assert m["dtype"] == "int8" and m["validation"]["int8"]["max_abs_diff"]
     assert max(m["validation"]["max_abs_diff"].values()) < 1e-3  # fp32 graph validated first

@@ -6,8 +6,9 @@ from ..run import Run
 from .speculative import LinearVerifier, ModelDrafter, speculate
 
 
-def generate(run: Run, draft_tokens: int = 5, schedule: str = "constant",
-             threshold: float | None = None):
+def generate(
+    run: Run, draft_tokens: int = 5, schedule: str = "constant", threshold: float | None = None
+):
     """Assistant drafts K tokens (K fixed or HF's 'heuristic' schedule, optional confidence stop);
     the main model verifies them as one multi-token row."""
     if schedule not in ("constant", "heuristic"):

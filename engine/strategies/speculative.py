@@ -28,8 +28,9 @@ class Verifier(Protocol):
     def commit(self, length: int) -> None: ...
 
 
-def speculate(run: Run, drafter: Drafter, verifier: Verifier, k: int,
-              schedule: str = "constant") -> Iterator[list[int]]:
+def speculate(
+    run: Run, drafter: Drafter, verifier: Verifier, k: int, schedule: str = "constant"
+) -> Iterator[list[int]]:
     """Run speculative rounds until EOS or max_new_tokens; yields the tokens of each round."""
     if k < 1:
         raise ValueError(f"draft length must be >= 1, got {k}")

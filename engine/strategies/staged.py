@@ -42,5 +42,6 @@ class StagedDrafter:
 
 def generate(run: Run, draft_tokens: int = 6, stage2_tokens: int = 4, max_ngram: int = 3):
     """Staged speculation: n-gram -> assistant -> main."""
-    return speculate(run, StagedDrafter(run, stage2_tokens, max_ngram), LinearVerifier(run),
-                     draft_tokens)
+    return speculate(
+        run, StagedDrafter(run, stage2_tokens, max_ngram), LinearVerifier(run), draft_tokens
+    )

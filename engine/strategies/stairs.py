@@ -47,8 +47,7 @@ class FullStaircaseVerifier:
         pass
 
 
-def generate(run: Run, batch_size: int = 7, layout: str = "past",
-             threshold: float | None = None):
+def generate(run: Run, batch_size: int = 7, layout: str = "past", threshold: float | None = None):
     """Stairs with `batch_size` rows (batch_size - 1 draft tokens); layout 'past' or 'full'."""
     if layout not in ("past", "full"):
         raise ValueError(f"layout must be 'past' or 'full', not {layout!r}")
