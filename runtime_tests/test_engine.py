@@ -93,6 +93,8 @@ def test_bad_input_is_refused_clearly(tiny):
         tiny.generate("x", max_new_tokens=0)
     with pytest.raises(InputError, match="unknown strategy"):
         tiny.generate("x", strategy="magic")
+    with pytest.raises(InputError, match="must be >= 1"):
+        tiny.generate("x", strategy="tree", branches=0)
     with pytest.raises(InputError, match="bad option"):
         tiny.generate("x", strategy="assisted", nonsense=3)
     with pytest.raises(InputError, match="needs an assistant"):

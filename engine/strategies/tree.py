@@ -34,8 +34,12 @@ def draft_tree(run: Run, draft, seq: list[int], k: int, b: int) -> np.ndarray:
 
 def generate(run: Run, draft_tokens: int = 4, branches: int = 2) -> Iterator[list[int]]:
     """Tree speculation with `branches` paths of `draft_tokens` each."""
-    if draft_tokens < 1 or branches < 1:
+    if draft_tokens < 1 or branches < 1:  # checked now, not at the first step of the loop
         raise ValueError("draft_tokens and branches must be >= 1")
+    return _loop(run, draft_tokens, branches)
+
+
+def _loop(run: Run, draft_tokens: int, branches: int) -> Iterator[list[int]]:
     main, draft, c = run.main_cache(), run.draft_cache(), run.counter
     while not run.done:
         t0 = time.perf_counter()
