@@ -146,9 +146,9 @@ def peer_methods(
         for ctype in ("float32", "int8"):
 
             def build(ctype=ctype):
-                from bench.peers import CT2
+                from bench.peers import CT2Worker
 
-                ct = CT2(hf_main, threads, ctype, workdir)
+                ct = CT2Worker(hf_main, threads, ctype, workdir)
                 return lambda ids: (ct.greedy(ids, max_new), None)
 
             add(f"ct2/{ctype}", "peer", build)
@@ -254,30 +254,32 @@ def sweep(eng, prompts, max_new: int, name: str, key: str, values, progress) -> 
     return res
 
 
+def decoder_feed(model, b: int, t: int, past: int, enc_len: int, seed: int = 0) -> dict:
+    """Random decoder-with-past inputs: b rows x t new tokens on `past` cached positions."""
+    rng = np.random.default_rng(seed)
+    h, d = model.num_heads, model.d_kv
+    f = {
+        "input_ids": rng.integers(3, 100, (b, t)).astype(np.int64),
+        "encoder_attention_mask": np.ones((b, enc_len), np.int64),
+    }
+    for n in model.self_names:
+        f[n] = rng.standard_normal((b, h, past, d)).astype(np.float32)
+    for n in model.cross_names:
+        f[n] = rng.standard_normal((b, h, enc_len, d)).astype(np.float32)
+    if model.step_needs_enc:
+        f["encoder_hidden_states"] = rng.standard_normal(
+            (b, enc_len, model.config["d_model"])
+        ).astype(np.float32)
+    return f
+
+
 def cost_curve(model, sizes, past: int = 32, enc_len: int = 129, reps: int = 30) -> dict:
     """Main decoder-with-past call time with B rows x 1 token, 1 row x T tokens and B x B
     (the staircase), relative to 1 row x 1 token: whether a staircase can pay."""
     sess = model.sessions["decoder_with_past"]
-    h, d = model.num_heads, model.d_kv
-    rng = np.random.default_rng(0)
-
-    def feed(b, t):
-        f = {
-            "input_ids": rng.integers(3, 100, (b, t)).astype(np.int64),
-            "encoder_attention_mask": np.ones((b, enc_len), np.int64),
-        }
-        for n in model.self_names:
-            f[n] = rng.standard_normal((b, h, past, d)).astype(np.float32)
-        for n in model.cross_names:
-            f[n] = rng.standard_normal((b, h, enc_len, d)).astype(np.float32)
-        if model.step_needs_enc:
-            f["encoder_hidden_states"] = rng.standard_normal(
-                (b, enc_len, model.config["d_model"])
-            ).astype(np.float32)
-        return f
 
     def ms(b, t):
-        f = feed(b, t)
+        f = decoder_feed(model, b, t, past, enc_len)
         for _ in range(3):
             sess.run(None, f)
         ts = []

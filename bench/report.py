@@ -38,6 +38,25 @@ def markdown(res: dict) -> str:
             f"{_f(r.get('acceptance_rate'), '.2f')} | {_f(r.get('tokens_per_main_call'), '.2f')} | "
             f"{_f(r.get('overhead_pct'), '.1f')} | {mark} |"
         )
+    prof = [r for r in res["rows"] if r.get("engine_total_s")]
+    if prof:
+        n = s["prompts"]
+        lines += [
+            "",
+            "## Where the time goes (engine rows, ms per prompt, first round)",
+            "",
+            "| method | total | encoders | draft | verify | other | in ORT % | python % |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in prof:
+            tot = r["engine_total_s"]
+            other = tot - r["encoder_s"] - r["draft_s"] - r["verify_s"]
+            lines.append(
+                f"| {r['method']} | {1e3 * tot / n:.1f} | {1e3 * r['encoder_s'] / n:.1f} | "
+                f"{1e3 * r['draft_s'] / n:.1f} | {1e3 * r['verify_s'] / n:.1f} | "
+                f"{1e3 * other / n:.1f} | {100 * r['session_s'] / tot:.1f} | "
+                f"{r['overhead_pct']:.1f} |"
+            )
     for title, key in (
         ("stairs batch size", "batch_size"),
         ("assisted draft length K", "draft_tokens"),
@@ -69,6 +88,30 @@ def markdown(res: dict) -> str:
         ]
         for a, b, c in zip(cc["rows"], cc["tokens"], cc["staircase"]):
             lines.append(f"| {a['n']} | {a['ratio']:.2f} | {b['ratio']:.2f} | {c['ratio']:.2f} |")
+    ts = res.get("tree_sim")
+    if ts:
+        lines += [
+            "",
+            "## Tree simulation: would a tree-attention verify pay?",
+            "",
+            f"Assistant top-1 agreement {ts['top1']:.3f}, top-2 {ts['top2']:.3f} (teacher-forced"
+            f" on the main model's greedy output); encoders {ts['encoders_ms']:.1f} ms per prompt."
+            " Predicted from measured call costs, the whole tree verified as one row:",
+            "",
+            "| draft | nodes | depth | tok/main call | ms per prompt | predicted tok/s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in ts["linear"]:
+            lines.append(
+                f"| linear K={r['draft_tokens']} | {r['nodes']} | {r['depth']} | "
+                f"{r['tokens_per_main_call']:.2f} | {r['ms_per_prompt']:.1f} | "
+                f"{r['tokens_per_s']:.0f} |"
+            )
+        for r in ts["tree"]:
+            lines.append(
+                f"| best tree | {r['nodes']} | {r['depth']} | {r['tokens_per_main_call']:.2f} | "
+                f"{r['ms_per_prompt']:.1f} | {r['tokens_per_s']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -48,7 +48,7 @@ def run_bench(
     from engine import Engine
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    progress = lambda **kw: tqdm(disable=quiet, **kw)  # noqa: E731
+    progress = lambda **kw: tqdm(disable=quiet, **kw)
     if quick:
         n, max_new_tokens, rounds, sweep_prompts = 3, 16, 1, 2
         strategies = strategies or [
@@ -130,8 +130,15 @@ def run_bench(
             ),
         }
         results["cost_curve"] = core.cost_curve(
-            eng.main, [1, 2, 4] if quick else list(range(1, 17)), reps=5 if quick else 30
+            eng.main, [1, 2, 4] if quick else [*range(1, 17), 20, 24], reps=5 if quick else 30
         )
+        if eng.assistant is not None:  # would a tree-attention verify pay? (bench/tree_sim.py)
+            from bench import tree_sim
+
+            log("tree simulation")
+            results["tree_sim"] = tree_sim.simulate(
+                eng, sw_ids, max_new_tokens, results["cost_curve"], (4, 6) if quick else None
+            )
     results["seconds"] = time.perf_counter() - t0
     core.save(results, out)
     (out / "results.md").write_text(report.markdown(results))

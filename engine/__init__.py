@@ -17,17 +17,17 @@ from .stats import Stats
 from .strategies import STRATEGIES
 
 __all__ = [
-    "Engine",
-    "GenerationResult",
-    "Stats",
     "STRATEGIES",
-    "accept",
-    "staircase",
-    "full_staircase",
+    "Engine",
     "EngineError",
+    "GenerationResult",
     "InputError",
     "ModelFileError",
     "NonFiniteLogitsError",
     "PairMismatchError",
     "ProviderError",
+    "Stats",
+    "accept",
+    "full_staircase",
+    "staircase",
 ]

@@ -57,13 +57,13 @@ class Engine:
         shared_thread_pool: bool = False,
         assistant_threads: int | None = None,
         io_binding: bool = False,
-    ) -> "Engine":
+    ) -> Engine:
         """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
 
         shared_thread_pool: one process-wide ORT pool (fastest on few cores), usable only if no
         ORT session exists yet; every later session of the process must then opt out of
-        per-session threads. assistant_threads: the small assistant's ops are too short to gain
-        from a second thread on some machines (None = same as threads; measured equal here).
+        per-session threads. assistant_threads: the small assistant's ops can be too short to gain
+        from a second thread (None = what stairs-tune measured for this pair, else threads).
         io_binding: run through ORT IO binding (outputs allocated on the provider's device).
         """
         m = T5Model(
@@ -71,6 +71,10 @@ class Engine:
         )
         a = None
         if assistant is not None:
+            if assistant_threads is None:  # what stairs-tune measured, else the main's count
+                from .tune import stored_assistant_threads
+
+                assistant_threads = stored_assistant_threads(main, assistant, m.provider, threads)
             a_threads = threads if assistant_threads is None else assistant_threads
             a = T5Model(
                 assistant,

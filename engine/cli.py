@@ -125,6 +125,8 @@ def tune_main(argv: list[str] | None = None) -> int:
     for c in sorted(res["candidates"], key=lambda c: c["seconds"]):
         print(f"{c['strategy']:9s} {json.dumps(c['options']):45s} {c['speedup_vs_greedy']:.2f}x")
     print(f"auto = {res['strategy']} {res['options']} ({res['speedup_vs_greedy']:.2f}x greedy)")
+    if res.get("assistant_threads"):
+        print(f"assistant threads = {res['assistant_threads']} (faster than {a.threads} here)")
     return 0
 
 

@@ -41,6 +41,7 @@ class T5Model:
     ):
         self.folder = Path(folder)
         self.name = name or self.folder.name
+        self.threads = threads
         missing = [f for f in REQUIRED if not (self.folder / f).is_file()]
         if missing:
             raise ModelFileError(

@@ -42,7 +42,7 @@ class Stats:
         )
         return d
 
-    def __add__(self, other: "Stats") -> "Stats":
+    def __add__(self, other: Stats) -> Stats:
         return Stats(
             **{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)}
         )

@@ -10,12 +10,12 @@ from .errors import (
 )
 
 __all__ = [
-    "export_model",
-    "check_pair",
-    "ExportResult",
-    "ExportError",
-    "OutputExistsError",
     "CheckpointError",
+    "ExportError",
+    "ExportResult",
+    "OutputExistsError",
     "PairMismatchError",
     "ValidationError",
+    "check_pair",
+    "export_model",
 ]

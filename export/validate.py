@@ -62,7 +62,7 @@ def torch_reference(model, input_ids: list[int]) -> dict:
             decoder_input_ids=torch.tensor([dec[:3]]),
             use_cache=True,
         )
-    as_np = lambda kv: [[t.numpy() for t in layer] for layer in _legacy(kv)]  # noqa: E731
+    as_np = lambda kv: [[t.numpy() for t in layer] for layer in _legacy(kv)]
     return {
         "ids": ids.numpy().astype(np.int64),
         "mask": mask.numpy().astype(np.int64),

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from conftest import T5_TOKENIZER
+
 from engine import (
     Engine,
     InputError,
@@ -253,3 +253,20 @@ def test_assistant_on_another_provider_setting(tiny_models):
     m = tiny_models["v1_1"]
     eng = Engine.load(m["main"], assistant=m["random"], provider="auto", assistant_provider="cpu")
     assert eng.main.provider == "cpu" and eng.assistant.provider == "cpu"
+
+
+def test_tuned_assistant_threads_are_used(tiny_models, tmp_path):
+    """Engine.load takes the assistant thread count stairs-tune stored for this pair/setting."""
+    m = tiny_models["v1_0"]
+    main = tmp_path / "main"
+    shutil.copytree(m["main"], main)
+    key = f"{m['random'].resolve().name}|cpu|2"
+    (main / "stairs-tune.json").write_text(
+        json.dumps({key: {"strategy": "assisted", "options": {}, "assistant_threads": 1}})
+    )
+    assert Engine.load(main, assistant=m["random"], threads=2).assistant.threads == 1
+    assert (
+        Engine.load(main, assistant=m["random"], threads=2, assistant_threads=2).assistant.threads
+        == 2
+    )
+    assert Engine.load(main, assistant=m["random"], threads=3).assistant.threads == 3  # not tuned

@@ -63,9 +63,8 @@ def test_stairs_full_layout_equals_greedy(pycode_engine, pycode_prompts, greedy_
 
 def test_greedy_equals_hf_generate(pycode_engine, pycode_prompts, greedy_ref):
     torch = pytest.importorskip("torch")
-    from transformers import T5ForConditionalGeneration
-
     from conftest import PYCODE_MAIN
+    from transformers import T5ForConditionalGeneration
 
     model = T5ForConditionalGeneration.from_pretrained(PYCODE_MAIN, dtype=torch.float32).eval()
     for prompt, ref in zip(pycode_prompts[:20], greedy_ref):
@@ -124,8 +123,10 @@ def test_auto_calibrates_stores_and_stays_exact(pycode_pair, pycode_prompts, gre
     assert eng.auto_choice() == ("assisted", {"draft_tokens": 4})  # untuned default
     res = eng.calibrate(pycode_prompts[:2], max_new_tokens=16)
     assert res["strategy"] != "greedy" and len(res["candidates"]) > 10
+    assert res["assistant_threads"] in (1, None)
     fresh = Engine.load(main, assistant=draft, threads=2)  # reads stairs-tune.json
     assert fresh.auto_choice() == (res["strategy"], res["options"])
+    assert fresh.assistant.threads == (res["assistant_threads"] or 2)
     for prompt, ref in zip(pycode_prompts[:N_PROMPTS], greedy_ref):
         out = fresh.generate(prompt, strategy="auto", max_new_tokens=NEW)
         assert out.token_ids == ref and out.strategy == res["strategy"]

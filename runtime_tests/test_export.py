@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import PYCODE_DRAFT, PYCODE_MAIN, make_tiny_t5
+
 from export import (
     CheckpointError,
     OutputExistsError,

@@ -3,7 +3,7 @@
 Each is a function generate(run, **options) -> iterator of emitted token lists.
 """
 
-from . import assisted, greedy, lookup, stairs, staged, tree
+from . import assisted, greedy, lookup, staged, stairs, tree
 
 STRATEGIES = {
     "greedy": greedy.generate,
