@@ -165,8 +165,11 @@ def _ct2_serve(conn, main_dir: str, threads: int, compute_type: str, workdir: st
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
-    while (msg := conn.recv()) is not None:
-        conn.send(ct.greedy(*msg))
+    try:
+        while (msg := conn.recv()) is not None:
+            conn.send(ct.greedy(*msg))
+    except EOFError:  # the parent exited
+        pass
 
 
 class CT2Worker:

@@ -50,16 +50,16 @@ def path_probs(ranks: list[np.ndarray], max_rank: int = 4) -> tuple[Counter, int
     return cnt, n
 
 
-def best_tree(cnt: Counter, n: int, nodes: int, max_rank: int = 4) -> set:
-    """The tree of `nodes` nodes with the most expected accepted tokens (greedy is optimal:
-    a child is never likelier than its parent)."""
+def best_tree(cnt: Counter, n: int, nodes: int, max_rank: int = 4, depth: int = MAX_DEPTH) -> set:
+    """The tree of `nodes` nodes, at most `depth` deep, with the most expected accepted tokens
+    (greedy is optimal: a child is never likelier than its parent)."""
     tree: set = set()
     heap = [(-cnt[(k,)] / n, (k,)) for k in range(max_rank)]
     heapq.heapify(heap)
     while len(tree) < nodes and heap:
         _, node = heapq.heappop(heap)
         tree.add(node)
-        if len(node) < MAX_DEPTH:
+        if len(node) < depth:
             for k in range(max_rank):
                 heapq.heappush(heap, (-cnt[node + (k,)] / n, node + (k,)))
     return tree
@@ -120,10 +120,12 @@ def simulate(eng, prompts, max_new: int, cost_curve: dict, sizes=None):
     toks = cost_curve["tokens"]
     ns, ms = [p["n"] for p in toks], [p["ms"] for p in toks]
 
-    def main_ms(k):  # 1 row x k tokens, linear beyond the measured range
-        if k <= ns[-1]:
-            return float(np.interp(k, ns, ms))
-        return ms[-1] + (ms[-1] - ms[-2]) / (ns[-1] - ns[-2]) * (k - ns[-1])
+    # 1 row x k tokens: a least-squares line through the measured curve (single points are noisy
+    # on a shared machine and would make one K look better than its neighbours)
+    slope, icpt = np.polyfit(ns, ms, 1)
+
+    def main_ms(k):
+        return float(icpt + slope * k)
 
     dc = _draft_cost(eng)
 
@@ -138,6 +140,7 @@ def simulate(eng, prompts, max_new: int, cost_curve: dict, sizes=None):
         "top2": float(np.mean(np.concatenate(ranks) < 2)),
         "encoders_ms": enc_ms,
         "draft_step_ms": dc,
+        "main_ms_fit": [float(icpt), float(slope)],
         "linear": [],
         "tree": [],
     }
@@ -145,11 +148,14 @@ def simulate(eng, prompts, max_new: int, cost_curve: dict, sizes=None):
         res["linear"].append(
             {"draft_tokens": k, **replay(ranks, linear(k), main_ms, draft_ms, enc_ms)}
         )
-    for size in sizes:
-        tree = best_tree(cnt, n, size)
-        row = replay(ranks, tree, main_ms, draft_ms, enc_ms)
-        row["shape"] = sorted(tree, key=lambda x: (len(x), x))
-        res["tree"].append(row)
+    for size in sizes:  # each assistant level costs a call: try depth caps, keep the fastest
+        cands = []
+        for depth in (3, 4, 5, 6, 8, MAX_DEPTH):
+            tree = best_tree(cnt, n, size, depth=depth)
+            row = replay(ranks, tree, main_ms, draft_ms, enc_ms)
+            row["shape"] = sorted(tree, key=lambda x: (len(x), x))
+            cands.append(row)
+        res["tree"].append(max(cands, key=lambda r: r["tokens_per_s"]))
     return res
 
 
