@@ -273,21 +273,25 @@ def decoder_feed(model, b: int, t: int, past: int, enc_len: int, seed: int = 0) 
     return f
 
 
+def call_ms(sess, feed: dict, reps: int) -> float:
+    """Median ms of sess.run(feed) over reps calls, after 3 warm-up calls."""
+    for _ in range(3):
+        sess.run(None, feed)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts) * 1e3)
+
+
 def cost_curve(model, sizes, past: int = 32, enc_len: int = 129, reps: int = 30) -> dict:
     """Main decoder-with-past call time with B rows x 1 token, 1 row x T tokens and B x B
     (the staircase), relative to 1 row x 1 token: whether a staircase can pay."""
     sess = model.sessions["decoder_with_past"]
 
     def ms(b, t):
-        f = decoder_feed(model, b, t, past, enc_len)
-        for _ in range(3):
-            sess.run(None, f)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            sess.run(None, f)
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts) * 1e3)
+        return call_ms(sess, decoder_feed(model, b, t, past, enc_len), reps)
 
     base = ms(1, 1)
     out = {

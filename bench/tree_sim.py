@@ -22,6 +22,7 @@ MAX_DEPTH = 10
 
 def draft_ranks(eng, prompts: list[list[int]], max_new: int) -> list[np.ndarray]:
     """Per prompt: rank of each main greedy token among the assistant's logits (0 = its top)."""
+    from engine.model import Cache
     from engine.stats import Counter as Calls
 
     a, out = eng.assistant, []
@@ -30,8 +31,7 @@ def draft_ranks(eng, prompts: list[list[int]], max_new: int) -> list[np.ndarray]
         calls = Calls()
         enc, mask = a.encode(np.array([ids], np.int64), calls)
         seq = np.array([[a.start_id, *g[:-1]]], np.int64)
-        feed = {"input_ids": seq, "encoder_hidden_states": enc, "encoder_attention_mask": mask}
-        logits = a._run("decoder", feed, calls)[0][0]  # [T, V]
+        logits = Cache(a, enc, mask, calls).first(seq)[0][0]  # [T, V], teacher-forced
         picked = logits[np.arange(len(g)), g]
         out.append((logits > picked[:, None]).sum(1))
     return out
@@ -97,19 +97,12 @@ def replay(ranks, tree: set, main_ms, draft_ms, encoder_ms: float) -> dict:
 
 def _draft_cost(eng, past: int = 48, reps: int = 100) -> dict:
     """Assistant decoder-with-past ms for 1..8 rows x 1 token."""
-    from bench.core import decoder_feed
+    from bench.core import call_ms, decoder_feed
 
     sess = eng.assistant.sessions["decoder_with_past"]
-    out = {}
-    for b in (1, 2, 4, 8):
-        f = decoder_feed(eng.assistant, b, 1, past, 129)
-        for _ in range(5):
-            sess.run(None, f)
-        t = time.perf_counter()
-        for _ in range(reps):
-            sess.run(None, f)
-        out[b] = (time.perf_counter() - t) / reps * 1e3
-    return out
+    return {
+        b: call_ms(sess, decoder_feed(eng.assistant, b, 1, past, 129), reps) for b in (1, 2, 4, 8)
+    }
 
 
 def simulate(eng, prompts, max_new: int, cost_curve: dict, sizes=None):

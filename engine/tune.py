@@ -1,8 +1,9 @@
 """Self-tuning: pick the fastest strategy and settings for a pair on this device, measured.
 
 A short calibration times every candidate against greedy, interleaved prompt by prompt, on the
-user's prompts, then whether the assistant is faster on one thread, and stores the winner in the main model's folder (`stairs-tune.json`), keyed by
-assistant, provider and threads; strategy="auto" uses it.
+user's prompts, then whether the assistant is faster on one thread, and stores the winner in the
+main model's folder (`stairs-tune.json`), keyed by assistant, provider and threads;
+strategy="auto" uses it.
 """
 
 from __future__ import annotations
@@ -73,14 +74,18 @@ def _assistant_threads(engine, prompts, best: tuple, max_new_tokens: int) -> int
     return 1 if choice == 1 else None
 
 
-def stored_assistant_threads(main, assistant, provider: str, threads: int | None) -> int | None:
-    """The assistant thread count stairs-tune measured best for this pair, if any."""
+def _stored(main, key: str) -> dict | None:
+    """The tuning stored under key in the main folder's stairs-tune.json, if any."""
     path = Path(main) / TUNE_FILE
     try:
-        stored = json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text()).get(key) if path.is_file() else None
     except (OSError, json.JSONDecodeError):
         return None
-    return (stored.get(_key(assistant, provider, threads)) or {}).get("assistant_threads")
+
+
+def stored_assistant_threads(main, assistant, provider: str, threads: int | None) -> int | None:
+    """The assistant thread count stairs-tune measured best for this pair, if any."""
+    return (_stored(main, _key(assistant, provider, threads)) or {}).get("assistant_threads")
 
 
 def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True) -> dict:
@@ -120,11 +125,7 @@ def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True) -> d
 
 def load(engine) -> dict | None:
     """The stored tuning for this engine's pair, provider and threads, if any."""
-    path = engine.main.folder / TUNE_FILE
-    try:
-        return json.loads(path.read_text()).get(key(engine)) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
+    return _stored(engine.main.folder, key(engine))
 
 
 def default(engine) -> tuple[str, dict]:
