@@ -3,18 +3,28 @@
 from .core import ExportResult, check_pair, export_model
 from .errors import (
     CheckpointError,
+    ConversionError,
     ExportError,
+    OptionError,
+    OutputConflictError,
     OutputExistsError,
+    OutputWriteError,
     PairMismatchError,
+    Terminated,
     ValidationError,
 )
 
 __all__ = [
     "CheckpointError",
+    "ConversionError",
     "ExportError",
     "ExportResult",
+    "OptionError",
+    "OutputConflictError",
     "OutputExistsError",
+    "OutputWriteError",
     "PairMismatchError",
+    "Terminated",
     "ValidationError",
     "check_pair",
     "export_model",

@@ -24,10 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an output folder that is empty or a previous stairs export",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
-    from export import ExportError, export_model
+    from export import ExportError, Terminated, export_model
 
     try:
         res = export_model(
@@ -42,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
             a.assistant_dtype,
         )
     except ExportError as exc:
-        print(f"stairs-export: error: {exc}", file=sys.stderr)
+        print(f"stairs-export: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): exit as the shell would
+        term = isinstance(exc, Terminated)
+        why = "SIGTERM" if term else "Ctrl-C"
+        print(f"stairs-export: interrupted ({why}); no partial output was left", file=sys.stderr)
+        return 143 if term else 130
     for path, m in res.manifests.items():
         print(f"{path}: max abs diff {m['validation']['max_abs_diff']}")
     print(f"done in {res.seconds:.1f} s")

@@ -1,24 +1,41 @@
 """`export_model`: a Hugging Face T5 checkpoint -> a validated ONNX folder in optimum's layout.
 
-Fixed order (as CTranslate2's converters): refuse existing output -> export -> validate against
-torch -> write manifest -> atomic rename. Nothing half-written is ever left at the target.
+Fixed order (as CTranslate2's converters): check options and outputs -> export -> validate against
+torch -> write manifest -> rename into place. Main and assistant are exported into temporary
+folders beside their targets and swapped in together, so a failure, Ctrl-C or SIGTERM leaves the
+previous folders exactly as they were; --force only ever replaces an empty folder or a previous
+stairs export, never a source checkpoint or anything else.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from models import MODELS_DIR, known_names, lookup
 
-from .errors import CheckpointError, ExportError, OutputExistsError, PairMismatchError
+from .errors import (
+    CheckpointError,
+    ConversionError,
+    ExportError,
+    OptionError,
+    OutputConflictError,
+    OutputExistsError,
+    OutputWriteError,
+    PairMismatchError,
+    Terminated,
+)
 
 FORMAT_VERSION = 1
 ONNX_FILES = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
@@ -29,6 +46,11 @@ TOKENIZER_FILES = [
     "special_tokens_map.json",
 ]
 PAIR_KEYS = ["vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"]
+# T5's attention mask is built with aten::triu, which torch.onnx exports from opset 14 on
+# (tried: 13 and below fail inside torch.onnx or ONNX Runtime).
+MIN_OPSET = 14
+# Files a previous export may hold besides those its manifest lists (stairs-tune writes the second).
+OWN_EXTRAS = {"stairs.json", "stairs-tune.json"}
 
 
 @dataclass
@@ -220,17 +242,234 @@ def _export_one(
     return manifest
 
 
-def _place(tmp: Path, out: Path, force: bool) -> None:
-    """Move a complete tmp folder onto out; an old folder is removed only after the move works."""
-    old = None
-    if out.exists():
-        if not force:
-            raise OutputExistsError(f"{out} exists; use --force to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def max_opset() -> int:
+    """The newest opset torch.onnx's TorchScript exporter (the one optimum uses) writes."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+
+        return int(ONNX_MAX_OPSET)
+    except (ImportError, AttributeError, TypeError, ValueError):  # moved: torch 2.13's value
+        return 23
+
+
+def check_options(dtype: str, assistant_dtype: str | None, opset: int | None) -> None:
+    """Refuse out-of-range options before any model is looked up or loaded."""
+    for d in (dtype, assistant_dtype):
+        if d not in ("fp32", "fp16", "int8", None):
+            raise OptionError(f"dtype must be fp32, fp16 or int8, not {d!r}")
+    if opset is not None:
+        hi = max_opset()
+        if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= hi:
+            raise OptionError(
+                f"--opset must be between {MIN_OPSET} and {hi}, not {opset!r} (T5 needs opset "
+                f"{MIN_OPSET} or newer; {hi} is the newest this torch.onnx writes)"
+            )
+
+
+def _names(paths: list[Path], limit: int = 5) -> str:
+    shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths[:limit]]
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(shown) + more
+
+
+def _foreign_entries(folder: Path) -> list[Path]:
+    """Entries of folder that a previous stairs export did not write: all of them when it has no
+    readable stairs.json listing its files."""
+    try:
+        ours = set(json.loads((folder / "stairs.json").read_text())["files"]) | OWN_EXTRAS
+    except (OSError, ValueError, KeyError, TypeError):
+        ours = set()
+    return [
+        p
+        for p in sorted(folder.iterdir())
+        if not (p.name in ours and p.is_file() and not p.is_symlink())
+    ]
+
+
+def check_target(target: Path, sources: list[Path], force: bool) -> None:
+    """Refuse a target that is, contains or lies inside a source checkpoint, or that exists and may
+    not be replaced (no --force, not a folder, or holding anything but a previous stairs export).
+    Called before anything is written."""
+    where = target.resolve()
+    for src in sources:
+        src = src.resolve()
+        if where == src:
+            raise OutputConflictError(f"{target} is the source checkpoint: choose another -o")
+        if src in where.parents:
+            raise OutputConflictError(
+                f"{target} lies inside the source checkpoint {src}: choose another -o"
+            )
+        if where in src.parents:
+            raise OutputConflictError(
+                f"{target} contains the source checkpoint {src}: choose another -o"
+            )
+    if target.is_symlink():
+        raise OutputExistsError(f"{target} is a symbolic link: give a real folder as -o")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise OutputExistsError(f"{target} is a file, not a folder: choose another -o")
+    if not force:
+        raise OutputExistsError(f"{target} exists; use --force to replace it")
+    foreign = _foreign_entries(target)
+    if foreign:
+        what = (
+            "holds files its previous stairs export did not write"
+            if (target / "stairs.json").is_file() and (target / "stairs.json") not in foreign
+            else "is neither empty nor a previous stairs export (no readable stairs.json)"
+        )
+        raise OutputExistsError(
+            f"{target} {what}; --force will not replace it. In the way: {_names(foreign)} "
+            "(move them or choose another -o)"
+        )
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def as_export_error(exc: Exception, target: Path | None = None) -> ExportError:
+    """A one-line typed error for a failure outside the exporter's own checks (the original
+    stays as __cause__ when raised `from exc`)."""
+    # Library errors may wrap the disk's OSError; other OSErrors in the chain may be unrelated
+    # (caught and handled inside the library), so only these errnos count there.
+    disk = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+    os_err = exc if isinstance(exc, OSError) and exc.errno else None
+    os_err = os_err or next(
+        (e for e in _chain(exc) if isinstance(e, OSError) and e.errno in disk), None
+    )
+    text = " ".join(str(exc).split())
+    where = getattr(os_err, "filename", None) or target or "the output folder"
+    if (
+        os_err is not None
+        and os_err.errno in (errno.ENOSPC, errno.EDQUOT)
+        or ("No space left on device" in text)
+    ):
+        return OutputWriteError(
+            f"no space left on the device while writing {where}: free space or choose another -o"
+        )
+    if os_err is not None and os_err.errno in (errno.EACCES, errno.EPERM):
+        return OutputWriteError(f"permission denied: {where}")
+    if os_err is not None and os_err.errno == errno.EROFS:
+        return OutputWriteError(f"read-only file system: {where} (choose another -o)")
+    if os_err is not None:
+        return OutputWriteError(f"cannot write {where}: {os_err.strerror}")
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return ConversionError(f"export to {where} failed: {type(exc).__name__}: {text}")
+
+
+@contextmanager
+def _sigterm_raises():
+    """While exporting, SIGTERM (timeout, systemd, CI) raises Terminated as Ctrl-C raises
+    KeyboardInterrupt, so the same cleanup runs. Only in the main thread (the only one Python runs
+    handlers in) and only where SIGTERM would otherwise kill the process outright."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    prev = signal.getsignal(signal.SIGTERM)
+    if prev != signal.SIG_DFL:  # ignored, or the host application's own handler: leave it
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+@contextmanager
+def _signals_held():
+    """Record SIGINT/SIGTERM instead of acting on them (a rename sequence must not be cut in
+    half); yields the list of those that arrived. Main thread only; elsewhere records nothing."""
+    caught: list[int] = []
+    prev = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(sig)
+            if handler not in (signal.SIG_IGN, signal.SIG_DFL, None):
+                prev[sig] = handler
+                signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        for sig, handler in prev.items():
+            signal.signal(sig, handler)
+
+
+class _Rollback(Exception):
+    """A signal arrived during the swap: put the previous folders back."""
+
+
+def swap_in(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each complete (tmp, target) into place as one step: existing targets are renamed
+    aside first, and renamed back if any rename fails or a signal arrives; they are removed only
+    once every new folder is in place."""
+    aside: list[tuple[Path, Path]] = []
+    placed: list[tuple[Path, Path]] = []
+    with _signals_held() as caught:
+        try:
+            for _, target in pairs:
+                if target.exists():
+                    old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+                    target.rename(old)
+                    aside.append((target, old))
+            for tmp, target in pairs:
+                tmp.rename(target)
+                placed.append((tmp, target))
+            if caught:
+                raise _Rollback
+        except BaseException as exc:
+            try:
+                for tmp, target in reversed(placed):
+                    target.rename(tmp)
+                for target, old in reversed(aside):
+                    old.rename(target)
+            except OSError as undo:
+                kept = ", ".join(f"{t} -> {o}" for t, o in aside)
+                raise OutputWriteError(
+                    f"swap failed ({exc!r}) and could not be undone ({undo}); previous folders "
+                    f"are kept as: {kept}"
+                ) from undo
+            if not isinstance(exc, _Rollback):
+                raise
+        else:
+            for _, old in aside:
+                shutil.rmtree(old, ignore_errors=True)
+    if caught:  # act on the signal now, with the handler that was held back
+        signal.raise_signal(caught[0])
+        raise KeyboardInterrupt  # that handler did not raise: stop all the same
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """mkdir -p folder; returns the folders it created, outermost first (removed on failure)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    missing.reverse()
+    for d in missing:
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def _make_tmp(target: Path) -> Path:
+    """An empty folder beside target; mkdir honours the umask (tempfile.mkdtemp would be 0700)."""
+    while True:
+        tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def export_model(
@@ -249,18 +488,31 @@ def export_model(
     assistant: "auto" takes the registered assistant of a known model, None exports none,
     anything else is a hub name or folder. Output defaults to models/<name>/ (assistant beside it).
     dtype: fp32, fp16 (overflow-prone parts kept fp32) or int8 (dynamic weight quantization; meant
-    for assistants). assistant_dtype: the assistant's dtype (default: dtype).
+    for assistants). assistant_dtype: the assistant's dtype (default: dtype). opset: 14 to the
+    newest torch.onnx writes. force: replace outputs that are empty or previous stairs exports.
+    Every failure is an ExportError (Ctrl-C a KeyboardInterrupt, SIGTERM a Terminated) and leaves
+    the previous output folders exactly as they were.
     """
-    for d in (dtype, assistant_dtype):
-        if d not in ("fp32", "fp16", "int8", None):
-            raise ExportError(f"dtype must be fp32, fp16 or int8, not {d!r}")
+    check_options(dtype, assistant_dtype, opset)
+    with _sigterm_raises():
+        try:
+            args = (model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype)
+            return _export(*args)
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise as_export_error(exc, Path(output) if output else None) from exc
+
+
+def _export(model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype):
+    """export_model's body: its arguments, already checked."""
     t0 = time.perf_counter()
     src, name = resolve_source(model)
     out = Path(output) if output else MODELS_DIR / name
     if assistant == "auto":
         entry = lookup(model)
         assistant = entry["assistant"] if entry else None
-    # Refuse before any work: existing outputs and mismatched pairs.
+    # Refuse before any work: unsafe or existing outputs and mismatched pairs.
     targets = [(src, out)]
     if assistant:
         a_src, a_name = resolve_source(assistant)
@@ -268,27 +520,45 @@ def export_model(
         targets.append(
             (a_src, out.parent / a_name if a_src != src else out.parent / (a_name + "-assistant"))
         )
+        if targets[1][1].resolve() == out.resolve():
+            raise OutputConflictError(
+                f"main and assistant would both be written to {out}: choose another -o"
+            )
     for _, target in targets:
-        if target.exists() and not force:
-            raise OutputExistsError(f"{target} exists; use --force to replace it")
+        check_target(target, [s for s, _ in targets], force)
 
-    manifests = {}
-    for i, (s, target) in enumerate(targets):
-        d = dtype if i == 0 else (assistant_dtype or dtype)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+    manifests: dict = {}
+    tmps: list[Path] = []
+    created: list[Path] = []
+    try:
+        for i, (s, target) in enumerate(targets):
+            d = dtype if i == 0 else (assistant_dtype or dtype)
+            created += _make_dirs(target.parent)
+            tmps.append(_make_tmp(target))
             _log(quiet, f"exporting {s} -> {target} ({d})")
-            manifests[str(target)] = _export_one(s, tmp, d, opset, device, quiet)
-            if len(targets) == 2:
-                other = targets[1][1] if target == targets[0][1] else targets[0][1]
-                role = "assistant" if target == targets[0][1] else "main"
-                manifests[str(target)][role] = os.path.relpath(other, target)
+            try:
+                manifests[str(target)] = _export_one(s, tmps[-1], d, opset, device, quiet)
+            except ExportError:
+                raise
+            except Exception as exc:  # optimum, torch.onnx, ONNX Runtime, the disk
+                raise as_export_error(exc, target) from exc
+        if len(targets) == 2:
+            (_, main_out), (_, asst_out) = targets
+            manifests[str(main_out)]["assistant"] = os.path.relpath(asst_out, main_out)
+            manifests[str(asst_out)]["main"] = os.path.relpath(main_out, asst_out)
+            for tmp, (_, target) in zip(tmps, targets):
                 (tmp / "stairs.json").write_text(json.dumps(manifests[str(target)], indent=2))
-            _place(tmp, target, force)
-        except BaseException:  # Ctrl-C included: never leave a half-written folder
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        swap_in([(tmp, target) for tmp, (_, target) in zip(tmps, targets)])
+    except BaseException:  # Ctrl-C and SIGTERM included: never leave a half-written folder
+        with _signals_held():  # a second Ctrl-C must not cut the cleanup short
+            for tmp in tmps:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for d in reversed(created):
+                try:
+                    d.rmdir()  # only if still empty: something else may have landed there
+                except OSError:
+                    pass
+        raise
     return ExportResult(
         main=out,
         assistant=targets[1][1] if assistant else None,

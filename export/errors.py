@@ -5,12 +5,30 @@ class ExportError(Exception):
     """Base class of every export failure."""
 
 
+class OptionError(ExportError):
+    """An option is out of its range (dtype, opset), found before any model loads."""
+
+
 class OutputExistsError(ExportError):
-    """The output folder exists and --force was not given."""
+    """The output folder exists and may not be replaced: no --force, or it holds something that
+    is not a previous stairs export (named in the message)."""
+
+
+class OutputConflictError(ExportError):
+    """The output folder is, contains or lies inside a source checkpoint, or main and assistant
+    would share one folder."""
+
+
+class OutputWriteError(ExportError):
+    """The output cannot be written: no permission, read-only file system or disk full."""
 
 
 class CheckpointError(ExportError):
     """The source checkpoint is missing, unknown or cannot be loaded."""
+
+
+class ConversionError(ExportError):
+    """optimum / torch.onnx / ONNX Runtime failed while converting or checking the model."""
 
 
 class PairMismatchError(ExportError):
@@ -26,3 +44,8 @@ class ValidationError(ExportError):
             f"{file}: output '{output}' differs from PyTorch by {max_diff:.3g} "
             f"(tolerance {tolerance:.3g})"
         )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during an export (raised like Ctrl-C's KeyboardInterrupt, so the same
+    cleanup runs); nothing was changed at the target."""

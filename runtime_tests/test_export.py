@@ -60,17 +60,16 @@ def test_pycode_pair_export(pycode_pair):
 def test_refuses_existing_output_unless_force(tiny_models, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("precious")
     with pytest.raises(OutputExistsError):
         export_model(str(tiny_models["v1_1"]["hf"]), out, assistant=None, quiet=True)
-    assert (out / "keep.txt").read_text() == "precious"
     assert (
         export_cli([str(tiny_models["v1_1"]["hf"]), "-o", str(out), "--assistant", "none", "-q"])
         == 2
     )
     export_model(str(tiny_models["v1_1"]["hf"]), out, assistant=None, force=True, quiet=True)
-    assert not (out / "keep.txt").exists() and (out / "stairs.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "stairs.json").is_file()  # an empty folder is replaced
+    export_model(str(tiny_models["v1_1"]["hf"]), out, assistant=None, force=True, quiet=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # and so is a previous export
 
 
 def test_interrupted_export_leaves_nothing(tiny_models, tmp_path, monkeypatch):
