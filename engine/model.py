@@ -6,7 +6,6 @@ H heads, D d_kv, V vocab.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as prov
+from . import verify as checked
 from .errors import ModelFileError
 from .stats import Counter
 from .tokenizer import Tokenizer
@@ -24,6 +24,39 @@ ONNX_FILES = {
     "decoder_with_past": "decoder_with_past_model.onnx",
 }
 REQUIRED = ["config.json", "spiece.model", *ONNX_FILES.values()]
+# Inputs the engine feeds each session (past_key_values.* besides) and outputs it reads first.
+FEEDS = {
+    "encoder": {"input_ids", "attention_mask"},
+    "decoder": {"input_ids", "encoder_hidden_states", "encoder_attention_mask"},
+    "decoder_with_past": {"input_ids", "encoder_attention_mask"},
+}
+OPTIONAL_FEEDS = {"decoder_with_past": {"encoder_hidden_states"}}
+FIRST_OUTPUT = {"encoder": "last_hidden_state", "decoder": "logits", "decoder_with_past": "logits"}
+# config.json keys the engine uses -> smallest valid value (ints; bools refused).
+CONFIG_INTS = {
+    "vocab_size": 1,
+    "d_model": 1,
+    "d_kv": 1,
+    "num_heads": 1,
+    "num_layers": 1,
+    "pad_token_id": 0,
+    "eos_token_id": 0,
+}
+CONFIG_OPTIONAL_INTS = {"decoder_start_token_id": 0, "num_decoder_layers": 1}
+
+
+def _check_config(path: Path, c: dict) -> None:
+    """Every key the engine reads is an int in range, so a damaged config fails here."""
+    for key, low in {**CONFIG_INTS, **CONFIG_OPTIONAL_INTS}.items():
+        if key not in CONFIG_INTS and c.get(key) is None:
+            continue
+        v = c.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            what = "missing" if key not in c else f"{v!r} is not an integer >= {low}"
+            raise ModelFileError(f"{path}: {key} {what}")
+    for key in ("pad_token_id", "eos_token_id", "decoder_start_token_id"):
+        if c.get(key) is not None and c[key] >= c["vocab_size"]:
+            raise ModelFileError(f"{path}: {key} {c[key]} is not below vocab_size")
 
 
 class T5Model:
@@ -38,24 +71,32 @@ class T5Model:
         name: str | None = None,
         shared_thread_pool: bool = False,
         io_binding: bool = False,
+        verify: bool = True,
     ):
+        """verify: check every file stairs.json lists against its sha256 (sizes are always
+        checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders."""
         self.folder = Path(folder)
         self.name = name or self.folder.name
         self.threads = threads
+        # Every file the engine (or ORT, for external data) opens must stay inside the folder;
+        # checked first so that nothing is said about a file outside it, not even if it exists.
+        data_files = [p.name for p in self.folder.glob("*.onnx_data")]
+        for f in [*REQUIRED, "tokenizer_config.json", *data_files]:
+            checked.inside(self.folder, f)
         missing = [f for f in REQUIRED if not (self.folder / f).is_file()]
         if missing:
             raise ModelFileError(
                 f"{self.folder}: missing {', '.join(missing)} (export it with stairs-export)"
             )
-        try:
-            self.config = json.loads((self.folder / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelFileError(f"{self.folder / 'config.json'} is corrupt: {exc}") from exc
-        self.manifest = self._read_manifest()
+        config_path = self.folder / "config.json"
+        self.config = checked.read_json(config_path, dict)
+        _check_config(config_path, self.config)
+        self.manifest = self._read_manifest(checked.verify_enabled(verify))
         c = self.config
         self.vocab_size = c["vocab_size"]
         self.pad_id, self.eos_id = c["pad_token_id"], c["eos_token_id"]
-        self.start_id = c.get("decoder_start_token_id", self.pad_id)
+        start = c.get("decoder_start_token_id")
+        self.start_id = self.pad_id if start is None else start
         self.num_heads, self.d_kv = c["num_heads"], c["d_kv"]
         self.num_decoder_layers = c.get("num_decoder_layers") or c["num_layers"]
         self.tokenizer = Tokenizer(
@@ -82,12 +123,53 @@ class T5Model:
                 raise ModelFileError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
             prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)
             self.sessions[role] = sess
+        self._check_sessions()
+
+    def _check_sessions(self) -> None:
+        """Each session has the inputs the engine feeds and the outputs it reads, with the
+        config's sizes where the graph fixes them: an unrelated ONNX model fails here."""
+        for role, sess in self.sessions.items():
+            path = self.folder / ONNX_FILES[role]
+            ins = {i.name: i.shape for i in sess.get_inputs()}
+            outs = [o.name for o in sess.get_outputs()]
+            problems = []
+            if FEEDS[role] - set(ins):
+                problems.append(f"missing inputs {', '.join(sorted(FEEDS[role] - set(ins)))}")
+            if not outs or outs[0] != FIRST_OUTPUT[role]:
+                problems.append(f"missing first output {FIRST_OUTPUT[role]}")
+            unknown = sorted(
+                n
+                for n in ins
+                if n not in FEEDS[role] | OPTIONAL_FEEDS.get(role, set())
+                and not (role == "decoder_with_past" and n.startswith("past_key_values."))
+            )
+            if unknown:
+                problems.append(f"unexpected inputs {', '.join(unknown)}")
+            if problems:
+                raise ModelFileError(
+                    f"{path}: not this engine's T5 {role.replace('_', ' ')}; " + "; ".join(problems)
+                )
         dwp = self.sessions["decoder_with_past"]
         self.past_names = [i.name for i in dwp.get_inputs() if i.name.startswith("past_key_values")]
         self.self_names = [n for n in self.past_names if ".decoder." in n]
         self.cross_names = [n for n in self.past_names if ".encoder." in n]
         self.step_needs_enc = "encoder_hidden_states" in {i.name for i in dwp.get_inputs()}
+        dwp_path = self.folder / ONNX_FILES["decoder_with_past"]
+        n = 2 * self.num_decoder_layers
+        if len(self.self_names) != n or len(self.cross_names) != n:
+            raise ModelFileError(
+                f"{dwp_path}: {len(self.self_names)} self and {len(self.cross_names)} cross"
+                f" past key/value inputs, config.json's {self.num_decoder_layers} decoder layers"
+                f" need {n} each"
+            )
+        dec_path = self.folder / ONNX_FILES["decoder"]
         outs = [o.name for o in self.sessions["decoder"].get_outputs()]
+        presents = [n.replace("past_key_values", "present") for n in self.past_names]
+        lacking = [p for p in presents if p not in outs]
+        if lacking:
+            raise ModelFileError(
+                f"{dec_path}: missing outputs {', '.join(lacking)} (another model's decoder?)"
+            )
         self._first_self = [
             outs.index(n.replace("past_key_values", "present")) for n in self.self_names
         ]
@@ -97,26 +179,34 @@ class T5Model:
         step_outs = [o.name for o in dwp.get_outputs()]
         if step_outs[1:] != [n.replace("past_key_values", "present") for n in self.self_names]:
             raise ModelFileError(
-                f"{self.folder}: unexpected outputs of decoder_with_past_model.onnx"
+                f"{dwp_path}: outputs after logits must be present.*.decoder.key/value"
+                f" in layer order, found {', '.join(step_outs[1:]) or 'none'}"
             )
+        # Sizes the graphs fix must be the config's (a symbolic dim is a str: not checked).
+        c, enc, dec, step = self.config, *ONNX_FILES.values()
+        want = {
+            (enc, "last_hidden_state"): [(-1, c["d_model"])],
+            (dec, "encoder_hidden_states"): [(-1, c["d_model"])],
+            (dec, "logits"): [(-1, self.vocab_size)],
+            (step, "logits"): [(-1, self.vocab_size)],
+        }
+        for name in self.past_names:
+            want[(step, name)] = [(1, self.num_heads), (-1, self.d_kv)]
+        for role, sess in self.sessions.items():
+            fname = ONNX_FILES[role]
+            for arg in [*sess.get_inputs(), *sess.get_outputs()]:
+                for axis, size in want.get((fname, arg.name), []):
+                    dim = arg.shape[axis] if len(arg.shape) >= 2 else None
+                    if isinstance(dim, int) and dim != size:
+                        raise ModelFileError(
+                            f"{self.folder / fname}: {arg.name} has size {dim} on axis {axis},"
+                            f" config.json says {size}"
+                        )
 
-    def _read_manifest(self) -> dict | None:
-        """stairs.json if present; sizes are checked so a truncated file fails here, clearly."""
-        path = self.folder / "stairs.json"
-        if not path.is_file():
-            return None
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelFileError(f"{path} is corrupt: {exc}") from exc
-        for fname, info in manifest.get("files", {}).items():
-            f = self.folder / fname
-            if f.is_file() and f.stat().st_size != info["bytes"]:
-                raise ModelFileError(
-                    f"{f}: {f.stat().st_size} bytes, manifest says {info['bytes']}"
-                    " (truncated or replaced: export again)"
-                )
-        return manifest
+    def _read_manifest(self, hashes: bool = True) -> dict | None:
+        """stairs.json if present, its listed files checked: inside the folder, present, the
+        recorded size (so a truncated file fails here, clearly) and, if hashes, sha256."""
+        return checked.verify_folder(self.folder, hashes)
 
     def _run(self, role: str, feed: dict, counter: Counter) -> list[np.ndarray]:
         t = time.perf_counter()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from pathlib import Path
 
 import sentencepiece as spm
 
 from .errors import ModelFileError
+from .verify import read_json
 
+log = logging.getLogger("stairs")
 DEFAULT_MAX_INPUT = 512  # T5's pre-training input length
+# Hugging Face writes int(1e30) when a checkpoint records no limit: that means "no limit known".
+NO_LIMIT = 1_000_000
 
 
 class Tokenizer:
@@ -40,12 +44,7 @@ class Tokenizer:
         self._split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
         self.max_input_tokens = DEFAULT_MAX_INPUT
         if tokenizer_config and tokenizer_config.is_file():
-            try:
-                n = json.loads(tokenizer_config.read_text()).get("model_max_length")
-                if isinstance(n, int) and 0 < n < 1_000_000:
-                    self.max_input_tokens = n
-            except json.JSONDecodeError:
-                pass
+            self.max_input_tokens = _max_length(tokenizer_config)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, special tokens recognised, without the trailing EOS."""
@@ -62,3 +61,19 @@ class Tokenizer:
         return self.sp.decode(
             [int(i) for i in ids if i < self.n_pieces and i not in (self.eos_id, self.pad_id)]
         )
+
+
+def _max_length(path: Path) -> int:
+    """model_max_length of tokenizer_config.json; a damaged file is a ModelFileError, a value
+    that is not a positive integer is ignored (with a warning) for T5's default of 512."""
+    n = read_json(path, dict).get("model_max_length")
+    if isinstance(n, int) and not isinstance(n, bool) and 0 < n:
+        return n if n < NO_LIMIT else DEFAULT_MAX_INPUT
+    if n is not None:
+        log.warning(
+            "%s: model_max_length %r is not a positive integer; using %d",
+            path,
+            n,
+            DEFAULT_MAX_INPUT,
+        )
+    return DEFAULT_MAX_INPUT

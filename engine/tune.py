@@ -13,6 +13,10 @@ import logging
 import time
 from pathlib import Path
 
+from . import verify
+from .errors import InputError, ModelFileError
+from .options import validate
+
 log = logging.getLogger("stairs")
 TUNE_FILE = "stairs-tune.json"
 
@@ -26,6 +30,9 @@ CANDIDATES = (
     + [("lookup", {"draft_tokens": 7})]
 )
 NO_ASSISTANT = [("lookup", {"draft_tokens": k}) for k in (3, 5, 7, 10)]
+# Checked against the option schema at import: a typo here fails at once, not mid-calibration.
+CANDIDATES = [(name, validate(name, opts)) for name, opts in CANDIDATES]
+NO_ASSISTANT = [(name, validate(name, opts)) for name, opts in NO_ASSISTANT]
 
 
 def key(engine) -> str:
@@ -74,13 +81,46 @@ def _assistant_threads(engine, prompts, best: tuple, max_new_tokens: int) -> int
     return 1 if choice == 1 else None
 
 
-def _stored(main, key: str) -> dict | None:
-    """The tuning stored under key in the main folder's stairs-tune.json, if any."""
-    path = Path(main) / TUNE_FILE
+def _read_all(main) -> dict:
+    """Every tuning stored in the main folder's stairs-tune.json; {} if absent. The file is a
+    cache: a damaged one is logged as a warning and ignored (auto then uses its default), but
+    one that resolves outside the folder is refused (calibrate would write through it)."""
+    path = verify.inside(main, TUNE_FILE)
+    if not path.is_file():
+        return {}
     try:
-        return json.loads(path.read_text()).get(key) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
+        return verify.read_json(path, dict)
+    except ModelFileError as exc:
+        log.warning("ignoring %s (run stairs-tune again to replace it)", exc)
+        return {}
+
+
+def _stored(main, key: str) -> dict | None:
+    """The tuning stored under key in the main folder's stairs-tune.json, if well-formed."""
+    from .strategies import STRATEGIES
+
+    try:
+        entry = _read_all(main).get(key)
+    except ModelFileError as exc:
+        log.warning("ignoring %s", exc)
         return None
+    if entry is None:
+        return None
+    threads = entry.get("assistant_threads") if isinstance(entry, dict) else None
+    try:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("strategy"), str)
+            and entry["strategy"] in STRATEGIES
+            and validate(entry["strategy"], entry.get("options")) is not None
+            and (threads is None or (type(threads) is int and threads > 0))
+        )
+    except InputError:
+        ok = False
+    if not ok:
+        log.warning("ignoring damaged entry %r of %s", key, Path(main) / TUNE_FILE)
+        return None
+    return entry
 
 
 def stored_assistant_threads(main, assistant, provider: str, threads: int | None) -> int | None:
@@ -115,7 +155,7 @@ def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True) -> d
     if save:
         path = engine.main.folder / TUNE_FILE
         try:
-            stored = json.loads(path.read_text()) if path.is_file() else {}
+            stored = _read_all(engine.main.folder)
             stored[result["key"]] = result
             path.write_text(json.dumps(stored, indent=2))
         except OSError as exc:  # read-only model folder: keep the result in memory only
