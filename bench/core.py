@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import statistics
@@ -28,19 +29,11 @@ DEFAULT_PEERS = ["hf", "optimum", "ct2"]
 
 
 def parse_strategy(spec: str) -> tuple[str, dict]:
-    """'assisted:draft_tokens=4,schedule=heuristic' -> ('assisted', {...})."""
-    name, _, rest = spec.partition(":")
-    opts = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            opts[key] = int(value)
-        except ValueError:
-            try:
-                opts[key] = float(value)
-            except ValueError:
-                opts[key] = value
-    return name, opts
+    """'assisted:draft_tokens=4,schedule=heuristic' -> ('assisted', {...}), checked against
+    the engine's option schema (engine.options): a typo fails here, before anything runs."""
+    from engine.options import parse_spec
+
+    return parse_spec(spec)
 
 
 @dataclass
@@ -59,11 +52,17 @@ class Method:
 
 def engine_method(eng, spec: str, max_new: int, label: str = "") -> Method:
     from bench.peers import strip
+    from engine import InputError
+    from engine.options import check_count, spec_of, validate
+    from engine.strategies import NEEDS_ASSISTANT
 
     name, opts = parse_strategy(spec)
+    if name in NEEDS_ASSISTANT and eng.assistant is None:
+        raise InputError(f"bench spec {spec!r} needs an assistant")
+    check_count("max_new_tokens", max_new, eng.limits.max_new_tokens, "Engine.limits")
     if name == "auto":  # show what auto resolved to
         choice, auto_opts = eng.auto_choice()
-        spec = f"auto={choice}:" + ",".join(f"{k}={v}" for k, v in auto_opts.items())
+        spec = "auto=" + spec_of(choice, validate(choice, {**auto_opts, **opts}))
 
     def fn(ids):
         r = eng.generate(ids, strategy=name, max_new_tokens=max_new, **opts)
@@ -155,8 +154,13 @@ def peer_methods(
     return out
 
 
-def interleave(methods: list[Method], prompts: list[list[int]], rounds: int, progress) -> None:
-    """Run every method on every prompt, A B C A B C ..., so machine drift hits all alike."""
+def interleave(
+    methods: list[Method], prompts: list[list[int]], rounds: int, progress, watch=None
+) -> None:
+    """Run every method on every prompt, A B C A B C ..., so machine drift hits all alike.
+    watch(name): an optional context manager entered around each timed call, outside its
+    timing (bench.quiet.Monitor.watch accounts other processes' CPU there)."""
+    watch = watch or (lambda name: contextlib.nullcontext())
     live = [m for m in methods if m.fn is not None]
     for m in live:  # warm-up: first calls allocate arenas and page in weights
         m.fn(prompts[0])
@@ -164,9 +168,10 @@ def interleave(methods: list[Method], prompts: list[list[int]], rounds: int, pro
     for r in range(rounds):
         for i, ids in enumerate(prompts):
             for m in live:
-                t = time.perf_counter()
-                toks, stats = m.fn(ids)
-                m.seconds.append(time.perf_counter() - t)
+                with watch(m.name):
+                    t = time.perf_counter()
+                    toks, stats = m.fn(ids)
+                    m.seconds.append(time.perf_counter() - t)
                 m.tokens.append(len(toks))
                 if r == 0:
                     m.outputs.append(toks)

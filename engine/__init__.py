@@ -13,6 +13,7 @@ from .errors import (
     PairMismatchError,
     ProviderError,
 )
+from .options import Limits
 from .stats import Stats
 from .strategies import STRATEGIES
 
@@ -22,6 +23,7 @@ __all__ = [
     "EngineError",
     "GenerationResult",
     "InputError",
+    "Limits",
     "ModelFileError",
     "NonFiniteLogitsError",
     "PairMismatchError",

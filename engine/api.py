@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import options as opt
 from .errors import InputError, PairMismatchError
 from .model import T5Model
 from .run import Run
@@ -15,24 +17,82 @@ from .stats import Stats
 from .strategies import NEEDS_ASSISTANT, STRATEGIES
 
 PAIR_KEYS = ["vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"]
+MAX_THREADS = 1024  # a bound on thread counts (ORT would try to start them all)
 
 
 @dataclass(frozen=True)
 class GenerationResult:
     """token_ids: generated ids after the decoder start (EOS included if generated);
-    strategy: the one that ran ('auto' resolved)."""
+    strategy: the one that ran ('auto' resolved); options: every option it ran with."""
 
     token_ids: list[int]
     text: str
     stats: Stats
     strategy: str
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A generation, fully validated by Engine.plan: nothing of it has run yet."""
+
+    ids: np.ndarray  # [1, S]
+    strategy: str
+    options: dict  # with the strategy's defaults
+    max_new_tokens: int
+
+
+def _check_load_args(
+    main,
+    assistant,
+    provider,
+    threads,
+    provider_options,
+    assistant_provider,
+    assistant_threads,
+    flags: dict,
+) -> None:
+    """Types of Engine.load's arguments, before any file is read or session created."""
+    for name, v, none_ok in (("main", main, False), ("assistant", assistant, True)):
+        if not (isinstance(v, (str, Path)) or (v is None and none_ok)):
+            raise InputError(f"{name} must be a folder path (str or Path), not {v!r}")
+    for name, v, none_ok in (
+        ("provider", provider, False),
+        ("assistant_provider", assistant_provider, True),
+    ):
+        if not (isinstance(v, str) or (v is None and none_ok)):
+            raise InputError(f"{name} must be a string (cpu, cuda, coreml or auto), not {v!r}")
+    for name, v in (("threads", threads), ("assistant_threads", assistant_threads)):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= MAX_THREADS
+        ):
+            raise InputError(
+                f"{name} must be None or an integer from 1 to {MAX_THREADS}, not {v!r}"
+            )
+    if provider_options is not None and not isinstance(provider_options, dict):
+        raise InputError(f"provider_options must be a dict or None, not {provider_options!r}")
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise InputError(f"{name} must be True or False, not {v!r}")
 
 
 class Engine:
-    """A main T5 model and optionally its assistant, each an exported ONNX folder."""
+    """A main T5 model and optionally its assistant, each an exported ONNX folder.
 
-    def __init__(self, main: T5Model, assistant: T5Model | None = None, threads: int | None = None):
+    limits (engine.options.Limits): ceilings on max_new_tokens (4096), max_input_tokens (8192)
+    and the memory a generation may use (the machine's available memory); set with
+    Engine.load(..., limits=Limits(...)) or by assigning eng.limits.
+    """
+
+    def __init__(
+        self,
+        main: T5Model,
+        assistant: T5Model | None = None,
+        threads: int | None = None,
+        limits: opt.Limits | None = None,
+    ):
         self.main, self.assistant, self.threads = main, assistant, threads
+        self.limits = limits or opt.Limits()
         self._auto: tuple[str, dict] | None = None
         if assistant is not None:
             diffs = [
@@ -57,6 +117,8 @@ class Engine:
         shared_thread_pool: bool = False,
         assistant_threads: int | None = None,
         io_binding: bool = False,
+        limits: opt.Limits | None = None,
+        verify: bool = True,
     ) -> Engine:
         """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
 
@@ -65,9 +127,31 @@ class Engine:
         per-session threads. assistant_threads: the small assistant's ops can be too short to gain
         from a second thread (None = what stairs-tune measured for this pair, else threads).
         io_binding: run through ORT IO binding (outputs allocated on the provider's device).
+        limits: ceilings for generate (engine.options.Limits). verify: check file hashes.
         """
+        flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
+        flags["verify"] = verify
+        _check_load_args(
+            main,
+            assistant,
+            provider,
+            threads,
+            provider_options,
+            assistant_provider,
+            assistant_threads,
+            flags,
+        )
+        if limits is not None and not isinstance(limits, opt.Limits):
+            raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
         m = T5Model(
-            main, provider, threads, provider_options, "main", shared_thread_pool, io_binding
+            main,
+            provider,
+            threads,
+            provider_options,
+            "main",
+            shared_thread_pool,
+            io_binding,
+            verify=verify,
         )
         a = None
         if assistant is not None:
@@ -84,8 +168,9 @@ class Engine:
                 "assistant",
                 shared_thread_pool,
                 io_binding,
+                verify=verify,
             )
-        return cls(m, a, threads)
+        return cls(m, a, threads, limits)
 
     def calibrate(self, prompts, max_new_tokens: int = 64, save: bool = True) -> dict:
         """Measure every candidate strategy on prompts; store and use the fastest for 'auto'."""
@@ -110,63 +195,110 @@ class Engine:
         max_input_tokens: int | None = None,
         truncation: str | None = None,
     ) -> np.ndarray:
-        """Encoder input ids [1, S]: text gets sentencepiece + EOS; a list of ids is used as is."""
-        tok = self.main.tokenizer
-        limit = max_input_tokens or tok.max_input_tokens
+        """Encoder input ids [1, S]: text gets sentencepiece + EOS; a list of ids is used as is.
+
+        truncation 'left'/'right' cuts text or ids to max_input_tokens (a final EOS is kept).
+        """
+        tok, ceiling = self.main.tokenizer, self.limits.max_input_tokens
+        max_input_tokens = opt.check_count(
+            "max_input_tokens",
+            max_input_tokens,
+            ceiling,
+            "Engine.load(..., limits=Limits(max_input_tokens=N))",
+            allow_none=True,
+        )
+        limit = max_input_tokens or min(tok.max_input_tokens, ceiling)
+        if truncation not in (None, "left", "right"):
+            raise InputError(f"truncation must be 'left', 'right' or None, not {truncation!r}")
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("empty prompt")
-            ids = tok.encode(prompt)
-            if truncation is not None and len(ids) + 1 > limit:
-                if truncation not in ("left", "right"):
-                    raise InputError(f"truncation must be 'left' or 'right', not {truncation!r}")
-                ids = ids[len(ids) + 1 - limit :] if truncation == "left" else ids[: limit - 1]
-            ids = ids + [tok.eos_id]
+            ids = tok.encode(prompt) + [tok.eos_id]
         else:
-            ids = [int(i) for i in prompt]
-            if not ids:
-                raise InputError("empty list of input ids")
-            bad = [i for i in ids if not 0 <= i < self.main.vocab_size]
-            if bad:
-                raise InputError(f"input ids out of range [0, {self.main.vocab_size}): {bad[:5]}")
+            ids = self._ids(prompt)
+        if len(ids) > limit and truncation is not None:
+            # keep the final EOS where there is one; cut the body on the chosen side
+            tail = ids[-1:] if ids[-1] == tok.eos_id else []
+            body, keep = ids[: len(ids) - len(tail)], limit - len(tail)
+            ids = (body[len(body) - keep :] if truncation == "left" else body[:keep]) + tail
         if len(ids) > limit:
-            raise InputError(
-                f"prompt is {len(ids)} tokens, over the limit of {limit}; "
-                "pass truncation='left' or 'right' or raise max_input_tokens"
-            )
+            how = "pass truncation='left' or 'right'"
+            if limit < ceiling:
+                how += f" or raise max_input_tokens (up to {ceiling})"
+            raise InputError(f"prompt is {len(ids)} tokens, over the limit of {limit}; {how}")
         return np.array([ids], dtype=np.int64)
 
-    def _run(
+    def _ids(self, prompt) -> list[int]:
+        """A sequence of int token ids, checked: no bytes, floats, bools, None or NaN."""
+        if isinstance(prompt, np.ndarray):
+            if prompt.ndim == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.ndim != 1 or not np.issubdtype(prompt.dtype, np.integer):
+                raise InputError(
+                    f"an array prompt must be 1-D (or [1, S]) integer ids, got shape "
+                    f"{prompt.shape} of {prompt.dtype}"
+                )
+        elif isinstance(prompt, (bytes, bytearray, memoryview)) or not isinstance(prompt, Sequence):
+            raise InputError(
+                "prompt must be text (str) or a list of int token ids, not "
+                f"{type(prompt).__name__}" + (" (decode bytes first)" if prompt is not None else "")
+            )
+        if not len(prompt):
+            raise InputError("empty list of input ids")
+        for pos, i in enumerate(prompt):
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise InputError(f"token ids must be integers; position {pos} is {i!r}")
+        ids = [int(i) for i in prompt]
+        bad = [i for i in ids if not 0 <= i < self.main.vocab_size]
+        if bad:
+            raise InputError(f"input ids out of range [0, {self.main.vocab_size}): {bad[:5]}")
+        return ids
+
+    def plan(
         self,
         prompt,
-        strategy: str,
-        max_new_tokens: int,
-        max_input_tokens,
-        truncation,
-        options: dict,
-    ) -> tuple[Run, Iterator[list[int]], str]:
+        strategy: str = "greedy",
+        max_new_tokens: int = 64,
+        max_input_tokens: int | None = None,
+        truncation: str | None = None,
+        **options,
+    ) -> Plan:
+        """Validate a generation (strategy, options, sizes, prompt, memory) without running it."""
+        opt.check_strategy(strategy)
+        options = opt.validate(strategy, options)
         if strategy == "auto":
-            strategy, auto_opts = self.auto_choice()
-            options = {**auto_opts, **options}
-        if strategy not in STRATEGIES:
-            raise InputError(
-                f"unknown strategy {strategy!r}; choose from auto, {', '.join(STRATEGIES)}"
-            )
+            auto, auto_opts = self.auto_choice()
+            try:
+                auto_opts = opt.validate(auto, auto_opts)
+            except InputError as exc:
+                raise InputError(f"stored auto choice {auto!r} {auto_opts}: {exc}") from None
+            strategy, options = auto, {**auto_opts, **options}
+        options = opt.with_defaults(strategy, options)
         if strategy in NEEDS_ASSISTANT and self.assistant is None:
             raise InputError(
                 f"strategy {strategy!r} needs an assistant: Engine.load(main, assistant=DIR)"
             )
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        max_new_tokens = opt.check_count(
+            "max_new_tokens",
+            max_new_tokens,
+            self.limits.max_new_tokens,
+            "Engine.load(..., limits=Limits(max_new_tokens=N))",
+        )
         ids = self.encode(prompt, max_input_tokens, truncation)
-        run = Run(self.main, self.assistant, ids, max_new_tokens)
-        try:
-            it = STRATEGIES[strategy](run, **options)
-        except TypeError as exc:
-            raise InputError(f"bad option for strategy {strategy!r}: {exc}") from exc
-        except ValueError as exc:
-            raise InputError(str(exc)) from exc
-        return run, it, strategy
+        opt.check_memory(
+            self.main,
+            self.assistant,
+            strategy,
+            options,
+            ids.shape[1],
+            max_new_tokens,
+            self.limits.memory_bytes,
+        )
+        return Plan(ids, strategy, options, max_new_tokens)
+
+    def _start(self, plan: Plan) -> tuple[Run, Iterator[list[int]]]:
+        run = Run(self.main, self.assistant, plan.ids, plan.max_new_tokens)
+        return run, STRATEGIES[plan.strategy](run, **plan.options)
 
     def generate(
         self,
@@ -177,14 +309,22 @@ class Engine:
         truncation: str | None = None,
         **options,
     ) -> GenerationResult:
-        """Generate exactly the main model's greedy tokens with the chosen strategy."""
-        run, it, resolved = self._run(
-            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options
+        """Generate exactly the main model's greedy tokens with the chosen strategy.
+
+        Everything is validated (InputError) before any model runs."""
+        return self.execute(
+            self.plan(prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options)
         )
+
+    def execute(self, plan: Plan) -> GenerationResult:
+        """Run a generation that plan() validated."""
+        run, it = self._start(plan)
         for _ in it:
             pass
         ids = run.seq[1:]
-        return GenerationResult(ids, self.main.tokenizer.decode(ids), run.stats(), resolved)
+        return GenerationResult(
+            ids, self.main.tokenizer.decode(ids), run.stats(), plan.strategy, plan.options
+        )
 
     def stream(
         self,
@@ -195,10 +335,14 @@ class Engine:
         truncation: str | None = None,
         **options,
     ) -> Iterator[str]:
-        """Yield text pieces as tokens are accepted (held back while a UTF-8 byte is partial)."""
-        run, it, _ = self._run(
-            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options
-        )
+        """Yield text pieces as tokens are accepted (held back while a UTF-8 byte is partial).
+
+        Validated when called (InputError); the models run as the iterator is consumed."""
+        plan = self.plan(prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options)
+        return self._stream(plan)
+
+    def _stream(self, plan: Plan) -> Iterator[str]:
+        run, it = self._start(plan)
         shown = ""
         for _ in it:
             text = self.main.tokenizer.decode(run.seq[1:])

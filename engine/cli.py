@@ -5,122 +5,225 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from . import options as opt
+from .errors import InputError
+
+PROMPT_KEYS = ("context", "prompt", "text")
+MAX_PROMPTS = 100_000  # -n ceiling: a prompts file is read into memory
 
 
-def strategy_options(
-    strategy: str,
-    draft_tokens=None,
-    batch_size=None,
-    layout=None,
-    schedule=None,
-    threshold=None,
-    branches=None,
-) -> dict:
-    """Map generic CLI settings onto the keyword options a strategy takes."""
-    opts: dict = {}
-    if strategy in ("assisted", "lookup", "staged", "tree") and draft_tokens:
-        opts["draft_tokens"] = draft_tokens
-    if strategy == "tree" and branches:
-        opts["branches"] = branches
-    if strategy == "stairs":
-        if batch_size or draft_tokens:
-            opts["batch_size"] = batch_size or draft_tokens + 1
-        if layout:
-            opts["layout"] = layout
-    if strategy == "assisted" and schedule:
-        opts["schedule"] = schedule
-    if strategy in ("assisted", "stairs") and threshold is not None:
-        opts["threshold"] = threshold
-    return opts
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and defaults shown in --help."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=_Help, **kw)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _count(ceiling: int):
+    """argparse type: an integer from 1 to ceiling."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not 1 <= value <= ceiling:
+            raise argparse.ArgumentTypeError(f"{value} is not from 1 to {ceiling}")
+        return value
+
+    return parse
+
+
+def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
+    """The first n prompts of a JSONL file (each line an object with 'context', 'prompt' or
+    'text'); InputError names the file and line of anything else. n=None: all of them."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise InputError(f"the number of prompts must be an integer >= 1, got {n!r}")
+    prompts: list[str] = []
+    with open(path, "rb") as f:  # decoded line by line, so an error can name its line
+        for lineno, line in enumerate(f, 1):
+            if n is not None and len(prompts) >= n:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{where}: not UTF-8 text ({exc.reason})") from None
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: a JSON object is needed, not a {type(row).__name__}")
+            key = next((k for k in PROMPT_KEYS if k in row), None)
+            if key is None:
+                raise InputError(f"{where}: no 'context', 'prompt' or 'text' field")
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise InputError(f"{where}: '{key}' must be a non-empty string")
+            prompts.append(row[key])
+    if not prompts:
+        raise InputError(f"{path}: no prompts in the file")
+    return prompts
+
+
+def _option_help(name: str) -> str:
+    o = opt.OPTIONS[name]
+    takes = [f"{s} {d[name]}" for s, d in opt.STRATEGY_OPTIONS.items() if name in d]
+    allowed = o.describe().replace(" (or None)", "")  # not given = off
+    return f"{o.help}; {allowed}; default: {', '.join(takes)}"
+
+
+def add_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per schema option (--draft-tokens ...), typed by the schema; None if not given."""
+    for name, o in opt.OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = _option_help(name)
+        if name == "draft_tokens":
+            help_ += "; stairs: batch_size = K + 1"
+        if o.choices:
+            p.add_argument(flag, choices=o.choices, help=help_)
+        else:
+            p.add_argument(flag, type=o.type, metavar=name.upper(), help=help_)
+
+
+def strategy_options(strategy: str, given: dict) -> dict:
+    """The options given on the command line, checked against the strategy (InputError).
+
+    given: {option: value or None}; None means not given. An option the strategy does not take
+    is an error, not ignored; stairs takes --draft-tokens K as batch_size K + 1."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if strategy == "stairs" and "draft_tokens" in given:
+        if "batch_size" in given:
+            raise InputError("stairs: give --batch-size or --draft-tokens, not both")
+        k = opt.OPTIONS["draft_tokens"].check(given.pop("draft_tokens"), strategy)
+        given["batch_size"] = k + 1
+    return opt.validate(strategy, given)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    from engine import STRATEGIES, Engine, EngineError
+    from engine import Engine, EngineError
+    from engine.strategies import NEEDS_ASSISTANT
 
-    p = argparse.ArgumentParser(prog="stairs-generate", description=__doc__)
+    p = _Parser(prog="stairs-generate", description=__doc__)
     p.add_argument("prompt", nargs="?", help="text prompt (or use --prompts)")
     p.add_argument("--main", required=True, help="exported main model folder")
     p.add_argument("--assistant", help="exported assistant model folder")
-    p.add_argument("--strategy", default="greedy", choices=["auto", *sorted(STRATEGIES)])
-    p.add_argument("--draft-tokens", type=int, help="K: draft tokens per round")
-    p.add_argument("--batch-size", type=int, help="stairs rows (default K+1, else 7)")
-    p.add_argument("--layout", choices=["past", "full"], help="stairs layout")
-    p.add_argument("--schedule", choices=["constant", "heuristic"], help="assisted K schedule")
-    p.add_argument("--threshold", type=float, help="stop drafting below this confidence")
-    p.add_argument("--branches", type=int, help="tree: number of branches")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-input-tokens", type=int)
-    p.add_argument("--truncation", choices=["left", "right"])
+    p.add_argument(
+        "--strategy",
+        default="greedy",
+        choices=opt.STRATEGY_NAMES,
+        help="auto: what stairs-tune measured fastest",
+    )
+    add_option_flags(p)
+    p.add_argument(
+        "--max-new-tokens",
+        type=_count(opt.MAX_NEW_TOKENS),
+        default=64,
+        help=f"at most {opt.MAX_NEW_TOKENS}",
+    )
+    p.add_argument(
+        "--max-input-tokens",
+        type=_count(opt.MAX_INPUT_TOKENS),
+        help=f"input limit (default: the model's, at most {opt.MAX_INPUT_TOKENS})",
+    )
+    p.add_argument("--truncation", choices=["left", "right"], help="cut long inputs on this side")
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=_count(1024), help="ORT threads (default: ORT's choice)")
     p.add_argument("--prompts", help="JSONL file; each line's 'context', 'prompt' or 'text'")
-    p.add_argument("-n", type=int, help="only the first N prompts of --prompts")
-    p.add_argument("--json", action="store_true", help="print token ids, text and stats as JSON")
+    p.add_argument("-n", type=_count(MAX_PROMPTS), help="only the first N prompts of --prompts")
+    p.add_argument(
+        "--json", action="store_true", help="print strategy, options, ids, text, stats as JSON"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     a = p.parse_args(argv)
     if (a.prompt is None) == (a.prompts is None):
         p.error("give either a PROMPT or --prompts FILE")
+    if a.n is not None and a.prompts is None:
+        p.error("-n needs --prompts")
     try:
-        eng = Engine.load(a.main, a.assistant, provider=a.provider, threads=a.threads)
-        if a.prompts:
-            with open(a.prompts) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            prompts = [r.get("context") or r.get("prompt") or r.get("text") for r in rows][: a.n]
-        else:
-            prompts = [a.prompt]
-        opts = strategy_options(
-            a.strategy, a.draft_tokens, a.batch_size, a.layout, a.schedule, a.threshold, a.branches
+        # Everything that can be checked without the models is checked before loading them.
+        opts = strategy_options(a.strategy, {k: getattr(a, k) for k in opt.OPTIONS})
+        if a.strategy in NEEDS_ASSISTANT and not a.assistant:
+            raise InputError(f"strategy {a.strategy!r} needs --assistant DIR")
+        prompts = read_prompts(a.prompts, a.n) if a.prompts else [a.prompt]
+        eng = Engine.load(
+            a.main,
+            a.assistant,
+            provider=a.provider,
+            threads=a.threads,
+            verify=not a.no_verify,
         )
-        for prompt in prompts:
-            res = eng.generate(
-                prompt, a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation, **opts
-            )
+        # ...and every prompt before the first generation
+        plans = [
+            eng.plan(p_, a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation, **opts)
+            for p_ in prompts
+        ]
+        for i, plan in enumerate(plans, 1):
+            res = eng.execute(plan)
             if a.json:
-                print(
-                    json.dumps(
-                        {
-                            "strategy": a.strategy,
-                            "token_ids": res.token_ids,
-                            "text": res.text,
-                            "stats": res.stats.as_dict(),
-                        }
-                    )
-                )
+                row = {"strategy": res.strategy, "options": res.options}
+                if a.strategy != res.strategy:
+                    row["requested"] = a.strategy
+                if a.prompts:
+                    row["prompt"] = i
+                row.update(token_ids=res.token_ids, text=res.text, stats=res.stats.as_dict())
+                print(json.dumps(row), flush=True)
             else:
-                print(res.text)
+                if a.prompts:
+                    print(f"### prompt {i}")
+                print(res.text, flush=True)
     except (EngineError, OSError) as exc:
-        print(f"stairs-generate: error: {exc}", file=sys.stderr)
+        print(f"stairs-generate: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def tune_main(argv: list[str] | None = None) -> int:
     """`stairs-tune`: calibrate strategy='auto' for a pair on this machine."""
     from engine import Engine, EngineError
 
-    p = argparse.ArgumentParser(prog="stairs-tune", description=tune_main.__doc__)
-    p.add_argument("--main", required=True)
-    p.add_argument("--assistant")
+    p = _Parser(prog="stairs-tune", description=tune_main.__doc__)
+    p.add_argument("--main", required=True, help="exported main model folder")
+    p.add_argument("--assistant", help="exported assistant model folder")
     p.add_argument("--prompts", required=True, help="JSONL: 'context', 'prompt' or 'text'")
-    p.add_argument("-n", type=int, default=8, help="calibration prompts")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-input-tokens", type=int, default=256)
-    p.add_argument("--provider", default="cpu")
-    p.add_argument("--threads", type=int)
+    p.add_argument("-n", type=_count(MAX_PROMPTS), default=8, help="calibration prompts")
+    p.add_argument("--max-new-tokens", type=_count(opt.MAX_NEW_TOKENS), default=64)
+    p.add_argument(
+        "--max-input-tokens",
+        type=_count(opt.MAX_INPUT_TOKENS),
+        default=256,
+        help="longer prompts keep their end",
+    )
+    p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
+    p.add_argument("--threads", type=_count(1024), help="ORT threads (default: ORT's choice)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     a = p.parse_args(argv)
     try:
-        eng = Engine.load(a.main, a.assistant, provider=a.provider, threads=a.threads)
-        with open(a.prompts) as f:
-            rows = [json.loads(line) for line in f if line.strip()][: a.n]
-        ids = [
-            eng.encode(
-                r.get("context") or r.get("prompt") or r["text"], a.max_input_tokens, "left"
-            )[0].tolist()
-            for r in rows
-        ]
+        texts = read_prompts(a.prompts, a.n)
+        eng = Engine.load(
+            a.main, a.assistant, provider=a.provider, threads=a.threads, verify=not a.no_verify
+        )
+        ids = [eng.encode(t, a.max_input_tokens, "left")[0].tolist() for t in texts]
         res = eng.calibrate(ids, a.max_new_tokens)
     except (EngineError, OSError) as exc:
-        print(f"stairs-tune: error: {exc}", file=sys.stderr)
+        print(f"stairs-tune: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     for c in sorted(res["candidates"], key=lambda c: c["seconds"]):
         print(f"{c['strategy']:9s} {json.dumps(c['options']):45s} {c['speedup_vs_greedy']:.2f}x")

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from ..accept import accept
+from ..options import MAX_DRAFT_TOKENS
 from ..run import Run
 
 
@@ -53,7 +54,8 @@ def speculate(
         c.draft_s += t1 - t0
         c.verify_s += time.perf_counter() - t1
         if schedule == "heuristic" and d:  # HF's schedule: +2 after a full accept, else -1
-            k = k + 2 if n == len(d) else max(1, k - 1)
+            # capped, so a long run of full accepts cannot grow the verify call without bound
+            k = min(k + 2, MAX_DRAFT_TOKENS) if n == len(d) else max(1, k - 1)
         yield run.emit(d[:n] + [int(t[n])])
 
 
