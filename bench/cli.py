@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
+from bench.quiet import NotQuietError
 from bench.run import run_bench
 
 
@@ -29,13 +31,57 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep-prompts", type=int, default=10)
     p.add_argument("--out", default="results/latest")
     p.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, tiny sweeps")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="less output (warnings still shown)")
+    p.add_argument(
+        "--alone",
+        default="default",
+        help="methods also measured alone after the interleaved rounds: 'default' (peers' greedy"
+        " rows, engine greedy and auto), 'all', 'none' or ';'-separated method names",
+    )
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.10,
+        metavar="CPU_S_PER_S",
+        help="other processes' CPU seconds per second above which a method is not quiet",
+    )
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.5,
+        metavar="LOAD",
+        help="1-min load average, less our own share, above which the start is not quiet",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        metavar="S",
+        help="wait up to S seconds for a quiet machine before starting (default 60, --quick 0)",
+    )
+    p.add_argument(
+        "--require-quiet",
+        action="store_true",
+        help="exit 2 if the machine was not quiet (before the runs if it never became quiet)",
+    )
     a = p.parse_args(argv)
+    for name in ("n", "max_new_tokens", "threads", "rounds", "sweep_prompts"):
+        if not 1 <= getattr(a, name) <= 100_000:
+            flag = "-n" if name == "n" else "--" + name.replace("_", "-")
+            p.error(f"{flag} must be between 1 and 100000")
+    for name in ("quiet_threshold", "quiet_load"):
+        if not (math.isfinite(getattr(a, name)) and getattr(a, name) >= 0):
+            p.error(f"--{name.replace('_', '-')} must be a number >= 0")
+    if a.wait_quiet is None:
+        a.wait_quiet = 0.0 if a.quick else 60.0
+    if not (math.isfinite(a.wait_quiet) and 0 <= a.wait_quiet <= 3600):
+        p.error("--wait-quiet must be between 0 and 3600 seconds")
     strategies = None
     if a.strategies:
-        strategies = a.strategies.split(";") if ";" in a.strategies else a.strategies.split(",")
+        # ';' separates specs; a lone spec with options keeps its commas ('assisted:k=4,schedule=x')
+        sep = ";" if ";" in a.strategies or ":" in a.strategies else ","
+        strategies = [s for s in a.strategies.split(sep) if s.strip()]
     try:
-        run_bench(
+        res = run_bench(
             a.main,
             a.assistant,
             a.prompts,
@@ -51,7 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             a.out,
             a.quick,
             a.quiet,
+            alone=a.alone,
+            quiet_threshold=a.quiet_threshold,
+            quiet_load=a.quiet_load,
+            wait_quiet=a.wait_quiet,
+            require_quiet=a.require_quiet,
         )
+    except NotQuietError as exc:
+        print(f"stairs-bench: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         from engine import EngineError
 
@@ -59,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stairs-bench: error: {exc}", file=sys.stderr)
             return 2
         raise
+    if a.require_quiet and not res["quiet"]["ok"]:
+        print("stairs-bench: error: --require-quiet: the machine was not quiet", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -161,7 +161,7 @@ class CT2:
 def _ct2_serve(conn, main_dir: str, threads: int, compute_type: str, workdir: str) -> None:
     try:
         ct = CT2(Path(main_dir), threads, compute_type, Path(workdir))
-    except Exception as exc:  # reported to the parent, which records the peer as failed
+    except Exception as exc:  # noqa: BLE001 - the parent records the peer as failed
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))

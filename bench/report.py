@@ -9,35 +9,94 @@ def _f(v, fmt):
     return format(v, fmt) if isinstance(v, (int, float)) else "–"
 
 
+MAX_REASONS = 8  # in results.md; results.json keeps them all
+
+
+def _others(v, threshold):
+    """Other processes' CPU-s per s, bold when over the threshold."""
+    if not isinstance(v, (int, float)):
+        return "–"
+    return f"**{v:.2f}**" if threshold is not None and v > threshold else f"{v:.2f}"
+
+
+def quiet_lines(res: dict) -> list[str]:
+    """The header line(s) saying whether the machine was quiet, and why not."""
+    q = res.get("quiet")
+    if not q:
+        return ["Quiet: not recorded (older results).", ""]
+    st = q.get("start") or {}
+    worst = max(
+        (w["others_cpu_per_s"] for ph in q["methods"].values() for w in ph.values()), default=0.0
+    )
+    if q["ok"]:
+        return [
+            (
+                f"Machine was quiet: other processes used at most {worst:.2f} CPU-s/s during any"
+                f" method (threshold {q['threshold']:.2f}); load average at the start"
+                f" {st.get('load1', float('nan')):.2f} (ours ~{st.get('own_load_estimate', 0):.2f})."
+            ),
+            "",
+        ]
+    return [
+        "**Machine was NOT quiet: these figures are not a fair comparison.**",
+        "",
+        *[f"- {r}" for r in q["reasons"][:MAX_REASONS]],
+        *(
+            [f"- and {len(q['reasons']) - MAX_REASONS} more (results.json: quiet.reasons)"]
+            if len(q["reasons"]) > MAX_REASONS
+            else []
+        ),
+        "",
+    ]
+
+
 def markdown(res: dict) -> str:
     s = res["settings"]
+    thr = (res.get("quiet") or {}).get("threshold")
     lines = [
-        f"# stairs-bench: {s['prompts']} prompts, {s['max_new_tokens']} new tokens, "
-        f"{s['threads']} threads, median of {s['rounds']} interleaved round(s)",
+        (
+            f"# stairs-bench: {s['prompts']} prompts, {s['max_new_tokens']} new tokens, "
+            f"{s['threads']} threads, median of {s['rounds']} interleaved round(s)"
+        ),
         "",
-        f"Machine: {res['machine'].get('cpu', res['machine']['platform'])}; onnxruntime "
-        f"{res['machine']['onnxruntime']}, torch {res['machine'].get('torch')}, "
-        f"transformers {res['machine'].get('transformers')}, ctranslate2 "
-        f"{res['machine'].get('ctranslate2')}",
+        (
+            f"Machine: {res['machine'].get('cpu', res['machine']['platform'])}; onnxruntime "
+            f"{res['machine']['onnxruntime']}, torch {res['machine'].get('torch')}, "
+            f"transformers {res['machine'].get('transformers')}, ctranslate2 "
+            f"{res['machine'].get('ctranslate2')}"
+        ),
         "",
-        "| method | tok/s | x HF greedy | x engine greedy | p50 ms | p90 ms | main calls | "
-        "accept | tok/main call | overhead % | mismatches |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *quiet_lines(res),
+        (
+            "tok/s (interleaved): every method run prompt by prompt in turn; tok/s (alone): the"
+            " method by itself on the same prompts afterwards. others CPU/s: other processes' CPU"
+            " seconds per second while the method ran (interleaved / alone)."
+        ),
+        "",
+        (
+            "| method | tok/s (interleaved) | tok/s (alone) | x HF greedy | x engine greedy | p50 ms |"
+            " p90 ms | main calls | accept | tok/main call | overhead % | mismatches | others CPU/s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error'][:90]} |||||||||| |")
+            lines.append(f"| {r['method']} | failed: {r['error'][:90]} ||||||||||| |")
             continue
         mm = r["mismatches"]
         mark = f"**{mm} ≠ {r['reference']}**" if mm else "0"
+        others = _others(r.get("others_cpu_per_s"), thr)
+        if "others_cpu_per_s_alone" in r:
+            others += " / " + _others(r["others_cpu_per_s_alone"], thr)
         lines.append(
-            f"| {r['method']} | {r['tokens_per_s']:.0f} | "
-            f"{_f(r.get('speedup_vs_hf_greedy'), '.2f')}"
+            f"| {r['method']} | {r['tokens_per_s']:.0f} | {_f(r.get('tokens_per_s_alone'), '.0f')}"
+            f" | {_f(r.get('speedup_vs_hf_greedy'), '.2f')}"
             f" | {_f(r.get('speedup_vs_engine_greedy'), '.2f')} | {r['p50_ms']:.0f} | "
             f"{r['p90_ms']:.0f} | {_f(r.get('main_calls'), 'd')} | "
             f"{_f(r.get('acceptance_rate'), '.2f')} | {_f(r.get('tokens_per_main_call'), '.2f')} | "
-            f"{_f(r.get('overhead_pct'), '.1f')} | {mark} |"
+            f"{_f(r.get('overhead_pct'), '.1f')} | {mark} | {others} |"
         )
+    lines += alone_lines(res, thr)
     prof = [r for r in res["rows"] if r.get("engine_total_s")]
     if prof:
         n = s["prompts"]
@@ -80,8 +139,10 @@ def markdown(res: dict) -> str:
     if cc:
         lines += [
             "",
-            f"## Main decoder call cost (past {cc['past']}, encoder {cc['encoder_length']};"
-            f" 1 row x 1 token = {cc['base_ms']:.2f} ms)",
+            (
+                f"## Main decoder call cost (past {cc['past']}, encoder {cc['encoder_length']};"
+                f" 1 row x 1 token = {cc['base_ms']:.2f} ms)"
+            ),
             "",
             "| n | n rows x 1 token | 1 row x n tokens | n x n (staircase) |",
             "|---|---|---|---|",
@@ -94,11 +155,13 @@ def markdown(res: dict) -> str:
             "",
             "## Tree simulation: would a tree-attention verify pay?",
             "",
-            f"Assistant top-1 agreement {ts['top1']:.3f}, top-2 {ts['top2']:.3f} (teacher-forced"
-            f" on the main model's greedy output); encoders {ts['encoders_ms']:.1f} ms per prompt."
-            " Predicted from measured call costs (main call 1 row x n tokens ="
-            f" {ts['main_ms_fit'][0]:.2f} + {ts['main_ms_fit'][1]:.3f} n ms, fitted), the whole tree"
-            " verified as one row; compare rows, the absolute figures leave out cache effects:",
+            (
+                f"Assistant top-1 agreement {ts['top1']:.3f}, top-2 {ts['top2']:.3f} (teacher-forced"
+                f" on the main model's greedy output); encoders {ts['encoders_ms']:.1f} ms per prompt."
+                " Predicted from measured call costs (main call 1 row x n tokens ="
+                f" {ts['main_ms_fit'][0]:.2f} + {ts['main_ms_fit'][1]:.3f} n ms, fitted), the whole tree"
+                " verified as one row; compare rows, the absolute figures leave out cache effects:"
+            ),
             "",
             "| draft | nodes | depth | tok/main call | ms per prompt | predicted tok/s |",
             "|---|---|---|---|---|---|",
@@ -115,6 +178,49 @@ def markdown(res: dict) -> str:
                 f"{r['ms_per_prompt']:.1f} | {r['tokens_per_s']:.0f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def alone_lines(res: dict, thr) -> list[str]:
+    """The alone-against-alone table and the headline ratios restated from it."""
+    al = [r for r in res["rows"] if "tokens_per_s_alone" in r]
+    if not al:
+        return []
+    lines = [
+        "",
+        "## Measured alone (each method by itself, same prompts; ratios alone against alone)",
+        "",
+        (
+            "| method | tok/s alone | tok/s interleaved | x HF greedy | x CT2 float32 |"
+            " x engine greedy | output ≠ interleaved | others CPU/s |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in al:
+        d = r.get("alone_outputs_differ", 0)
+        lines.append(
+            f"| {r['method']} | {r['tokens_per_s_alone']:.0f} | {r['tokens_per_s']:.0f} | "
+            f"{_f(r.get('speedup_alone_vs_hf_greedy'), '.2f')} | "
+            f"{_f(r.get('speedup_alone_vs_ct2_float32'), '.2f')} | "
+            f"{_f(r.get('speedup_alone_vs_engine_greedy'), '.2f')} | "
+            f"{f'**{d}**' if d else '0'} | {_others(r.get('others_cpu_per_s_alone'), thr)} |"
+        )
+    engine = [r for r in al if r.get("kind") == "engine"]
+    if engine:
+        best = max(engine, key=lambda r: r["tokens_per_s_alone"])
+        vs = [
+            f"{best['tokens_per_s_alone'] / r['tokens_per_s_alone']:.2f}x {r['method']}"
+            for r in al
+            if r.get("kind") != "engine"
+        ]
+        if vs:
+            lines += [
+                "",
+                (
+                    f"Fastest engine row alone: {best['method']}, {best['tokens_per_s_alone']:.0f}"
+                    f" tok/s = {', '.join(vs)} (all alone)."
+                ),
+            ]
+    return lines
 
 
 def plots(res: dict, out: Path) -> list[str]:

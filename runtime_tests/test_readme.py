@@ -1,0 +1,86 @@
+"""README.md stays true: its Python blocks run, and its usage lines name only real flags."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+CLIS = {
+    "stairs-export": ("export.cli", "main"),
+    "stairs-generate": ("engine.cli", "main"),
+    "stairs-tune": ("engine.cli", "tune_main"),
+    "stairs-bench": ("bench.cli", "main"),
+    "stairs-verify": ("engine.verify", "main"),
+}
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def blocks(lang: str, text: str | None = None) -> list[str]:
+    """The bodies of the ```lang fenced blocks."""
+    text = README.read_text() if text is None else text
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def usage_lines() -> dict[str, list[str]]:
+    """command -> its usage lines (continuations joined, comments dropped) from the ```bash
+    block under '## Usage'."""
+    text = README.read_text()
+    section = text.split("\n## Usage", 1)[1].split("\n## ", 1)[0]
+    (body,) = blocks("bash", section)[:1]
+    out: dict[str, list[str]] = {}
+    for line in body.replace("\\\n", " ").splitlines():
+        line = re.sub(r"\s#.*", "", line).strip()
+        cmd = line.split(" ", 1)[0]
+        if cmd.startswith("stairs-"):
+            out.setdefault(cmd, []).append(line)
+    return out
+
+
+def help_text(cmd: str) -> str:
+    """What `cmd --help` prints, from the entry point's main(["--help"])."""
+    if cmd not in CLIS:
+        pytest.fail(f"README's usage names {cmd}, which is no known command ({', '.join(CLIS)})")
+    module, func = CLIS[cmd]
+    try:
+        main = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(f"README's usage names {cmd}, but {module}.{func} is missing: {exc}")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code in (0, None)
+    return out.getvalue()
+
+
+def test_readme_python_blocks_run(pycode_pair, capsys):
+    """Every ```python block, with the models/ paths pointed at the exported pair, runs."""
+    main, assistant = pycode_pair
+    code = blocks("python")
+    assert code, "README.md has no ```python block"
+    for i, src in enumerate(code):
+        assert "models/pycode-t5-main" in src or "Engine" not in src
+        src = src.replace("models/pycode-t5-main", str(main))
+        src = src.replace("models/pycode-t5-draft", str(assistant))
+        code_obj = compile(src, f"README.md python block {i + 1}", "exec")
+        exec(code_obj, {"__name__": "__readme__"})  # noqa: S102 - running the README is the test
+    assert capsys.readouterr().out.strip(), "the Python API example printed nothing"
+
+
+def test_readme_usage_parsing_finds_the_commands():
+    assert set(usage_lines()) >= {"stairs-export", "stairs-generate", "stairs-bench"}
+
+
+@pytest.mark.parametrize("cmd", sorted(usage_lines()))
+def test_readme_usage_flags_exist(cmd):
+    """Every --flag that README's usage gives a command is in that command's --help."""
+    text = help_text(cmd)
+    flags = sorted({f for line in usage_lines()[cmd] for f in FLAG.findall(line)})
+    assert flags, f"no flags found for {cmd}"
+    missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text)]
+    assert not missing, f"README's usage gives {cmd} flags its --help lacks: {missing}"
