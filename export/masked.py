@@ -1,0 +1,468 @@
+"""A T5 decoder graph with an explicit per-row self-attention mask and explicit positions, and a
+small graph projecting the cross-attention key/values once per prompt (issue 11).
+
+`decoder_masked_model.onnx` attends from each new token to the key slots its mask allows (cached
+slots first, then the new tokens) and computes T5's relative position bias from the positions fed
+with them, so one call carries ragged rows, left/right padding, rejected drafts left in the cache
+as masked holes, and tree branches at depth positions. It returns the key/values of the new tokens
+only, so a cache with preallocated capacity writes them into its slots instead of the graph copying
+the whole past every call. `cross_kv_model.onnx` holds the cross-attention k/v projections, which
+the masked decoder does not: every decoder weight is resident once across the two graphs.
+
+Padding queries (a query whose mask row allows no slot at all) give finite, meaningless logits
+and present key/values (uniform attention over the slots, as in HF, where every masked score gets
+the same dtype-minimum added); mask their slots out in later calls and ignore their logits.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError, ConversionError, OptionError, ValidationError
+
+DECODER_FILE = "decoder_masked_model.onnx"
+CROSS_FILE = "cross_kv_model.onnx"
+DEFAULT_OPSET = 17
+
+
+def _names(layers: int) -> dict:
+    """Input/output names of both graphs for a decoder of `layers` layers."""
+    past = [f"past_key_values.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
+    present = [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
+    cross = [f"cross_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return {"past": past, "present": present, "cross": cross}
+
+
+def _bucket_table(attn):
+    """Bucket of each distance 0..max_distance (query position - key position, clipped), from
+    HF's own `_relative_position_bucket`: a lookup in the graph equals HF bit for bit (no Log and
+    float-to-int cast that could round differently at a bucket edge). Decoder buckets are
+    constant beyond max_distance and 0 for keys after the query."""
+    import torch
+
+    nb, md = attn.relative_attention_num_buckets, attn.relative_attention_max_distance
+    dist = torch.arange(2 * md + 1, dtype=torch.long)
+    table = attn._relative_position_bucket(
+        -dist, bidirectional=False, num_buckets=nb, max_distance=md
+    )
+    if not bool((table[md:] == table[md]).all()):  # the clip below relies on it
+        raise ConversionError(f"relative position buckets are not constant beyond {md}")
+    return table[: md + 1].clone()
+
+
+def _modules(model):
+    """Torch modules of the masked decoder and the cross key/value projector, sharing the HF
+    model's parameters."""
+    import torch
+    from torch import nn
+
+    cfg = model.config
+    dec = model.decoder
+    heads, d_kv = cfg.num_heads, cfg.d_kv
+    layers = len(dec.block)
+    names = _names(layers)
+    min_value = torch.finfo(torch.float32).min
+
+    def split(x, b):  # [B, L, H*D] -> [B, H, L, D]
+        return x.view(b, -1, heads, d_kv).transpose(1, 2)
+
+    def attend(q, k, v, bias, o, b):
+        # T5: no 1/sqrt(d_kv) scaling; softmax in fp32 as HF.
+        scores = torch.matmul(q, k.transpose(3, 2)) + bias
+        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(b, -1, heads * d_kv)
+        return o(out)
+
+    class MaskedDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            # Registered, so their parameters export as initializers (not traced constants).
+            self.dec, self.lm_head = dec, model.lm_head
+            self.tied = model.lm_head.weight is dec.embed_tokens.weight
+            self.register_buffer("buckets", _bucket_table(dec.block[0].layer[0].SelfAttention))
+            self.max_distance = dec.block[0].layer[0].SelfAttention.relative_attention_max_distance
+
+        def forward(self, input_ids, positions, past_positions, attention_mask, *rest):
+            past, rest = rest[: 2 * layers], rest[2 * layers :]
+            cross, enc_mask = rest[: 2 * layers], rest[2 * layers]
+            dec = self.dec
+            b, t = input_ids.shape
+            if self.tied:
+                # One [M, V] weight serves both ends: the folded transpose feeds the logits'
+                # MatMul and the embedding gathers its columns (else the file holds it twice).
+                wt = dec.embed_tokens.weight.t()
+                h = torch.index_select(wt, 1, input_ids.reshape(-1)).t().reshape(b, t, -1)
+            else:
+                h = dec.embed_tokens(input_ids)
+            # Relative position bias from key position - query position (decoder: causal
+            # buckets), the table of block 0 shared by every layer as in HF.
+            key_pos = torch.cat([past_positions, positions], dim=1)
+            dist = (positions[:, :, None] - key_pos[:, None, :]).clamp(0, self.max_distance)
+            table = dec.block[0].layer[0].SelfAttention.relative_attention_bias
+            bias = table(self.buckets[dist]).permute(0, 3, 1, 2)  # [B, H, T, P+T]
+            keep = attention_mask[:, None, :, :].to(torch.float32)
+            self_bias = bias + (1.0 - keep) * min_value
+            cross_bias = (1.0 - enc_mask[:, None, None, :].to(torch.float32)) * min_value
+            presents = []
+            for i, block in enumerate(dec.block):
+                sa = block.layer[0]
+                x = sa.layer_norm(h)
+                k_new = split(sa.SelfAttention.k(x), b)
+                v_new = split(sa.SelfAttention.v(x), b)
+                presents += [k_new, v_new]
+                k = torch.cat([past[2 * i], k_new], dim=2)
+                v = torch.cat([past[2 * i + 1], v_new], dim=2)
+                q = split(sa.SelfAttention.q(x), b)
+                h = h + attend(q, k, v, self_bias, sa.SelfAttention.o, b)
+                ca = block.layer[1]
+                q = split(ca.EncDecAttention.q(ca.layer_norm(h)), b)
+                h = h + attend(
+                    q, cross[2 * i], cross[2 * i + 1], cross_bias, ca.EncDecAttention.o, b
+                )
+                h = block.layer[2](h)
+            h = dec.final_layer_norm(h)
+            if cfg.tie_word_embeddings:
+                h = h * (cfg.d_model**-0.5)
+            logits = torch.matmul(h, wt) if self.tied else self.lm_head(h)
+            return (logits, *presents)
+
+    class CrossKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dec = dec
+
+        def forward(self, encoder_hidden_states):
+            b = encoder_hidden_states.shape[0]
+            out = []
+            for block in self.dec.block:
+                att = block.layer[1].EncDecAttention
+                out += [
+                    split(att.k(encoder_hidden_states), b),
+                    split(att.v(encoder_hidden_states), b),
+                ]
+            return tuple(out)
+
+    return MaskedDecoder().eval(), CrossKV().eval(), names
+
+
+def _save(tmp_dir: Path, name: str, out_dir: Path) -> list[str]:
+    """Move the exported `name` from tmp_dir to out_dir, its weights in one `name`_data file
+    when torch wrote them as external data (above 2 GB). Returns the file names written."""
+    import onnx
+
+    written = [name]
+    if len(list(tmp_dir.iterdir())) > 1:
+        proto = onnx.load(str(tmp_dir / name))  # loads the external tensors
+        packed = tmp_dir / "packed"
+        packed.mkdir()
+        onnx.save_model(
+            proto,
+            str(packed / name),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=name + "_data",
+        )
+        del proto
+        src = packed
+        if (packed / (name + "_data")).is_file():  # absent when every tensor was small
+            written.append(name + "_data")
+    else:
+        src = tmp_dir
+    for f in reversed(written):  # the data file first, so the graph never names a missing one
+        os.replace(src / f, out_dir / f)
+    return written
+
+
+def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
+    """Export `decoder_masked_model.onnx` and `cross_kv_model.onnx` of a loaded
+    `T5ForConditionalGeneration` (float32, eval) into out_dir; returns the file names written.
+    Each file is written in a temporary folder inside out_dir and moved in when complete."""
+    import torch
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    # 20: the newest opset torch's TorchScript exporter writes.
+    if not isinstance(opset, int) or not 14 <= opset <= 20:
+        raise OptionError(f"opset must be an integer from 14 to 20, not {opset!r}")
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in ("t5", "mt5") or not hasattr(model, "lm_head"):
+        raise CheckpointError("the masked decoder is exported from a T5ForConditionalGeneration")
+    if model.dtype != torch.float32:
+        raise OptionError(f"load the model in float32 to export it, not {model.dtype}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    decoder, cross, names = _modules(model)
+    b, t, p, s = 2, 3, 4, 5
+    h, d = cfg.num_heads, cfg.d_kv
+    rows = torch.arange(t)[None].expand(b, t)
+    dec_args = (
+        torch.ones(b, t, dtype=torch.long),
+        rows + p,
+        torch.arange(p)[None].expand(b, p).contiguous(),
+        torch.ones(b, t, p + t, dtype=torch.long),
+        *[torch.zeros(b, h, p, d) for _ in names["past"]],
+        *[torch.zeros(b, h, s, d) for _ in names["cross"]],
+        torch.ones(b, s, dtype=torch.long),
+    )
+    dec_in = ["input_ids", "positions", "past_positions", "attention_mask"]
+    dec_in += names["past"] + names["cross"] + ["encoder_attention_mask"]
+    dec_out = ["logits"] + names["present"]
+    axes = {
+        "input_ids": {0: "batch", 1: "tokens"},
+        "positions": {0: "batch", 1: "tokens"},
+        "past_positions": {0: "batch", 1: "past"},
+        "attention_mask": {0: "batch", 1: "tokens", 2: "past+tokens"},
+        "encoder_attention_mask": {0: "batch", 1: "source"},
+        "logits": {0: "batch", 1: "tokens"},
+    }
+    axes.update({n: {0: "batch", 2: "past"} for n in names["past"]})
+    axes.update({n: {0: "batch", 2: "source"} for n in names["cross"]})
+    axes.update({n: {0: "batch", 2: "tokens"} for n in names["present"]})
+    jobs = [
+        (DECODER_FILE, decoder, dec_args, dec_in, dec_out, axes),
+        (
+            CROSS_FILE,
+            cross,
+            (torch.zeros(b, s, cfg.d_model),),
+            ["encoder_hidden_states"],
+            names["cross"],
+            {"encoder_hidden_states": {0: "batch", 1: "source"}}
+            | {n: {0: "batch", 2: "source"} for n in names["cross"]},
+        ),
+    ]
+    written = []
+    for name, module, args, ins, outs, dyn in jobs:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
+        try:
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(
+                        module,
+                        args,
+                        str(tmp / name),
+                        input_names=ins,
+                        output_names=outs,
+                        dynamic_axes=dyn,
+                        opset_version=opset,
+                        dynamo=False,  # the TorchScript exporter takes dynamic_axes as named here
+                        do_constant_folding=True,
+                    )
+            except Exception as exc:
+                raise ConversionError(f"torch.onnx.export of {name} failed: {exc}") from exc
+            written += _save(tmp, name, out_dir)
+        finally:  # Ctrl-C included: nothing half-written stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+    return written
+
+
+# ---------------------------------------------------------------- validation against PyTorch
+
+
+class _Graphs:
+    """ONNX Runtime sessions of both graphs plus the helpers the validation cases share."""
+
+    def __init__(self, out_dir: Path, layers: int, heads: int, d_kv: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        # Prepacked weight copies would double a large decoder in RAM during validation.
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        self.dec = ort.InferenceSession(
+            str(out_dir / DECODER_FILE), opts, providers=["CPUExecutionProvider"]
+        )
+        self.cross = ort.InferenceSession(
+            str(out_dir / CROSS_FILE), opts, providers=["CPUExecutionProvider"]
+        )
+        self.names = _names(layers)
+        self.heads, self.d_kv = heads, d_kv
+
+    def cross_kv(self, enc: np.ndarray) -> dict:
+        outs = self.cross.run(None, {"encoder_hidden_states": enc})
+        return dict(zip(self.names["cross"], outs))
+
+    def empty_past(self, b: int) -> dict:
+        z = np.zeros((b, self.heads, 0, self.d_kv), np.float32)
+        return {n: z for n in self.names["past"]}
+
+    def step(self, ids, pos, past_pos, mask, past: dict, cross: dict, enc_mask) -> tuple:
+        """One call; returns (logits, past extended by the new tokens' present key/values)."""
+        feed = {
+            "input_ids": np.asarray(ids, np.int64),
+            "positions": np.asarray(pos, np.int64),
+            "past_positions": np.asarray(past_pos, np.int64),
+            "attention_mask": np.asarray(mask, np.int64),
+            "encoder_attention_mask": enc_mask,
+            **past,
+            **cross,
+        }
+        logits, *presents = self.dec.run(None, feed)
+        grown = {
+            p: np.concatenate([past[p], new], axis=2)
+            for p, new in zip(self.names["past"], presents)
+        }
+        return logits, grown
+
+
+def _hf_logits(model, enc_ids: list[int], dec_ids: list[int]) -> np.ndarray:
+    """HF's own logits for one prompt and one decoder sequence (no cache, no padding): [T, V]."""
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor([enc_ids]),
+            decoder_input_ids=torch.tensor([dec_ids]),
+            use_cache=False,
+        )
+    return out.logits[0].numpy()
+
+
+def validate_masked_decoder(model, out_dir: Path, tol: float = 1e-4) -> dict:
+    """Compare both graphs in out_dir with HF's own model on ragged rows, masked holes, a tree
+    row and a first step with no past; every cache is built from the graph's own present outputs.
+    tol is relative to max(1, max |reference|), like the other files' validation. Returns the max
+    abs difference per case; raises ValidationError naming the file and case."""
+    import torch
+
+    cfg = model.config
+    out_dir = Path(out_dir)
+    layers = len(model.decoder.block)
+    g = _Graphs(out_dir, layers, cfg.num_heads, cfg.d_kv)
+    rng = np.random.default_rng(0)
+    vocab, start = cfg.vocab_size, cfg.decoder_start_token_id
+    report: dict = {}
+
+    def toks(n):
+        return [int(x) for x in rng.integers(3, vocab, n)]
+
+    def check(case: str, got: np.ndarray, want: np.ndarray, file: str = DECODER_FILE):
+        diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+        bound = tol * max(1.0, float(np.max(np.abs(want))))
+        report[case] = max(report.get(case, 0.0), diff)
+        if not np.isfinite(diff) or diff > bound:
+            raise ValidationError(file, case, diff, bound)
+
+    # Three prompts of different lengths, right-padded: the encoder mask is exercised too.
+    prompts = [toks(n) + [cfg.eos_token_id] for n in (11, 7, 4)]
+    s = max(len(p) for p in prompts)
+    enc_ids = np.zeros((3, s), np.int64)
+    enc_mask = np.zeros((3, s), np.int64)
+    for r, p in enumerate(prompts):
+        enc_ids[r, : len(p)], enc_mask[r, : len(p)] = p, 1
+    with torch.no_grad():
+        enc = model.encoder(
+            input_ids=torch.from_numpy(enc_ids), attention_mask=torch.from_numpy(enc_mask)
+        ).last_hidden_state.numpy()
+    cross = g.cross_kv(enc)
+    with torch.no_grad():  # cross k/v: HF's projections of the (unpadded) encoder states
+        for r, p in enumerate(prompts):
+            h = torch.from_numpy(enc[r : r + 1, : len(p)])
+            for i, block in enumerate(model.decoder.block):
+                att = block.layer[1].EncDecAttention
+                for kv, lin in (("key", att.k), ("value", att.v)):
+                    want = lin(h).view(1, -1, cfg.num_heads, cfg.d_kv).transpose(1, 2).numpy()
+                    got = cross[f"cross_key_values.{i}.{kv}"][r : r + 1, :, : len(p)]
+                    check("cross_kv", got, want, CROSS_FILE)
+
+    def rows_of(rows: list[int]):
+        return {k: v[rows] for k, v in cross.items()}, enc_mask[rows]
+
+    # (d) P = 0, several tokens per row, causal.
+    seqs = [[start] + toks(4) for _ in range(3)]
+    cr, em = rows_of([0, 1, 2])
+    causal = np.tril(np.ones((5, 5), np.int64))
+    logits, _ = g.step(
+        seqs, [list(range(5))] * 3, np.zeros((3, 0)), [causal] * 3, g.empty_past(3), cr, em
+    )
+    for r in range(3):
+        check("d: first step, no past", logits[r], _hf_logits(model, prompts[r], seqs[r]))
+
+    # (a) ragged rows: past lengths 5, 2, 3 left-padded in the cache; then 1, 4, 2 new tokens
+    # right-padded; then one more token per row over the right-padding holes.
+    past_len, new_len = [5, 2, 3], [1, 4, 2]
+    seqs = [[start] + toks(p - 1 + n + 1) for p, n in zip(past_len, new_len)]
+    pmax, nmax = max(past_len), max(new_len)
+    ids = np.zeros((3, pmax), np.int64)
+    pos = np.zeros((3, pmax), np.int64)
+    mask = np.zeros((3, pmax, pmax), np.int64)
+    for r, p in enumerate(past_len):
+        ids[r, pmax - p :] = seqs[r][:p]
+        pos[r, pmax - p :] = np.arange(p)
+        mask[r, pmax - p :, pmax - p :] = np.tril(np.ones((p, p), np.int64))
+    # Padding query rows attend to nothing here: their outputs must stay finite.
+    logits, past = g.step(ids, pos, np.zeros((3, 0)), mask, g.empty_past(3), cr, em)
+    if not np.isfinite(logits).all():
+        raise ValidationError(DECODER_FILE, "a: padding rows give non-finite logits", np.inf, tol)
+    for r, p in enumerate(past_len):
+        check("a: ragged rows", logits[r, pmax - p :], _hf_logits(model, prompts[r], seqs[r][:p]))
+    kept = mask[:, -1, :].copy()  # cache slots holding real tokens (the last query sees them all)
+    kept[:, -1] = 1
+    past_pos = pos
+    ids = np.zeros((3, nmax), np.int64)
+    pos = np.zeros((3, nmax), np.int64)
+    mask = np.zeros((3, nmax, pmax + nmax), np.int64)
+    for r, (p, n) in enumerate(zip(past_len, new_len)):
+        ids[r, :n] = seqs[r][p : p + n]
+        pos[r, :n] = np.arange(p, p + n)
+        mask[r, :n, :pmax] = kept[r]
+        mask[r, :n, pmax : pmax + n] = np.tril(np.ones((n, n), np.int64))
+    logits, past = g.step(ids, pos, past_pos, mask, past, cr, em)
+    for r, (p, n) in enumerate(zip(past_len, new_len)):
+        ref = _hf_logits(model, prompts[r], seqs[r][: p + n])
+        check("a: ragged rows", logits[r, :n], ref[p:])
+    kept = np.concatenate([kept, (np.arange(nmax)[None] < np.array(new_len)[:, None])], axis=1)
+    past_pos = np.concatenate([past_pos, pos], axis=1)
+    last = [[seqs[r][p + n]] for r, (p, n) in enumerate(zip(past_len, new_len))]
+    mask = np.concatenate([kept, np.ones((3, 1), np.int64)], axis=1)[:, None, :]
+    pos = [[p + n] for p, n in zip(past_len, new_len)]
+    logits, _ = g.step(last, pos, past_pos, mask, past, cr, em)
+    for r in range(3):
+        check("a: ragged rows", logits[r, 0], _hf_logits(model, prompts[r], seqs[r])[-1])
+
+    # (b) holes: prefix of 4; 4 drafts of which 1 is kept, 3 rejected and left in the cache as
+    # masked slots (positions arbitrary); then 2 tokens at positions 5, 6; then 1 at 7.
+    cr, em = rows_of([0])
+    prefix, drafts = [start] + toks(3), toks(4)
+    tail = toks(3)
+    kept_seq = prefix + drafts[:1] + tail  # what HF sees: the compacted sequence
+    _, past = g.step(
+        [prefix], [list(range(4))], np.zeros((1, 0)), causal[None, :4, :4], g.empty_past(1), cr, em
+    )
+    draft_mask = np.concatenate([np.ones((4, 4), np.int64), causal[:4, :4]], axis=1)
+    _, past = g.step([drafts], [[4, 5, 6, 7]], [[0, 1, 2, 3]], draft_mask[None], past, cr, em)
+    slots = np.array([1, 1, 1, 1, 1, 0, 0, 0])
+    past_pos = [[0, 1, 2, 3, 4, 99, -7, 6]]  # hole positions: anything
+    mask = np.concatenate([np.tile(slots, (2, 1)), causal[:2, :2]], axis=1)
+    logits, past = g.step([tail[:2]], [[5, 6]], past_pos, mask[None], past, cr, em)
+    ref = _hf_logits(model, prompts[0], kept_seq)
+    check("b: masked holes", logits[0], ref[5:7])
+    mask = np.concatenate([slots, [1, 1, 1]])[None, None]
+    logits, _ = g.step([tail[2:]], [[7]], [past_pos[0] + [5, 6]], mask, past, cr, em)
+    check("b: masked holes", logits[0], ref[7:8])
+
+    # (c) one row, two tree branches after a shared 3-token prefix: A = 2 tokens, B = 3 tokens,
+    # laid out [a1 a2 b1 b2 b3] at depth positions [3 4 3 4 5]; then branch B accepted and one
+    # more token at position 6 with A's slots masked.
+    prefix, br_a, br_b = [start] + toks(2), toks(2), toks(3)
+    nxt = toks(1)
+    _, past = g.step(
+        [prefix], [[0, 1, 2]], np.zeros((1, 0)), causal[None, :3, :3], g.empty_past(1), cr, em
+    )
+    tree = np.zeros((5, 8), np.int64)
+    tree[:, :3] = 1
+    tree[0, 3] = tree[1, 3:5] = 1  # a1; a1 a2
+    tree[2, 5] = 1  # b1
+    tree[3, 5:7] = 1  # b1 b2
+    tree[4, 5:8] = 1  # b1 b2 b3
+    logits, past = g.step([br_a + br_b], [[3, 4, 3, 4, 5]], [[0, 1, 2]], tree[None], past, cr, em)
+    check("c: tree branches", logits[0, :2], _hf_logits(model, prompts[0], prefix + br_a)[3:])
+    ref_b = _hf_logits(model, prompts[0], prefix + br_b + nxt)
+    check("c: tree branches", logits[0, 2:], ref_b[3:6])
+    mask = np.array([[[1, 1, 1, 0, 0, 1, 1, 1, 1]]], np.int64)
+    logits, _ = g.step([nxt], [[6]], [[0, 1, 2, 3, 4, 3, 4, 5]], mask, past, cr, em)
+    check("c: tree branches", logits[0], ref_b[6:7])
+    return report
