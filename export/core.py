@@ -37,8 +37,11 @@ from .errors import (
     Terminated,
 )
 
-FORMAT_VERSION = 1
+# 2: adds the masked, positioned decoder and the cross key/value graph (export/masked.py) that
+# the batch scheduler loads; format 1 folders lack them and still load for one-prompt decoding.
+FORMAT_VERSION = 2
 ONNX_FILES = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+MASKED_FILES = ["decoder_masked_model.onnx", "cross_kv_model.onnx"]  # export.masked's names
 TOKENIZER_FILES = [
     "spiece.model",
     "tokenizer.json",
@@ -154,6 +157,7 @@ def _export_one(
     from optimum.exporters.onnx import onnx_export_from_model
     from tqdm.auto import tqdm
 
+    from .masked import check_masked_decoder, export_masked_decoder, masked_reference
     from .validate import check_onnx, torch_reference, validate_folder
 
     cfg = read_config(src)
@@ -163,6 +167,7 @@ def _export_one(
     # PyTorch reference outputs first, so the torch weights can go before ONNX Runtime loads
     # the exported files (t5-3b: 11 GB of torch weights + a 6 GB decoder would not fit 24 GB).
     ref = torch_reference(model, _sample_ids(src, cfg))
+    masked_ref = masked_reference(model)
     steps.update()
     steps.set_postfix_str("export")
     onnx_export_from_model(
@@ -174,6 +179,7 @@ def _export_one(
         no_post_process=True,
         device=device,
     )
+    export_masked_decoder(model, tmp, opset)
     del model
     gc.collect()
     for extra in tmp.glob("decoder_model_merged*"):
@@ -183,12 +189,13 @@ def _export_one(
         from .fp16 import convert_file
 
         steps.set_postfix_str("fp16")
-        for f in ONNX_FILES:
+        for f in ONNX_FILES + MASKED_FILES:
             convert_file(tmp / f)
         steps.update()
     steps.set_postfix_str("validate")
-    check_onnx(tmp, ONNX_FILES)
+    check_onnx(tmp, ONNX_FILES + MASKED_FILES)
     validation = validate_folder(ref, tmp, "fp32" if dtype == "int8" else dtype)
+    _add_masked(validation, check_masked_decoder(masked_ref, tmp, validation["rtol"]))
     steps.update()
     if dtype == "int8":
         # For assistants: their numbers never reach the output (the main model verifies every
@@ -197,11 +204,12 @@ def _export_one(
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         steps.set_postfix_str("int8")
-        for f in ONNX_FILES:
+        for f in ONNX_FILES + MASKED_FILES:
             quantize_dynamic(
                 tmp / f, tmp / f, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
             )
         validation["int8"] = validate_folder(ref, tmp, "int8", strict=False)
+        _add_masked(validation["int8"], check_masked_decoder(masked_ref, tmp, None))
         steps.update()
     steps.set_postfix_str("manifest")
     for name in TOKENIZER_FILES + ["generation_config.json"]:
@@ -222,6 +230,8 @@ def _export_one(
             "encoder": ONNX_FILES[0],
             "decoder": ONNX_FILES[1],
             "decoder_with_past": ONNX_FILES[2],
+            "decoder_masked": MASKED_FILES[0],
+            "cross_kv": MASKED_FILES[1],
         },
         "d_model": cfg["d_model"],
         "d_kv": cfg["d_kv"],
@@ -240,6 +250,16 @@ def _export_one(
     steps.update()
     steps.close()
     return manifest
+
+
+def _add_masked(validation: dict, cases: dict) -> None:
+    """Record the masked graphs' max abs differences beside the other files' (per case too)."""
+    cross = MASKED_FILES[1]
+    validation["max_abs_diff"][cross] = cases["cross_kv"]
+    validation["max_abs_diff"][MASKED_FILES[0]] = max(
+        d for case, d in cases.items() if case != "cross_kv"
+    )
+    validation["masked_cases"] = cases
 
 
 def max_opset() -> int:

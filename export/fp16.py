@@ -3,6 +3,11 @@
 T5 activations overflow fp16 (transformers issues 9295, 11461). Like onnxruntime's T5 mixed
 precision helper, we keep layer norms (Pow/ReduceMean/Sqrt/Div), residual Adds, the feed-forward
 output projection (wo) and the logits projection in fp32 and convert the rest.
+
+Attention masks add a large negative number to masked scores (float32's min in the exported
+graphs). The converter clips constants to float16's range, so the mask term becomes -65504, not
+-inf, and the score Add and Softmax stay fp32: a fully masked row (a padding query of the masked
+decoder) gives uniform weights, never NaN.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Div", "Add", "Softmax", "Reciprocal"]
 
 
 def fp32_nodes(graph) -> list[str]:
-    """Names of MatMuls that must stay fp32: the FF output projection and the LM head."""
+    """Names of MatMuls that must stay fp32: the FF output projection and the LM head (by name,
+    or as the MatMul writing `logits`: the masked decoder's tied head has no lm_head module)."""
     keep = []
     for node in graph.node:
         if node.op_type == "MatMul" and (
-            "DenseReluDense/wo" in node.name or "lm_head" in node.name
+            "DenseReluDense/wo" in node.name or "lm_head" in node.name or "logits" in node.output
         ):
             keep.append(node.name)
     return keep
@@ -45,6 +51,7 @@ def convert_file(path: Path) -> None:
         disable_shape_infer=large,
     )
     _restore_fp32_weights(model16.graph, set(keep))
+    _drop_round_trips(model16.graph)
     del model
     # The converter appends its input casts at the end; the ONNX checker wants topological order.
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -75,3 +82,25 @@ def _restore_fp32_weights(graph, names: set[str]) -> None:
         if init.name in wanted and init.data_type == 10 and users.get(init.name) == 1:
             arr = numpy_helper.to_array(init).astype(np.float32)
             graph.initializer[k].CopyFrom(numpy_helper.from_array(arr, init.name))
+
+
+def _drop_round_trips(graph) -> None:
+    """The converter casts every fp32 node's output to fp16 and back before the next fp32 node
+    (and before fp32 graph outputs such as the logits): that would round, and overflow, exactly
+    the values kept fp32. Cast(fp32)(Cast(fp16)(x)) becomes Cast(fp32)(x)."""
+    from onnx import TensorProto
+
+    def cast_to(node) -> int | None:
+        if node.op_type != "Cast":
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        src = producer.get(node.input[0]) if cast_to(node) == TensorProto.FLOAT else None
+        if src is not None and cast_to(src) == TensorProto.FLOAT16:
+            node.input[0] = src.input[0]
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if cast_to(n) is not None and n.output[0] not in used]
+    for n in dead:
+        graph.node.remove(n)
