@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import options as opt
-from .errors import InputError, PairMismatchError
+from .errors import EngineError, InputError, PairMismatchError
 from .model import T5Model
 from .run import Run
 from .stats import Stats
@@ -94,6 +95,9 @@ class Engine:
         self.main, self.assistant, self.threads = main, assistant, threads
         self.limits = limits or opt.Limits()
         self._auto: tuple[str, dict] | None = None
+        self._masked: dict = {}  # role -> batch.MaskedDecoder, loaded on first batched use
+        self._worker = None  # batch.Worker behind submit(), started on first use
+        self._lock = threading.Lock()
         if assistant is not None:
             diffs = [
                 f"{k}: main {main.config.get(k)} vs assistant {assistant.config.get(k)}"
@@ -351,3 +355,129 @@ class Engine:
             if len(text) > len(shown) and text.startswith(shown):
                 yield text[len(shown) :]
             shown = text
+
+    # -- many requests at once ------------------------------------------------------------------
+
+    def _scheduler(self, max_batch_tokens: int | None = None):
+        """A new batch.Scheduler on this engine's masked decoder sessions (loaded once)."""
+        from . import batch
+
+        if max_batch_tokens is None:
+            max_batch_tokens = batch.DEFAULT_BATCH_TOKENS
+        max_batch_tokens = opt.check_count(
+            "max_batch_tokens", max_batch_tokens, batch.MAX_BATCH_TOKENS, "a smaller value"
+        )
+        with self._lock:
+            for role, model in (("main", self.main), ("assistant", self.assistant)):
+                if model is not None and role not in self._masked:
+                    self._masked[role] = batch.MaskedDecoder(model)
+        return batch.Scheduler(
+            self._masked["main"], self._masked.get("assistant"), max_batch_tokens
+        )
+
+    def _request(self, plan: Plan):
+        from . import batch
+
+        if plan.strategy not in batch.BATCHED:
+            raise InputError(
+                f"strategy {plan.strategy!r} does not run batched (batched: "
+                f"{', '.join(batch.BATCHED)}); use generate() for it"
+            )
+        return batch.Request(
+            ids=plan.ids[0].tolist(),
+            strategy=plan.strategy,
+            options=plan.options,
+            max_new_tokens=plan.max_new_tokens,
+            seq=[self.main.start_id],
+        )
+
+    def _result(self, plan: Plan, ids: list[int], stats: Stats) -> GenerationResult:
+        return GenerationResult(
+            ids, self.main.tokenizer.decode(ids), stats, plan.strategy, plan.options
+        )
+
+    def generate_batch(
+        self,
+        prompts: Sequence,
+        *,
+        strategy: str = "greedy",
+        max_new_tokens: int = 64,
+        max_input_tokens: int | None = None,
+        truncation: str | None = None,
+        max_batch_tokens: int | None = None,
+        **options,
+    ) -> list[GenerationResult | EngineError]:
+        """Generate for many prompts at once, in order: every step packs all requests' rows
+        into one main call (greedy, assisted, lookup; other strategies run one after another).
+
+        A prompt that fails gets its typed error in its place; the others are served. Each
+        result equals generate() on that prompt alone. Per-request stats: main_calls counts
+        the calls it took part in, batch_rows the requests that shared them (mean_batch_rows),
+        and the phase seconds are the wall time of those shared calls (not divided).
+        max_batch_tokens bounds rows x padded tokens of one main call (default 256).
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InputError("prompts must be a list of prompts (text or lists of ids)")
+        if not prompts:
+            raise InputError("empty batch: give at least one prompt")
+        sched = self._scheduler(max_batch_tokens)
+        out: list = [None] * len(prompts)
+        plans, reqs = {}, {}
+        for i, p in enumerate(prompts):
+            try:
+                plans[i] = self.plan(
+                    p, strategy, max_new_tokens, max_input_tokens, truncation, **options
+                )
+                if plans[i].strategy in _batched():
+                    reqs[i] = self._request(plans[i])
+                    sched.add(reqs[i])
+            except EngineError as exc:
+                out[i] = exc
+        while sched.busy:
+            sched.step()
+        for i, r in reqs.items():
+            out[i] = r.error or self._result(plans[i], r.seq[1:], r.stats())
+        for i, plan in plans.items():  # strategies that do not run batched
+            if i not in reqs:
+                try:
+                    out[i] = self.execute(plan)
+                except EngineError as exc:
+                    out[i] = exc
+        return out
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        strategy: str = "greedy",
+        max_new_tokens: int = 64,
+        max_input_tokens: int | None = None,
+        truncation: str | None = None,
+        **options,
+    ):
+        """Queue one request on the engine's shared scheduler and return its batch.Handle at
+        once: iterate it for text pieces, handle.result() waits for the GenerationResult,
+        handle.cancel() stops it. Thread-safe: concurrent callers share main calls.
+        Validated now (InputError); strategies greedy, assisted and lookup."""
+        from . import batch
+
+        plan = self.plan(prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options)
+        req = self._request(plan)
+        if self._worker is None:
+            sched = self._scheduler()  # loads the masked sessions (takes the lock itself)
+            with self._lock:
+                self._worker = self._worker or batch.Worker(sched)
+        handle = batch.Handle(
+            req,
+            self._worker,
+            self.main.tokenizer.decode,
+            lambda ids, st: self._result(plan, ids, st),
+        )
+        self._worker.submit([req])
+        return handle
+
+
+def _batched() -> tuple[str, ...]:
+    from .batch import BATCHED
+
+    return BATCHED

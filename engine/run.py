@@ -74,5 +74,6 @@ class Run:
     def stats(self):
         """Frozen statistics so far."""
         self.counter.new_tokens = len(self.seq) - 1
+        self.counter.batch_rows = self.counter.main_calls  # alone: every call is its own
         self.counter.total_s = time.perf_counter() - self._t0
         return self.counter.freeze()

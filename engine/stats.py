@@ -10,7 +10,8 @@ class Stats:
     """What one generation did and where its seconds went."""
 
     new_tokens: int = 0
-    main_calls: int = 0  # main decoder calls (encoder not counted)
+    main_calls: int = 0  # main decoder calls this generation took part in (encoder not counted)
+    batch_rows: int = 0  # requests sharing those calls, summed (= main_calls when alone)
     draft_calls: int = 0  # drafter model calls (0 for model-free drafters)
     drafted: int = 0  # draft tokens proposed to the main model
     accepted: int = 0  # draft tokens the main model agreed with
@@ -29,6 +30,11 @@ class Stats:
         return self.new_tokens / self.main_calls if self.main_calls else 0.0
 
     @property
+    def mean_batch_rows(self) -> float:
+        """Requests per main call on average: 1.0 alone, N when N requests shared each call."""
+        return self.batch_rows / self.main_calls if self.main_calls else 0.0
+
+    @property
     def overhead_s(self) -> float:
         """Wall time outside InferenceSession.run: python, numpy, feeds, argmax."""
         return self.total_s - self.session_s
@@ -37,6 +43,7 @@ class Stats:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(
             acceptance_rate=self.acceptance_rate,
+            mean_batch_rows=self.mean_batch_rows,
             overhead_s=self.overhead_s,
             tokens_per_main_call=self.tokens_per_main_call,
         )

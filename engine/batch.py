@@ -1,0 +1,486 @@
+"""Continuous batching: every active request's verify row in one main decoder call.
+
+Built on the masked, positioned decoder graph (`decoder_masked_model.onnx`: an explicit
+self-attention mask and positions in, the new tokens' key/values out) and the cross key/value
+graph (`cross_kv_model.onnx`), so rows of different lengths share a call and a rewind is a length.
+
+Shapes: N active rows (one per request and model), T new tokens per row this step (padded to the
+longest), C cache capacity in slots, S encoder length (padded), H heads, D d_kv, V vocab.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from . import providers as prov
+from .accept import accept
+from .errors import EngineError, ModelFileError, NonFiniteLogitsError
+from .model import T5Model
+from .options import MAX_DRAFT_TOKENS
+from .stats import Counter
+from .strategies.lookup import PromptLookup
+
+MASKED_FILE = "decoder_masked_model.onnx"
+CROSS_FILE = "cross_kv_model.onnx"
+CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
+BATCHED = ("greedy", "assisted", "lookup")  # strategies the scheduler runs as steps
+DEFAULT_BATCH_TOKENS = 256
+MAX_BATCH_TOKENS = 65536
+
+
+class MaskedDecoder:
+    """The masked decoder and cross key/value sessions of one exported folder."""
+
+    def __init__(self, model: T5Model):
+        self.model = model
+        missing = [f for f in (MASKED_FILE, CROSS_FILE) if not (model.folder / f).is_file()]
+        if missing:
+            raise ModelFileError(
+                f"{model.folder}: missing {', '.join(missing)}; batching needs the masked decoder"
+                " graphs (export the folder again with this version of stairs-export)"
+            )
+        so = prov.session_options(model.threads)
+        plist = prov.provider_list(model.provider)
+        self.dec = ort.InferenceSession(str(model.folder / MASKED_FILE), so, providers=plist)
+        self.cross = ort.InferenceSession(str(model.folder / CROSS_FILE), so, providers=plist)
+        self.self_names = [i.name for i in self.dec.get_inputs() if i.name.startswith("past_key")]
+        self.cross_names = [o.name for o in self.cross.get_outputs()]
+        mask_type = {i.name: i.type for i in self.dec.get_inputs()}["attention_mask"]
+        self.mask_dtype = {"tensor(bool)": np.bool_, "tensor(float)": np.float32}.get(
+            mask_type, np.int64
+        )
+
+    def cross_kv(self, enc: np.ndarray, counter: Counter) -> list[np.ndarray]:
+        """Cross-attention key/values of encoder states enc [B, S, M]: 2 per layer, [B, H, S, D]."""
+        t = time.perf_counter()
+        out = self.cross.run(None, {"encoder_hidden_states": enc})
+        counter.session_s += time.perf_counter() - t
+        return out
+
+
+class BatchCache:
+    """Decoder state of many rows of one model; the only place its key/values change.
+
+    Active rows are packed at the front (row r belongs to owners[r]), so every feed is a
+    contiguous view arr[:N] of preallocated arrays: no past is copied between calls, and a
+    rewind sets a row's length. Self key/values [R, H, C, D] per layer, cross key/values
+    [R, H, S, D] with enc_mask [R, S]. A device back end would keep these methods on OrtValues.
+    """
+
+    def __init__(self, dec: MaskedDecoder, rows: int = 4):
+        self.dec, self.h, self.d = dec, dec.model.num_heads, dec.model.d_kv
+        self.owners: list = []
+        self.self_kv: list[np.ndarray] = []
+        self._alloc(rows, CHUNK, 1)
+
+    def _alloc(self, rows: int, cap: int, enc_len: int) -> None:
+        """(Re)allocate rows x cap slots x enc_len, keeping the active rows' contents."""
+        n, old = len(self.owners), self.self_kv
+        kv = [np.zeros((rows, self.h, cap, self.d), np.float32) for _ in self.dec.self_names]
+        cross = [
+            np.zeros((rows, self.h, enc_len, self.d), np.float32) for _ in self.dec.cross_names
+        ]
+        enc_mask = np.zeros((rows, enc_len), np.int64)
+        lengths = np.zeros(rows, np.int64)
+        if n:
+            for a, b in zip(kv, old):
+                a[:n, :, : self.capacity] = b[:n]
+            for a, b in zip(cross, self.cross):
+                a[:n, :, : self.enc_len] = b[:n]
+            enc_mask[:n, : self.enc_len] = self.enc_mask[:n]
+            lengths[:n] = self.lengths[:n]
+        self.self_kv, self.cross, self.enc_mask, self.lengths = kv, cross, enc_mask, lengths
+        self.capacity, self.enc_len = cap, enc_len
+        self.slot_pos = np.ascontiguousarray(np.broadcast_to(np.arange(cap), (rows, cap)))
+
+    def add(self, owner, cross: list[np.ndarray], enc_mask: np.ndarray) -> None:
+        """A new row for owner: its cross key/values (2 per layer, [H, S, D]) and mask [S]."""
+        n, s = len(self.owners), len(enc_mask)
+        rows = len(self.lengths) * (2 if n == len(self.lengths) else 1)
+        if rows > len(self.lengths) or s > self.enc_len:
+            self._alloc(rows, self.capacity, max(s, self.enc_len))
+        for a, b in zip(self.cross, cross):
+            a[n, :, :s] = b
+            a[n, :, s:] = 0.0
+        self.enc_mask[n] = 0
+        self.enc_mask[n, :s] = enc_mask
+        self.lengths[n] = 0
+        self.owners.append(owner)
+
+    def remove(self, owner) -> None:
+        """Free owner's row: the last active row moves into it (one row copied)."""
+        r, last = self.owners.index(owner), len(self.owners) - 1
+        if r != last:
+            for a in (*self.self_kv, *self.cross):
+                a[r] = a[last]
+            self.enc_mask[r] = self.enc_mask[last]
+            self.lengths[r] = self.lengths[last]
+            self.owners[r] = self.owners[last]
+        self.owners.pop()
+
+    def length(self, owner) -> int:
+        return int(self.lengths[self.owners.index(owner)])
+
+    def rewind(self, owner, length: int) -> None:
+        """Keep owner's first `length` slots: rejected drafts are dropped by the length alone."""
+        r = self.owners.index(owner)
+        self.lengths[r] = min(self.lengths[r], length)
+
+    def run(self, tokens: np.ndarray, counts: np.ndarray, counter: Counter) -> np.ndarray:
+        """Decoder on tokens [N, T] after each row's cached slots; row r's first counts[r]
+        tokens are real, the rest padding (never cached). Returns logits [N, T, V]."""
+        n, t = tokens.shape
+        need = int((self.lengths[:n] + t).max())
+        if need > self.capacity:
+            self._alloc(len(self.lengths), -(-need // CHUNK) * CHUNK, self.enc_len)
+        c, lengths = self.capacity, self.lengths[:n].copy()
+        # mask [N, T, C + T]: each row's cached slots, then causal over its new tokens
+        mask = np.empty((n, t, c + t), self.dec.mask_dtype)
+        mask[:, :, :c] = (np.arange(c) < lengths[:, None])[:, None, :]
+        mask[:, :, c:] = np.tril(np.ones((t, t), bool))
+        feed = {
+            "input_ids": tokens,
+            "positions": lengths[:, None] + np.arange(t),  # [N, T]
+            "past_positions": self.slot_pos[:n],  # [N, C]
+            "attention_mask": mask,
+            "encoder_attention_mask": self.enc_mask[:n],
+        }
+        feed.update((k, a[:n]) for k, a in zip(self.dec.self_names, self.self_kv))
+        feed.update((k, a[:n]) for k, a in zip(self.dec.cross_names, self.cross))
+        t0 = time.perf_counter()
+        out = self.dec.dec.run(None, feed)
+        counter.session_s += time.perf_counter() - t0
+        # the real new tokens' key/values go into their slots: [H, T_r, D] per row and layer
+        for r in range(n):
+            lo, k = int(lengths[r]), int(counts[r])
+            for a, p in zip(self.self_kv, out[1:]):
+                a[r, :, lo : lo + k] = p[r, :, :k]
+        self.lengths[:n] += counts
+        return out[0]
+
+
+@dataclass
+class Request:
+    """One request under the scheduler. seq = [decoder start] + emitted tokens."""
+
+    ids: list[int]  # encoder input
+    strategy: str
+    options: dict
+    max_new_tokens: int
+    seq: list[int]
+    counter: Counter = field(default_factory=Counter)
+    done: bool = False
+    cancelled: bool = False
+    error: Exception | None = None
+    k: int = 0  # current draft length
+    draft: list[int] = field(default_factory=list)
+    lookup: PromptLookup | None = None
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # token lists, None at end
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - (len(self.seq) - 1)
+
+    def stats(self):
+        """Frozen statistics (total_s: from submission to now)."""
+        self.counter.new_tokens = len(self.seq) - 1
+        self.counter.total_s = time.perf_counter() - self.t0
+        return self.counter.freeze()
+
+
+class Scheduler:
+    """Packs every active request's verify row into one main call per step (continuous batching).
+
+    A step: retire finished or cancelled requests -> admit waiting ones (encoders batched) ->
+    draft (the assistant's steps batched over requests) -> verify (one main call) -> accept and
+    rewind per request. A main call holds at most max_batch_tokens rows x padded tokens (one
+    request alone may exceed it, so nothing waits forever).
+    """
+
+    def __init__(
+        self,
+        main: MaskedDecoder,
+        assistant: MaskedDecoder | None,
+        max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    ):
+        self.main_model = main.model
+        self.asst_model = assistant.model if assistant is not None else None
+        self.main = BatchCache(main)
+        self.asst = BatchCache(assistant) if assistant is not None else None
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: list[Request] = []
+        self.active: list[Request] = []
+        self.calls: list[tuple[int, int]] = []  # (rows, padded tokens) of each main call
+
+    def add(self, req: Request) -> None:
+        """Queue a request; it joins at the next step the token budget allows."""
+        o = req.options
+        req.k = int(o.get("draft_tokens", 0)) if req.strategy != "greedy" else 0
+        if req.strategy == "lookup":
+            req.lookup = PromptLookup(np.asarray(req.ids), o["max_ngram"], o["min_ngram"])
+        self.waiting.append(req)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def step(self) -> None:
+        """One scheduler step; a failure inside a model call fails the requests it served."""
+        self._retire()
+        try:
+            self._admit()
+            if self.active:
+                self._draft()
+                self._verify()
+        except Exception as exc:  # noqa: BLE001 - a broken call must not hang its callers
+            err = (
+                exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")
+            )
+            for r in self.active:
+                r.error = r.error or err
+        self._retire()
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        rows = len(self.active)
+        width = max((1 + r.k for r in self.active), default=0)
+        joining: list[Request] = []
+        while self.waiting:
+            r = self.waiting[0]
+            w = max(width, 1 + r.k)
+            if (rows + 1) * w > self.max_batch_tokens and (rows or joining):
+                break
+            self.waiting.pop(0)
+            if r.cancelled:
+                r.done = True
+                r.out.put(None)
+                continue
+            joining.append(r)
+            rows, width = rows + 1, w
+        if not joining:
+            return
+        t = time.perf_counter()
+        for model, cache in ((self.main_model, self.main), (self.asst_model, self.asst)):
+            reqs = [r for r in joining if cache is self.main or r.strategy == "assisted"]
+            if not reqs:
+                continue
+            s = max(len(r.ids) for r in reqs)
+            ids = np.full((len(reqs), s), model.pad_id, np.int64)  # [B, S]
+            mask = np.zeros((len(reqs), s), np.int64)
+            for i, r in enumerate(reqs):
+                ids[i, : len(r.ids)], mask[i, : len(r.ids)] = r.ids, 1
+            c = Counter()
+            enc = model._run("encoder", {"input_ids": ids, "attention_mask": mask}, c)[0]
+            cross = cache.dec.cross_kv(enc, c)  # 2 per layer, [B, H, S, D]
+            for i, r in enumerate(reqs):
+                cache.add(r, [a[i, :, : len(r.ids)] for a in cross], mask[i, : len(r.ids)])
+                r.counter.session_s += c.session_s
+        dt = time.perf_counter() - t
+        for r in joining:
+            r.counter.encoder_s += dt
+        self.active.extend(joining)
+
+    def _draft(self) -> None:
+        # the token budget caps every row's draft: N rows x (1 + K) tokens per main call
+        cap = max(0, self.max_batch_tokens // len(self.active) - 1)
+        for r in self.active:
+            r.draft = []
+            if r.strategy == "lookup":
+                t = time.perf_counter()
+                r.draft = r.lookup.propose(r.seq, min(r.k, cap, r.remaining - 1))
+                r.counter.draft_s += time.perf_counter() - t
+        rows = list(self.asst.owners) if self.asst is not None else []
+        if not rows:
+            return
+        want = [min(r.k, cap, r.remaining - 1) for r in rows]
+        t, c = time.perf_counter(), Counter()
+        for j in range(max(want)):
+            # step j feeds what each assistant row has not seen (1 or 2 tokens at j = 0)
+            feeds = [
+                (r.seq + r.draft)[self.asst.length(r) :] if want[i] > j else []
+                for i, r in enumerate(rows)
+            ]
+            tokens, counts = self._pack(feeds, self.asst_model.pad_id)  # [N, T], [N]
+            logits = self.asst.run(tokens, counts, c)  # [N, T, V]
+            for i, r in enumerate(rows):
+                if counts[i]:
+                    last = logits[i, counts[i] - 1]  # [V]
+                    tok = int(last.argmax())
+                    if not np.isfinite(last[tok]):
+                        r.error, want[i] = NonFiniteLogitsError("assistant", len(r.seq) - 1), 0
+                        continue
+                    r.draft.append(tok)
+                    r.counter.draft_calls += 1
+        dt = time.perf_counter() - t
+        for r in rows:
+            r.counter.draft_s += dt
+            r.counter.session_s += c.session_s
+
+    def _verify(self) -> None:
+        owners = list(self.main.owners)
+        # verify: row r = its pending token + its drafts, all rows in one main call
+        tokens, counts = self._pack([[r.seq[-1], *r.draft] for r in owners], self.main_model.pad_id)
+        t, c = time.perf_counter(), Counter()
+        logits = self.main.run(tokens, counts, c)  # [N, T, V]
+        targets = logits.argmax(-1)  # [N, T]
+        dt = time.perf_counter() - t
+        self.calls.append(tokens.shape)
+        for i, r in enumerate(owners):
+            k = len(r.draft)
+            if r.error is not None:
+                continue
+            if not np.isfinite(logits[i, np.arange(k + 1), targets[i, : k + 1]]).all():
+                r.error = NonFiniteLogitsError("main", len(r.seq) - 1)
+                continue
+            # accept: the longest agreeing prefix of the draft, plus the main model's next token
+            n = accept(r.draft, targets[i, : k + 1])
+            # rewind: the main cache keeps seq + draft[:n], the assistant's at most that
+            self.main.rewind(r, len(r.seq) + n)
+            if self.asst is not None and r in self.asst.owners:
+                self.asst.rewind(r, len(r.seq) + n)
+            rc = r.counter
+            rc.main_calls += 1
+            rc.batch_rows += len(owners)
+            rc.drafted += k
+            rc.accepted += n
+            rc.verify_s += dt
+            rc.session_s += c.session_s
+            if r.options.get("schedule") == "heuristic" and k:  # HF's: +2 after a full accept
+                r.k = min(r.k + 2, MAX_DRAFT_TOKENS) if n == k else max(1, r.k - 1)
+            self._emit(r, r.draft[:n] + [int(targets[i, n])])
+
+    @staticmethod
+    def _pack(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded ids [N, T] and real lengths [N] of token lists."""
+        counts = np.array([len(x) for x in rows], np.int64)
+        tokens = np.full((len(rows), max(1, int(counts.max()))), pad, np.int64)
+        for i, x in enumerate(rows):
+            tokens[i, : len(x)] = x
+        return tokens, counts
+
+    def _emit(self, r: Request, tokens: list[int]) -> None:
+        out = tokens[: r.remaining]
+        eos = self.main_model.eos_id
+        if eos in out:
+            out = out[: out.index(eos) + 1]
+            r.done = True
+        r.seq.extend(out)
+        if r.remaining <= 0:
+            r.done = True
+        r.out.put(out)
+
+    def _retire(self) -> None:
+        for r in [r for r in self.active if r.done or r.cancelled or r.error is not None]:
+            self.active.remove(r)
+            self.main.remove(r)
+            if self.asst is not None and r in self.asst.owners:
+                self.asst.remove(r)
+            r.done = True
+            r.out.put(None)
+
+
+class Handle:
+    """A submitted request: iterate for text pieces, result() to wait, cancel() to stop it."""
+
+    def __init__(self, req: Request, worker: Worker, decode, make_result):
+        self._req, self._worker, self._decode = req, worker, decode
+        self._make_result = make_result  # (token ids, stats) -> GenerationResult
+        self._ended = threading.Event()
+
+    def tokens(self) -> Iterator[list[int]]:
+        """Each step's accepted tokens as they come (EOS included if generated)."""
+        while True:
+            item = self._req.out.get()
+            if item is None:
+                self._ended.set()
+                if self._req.error is not None and not self._req.cancelled:
+                    raise self._req.error
+                return
+            yield item
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces as tokens are accepted (held back while a UTF-8 character is partial)."""
+        shown, seq = "", []
+        for toks in self.tokens():
+            seq += toks
+            text = self._decode(seq)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(shown) and text.startswith(shown):
+                yield text[len(shown) :]
+            shown = text
+        text = self._decode(seq)
+        if len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown) :]
+
+    def result(self, timeout: float | None = None):
+        """Wait for the whole generation's GenerationResult; raises the request's error."""
+        if not self._ended.is_set():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    item = self._req.out.get(timeout=left)
+                except queue.Empty:
+                    raise TimeoutError("generation still running") from None
+                if item is None:
+                    self._ended.set()
+                    break
+        if self._req.error is not None:
+            raise self._req.error
+        return self._make_result(self._req.seq[1:], self._req.stats())
+
+    def cancel(self) -> None:
+        """Stop the request; its rows are freed at the next step."""
+        self._req.cancelled = True
+        self._worker.wake()
+
+    @property
+    def done(self) -> bool:
+        return self._req.done
+
+
+class Worker:
+    """A background thread stepping one Scheduler while any request is waiting or active."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self._cv = threading.Condition()
+        self._incoming: list[Request] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, reqs: list[Request]) -> None:
+        """Hand requests over (all join the same step when the budget allows)."""
+        with self._cv:
+            self._incoming.extend(reqs)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="stairs-batch", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        s = self.scheduler
+        while True:
+            with self._cv:
+                while not self._incoming and not s.busy:
+                    self._cv.wait(timeout=30)
+                    if not self._incoming and not s.busy:
+                        self._thread = None
+                        return
+                for r in self._incoming:
+                    s.add(r)
+                self._incoming.clear()
+            s.step()

@@ -1,0 +1,168 @@
+"""Batched and continuous generation: every request equals its own single-request greedy tokens,
+whatever shares its batch."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from engine import Engine, InputError, ModelFileError
+
+N_PROMPTS = 50
+NEW = 48
+
+
+@pytest.fixture(scope="module")
+def eng(pycode_pair):
+    main, draft = pycode_pair
+    return Engine.load(main, assistant=draft, threads=2)
+
+
+@pytest.fixture(scope="module")
+def prompts(pycode_prompts):
+    # mixed lengths: the public prompts run from a few tokens to 256; shuffle them so every
+    # batch mixes short and long encoder inputs
+    order = np.random.default_rng(0).permutation(N_PROMPTS)
+    return [pycode_prompts[i] for i in order]
+
+
+@pytest.fixture(scope="module")
+def ref(eng, prompts):
+    return [eng.generate(p, max_new_tokens=NEW).token_ids for p in prompts]
+
+
+def _batched(eng, prompts, size, **kw):
+    out = []
+    for i in range(0, len(prompts), size):
+        out += eng.generate_batch(prompts[i : i + size], max_new_tokens=NEW, **kw)
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 5, 8])
+@pytest.mark.parametrize(
+    "strategy, options",
+    [
+        ("greedy", {}),
+        ("assisted", {"draft_tokens": 4}),
+        ("assisted", {"draft_tokens": 5, "schedule": "heuristic"}),
+        ("lookup", {}),
+    ],
+)
+def test_batches_equal_single_greedy(eng, prompts, ref, size, strategy, options):
+    out = _batched(eng, prompts, size, strategy=strategy, **options)
+    assert [r.token_ids for r in out] == ref
+    rows = sum(r.stats.batch_rows for r in out) / sum(r.stats.main_calls for r in out)
+    assert rows > 1.2  # calls really were shared
+    if strategy != "greedy":
+        assert sum(r.stats.accepted for r in out) > 0
+
+
+def test_mixed_strategies_join_and_cancel_mid_flight(eng, prompts, ref):
+    """Concurrent submit() callers with different strategies share main calls; requests join
+    while others run; a cancelled one stops and frees its row; the rest stay exact."""
+    kinds = [("greedy", {}), ("assisted", {"draft_tokens": 3}), ("lookup", {})]
+    first = [
+        eng.submit(p, strategy=kinds[i % 3][0], max_new_tokens=NEW, **kinds[i % 3][1])
+        for i, p in enumerate(prompts[:6])
+    ]
+    victim = eng.submit(prompts[6], max_new_tokens=NEW)
+    pieces = iter(victim.tokens())
+    next(pieces)  # it has started
+    victim.cancel()
+    late = []
+    for _ in first[0].tokens():  # join while the first ones are generating
+        if not late:
+            late = [
+                eng.submit(p, strategy="assisted", max_new_tokens=NEW, draft_tokens=4)
+                for p in prompts[7:12]
+            ]
+    results = [h.result(timeout=120) for h in first[1:] + late]
+    assert [r.token_ids for r in results] == ref[1:6] + ref[7:12]
+    assert max(r.stats.mean_batch_rows for r in results) > 1.5
+    victim.result(timeout=60)  # ends (cancelled) instead of hanging
+    assert victim.done and len(eng._worker.scheduler.active) == 0
+
+
+def test_streamed_text_equals_result(eng, prompts, ref):
+    h = eng.submit(prompts[0], strategy="assisted", max_new_tokens=NEW)
+    text = "".join(h)
+    assert text == eng.main.tokenizer.decode(ref[0])
+
+
+def test_threads_submitting_together_stay_exact(eng, prompts, ref):
+    got = {}
+
+    def worker(i):
+        got[i] = eng.submit(prompts[i], max_new_tokens=NEW).result(timeout=120).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(8)] == ref[:8]
+
+
+def test_bad_prompt_fails_alone_and_empty_batch_is_refused(eng, prompts, ref):
+    out = eng.generate_batch([prompts[0], [10**9], prompts[1]], max_new_tokens=NEW)
+    assert isinstance(out[1], InputError)
+    assert [out[0].token_ids, out[2].token_ids] == ref[:2]
+    with pytest.raises(InputError):
+        eng.generate_batch([], max_new_tokens=NEW)
+    with pytest.raises(InputError):
+        eng.generate_batch("one string", max_new_tokens=NEW)
+    with pytest.raises(InputError):
+        eng.submit(prompts[0], strategy="tree")  # not batched: says so, before running
+
+
+def test_non_batched_strategies_still_run_in_a_batch(eng, prompts, ref):
+    out = eng.generate_batch(prompts[:3], strategy="tree", max_new_tokens=NEW)
+    assert [r.token_ids for r in out] == ref[:3]
+
+
+@pytest.mark.parametrize("budget", [8, 24])
+def test_token_budget_is_never_exceeded(eng, prompts, ref, budget):
+    sched = eng._scheduler(budget)
+    reqs = []
+    for i, p in enumerate(prompts[:10]):
+        plan = eng.plan(p, "assisted", NEW, draft_tokens=6) if i % 2 else eng.plan(p, "greedy", NEW)
+        reqs.append(eng._request(plan))
+        sched.add(reqs[-1])
+    while sched.busy:
+        sched.step()
+    assert [r.seq[1:] for r in reqs] == ref[:10]
+    assert max(rows * tokens for rows, tokens in sched.calls) <= budget
+
+
+@pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
+@pytest.mark.parametrize("assistant", ["self", "random"])
+def test_tiny_self_and_random_assistant_batched(tiny_models, variant, assistant):
+    m = tiny_models[variant]
+    eng = Engine.load(m["main"], assistant=m["main"] if assistant == "self" else m["random"])
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 300, int(n)).tolist() + [1] for n in rng.integers(3, 40, 7)]
+    ref = [eng.generate(p, max_new_tokens=20).token_ids for p in prompts]
+    out = eng.generate_batch(prompts, strategy="assisted", max_new_tokens=20, draft_tokens=3)
+    assert [r.token_ids for r in out] == ref
+    acc = sum(r.stats.accepted for r in out) / max(1, sum(r.stats.drafted for r in out))
+    assert acc == 1.0 if assistant == "self" else acc < 0.5
+
+
+def test_scheduler_needs_the_masked_graphs(tiny_models, tmp_path):
+    """A folder exported before the masked graphs (format 1) still generates one prompt at a time;
+    batching says what is missing."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_models["v1_1"]["main"], tmp_path / "m")
+    manifest = json.loads((folder / "stairs.json").read_text())
+    for name in ("decoder_masked_model.onnx", "cross_kv_model.onnx"):
+        (folder / name).unlink()
+        del manifest["files"][name]
+    (folder / "stairs.json").write_text(json.dumps(manifest))
+    eng = Engine.load(folder)
+    assert eng.generate([5, 6, 1], max_new_tokens=4).token_ids
+    with pytest.raises(ModelFileError, match="decoder_masked_model.onnx"):
+        eng.generate_batch([[5, 6, 1]], max_new_tokens=4)
