@@ -1,4 +1,5 @@
-"""`stairs-bench`: maps arguments onto bench.run.run_bench."""
+"""`stairs-bench`: maps arguments onto bench.run.run_bench, or with --batch-sizes onto
+bench.batch.run_batch_bench."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import math
 import sys
 
+from bench.core import DEFAULT_PEERS
 from bench.quiet import NotQuietError
 from bench.run import run_bench
 
@@ -26,11 +28,32 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of specs, ';' between them when a spec has "
         "options, e.g. 'greedy;assisted:draft_tokens=4;stairs:batch_size=7'",
     )
-    p.add_argument("--peers", default="hf,optimum,ct2", help="hf,optimum,ct2 or none")
+    p.add_argument(
+        "--peers",
+        help="hf,optimum,ct2 or none (default all; batch mode: hf,ct2, the only batched ones)",
+    )
+    p.add_argument(
+        "--batch-sizes",
+        metavar="B,B,...",
+        help="batch mode: aggregate tokens/s and latency at each batch size (e.g. 1,2,4,8,16) for"
+        " the engine's batched strategies (default greedy;assisted:draft_tokens=4;"
+        "assisted:draft_tokens=5,schedule=heuristic;lookup), HF generate with padding and"
+        " CTranslate2 float32 translate_batch; --rounds, --alone and the sweeps do not apply",
+    )
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--sweep-prompts", type=int, default=10)
-    p.add_argument("--out", default="results/latest")
-    p.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, tiny sweeps")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        metavar="N",
+        help="batch mode: the engine's bound on rows x tokens of one main call (default: engine's)",
+    )
+    p.add_argument("--out", help="output folder (default results/latest; batch mode results/batch)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="3 prompts, 16 tokens, tiny sweeps; batch mode: 8 prompts, 16 tokens, sizes <= 4",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="less output (warnings still shown)")
     p.add_argument(
         "--alone",
@@ -71,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("quiet_threshold", "quiet_load"):
         if not (math.isfinite(getattr(a, name)) and getattr(a, name) >= 0):
             p.error(f"--{name.replace('_', '-')} must be a number >= 0")
+    if a.max_batch_tokens is not None and not 1 <= a.max_batch_tokens <= 65536:
+        p.error("--max-batch-tokens must be between 1 and 65536")
+    sizes = None
+    if a.batch_sizes is not None:
+        from bench.batch import parse_sizes
+
+        try:
+            sizes = parse_sizes(a.batch_sizes)
+        except ValueError as exc:
+            p.error(f"--batch-sizes: {exc}")
     if a.wait_quiet is None:
         a.wait_quiet = 0.0 if a.quick else 60.0
     if not (math.isfinite(a.wait_quiet) and 0 <= a.wait_quiet <= 3600):
@@ -80,29 +113,54 @@ def main(argv: list[str] | None = None) -> int:
         # ';' separates specs; a lone spec with options keeps its commas ('assisted:k=4,schedule=x')
         sep = ";" if ";" in a.strategies or ":" in a.strategies else ","
         strategies = [s for s in a.strategies.split(sep) if s.strip()]
+    peers = None if a.peers is None else [] if a.peers == "none" else a.peers.split(",")
     try:
-        res = run_bench(
-            a.main,
-            a.assistant,
-            a.prompts,
-            a.n,
-            a.max_new_tokens,
-            a.threads,
-            a.rounds,
-            a.provider,
-            strategies,
-            [] if a.peers == "none" else a.peers.split(","),
-            not a.no_sweeps,
-            a.sweep_prompts,
-            a.out,
-            a.quick,
-            a.quiet,
-            alone=a.alone,
-            quiet_threshold=a.quiet_threshold,
-            quiet_load=a.quiet_load,
-            wait_quiet=a.wait_quiet,
-            require_quiet=a.require_quiet,
-        )
+        if sizes is not None:
+            from bench.batch import run_batch_bench
+
+            res = run_batch_bench(
+                a.main,
+                a.assistant,
+                a.prompts,
+                a.n,
+                a.max_new_tokens,
+                a.threads,
+                a.provider,
+                strategies,
+                peers,
+                sizes,
+                a.out or "results/batch",
+                a.quick,
+                a.quiet,
+                quiet_threshold=a.quiet_threshold,
+                quiet_load=a.quiet_load,
+                wait_quiet=a.wait_quiet,
+                require_quiet=a.require_quiet,
+                max_batch_tokens=a.max_batch_tokens,
+            )
+        else:
+            res = run_bench(
+                a.main,
+                a.assistant,
+                a.prompts,
+                a.n,
+                a.max_new_tokens,
+                a.threads,
+                a.rounds,
+                a.provider,
+                strategies,
+                DEFAULT_PEERS if peers is None else peers,
+                not a.no_sweeps,
+                a.sweep_prompts,
+                a.out or "results/latest",
+                a.quick,
+                a.quiet,
+                alone=a.alone,
+                quiet_threshold=a.quiet_threshold,
+                quiet_load=a.quiet_load,
+                wait_quiet=a.wait_quiet,
+                require_quiet=a.require_quiet,
+            )
     except NotQuietError as exc:
         print(f"stairs-bench: error: {exc}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
-"""Peers: Hugging Face PyTorch, optimum ONNX Runtime, CTranslate2 — same prompts, greedy, batch 1.
+"""Peers: Hugging Face PyTorch, optimum ONNX Runtime, CTranslate2 — same prompts, greedy.
 
-Each method maps encoder input ids to generated ids (EOS and padding stripped) and optional stats.
+Each method maps encoder input ids to generated ids (EOS and padding stripped) and optional stats;
+HF and CTranslate2 also take a batch of prompts at once (`greedy_batch`, for bench.batch).
 """
 
 from __future__ import annotations
@@ -46,6 +47,27 @@ class HF:
                 self.torch.tensor([ids]), do_sample=False, num_beams=1, max_new_tokens=max_new
             )
         return strip(out[0, 1:].tolist())
+
+    def greedy_batch(self, batch, max_new: int) -> list[list[int]]:
+        """Greedy on several prompts in one generate(): padded on the right with the pad id
+        and an attention mask (T5's encoder positions are relative, so right padding is exact)."""
+        torch = self.torch
+        pad = self.model.config.pad_token_id or 0
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor([int(i) for i in ids])
+            mask[row, : len(ids)] = 1
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids,
+                attention_mask=mask,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new,
+            )
+        return [strip(row[1:].tolist(), pad=pad) for row in out]
 
     def assisted(self, ids, max_new: int, k: int | None = None, schedule: str | None = None):
         """k/schedule None: transformers' own defaults. In 4.57 these must be set on the
@@ -153,9 +175,24 @@ class CT2:
         )
 
     def greedy(self, ids, max_new: int):
-        pieces = [self.sp.id_to_piece(int(i)) for i in ids]
-        r = self.tr.translate_batch([pieces], beam_size=1, max_decoding_length=max_new)
-        return strip(self.sp.piece_to_id(p) for p in r[0].hypotheses[0])
+        return self.greedy_batch([ids], max_new, 1)[0]
+
+    def greedy_batch(self, batch, max_new: int, max_batch_size: int) -> list[list[int]]:
+        """translate_batch on all of `batch`, at most max_batch_size examples per model call."""
+        pieces = [[self.sp.id_to_piece(int(i)) for i in ids] for ids in batch]
+        r = self.tr.translate_batch(
+            pieces, max_batch_size=max_batch_size, beam_size=1, max_decoding_length=max_new
+        )
+        return [strip(self.sp.piece_to_id(p) for p in x.hypotheses[0]) for x in r]
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (ru_maxrss: KiB on Linux, bytes on
+    macOS)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if os.uname().sysname == "Darwin" else rss / 1024
 
 
 def _ct2_serve(conn, main_dir: str, threads: int, compute_type: str, workdir: str) -> None:
@@ -165,9 +202,15 @@ def _ct2_serve(conn, main_dir: str, threads: int, compute_type: str, workdir: st
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
+    # Requests: ("greedy", ids, max_new), ("batch", [ids, ...], max_new, max_batch_size) or
+    # ("rss",); replies ("ok", value) or ("error", text); None stops the worker.
+    ops = {"greedy": ct.greedy, "batch": ct.greedy_batch, "rss": max_rss_mb}
     try:
         while (msg := conn.recv()) is not None:
-            conn.send(ct.greedy(*msg))
+            try:
+                conn.send(("ok", ops[msg[0]](*msg[1:])))
+            except Exception as exc:  # noqa: BLE001 - the parent raises it as RuntimeError
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
     except EOFError:  # the parent exited
         pass
 
@@ -192,6 +235,33 @@ class CT2Worker:
         if status != "ready":
             raise RuntimeError(err)
 
+    def _ask(self, *msg):
+        self.conn.send(msg)
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(
+                f"CTranslate2 worker exited with code {self.proc.exitcode}"
+            ) from None
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
     def greedy(self, ids, max_new: int) -> list[int]:
-        self.conn.send(([int(i) for i in ids], max_new))
-        return self.conn.recv()
+        return self._ask("greedy", [int(i) for i in ids], max_new)
+
+    def greedy_batch(self, batch, max_new: int, max_batch_size: int) -> list[list[int]]:
+        """translate_batch in the worker: the prompts of `batch`, max_batch_size per call."""
+        return self._ask("batch", [[int(i) for i in ids] for ids in batch], max_new, max_batch_size)
+
+    def max_rss_mb(self) -> float:
+        """The worker's peak resident memory in MiB."""
+        return self._ask("rss")
+
+    def close(self) -> None:
+        """Stop the worker (it also exits with this process: daemon)."""
+        try:
+            self.conn.send(None)
+        except (OSError, BrokenPipeError):
+            pass
+        self.proc.join(5)

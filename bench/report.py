@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -286,3 +287,159 @@ def plots(res: dict, out: Path) -> list[str]:
         plt.close(fig)
         made.append("cost_curve.png")
     return made
+
+
+def _mm(r: dict, key: str) -> str:
+    v = r.get(f"mismatches_vs_{key}")
+    return "–" if v is None else (f"**{v}**" if v else "0")
+
+
+def batch_markdown(res: dict) -> str:
+    """results.md of the batch mode: method x batch size -> tok/s, latency, mismatches."""
+    s = res["settings"]
+    thr = (res.get("quiet") or {}).get("threshold")
+    sizes = s["batch_sizes"]
+    rows = res["rows"]
+    lines = [
+        (
+            f"# stairs-bench batch mode: {s['prompts']} prompts, {s['max_new_tokens']} new tokens,"
+            f" {s['threads']} threads, batch sizes {', '.join(map(str, sizes))}, one run"
+        ),
+        "",
+        (
+            f"Machine: {res['machine'].get('cpu', res['machine']['platform'])}; onnxruntime "
+            f"{res['machine']['onnxruntime']}, torch {res['machine'].get('torch')}, "
+            f"transformers {res['machine'].get('transformers')}, ctranslate2 "
+            f"{res['machine'].get('ctranslate2')}"
+        ),
+        "",
+        *quiet_lines(res),
+        (
+            "Aggregate tok/s: all new tokens (EOS not counted) / summed batch wall time, the prompts"
+            " split into batches of B, every method run on each batch in turn. A request's latency"
+            " is its batch's wall time. Mismatches: prompts whose tokens differ from engine greedy"
+            " at batch 1 / HF greedy at batch 1. x CT2: tok/s over CTranslate2 float32"
+            " translate_batch at the same B. main calls: summed over requests (a call shared by"
+            " n requests counts n times); rows/call: requests sharing a main call on average."
+            " stairs/greedy (generate): the single-request Engine.generate path, batch 1 only."
+        ),
+        "",
+        "## Aggregate tokens/s",
+        "",
+        "| method | " + " | ".join(f"B={b}" for b in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["batch_size"]): r for r in rows}
+    for name in names:
+        vals = []
+        for b in sizes:
+            r = cell.get((name, b))
+            if r is None:
+                vals.append("")
+            elif "tokens_per_s" not in r:
+                vals.append("failed")
+            else:
+                x = r.get("x_ct2_float32")
+                vals.append(f"{r['tokens_per_s']:.0f}" + (f" ({x:.2f}x)" if x else ""))
+        lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    lines += [
+        "",
+        "(in parentheses: x CT2 float32 at the same B)",
+        "",
+        "## Per method and batch size",
+        "",
+        (
+            "| B | method | tok/s | x CT2 float32 | p50 ms | p90 ms | mismatches vs engine B1 |"
+            " mismatches vs HF B1 | failed prompts | main calls | rows/call | others CPU/s |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for b in sizes:
+        for r in (r for r in rows if r["batch_size"] == b):
+            if "tokens_per_s" not in r:
+                lines.append(
+                    f"| {b} | {r['method']} | failed: {r.get('error', '')[:90]} ||||||||||"
+                )
+                continue
+            fp = r.get("failed_prompts", 0)
+            lines.append(
+                f"| {b} | {r['method']} | {r['tokens_per_s']:.0f} | "
+                f"{_f(r.get('x_ct2_float32'), '.2f')} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+                f"{_mm(r, 'engine_greedy_b1')} | {_mm(r, 'hf_greedy_b1')} | "
+                f"{f'**{fp}**' if fp else '0'} | {_f(r.get('main_calls'), 'd')} | "
+                f"{_f(r.get('mean_batch_rows'), '.2f')} | {_others(r.get('others_cpu_per_s'), thr)} |"
+            )
+    engine = [r for r in rows if r.get("kind") == "engine" and "tokens_per_s" in r]
+    ct2 = {r["batch_size"]: r for r in rows if r["method"] == "ct2/float32" and "tokens_per_s" in r}
+    if engine and ct2:
+        lines += ["", "Fastest engine method at each B against CTranslate2 float32:", ""]
+        for b in sizes:
+            at = [r for r in engine if r["batch_size"] == b]
+            if at and b in ct2:
+                best = max(at, key=lambda r: r["tokens_per_s"])
+                lines.append(
+                    f"- B={b}: {best['method']} {best['tokens_per_s']:.0f} tok/s ="
+                    f" {best['tokens_per_s'] / ct2[b]['tokens_per_s']:.2f}x CT2 float32"
+                    f" ({ct2[b]['tokens_per_s']:.0f})"
+                )
+    mem = res.get("memory") or []
+    if mem:
+        keys = sorted({k for m in mem for k in m if k.endswith("_worker_max_rss_mb")})
+        lines += [
+            "",
+            "## Peak resident memory (MiB, peak so far after each batch size)",
+            "",
+            "| B | this process (engine + HF) | "
+            + " | ".join(k.removesuffix("_worker_max_rss_mb") + " worker" for k in keys)
+            + " |",
+            "|---|---|" + "---|" * len(keys),
+        ]
+        for m in mem:
+            lines.append(
+                f"| {m['batch_size']} | {m['process_max_rss_mb']:.0f} | "
+                + " | ".join(_f(m.get(k), ".0f") for k in keys)
+                + " |"
+            )
+    errors = res.get("errors") or {}
+    if errors:
+        lines += ["", "## Failed methods", ""] + [f"- {k}: {v}" for k, v in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def batch_plots(res: dict, out: Path) -> list[str]:
+    """batch_throughput.png: aggregate tokens/s against batch size, one line per method (engine
+    solid, peers dashed; a method whose output differs is drawn with x markers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in res["rows"] if "tokens_per_s" in r]
+    if not ok:
+        return []
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in dict.fromkeys(r["method"] for r in ok):
+        pts = sorted((r for r in ok if r["method"] == name), key=lambda r: r["batch_size"])
+        bad = any(r.get("mismatches_vs_engine_greedy_b1") or r.get("failed_prompts") for r in pts)
+        ax.plot(
+            [r["batch_size"] for r in pts],
+            [r["tokens_per_s"] for r in pts],
+            marker="x" if bad else "o",
+            ls="-" if pts[0].get("kind") == "engine" else "--",
+            label=name + (" (output differs)" if bad else ""),
+        )
+    ax.set_xscale("log", base=2)
+    sizes = res["settings"]["batch_sizes"]
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Throughput vs batch size (solid: stairs engine, dashed: peers)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out / ".batch_throughput.png.tmp"
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, out / "batch_throughput.png")
+    return ["batch_throughput.png"]

@@ -163,3 +163,227 @@ def test_bench_cli_rejects_bad_quiet_options_before_loading(args, tmp_path, caps
     assert e.value.code == 2
     assert args[0] in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- batch mode (bench.batch): tables, plot, interleaving, the batched peers ----
+
+
+def batch_results(mismatch: int = 0) -> dict:
+    """Hand-written batch-mode results: two sizes, an engine row, CT2 and a failed HF row."""
+    rows = [
+        {"method": "stairs/greedy", "kind": "engine", "batch_size": 1, "tokens_per_s": 150.0,
+         "p50_ms": 400.0, "p90_ms": 500.0, "mismatches_vs_engine_greedy_b1": 0,
+         "failed_prompts": 0, "x_ct2_float32": 1.5},
+        {"method": "stairs/greedy", "kind": "engine", "batch_size": 4, "tokens_per_s": 300.0,
+         "p50_ms": 800.0, "p90_ms": 900.0, "mismatches_vs_engine_greedy_b1": mismatch,
+         "failed_prompts": 0, "x_ct2_float32": 1.2},
+        {"method": "ct2/float32", "kind": "peer", "batch_size": 1, "tokens_per_s": 100.0,
+         "p50_ms": 600.0, "p90_ms": 700.0, "mismatches_vs_engine_greedy_b1": 0,
+         "failed_prompts": 0, "x_ct2_float32": 1.0},
+        {"method": "ct2/float32", "kind": "peer", "batch_size": 4, "tokens_per_s": 250.0,
+         "p50_ms": 1000.0, "p90_ms": 1100.0, "mismatches_vs_engine_greedy_b1": 0,
+         "failed_prompts": 0, "x_ct2_float32": 1.0},
+        {"method": "hf/greedy", "kind": "peer", "batch_size": 1, "error": "ImportError: no torch"},
+    ]  # fmt: skip
+    return {
+        "mode": "batch",
+        "settings": {"prompts": 8, "max_new_tokens": 16, "threads": 2, "batch_sizes": [1, 4]},
+        "machine": {"platform": "test", "onnxruntime": "x"},
+        "rows": rows,
+        "memory": [
+            {"batch_size": 1, "process_max_rss_mb": 900.0, "ct2/float32_worker_max_rss_mb": 300.0},
+            {"batch_size": 4, "process_max_rss_mb": 950.0, "ct2/float32_worker_max_rss_mb": 320.0},
+        ],
+        "errors": {"hf/greedy": "ImportError: no torch"},
+    }
+
+
+def test_batch_table_shows_each_method_at_each_size_against_ct2():
+    from bench import report
+
+    md = report.batch_markdown(batch_results())
+    assert "| stairs/greedy | 150 (1.50x) | 300 (1.20x) |" in md  # the tok/s pivot
+    assert "| 4 | stairs/greedy | 300 | 1.20 | 800 | 900 | 0 | – |" in md
+    assert "| 1 | hf/greedy | failed: ImportError: no torch" in md
+    assert "B=4: stairs/greedy 300 tok/s = 1.20x CT2 float32 (250)" in md
+    assert "| 4 | 950 | 320 |" in md  # peak RSS per size, the CT2 worker's own column
+    assert "Quiet: not recorded" in md
+    # A mismatch is shown in bold, never as a plain count.
+    assert "| **2** |" in report.batch_markdown(batch_results(mismatch=2))
+
+
+def test_batch_plot_draws_one_line_per_method(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench import report
+
+    made = []
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):
+        made.append([line.get_label() for line in fig.axes[0].get_lines()])
+        return real_savefig(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        assert report.batch_plots(batch_results(mismatch=1), tmp_path) == ["batch_throughput.png"]
+    finally:
+        plt.Figure.savefig = real_savefig
+    png = tmp_path / "batch_throughput.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert made == [["stairs/greedy (output differs)", "ct2/float32"]]  # failed hf: no line
+    assert not list(tmp_path.glob(".*tmp"))  # written beside and renamed
+    assert report.batch_plots({**batch_results(), "rows": []}, tmp_path / "none") == []
+
+
+def test_batch_runs_interleave_methods_batch_by_batch():
+    from bench.batch import BatchMethod, batch_rows, run_sizes
+
+    calls = []
+
+    def fake(name, bad=False):
+        def fn(batch):
+            calls.append((name, tuple(p[0] for p in batch)))
+            outs = [[p[0], 7] for p in batch]
+            if bad and len(batch) > 1:
+                outs[0] = [9]
+            return outs, None
+
+        return fn
+
+    def boom(batch):
+        if len(batch) > 1:
+            raise RuntimeError("out of memory")
+        return [[p[0], 7] for p in batch], None
+
+    ms = [
+        BatchMethod("stairs/greedy", fake("a")),
+        BatchMethod("hf/greedy", fake("b", bad=True), "peer"),
+        BatchMethod("x/boom", boom, "peer"),
+    ]
+    prompts = [[i] for i in range(5)]
+    run_sizes(ms, prompts, [1, 2])
+    # batch 1: 2 warm-ups + 5 x 2 calls; batch 2: 2 warm-ups (boom fails its own), then batch by
+    # batch, the method order rotated: both methods on (0, 1) before either sees (2, 3)
+    assert len(calls) == 12 + 2 + 6
+    assert calls[14:] == [
+        ("a", (0, 1)), ("b", (0, 1)), ("b", (2, 3)), ("a", (2, 3)), ("a", (4,)), ("b", (4,)),
+    ]  # fmt: skip
+    rows = {(r["method"], r["batch_size"]): r for r in batch_rows(ms, 5, [1, 2])}
+    r = rows["stairs/greedy", 2]
+    assert r["tokens"] == 10 and r["batches"] == 3
+    assert r["mismatches_vs_engine_greedy_b1"] == 0 and r["mismatches_vs_hf_greedy_b1"] == 0
+    assert rows["hf/greedy", 2]["mismatches_vs_engine_greedy_b1"] == 2  # one per pair of 2
+    assert "out of memory" in rows["x/boom", 2]["error"]
+    assert "tokens_per_s" in rows["x/boom", 1]  # what it measured before failing is kept
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--batch-sizes", "1,0"], "--batch-sizes"),
+        (["--batch-sizes", "1,x"], "--batch-sizes"),
+        (["--batch-sizes", "1", "--max-batch-tokens", "0"], "--max-batch-tokens"),
+    ],
+)
+def test_batch_cli_rejects_bad_options_before_loading(args, msg, tmp_path, capsys):
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--main", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_batch_mode_refuses_unbatched_peers_and_too_few_prompts(tmp_path, capsys):
+    from bench.cli import main
+
+    out = tmp_path / "out"
+    assert main(["--batch-sizes", "1", "--peers", "optimum", "--out", str(out)]) == 2
+    assert "batch mode runs the peers hf, ct2" in capsys.readouterr().err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"context": "def f(x):"}\n{"context": "import os"}\n')
+    args = ["--batch-sizes", "1,4", "--prompts", str(prompts), "--out", str(out)]
+    assert main(args) == 2
+    assert "batch size 4 is more than the 2 prompts" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ct2_batched_worker_equals_its_batch_1_greedy(tmp_path, pycode_prompts):
+    pytest.importorskip("ctranslate2")
+    from bench.peers import CT2Worker
+    from runtime_tests.conftest import PYCODE_MAIN
+
+    prompts = pycode_prompts[:3]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is padded
+    ct = CT2Worker(PYCODE_MAIN, 1, "float32", tmp_path)
+    try:
+        one = [ct.greedy(p, 12) for p in prompts]
+        assert ct.greedy_batch(prompts, 12, 3) == one
+        assert ct.greedy_batch(prompts, 12, 2) == one  # split into calls of at most 2
+        assert all(len(o) > 0 for o in one)
+        assert ct.max_rss_mb() > 10  # the worker's own peak, in MiB
+    finally:
+        ct.close()
+    assert not ct.proc.is_alive()
+
+
+def test_hf_padded_batch_equals_hf_batch_1_greedy(pycode_prompts):
+    pytest.importorskip("torch")
+    from bench.peers import HF
+    from runtime_tests.conftest import PYCODE_MAIN
+
+    prompts = pycode_prompts[:3]
+    assert len({len(p) for p in prompts}) > 1
+    hf = HF(PYCODE_MAIN, None, 1)
+    one = [hf.greedy(p, 12) for p in prompts]
+    assert hf.greedy_batch(prompts, 12) == one
+    assert all(len(o) > 0 for o in one)
+
+
+def test_batch_bench_end_to_end_on_a_tiny_model(tiny_models, tmp_path, monkeypatch, capsys):
+    from bench import batch
+    from bench.cli import main
+
+    m = tiny_models["v1_1"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(f'{{"context": "def f{i}(x):\\n    return x + {i}"}}\n' for i in range(5))
+    )
+    out = tmp_path / "out"
+    common = ["--main", str(m["main"]), "--assistant", str(m["random"]), "--prompts", str(prompts)]
+    common += ["-n", "5", "--max-new-tokens", "6", "--threads", "1", "--wait-quiet", "0", "-q"]
+    args = [*common, "--batch-sizes", "1,2", "--peers", "hf", "--out", str(out)]
+    args += ["--strategies", "greedy;assisted:draft_tokens=3;lookup"]
+    assert main(args) == 0
+    res = __import__("json").loads((out / "results.json").read_text())
+    rows = {(r["method"], r["batch_size"]): r for r in res["rows"]}
+    assert set(rows) == {
+        *((f"stairs/{s}", b) for s in ("greedy", "assisted:draft_tokens=3", "lookup") for b in (1, 2)),
+        ("stairs/greedy (generate)", 1), ("hf/greedy", 1), ("hf/greedy", 2),
+    }  # fmt: skip
+    for r in res["rows"]:  # every method, every size: HF's tokens and the engine's agree
+        assert r["mismatches_vs_engine_greedy_b1"] == 0 and r["mismatches_vs_hf_greedy_b1"] == 0
+        assert r["failed_prompts"] == 0 and r["tokens"] > 0
+    assert (
+        rows["stairs/greedy", 2]["batches"] == 3 and rows["stairs/greedy", 2]["mean_batch_rows"] > 1
+    )
+    assert [mm["batch_size"] for mm in res["memory"]] == [1, 2]
+    assert "| stairs/greedy |" in (out / "results.md").read_text()
+    assert (out / "batch_throughput.png").stat().st_size > 1000
+
+    # --require-quiet: a machine that never becomes quiet stops the run before the timed calls.
+    class Noisy(batch.Monitor):
+        def check(self, seconds=1.0):
+            return {**super().check(0.0), "quiet": False}
+
+    monkeypatch.setattr(batch, "Monitor", Noisy)
+    out2 = tmp_path / "out2"
+    args = [*common, "--batch-sizes", "1", "--peers", "none", "--out", str(out2), "--require-quiet"]
+    assert main(args) == 2
+    assert "machine not quiet" in capsys.readouterr().err
+    assert not (out2 / "results.json").exists()

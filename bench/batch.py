@@ -1,0 +1,419 @@
+"""Batch mode of stairs-bench: aggregate tokens/s and per-request latency at each batch size.
+
+Every method gets the same prompts split into batches of B; for each batch, every method runs on
+it in turn (the order rotated from batch to batch), so machine drift hits all methods alike. A
+request's latency is the wall time of its batch, since a batch's results return together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bench import core, report
+from bench.peers import max_rss_mb, strip
+from bench.quiet import Monitor, NotQuietError, describe_check
+
+DEFAULT_STRATEGIES = [
+    "greedy",
+    "assisted:draft_tokens=4",
+    "assisted:draft_tokens=5,schedule=heuristic",
+    "lookup",
+]
+DEFAULT_PEERS = ["hf", "ct2"]
+BATCH_PEERS = ("hf", "ct2")
+MAX_BATCH_SIZE = 1024
+QUICK_SIZES = [1, 2, 4]
+ENGINE_REF = "stairs/greedy"  # mismatches are counted against these at batch 1
+HF_REF = "hf/greedy"
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (sorted, duplicates dropped); ValueError names the bad item."""
+    sizes = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or not 1 <= int(item) <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {item!r}")
+        sizes.add(int(item))
+    return sorted(sizes)
+
+
+@dataclass
+class BatchMethod:
+    """One line of the plot: fn(list of prompts' ids) -> (generated ids sans EOS or an error
+    text, per prompt; summed engine Stats or None). sizes: the batch sizes it runs at (None: all)."""
+
+    name: str
+    fn: object
+    kind: str = "engine"
+    sizes: tuple | None = None
+    rss: object = None  # a function -> peak RSS MiB of its worker process, if it has one
+    close: object = None  # a function stopping its worker process, if it has one
+    error: str | None = None
+    # per batch size: batch seconds, per-prompt outputs, stats, failed prompt count
+    seconds: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+
+def engine_batch_method(eng, spec: str, max_new: int, max_batch_tokens=None) -> BatchMethod:
+    """Engine.generate_batch with one strategy spec; a prompt's typed error becomes its text.
+    max_batch_tokens: the engine's bound on rows x tokens of one main call (None: its default)."""
+    from engine import EngineError, InputError
+    from engine.options import check_count
+    from engine.strategies import NEEDS_ASSISTANT
+
+    name, opts = core.parse_strategy(spec)
+    if name in NEEDS_ASSISTANT and eng.assistant is None:
+        raise InputError(f"bench spec {spec!r} needs an assistant")
+    check_count("max_new_tokens", max_new, eng.limits.max_new_tokens, "Engine.limits")
+
+    def fn(batch):
+        res = eng.generate_batch(
+            batch,
+            strategy=name,
+            max_new_tokens=max_new,
+            max_batch_tokens=max_batch_tokens,
+            **opts,
+        )
+        outs, stats = [], None
+        for r in res:
+            if isinstance(r, EngineError):
+                outs.append(f"{type(r).__name__}: {r}")
+                continue
+            outs.append(strip(r.token_ids))
+            stats = r.stats if stats is None else stats + r.stats
+        return outs, stats
+
+    return BatchMethod(f"stairs/{spec}", fn)
+
+
+def single_method(eng, max_new: int) -> BatchMethod:
+    """Today's single-request path (Engine.generate, greedy) at batch 1: the issue's bar for
+    generate_batch at batch 1."""
+
+    def fn(batch):
+        r = eng.generate(batch[0], strategy="greedy", max_new_tokens=max_new)
+        return [strip(r.token_ids)], r.stats
+
+    return BatchMethod("stairs/greedy (generate)", fn, sizes=(1,))
+
+
+def peer_batch_methods(peers, hf_main: Path, threads: int, max_new: int, workdir: Path, log):
+    """HF generate with padding and CTranslate2 float32 translate_batch; a peer that cannot be
+    built becomes a method with its error (reported, never hidden)."""
+    out = []
+    if "hf" in peers:
+        try:
+            from bench.peers import HF
+
+            hf = HF(hf_main, None, threads)
+            out.append(BatchMethod(HF_REF, lambda b: (hf.greedy_batch(b, max_new), None), "peer"))
+        except Exception as exc:  # noqa: BLE001
+            out.append(BatchMethod(HF_REF, None, "peer", error=f"{type(exc).__name__}: {exc}"))
+            log(f"peer {HF_REF} skipped: {exc}")
+    if "ct2" in peers:
+        try:
+            from bench.peers import CT2Worker
+
+            ct = CT2Worker(hf_main, threads, "float32", workdir)
+            out.append(
+                BatchMethod(
+                    "ct2/float32",
+                    lambda b: (ct.greedy_batch(b, max_new, len(b)), None),
+                    "peer",
+                    rss=ct.max_rss_mb,
+                    close=ct.close,
+                )
+            )
+        except Exception as exc:  # noqa: BLE001
+            out.append(
+                BatchMethod("ct2/float32", None, "peer", error=f"{type(exc).__name__}: {exc}")
+            )
+            log(f"peer ct2/float32 skipped: {exc}")
+    return out
+
+
+def run_sizes(methods, prompts, sizes, monitor=None, progress=None, on_size=None) -> None:
+    """For each batch size B: a warm-up call per method on the first batch, then batch by batch
+    every method on that batch (order rotated per batch), each call timed. A method that raises
+    is marked failed and left out from then on; the others go on."""
+    watch = monitor.watch if monitor else (lambda name: contextlib.nullcontext())
+    if progress is None:
+        from tqdm.auto import tqdm
+
+        progress = lambda **kw: tqdm(disable=True, **kw)
+    for b in sizes:
+        batches = [prompts[i : i + b] for i in range(0, len(prompts), b)]
+        live = [m for m in methods if m.fn is not None and (m.sizes is None or b in m.sizes)]
+        if monitor:
+            monitor.phase = f"batch {b}"
+        for m in live:
+            _call(m, batches[0])  # first calls at a new shape allocate arenas, page in weights
+        bar = progress(total=len(batches) * len(live), desc=f"batch {b}", unit="batch")
+        for i, batch in enumerate(batches):
+            k = i % len(live) if live else 0
+            for m in live[k:] + live[:k]:
+                if m.fn is None:
+                    continue
+                with watch(m.name):
+                    t = time.perf_counter()
+                    got = _call(m, batch)
+                    dt = time.perf_counter() - t
+                if got is not None:
+                    outs, st = got
+                    m.seconds.setdefault(b, []).append(dt)
+                    m.outputs.setdefault(b, []).extend(outs)
+                    if st is not None:
+                        m.stats[b] = st if b not in m.stats else m.stats[b] + st
+                bar.update()
+        bar.close()
+        if on_size:
+            on_size(b, live)
+
+
+def _call(m: BatchMethod, batch):
+    """m.fn(batch), or None with the method marked failed (and left out from then on)."""
+    try:
+        outs, st = m.fn(batch)
+        if len(outs) != len(batch):
+            raise RuntimeError(f"returned {len(outs)} results for {len(batch)} prompts")
+    except Exception as exc:  # noqa: BLE001 - one failing method must not lose the others
+        m.error = f"at batch size {len(batch)}: {type(exc).__name__}: {exc}"
+        m.fn = None
+        warn(f"{m.name} failed {m.error}")
+        return None
+    return outs, st
+
+
+def reference(methods, name: str):
+    """The per-prompt outputs of `name` at batch 1, or None."""
+    m = next((m for m in methods if m.name == name), None)
+    return m.outputs.get(1) if m else None
+
+
+def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
+    """One row per method and batch size: tokens/s, latency, mismatches, ratios."""
+    refs = {
+        "engine_greedy_b1": reference(methods, ENGINE_REF),
+        "hf_greedy_b1": reference(methods, HF_REF),
+    }
+    windows = (quiet_summary or {}).get("methods", {})
+    rows = []
+    for m in methods:
+        for b in sizes:
+            if m.sizes is not None and b not in m.sizes:
+                continue
+            row = {"method": m.name, "kind": m.kind, "batch_size": b}
+            outs = m.outputs.get(b, [])
+            if len(outs) != n:  # never built, or failed at or before this size
+                row["error"] = m.error or "did not run"
+                rows.append(row)
+                continue
+            secs = m.seconds[b]
+            tokens = sum(len(o) for o in outs if isinstance(o, list))
+            # every request of a batch waits for the whole batch
+            lat = np.repeat(secs, [min(b, n - i * b) for i in range(len(secs))])
+            row.update(
+                seconds=float(sum(secs)),
+                batches=len(secs),
+                tokens=tokens,
+                tokens_per_s=tokens / sum(secs),
+                p50_ms=float(np.percentile(lat, 50) * 1e3),
+                p90_ms=float(np.percentile(lat, 90) * 1e3),
+                failed_prompts=sum(isinstance(o, str) for o in outs),
+            )
+            errs = [o for o in outs if isinstance(o, str)]
+            if errs:
+                row["first_error"] = errs[0]
+            for key, ref in refs.items():
+                if ref is not None:
+                    row[f"mismatches_vs_{key}"] = sum(
+                        isinstance(o, list) and o != r for o, r in zip(outs, ref)
+                    )
+            st = m.stats.get(b)
+            if st is not None:
+                row.update(
+                    main_calls=st.main_calls,
+                    mean_batch_rows=st.mean_batch_rows,
+                    acceptance_rate=st.acceptance_rate,
+                    tokens_per_main_call=st.tokens_per_main_call,
+                )
+            w = windows.get(f"batch {b}", {}).get(m.name)
+            if w:
+                row["others_cpu_per_s"] = w["others_cpu_per_s"]
+                row["quiet"] = w["quiet"]
+            rows.append(row)
+    ct2 = {
+        r["batch_size"]: r["tokens_per_s"]
+        for r in rows
+        if r["method"] == "ct2/float32" and "tokens_per_s" in r
+    }
+    for r in rows:
+        if "tokens_per_s" in r and r["batch_size"] in ct2:
+            r["x_ct2_float32"] = r["tokens_per_s"] / ct2[r["batch_size"]]
+    return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename, so an interrupted run never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def warn(msg: str) -> None:
+    print(f"stairs-bench: WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def run_batch_bench(
+    main="models/pycode-t5-main",
+    assistant="models/pycode-t5-draft",
+    prompts="../shared/prompts/pycode_public.jsonl",
+    n=40,
+    max_new_tokens=64,
+    threads=2,
+    provider="cpu",
+    strategies=None,
+    peers=None,
+    batch_sizes=(1, 2, 4, 8, 16),
+    out="results/batch",
+    quick=False,
+    quiet=False,
+    quiet_threshold=0.10,
+    quiet_load=0.5,
+    wait_quiet=0.0,
+    require_quiet=False,
+    single=True,
+    max_batch_tokens=None,
+) -> dict:
+    """Batched engine strategies against HF padded generate and CTranslate2 float32
+    translate_batch at each batch size; writes results.json, results.md, batch_throughput.png.
+
+    quick: 8 prompts, 16 tokens, sizes limited to 3 of at most 4 (default 1, 2, 4).
+    single: also time Engine.generate greedy (the single-request path) at batch 1.
+    max_batch_tokens: passed to Engine.generate_batch (None: the engine's default).
+    The machine is watched as in run_bench (bench.quiet); require_quiet raises NotQuietError
+    before the timed runs if it never became quiet."""
+    from tqdm.auto import tqdm
+
+    from bench.run import _ensure_exported
+    from engine import Engine, InputError
+    from engine.cli import read_prompts
+
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
+    progress = lambda **kw: tqdm(disable=quiet, **kw)
+    sizes = sorted(set(batch_sizes))
+    if quick:
+        n, max_new_tokens = 8, 16
+        sizes = [b for b in sizes if b <= 4][:3] or list(QUICK_SIZES)
+    if not sizes or not all(isinstance(b, int) and 1 <= b <= MAX_BATCH_SIZE for b in sizes):
+        raise InputError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {batch_sizes!r}")
+    peers = list(DEFAULT_PEERS if peers is None else peers)
+    bad = [p for p in peers if p not in BATCH_PEERS]
+    if bad:
+        raise InputError(
+            f"batch mode runs the peers {', '.join(BATCH_PEERS)} (or none), not {', '.join(bad)}"
+        )
+    strategies = list(strategies or DEFAULT_STRATEGIES)
+    for spec in strategies:  # a typo in a spec fails before any model loads
+        core.parse_strategy(spec)
+    texts = read_prompts(prompts, n)
+    if max(sizes) > len(texts):
+        raise InputError(
+            f"batch size {max(sizes)} is more than the {len(texts)} prompts: use -n >= {max(sizes)}"
+        )
+    if not hasattr(Engine, "generate_batch"):
+        raise InputError("this engine has no Engine.generate_batch: batch mode needs it")
+    main, out = Path(main), Path(out)
+    asst = Path(assistant) if assistant else None
+    if asst is not None:
+        _ensure_exported(main, asst, log)
+    eng = Engine.load(main, asst, provider=provider, threads=threads)
+    sp = eng.main.tokenizer
+    # The pair's convention: spiece.encode(context)[-255:] + [eos].
+    ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in texts]
+    hf_main = Path((eng.main.manifest or {}).get("source", main))
+    workdir = out / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    methods = [engine_batch_method(eng, s, max_new_tokens, max_batch_tokens) for s in strategies]
+    if single and 1 in sizes:
+        methods.append(single_method(eng, max_new_tokens))
+    methods += peer_batch_methods(peers, hf_main, threads, max_new_tokens, workdir, log)
+    monitor = Monitor(quiet_threshold, quiet_load)
+    log(f"checking that the machine is quiet (waiting up to {wait_quiet:.0f} s)")
+    start = monitor.wait_quiet(wait_quiet, log)
+    if not start["quiet"]:
+        if require_quiet:
+            raise NotQuietError(
+                f"machine not quiet after {monitor.waited_s:.0f} s: " + describe_check(start)
+            )
+        warn(f"machine not quiet at the start: {describe_check(start)}")
+    memory = []
+
+    def on_size(b, live):
+        mem = {"batch_size": b, "process_max_rss_mb": max_rss_mb()}
+        for m in live:
+            if m.rss is not None and m.fn is not None:
+                with contextlib.suppress(Exception):
+                    mem[f"{m.name}_worker_max_rss_mb"] = m.rss()
+        memory.append(mem)
+        log(f"batch {b} done; peak RSS so far {mem['process_max_rss_mb']:.0f} MiB")
+
+    t0 = time.perf_counter()
+    try:
+        if 1 not in sizes:  # mismatches are counted against batch 1: run the references untimed
+            refs = [m for m in methods if m.name in (ENGINE_REF, HF_REF) and m.fn is not None]
+            run_sizes(refs, ids, [1], None, progress)
+        run_sizes(methods, ids, sizes, monitor, progress, on_size)
+    finally:
+        for m in methods:
+            if m.close is not None:
+                m.close()
+    quiet_summary = monitor.summary()
+    results = {
+        "mode": "batch",
+        "settings": {
+            "main": str(main),
+            "assistant": str(asst) if asst else None,
+            "prompts": len(ids),
+            "max_new_tokens": max_new_tokens,
+            "threads": threads,
+            "provider": provider,
+            "batch_sizes": sizes,
+            "strategies": strategies,
+            "peers": peers,
+            "quick": quick,
+            "max_batch_tokens": max_batch_tokens,
+            "mean_input_tokens": sum(map(len, ids)) / len(ids),
+            "quiet_threshold": quiet_threshold,
+            "quiet_load": quiet_load,
+            "wait_quiet": wait_quiet,
+        },
+        "machine": core.machine(),
+        "quiet": quiet_summary,
+        "rows": batch_rows(methods, len(ids), sizes, quiet_summary),
+        "memory": memory,
+        "errors": {m.name: m.error for m in methods if m.error},
+        "seconds": time.perf_counter() - t0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    results["plots"] = report.batch_plots(results, out)
+    _write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+    md = report.batch_markdown(results)
+    _write_atomic(out / "results.md", md)
+    log(md)
+    if not quiet_summary["ok"]:
+        warn(
+            "machine was NOT quiet; these figures are not a fair comparison:\n  "
+            + "\n  ".join(quiet_summary["reasons"])
+        )
+    return results
