@@ -375,7 +375,31 @@ class Engine:
             self._masked["main"], self._masked.get("assistant"), max_batch_tokens
         )
 
-    def _request(self, plan: Plan):
+    def _batch_plan(self, prompt, strategy, max_new_tokens, max_input_tokens, truncation, options):
+        """plan() for a batched request; 'auto' becomes adaptive speculation: the scheduler
+        drafts by the number of active requests (auto_table()), off where it loses."""
+        if strategy != "auto":
+            plan = self.plan(
+                prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options
+            )
+            return plan, None
+        table = self.auto_table()
+        name = "assisted" if self.assistant is not None else "lookup"
+        opts = {**options, "draft_tokens": max(1, max(table.values()))}
+        plan = self.plan(prompt, name, max_new_tokens, max_input_tokens, truncation, **opts)
+        return Plan(
+            plan.ids, name, {**plan.options, "auto_draft_tokens": table}, plan.max_new_tokens
+        ), table
+
+    def auto_table(self) -> dict[int, int]:
+        """Batched 'auto': draft tokens per request by the number of active requests (0 = off);
+        what stairs-tune --batch-sizes stored for this pair, else batch.DEFAULT_AUTO_K."""
+        from . import batch, tune
+
+        stored = (tune.load(self) or {}).get("batch_auto_k")
+        return {int(n): int(k) for n, k in stored.items()} if stored else dict(batch.DEFAULT_AUTO_K)
+
+    def _request(self, plan: Plan, auto_k: dict | None = None):
         from . import batch
 
         if plan.strategy not in batch.BATCHED:
@@ -389,6 +413,7 @@ class Engine:
             options=plan.options,
             max_new_tokens=plan.max_new_tokens,
             seq=[self.main.start_id],
+            auto_k=auto_k,
         )
 
     def _result(self, plan: Plan, ids: list[int], stats: Stats) -> GenerationResult:
@@ -409,6 +434,8 @@ class Engine:
     ) -> list[GenerationResult | EngineError]:
         """Generate for many prompts at once, in order: every step packs all requests' rows
         into one main call (greedy, assisted, lookup; other strategies run one after another).
+        strategy="auto" speculates adaptively: draft length by the number of active requests
+        (auto_table()), speculation off at batch sizes where it loses.
 
         A prompt that fails gets its typed error in its place; the others are served. Each
         result equals generate() on that prompt alone. Per-request stats: main_calls counts
@@ -425,11 +452,11 @@ class Engine:
         plans, reqs = {}, {}
         for i, p in enumerate(prompts):
             try:
-                plans[i] = self.plan(
-                    p, strategy, max_new_tokens, max_input_tokens, truncation, **options
+                plans[i], auto_k = self._batch_plan(
+                    p, strategy, max_new_tokens, max_input_tokens, truncation, options
                 )
                 if plans[i].strategy in _batched():
-                    reqs[i] = self._request(plans[i])
+                    reqs[i] = self._request(plans[i], auto_k)
                     sched.add(reqs[i])
             except EngineError as exc:
                 out[i] = exc
@@ -461,8 +488,10 @@ class Engine:
         Validated now (InputError); strategies greedy, assisted and lookup."""
         from . import batch
 
-        plan = self.plan(prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options)
-        req = self._request(plan)
+        plan, auto_k = self._batch_plan(
+            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options
+        )
+        req = self._request(plan, auto_k)
         if self._worker is None:
             sched = self._scheduler()  # loads the masked sessions (takes the lock itself)
             with self._lock:

@@ -32,6 +32,10 @@ CROSS_FILE = "cross_kv_model.onnx"
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
 BATCHED = ("greedy", "assisted", "lookup")  # strategies the scheduler runs as steps
 DEFAULT_BATCH_TOKENS = 256
+# strategy="auto" when batched: draft tokens per request by the number of active requests (the
+# largest key <= N applies; 0 = speculation off). Measured on the pycode pair, 2 CPU cores
+# (README, "Batched"); stairs-tune --batch-sizes stores a table measured on the user's machine.
+DEFAULT_AUTO_K = {1: 4, 2: 4, 4: 3, 8: 0}
 MAX_BATCH_TOKENS = 65536
 
 
@@ -180,6 +184,7 @@ class Request:
     cancelled: bool = False
     error: Exception | None = None
     k: int = 0  # current draft length
+    auto_k: dict | None = None  # strategy auto: draft length by active requests (else k)
     draft: list[int] = field(default_factory=list)
     lookup: PromptLookup | None = None
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # token lists, None at end
@@ -188,6 +193,12 @@ class Request:
     @property
     def remaining(self) -> int:
         return self.max_new_tokens - (len(self.seq) - 1)
+
+    def draft_len(self, active: int) -> int:
+        """Draft tokens this step: k, or with auto the table's entry for `active` requests."""
+        if self.auto_k is None:
+            return self.k
+        return self.auto_k[max([n for n in self.auto_k if n <= active], default=min(self.auto_k))]
 
     def stats(self):
         """Frozen statistics (total_s: from submission to now)."""
@@ -252,11 +263,11 @@ class Scheduler:
 
     def _admit(self) -> None:
         rows = len(self.active)
-        width = max((1 + r.k for r in self.active), default=0)
+        width = max((1 + r.draft_len(rows) for r in self.active), default=0)
         joining: list[Request] = []
         while self.waiting:
             r = self.waiting[0]
-            w = max(width, 1 + r.k)
+            w = max(width, 1 + r.draft_len(rows + 1))
             if (rows + 1) * w > self.max_batch_tokens and (rows or joining):
                 break
             self.waiting.pop(0)
@@ -291,17 +302,18 @@ class Scheduler:
 
     def _draft(self) -> None:
         # the token budget caps every row's draft: N rows x (1 + K) tokens per main call
-        cap = max(0, self.max_batch_tokens // len(self.active) - 1)
+        n_active = len(self.active)
+        cap = max(0, self.max_batch_tokens // n_active - 1)
         for r in self.active:
             r.draft = []
             if r.strategy == "lookup":
                 t = time.perf_counter()
-                r.draft = r.lookup.propose(r.seq, min(r.k, cap, r.remaining - 1))
+                r.draft = r.lookup.propose(r.seq, min(r.draft_len(n_active), cap, r.remaining - 1))
                 r.counter.draft_s += time.perf_counter() - t
         rows = list(self.asst.owners) if self.asst is not None else []
         if not rows:
             return
-        want = [min(r.k, cap, r.remaining - 1) for r in rows]
+        want = [min(r.draft_len(n_active), cap, r.remaining - 1) for r in rows]
         t, c = time.perf_counter(), Counter()
         for j in range(max(want)):
             # step j feeds what each assistant row has not seen (1 or 2 tokens at j = 0)

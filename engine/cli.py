@@ -145,6 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", help="JSONL file; each line's 'context', 'prompt' or 'text'")
     p.add_argument("-n", type=_count(MAX_PROMPTS), help="only the first N prompts of --prompts")
     p.add_argument(
+        "--batch",
+        type=_count(1024),
+        default=1,
+        help="generate this many prompts of --prompts together, sharing main calls (greedy, "
+        "assisted, lookup; --batch-size is stairs' rows)",
+    )
+    p.add_argument(
         "--json", action="store_true", help="print strategy, options, ids, text, stats as JSON"
     )
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
@@ -171,9 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             eng.plan(p_, a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation, **opts)
             for p_ in prompts
         ]
-        for i, plan in enumerate(plans, 1):
-            res = eng.execute(plan)
-            if a.json:
+        failed = False
+        for i, res in enumerate(_results(eng, a, prompts, plans, opts), 1):
+            if isinstance(res, EngineError):
+                print(f"stairs-generate: prompt {i}: error: {_one_line(res)}", file=sys.stderr)
+                failed = True
+            elif a.json:
                 row = {"strategy": res.strategy, "options": res.options}
                 if a.strategy != res.strategy:
                     row["requested"] = a.strategy
@@ -185,10 +195,29 @@ def main(argv: list[str] | None = None) -> int:
                 if a.prompts:
                     print(f"### prompt {i}")
                 print(res.text, flush=True)
+        if failed:
+            return 2
     except (EngineError, OSError) as exc:
         print(f"stairs-generate: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _results(eng, a, prompts, plans, opts):
+    """Results in order: one generation at a time, or --batch prompts sharing main calls."""
+    if a.batch == 1:
+        for plan in plans:
+            yield eng.execute(plan)
+        return
+    for i in range(0, len(prompts), a.batch):
+        yield from eng.generate_batch(
+            prompts[i : i + a.batch],
+            strategy=a.strategy,
+            max_new_tokens=a.max_new_tokens,
+            max_input_tokens=a.max_input_tokens,
+            truncation=a.truncation,
+            **opts,
+        )
 
 
 def _one_line(exc: Exception) -> str:

@@ -166,3 +166,41 @@ def test_scheduler_needs_the_masked_graphs(tiny_models, tmp_path):
     assert eng.generate([5, 6, 1], max_new_tokens=4).token_ids
     with pytest.raises(ModelFileError, match="decoder_masked_model.onnx"):
         eng.generate_batch([[5, 6, 1]], max_new_tokens=4)
+
+
+def test_auto_speculates_by_batch_size(eng, prompts, ref):
+    """Batched auto drafts by the number of active requests: off (greedy rows) at 8, on at 1."""
+    table = eng.auto_table()
+    assert table[1] > 0
+    big = eng.generate_batch(prompts[:8], strategy="auto", max_new_tokens=NEW)
+    one = eng.generate_batch(prompts[:1], strategy="auto", max_new_tokens=NEW)
+    assert [r.token_ids for r in big] == ref[:8] and one[0].token_ids == ref[0]
+    assert one[0].stats.drafted > 0
+    if table.get(8) == 0:  # speculation off while 8 requests share the calls
+        assert big[0].stats.drafted < big[0].stats.main_calls
+
+
+def test_cli_batch_equals_one_at_a_time(pycode_pair, tmp_path, capsys):
+    import json
+
+    from conftest import PROMPTS
+
+    from engine.cli import main as generate_cli
+
+    main, draft = pycode_pair
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(PROMPTS.read_text().splitlines(keepends=True)[:5]))
+    args = ["--main", str(main), "--assistant", str(draft), "--prompts", str(f), "--json"]
+    args += ["--strategy", "assisted", "--max-new-tokens", "16"]
+    assert generate_cli(args) == 0
+    one = [json.loads(x)["token_ids"] for x in capsys.readouterr().out.splitlines()]
+    assert generate_cli(args + ["--batch", "3"]) == 0
+    three = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["token_ids"] for r in three] == one and [r["prompt"] for r in three] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
+    assert three[0]["stats"]["mean_batch_rows"] > 1
