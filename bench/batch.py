@@ -20,6 +20,7 @@ import numpy as np
 from bench import core, report
 from bench.peers import max_rss_mb, strip
 from bench.quiet import Monitor, NotQuietError, describe_check
+from engine.options import MAX_BATCH_SIZE
 
 DEFAULT_STRATEGIES = [
     "greedy",
@@ -29,21 +30,9 @@ DEFAULT_STRATEGIES = [
 ]
 DEFAULT_PEERS = ["hf", "ct2"]
 BATCH_PEERS = ("hf", "ct2")
-MAX_BATCH_SIZE = 1024
 QUICK_SIZES = [1, 2, 4]
 ENGINE_REF = "stairs/greedy"  # mismatches are counted against these at batch 1
 HF_REF = "hf/greedy"
-
-
-def parse_sizes(text: str) -> list[int]:
-    """'1,2,4' -> [1, 2, 4] (sorted, duplicates dropped); ValueError names the bad item."""
-    sizes = set()
-    for item in text.split(","):
-        item = item.strip()
-        if not item.isdigit() or not 1 <= int(item) <= MAX_BATCH_SIZE:
-            raise ValueError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {item!r}")
-        sizes.add(int(item))
-    return sorted(sizes)
 
 
 @dataclass

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--max-batch-tokens must be between 1 and 65536")
     sizes = None
     if a.batch_sizes is not None:
-        from bench.batch import parse_sizes
+        from engine.options import parse_sizes
 
         try:
             sizes = parse_sizes(a.batch_sizes)

@@ -176,11 +176,14 @@ class Engine:
             )
         return cls(m, a, threads, limits)
 
-    def calibrate(self, prompts, max_new_tokens: int = 64, save: bool = True) -> dict:
-        """Measure every candidate strategy on prompts; store and use the fastest for 'auto'."""
+    def calibrate(
+        self, prompts, max_new_tokens: int = 64, save: bool = True, batch_sizes=()
+    ) -> dict:
+        """Measure every candidate strategy on prompts; store and use the fastest for 'auto'
+        (batch_sizes: also batched auto's draft length at each of these batch sizes)."""
         from . import tune
 
-        result = tune.calibrate(self, prompts, max_new_tokens, save)
+        result = tune.calibrate(self, prompts, max_new_tokens, save, batch_sizes)
         self._auto = (result["strategy"], result["options"])
         return result
 

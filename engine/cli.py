@@ -243,14 +243,25 @@ def tune_main(argv: list[str] | None = None) -> int:
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
     p.add_argument("--threads", type=_count(1024), help="ORT threads (default: ORT's choice)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    p.add_argument(
+        "--batch-sizes",
+        metavar="B,B,...",
+        help="also measure batched auto's draft length at these batch sizes (e.g. 1,2,4,8,16)",
+    )
     a = p.parse_args(argv)
+    sizes = ()
+    if a.batch_sizes:
+        try:
+            sizes = opt.parse_sizes(a.batch_sizes)
+        except ValueError as exc:
+            p.error(f"--batch-sizes: {exc}")
     try:
         texts = read_prompts(a.prompts, a.n)
         eng = Engine.load(
             a.main, a.assistant, provider=a.provider, threads=a.threads, verify=not a.no_verify
         )
         ids = [eng.encode(t, a.max_input_tokens, "left")[0].tolist() for t in texts]
-        res = eng.calibrate(ids, a.max_new_tokens)
+        res = eng.calibrate(ids, a.max_new_tokens, batch_sizes=sizes)
     except (EngineError, OSError) as exc:
         print(f"stairs-tune: error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -259,6 +270,8 @@ def tune_main(argv: list[str] | None = None) -> int:
     print(f"auto = {res['strategy']} {res['options']} ({res['speedup_vs_greedy']:.2f}x greedy)")
     if res.get("assistant_threads"):
         print(f"assistant threads = {res['assistant_threads']} (faster than {a.threads} here)")
+    if sizes:
+        print("batched auto draft tokens by batch size:", res["batch_auto_k"])
     return 0
 
 

@@ -308,3 +308,17 @@ def check_memory(main, assistant, strategy, options, s: int, n: int, memory: int
             "(batch_size, branches), or set Engine.limits.memory_bytes"
         )
     return need
+
+
+MAX_BATCH_SIZE = 1024
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4] (sorted, duplicates dropped); ValueError names the bad item."""
+    sizes = set()
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdigit() or not 1 <= int(item) <= MAX_BATCH_SIZE:
+            raise ValueError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {item!r}")
+        sizes.add(int(item))
+    return sorted(sizes)

@@ -128,8 +128,30 @@ def stored_assistant_threads(main, assistant, provider: str, threads: int | None
     return (_stored(main, _key(assistant, provider, threads)) or {}).get("assistant_threads")
 
 
-def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True) -> dict:
-    """Time greedy and every candidate on prompts (interleaved); return and store the fastest."""
+BATCH_DRAFT_TOKENS = (0, 2, 3, 4, 5)  # candidates of batched auto per batch size; 0 = greedy
+
+
+def batch_table(engine, prompts, sizes, max_new_tokens: int = 64) -> dict[int, int]:
+    """Batched auto: for each batch size n, the draft length (0 = greedy) that served the
+    prompts fastest in batches of n, every candidate timed on each batch in turn."""
+    name = "assisted" if engine.assistant is not None else "lookup"
+    table = {}
+    for n in sizes:
+        pool = list(prompts) * -(-n // len(prompts))  # at least one full batch
+        secs = dict.fromkeys(BATCH_DRAFT_TOKENS, 0.0)
+        for i in range(0, len(pool) - n + 1, n):
+            for k in BATCH_DRAFT_TOKENS:
+                opts = {"strategy": "greedy"} if k == 0 else {"strategy": name, "draft_tokens": k}
+                t = time.perf_counter()
+                engine.generate_batch(pool[i : i + n], max_new_tokens=max_new_tokens, **opts)
+                secs[k] += time.perf_counter() - t
+        table[int(n)] = min(secs, key=secs.get)
+    return table
+
+
+def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True, batch_sizes=()) -> dict:
+    """Time greedy and every candidate on prompts (interleaved); return and store the fastest.
+    batch_sizes: also measure batched auto's draft length at each size (batch_table)."""
     cands = CANDIDATES if engine.assistant is not None else NO_ASSISTANT
     cands = [("greedy", {})] + list(cands)
     engine.generate(prompts[0], max_new_tokens=4)  # warm-up
@@ -152,6 +174,8 @@ def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True) -> d
     result["assistant_threads"] = _assistant_threads(
         engine, prompts, (best["strategy"], best["options"]), max_new_tokens
     )
+    if batch_sizes:
+        result["batch_auto_k"] = batch_table(engine, prompts, batch_sizes, max_new_tokens)
     if save:
         path = engine.main.folder / TUNE_FILE
         try:

@@ -204,3 +204,22 @@ def test_cli_batch_equals_one_at_a_time(pycode_pair, tmp_path, capsys):
         5,
     ]
     assert three[0]["stats"]["mean_batch_rows"] > 1
+
+
+def test_tune_measures_batched_auto_per_size(tiny_models, tmp_path):
+    import shutil
+
+    from engine.cli import tune_main
+
+    main = shutil.copytree(tiny_models["v1_1"]["main"], tmp_path / "main")
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "def f(x):"}\n{"text": "import os"}\n')
+    args = ["--main", str(main), "--assistant", str(main), "--prompts", str(f), "-n", "2"]
+    assert tune_main(args + ["--max-new-tokens", "8", "--batch-sizes", "1,2"]) == 0
+    eng = Engine.load(main, assistant=main)
+    table = eng.auto_table()
+    assert set(table) == {1, 2} and all(0 <= k <= 5 for k in table.values())
+    out = eng.generate_batch([[5, 6, 1], [7, 1]], strategy="auto", max_new_tokens=8)
+    assert [r.token_ids for r in out] == [
+        eng.generate(p, max_new_tokens=8).token_ids for p in ([5, 6, 1], [7, 1])
+    ]
