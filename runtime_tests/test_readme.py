@@ -81,6 +81,6 @@ def test_readme_usage_flags_exist(cmd):
     """Every --flag that README's usage gives a command is in that command's --help."""
     text = help_text(cmd)
     flags = sorted({f for line in usage_lines()[cmd] for f in FLAG.findall(line)})
-    assert flags, f"no flags found for {cmd}"
+    assert flags or cmd == "stairs-verify", f"no flags found for {cmd}"  # verify takes DIR only
     missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text)]
     assert not missing, f"README's usage gives {cmd} flags its --help lacks: {missing}"
