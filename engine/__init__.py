@@ -6,6 +6,7 @@ Never imports torch, transformers or optimum.
 from .accept import accept, full_staircase, staircase
 from .api import Engine, GenerationResult
 from .errors import (
+    CancelledError,
     EngineError,
     InputError,
     ModelFileError,
@@ -19,6 +20,7 @@ from .strategies import STRATEGIES
 
 __all__ = [
     "STRATEGIES",
+    "CancelledError",
     "Engine",
     "EngineError",
     "GenerationResult",

@@ -16,6 +16,7 @@ from .model import T5Model
 from .run import Run
 from .stats import Stats
 from .strategies import NEEDS_ASSISTANT, STRATEGIES
+from .tokenizer import text_pieces
 
 PAIR_KEYS = ["vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"]
 MAX_THREADS = 1024  # a bound on thread counts (ORT would try to start them all)
@@ -349,15 +350,8 @@ class Engine:
         return self._stream(plan)
 
     def _stream(self, plan: Plan) -> Iterator[str]:
-        run, it = self._start(plan)
-        shown = ""
-        for _ in it:
-            text = self.main.tokenizer.decode(run.seq[1:])
-            if text.endswith("\ufffd") and not run.done:
-                continue
-            if len(text) > len(shown) and text.startswith(shown):
-                yield text[len(shown) :]
-            shown = text
+        _, it = self._start(plan)
+        yield from text_pieces(it, self.main.tokenizer.decode)
 
     # -- many requests at once ------------------------------------------------------------------
 
@@ -375,18 +369,24 @@ class Engine:
                 if model is not None and role not in self._masked:
                     self._masked[role] = batch.MaskedDecoder(model)
         return batch.Scheduler(
-            self._masked["main"], self._masked.get("assistant"), max_batch_tokens
+            self._masked["main"],
+            self._masked.get("assistant"),
+            max_batch_tokens,
+            self.limits.memory_bytes,
         )
 
-    def _batch_plan(self, prompt, strategy, max_new_tokens, max_input_tokens, truncation, options):
+    def _batch_plan(
+        self, prompt, strategy, max_new_tokens, max_input_tokens, truncation, options, table=None
+    ):
         """plan() for a batched request; 'auto' becomes adaptive speculation: the scheduler
-        drafts by the number of active requests (auto_table()), off where it loses."""
+        drafts by the number of active requests (table, default auto_table()), off where it
+        loses."""
         if strategy != "auto":
             plan = self.plan(
                 prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options
             )
             return plan, None
-        table = self.auto_table()
+        table = table or self.auto_table()
         name = "assisted" if self.assistant is not None else "lookup"
         opts = {**options, "draft_tokens": max(1, max(table.values()))}
         plan = self.plan(prompt, name, max_new_tokens, max_input_tokens, truncation, **opts)
@@ -396,11 +396,21 @@ class Engine:
 
     def auto_table(self) -> dict[int, int]:
         """Batched 'auto': draft tokens per request by the number of active requests (0 = off);
-        what stairs-tune --batch-sizes stored for this pair, else batch.DEFAULT_AUTO_K."""
+        what stairs-tune --batch-sizes stored for this pair, else batch.DEFAULT_AUTO_K. A
+        damaged stored table is ignored with a warning."""
         from . import batch, tune
 
         stored = (tune.load(self) or {}).get("batch_auto_k")
-        return {int(n): int(k) for n, k in stored.items()} if stored else dict(batch.DEFAULT_AUTO_K)
+        if stored is None:
+            return dict(batch.DEFAULT_AUTO_K)
+        try:
+            table = {int(n): int(k) for n, k in stored.items()}
+            if table and all(n >= 1 and 0 <= k <= opt.MAX_DRAFT_TOKENS for n, k in table.items()):
+                return table
+        except (AttributeError, TypeError, ValueError):
+            pass
+        tune.log.warning("ignoring damaged batch_auto_k %r in %s", stored, tune.TUNE_FILE)
+        return dict(batch.DEFAULT_AUTO_K)
 
     def _request(self, plan: Plan, auto_k: dict | None = None):
         from . import batch
@@ -450,15 +460,18 @@ class Engine:
             raise InputError("prompts must be a list of prompts (text or lists of ids)")
         if not prompts:
             raise InputError("empty batch: give at least one prompt")
+        from . import batch
+
         sched = self._scheduler(max_batch_tokens)
+        table = self.auto_table() if strategy == "auto" else None
         out: list = [None] * len(prompts)
         plans, reqs = {}, {}
         for i, p in enumerate(prompts):
             try:
                 plans[i], auto_k = self._batch_plan(
-                    p, strategy, max_new_tokens, max_input_tokens, truncation, options
+                    p, strategy, max_new_tokens, max_input_tokens, truncation, options, table
                 )
-                if plans[i].strategy in _batched():
+                if plans[i].strategy in batch.BATCHED:
                     reqs[i] = self._request(plans[i], auto_k)
                     sched.add(reqs[i])
             except EngineError as exc:
@@ -471,8 +484,8 @@ class Engine:
             if i not in reqs:
                 try:
                     out[i] = self.execute(plan)
-                except EngineError as exc:
-                    out[i] = exc
+                except Exception as exc:  # noqa: BLE001 - one prompt's failure stays its own
+                    out[i] = batch.as_engine_error(exc)
         return out
 
     def submit(
@@ -507,9 +520,3 @@ class Engine:
         )
         self._worker.submit([req])
         return handle
-
-
-def _batched() -> tuple[str, ...]:
-    from .batch import BATCHED
-
-    return BATCHED

@@ -17,20 +17,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnxruntime as ort
 
-from . import providers as prov
 from .accept import accept
-from .errors import EngineError, ModelFileError, NonFiniteLogitsError
+from .errors import CancelledError, EngineError, InputError, ModelFileError, NonFiniteLogitsError
 from .model import T5Model
-from .options import MAX_DRAFT_TOKENS
+from .options import MAX_DRAFT_TOKENS, MEMORY_SAFETY, available_memory
 from .stats import Counter
 from .strategies.lookup import PromptLookup
+from .tokenizer import text_pieces
 
 MASKED_FILE = "decoder_masked_model.onnx"
 CROSS_FILE = "cross_kv_model.onnx"
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
 BATCHED = ("greedy", "assisted", "lookup")  # strategies the scheduler runs as steps
+KV = ("key", "value")
+STEP_FEEDS = (
+    "input_ids",
+    "positions",
+    "past_positions",
+    "attention_mask",
+    "encoder_attention_mask",
+)
 DEFAULT_BATCH_TOKENS = 256
 # strategy="auto" when batched: draft tokens per request by the number of active requests (the
 # largest key <= N applies; 0 = speculation off). Measured on the pycode pair, 2 CPU cores
@@ -40,7 +47,7 @@ MAX_BATCH_TOKENS = 65536
 
 
 class MaskedDecoder:
-    """The masked decoder and cross key/value sessions of one exported folder."""
+    """The masked decoder and cross key/value sessions of one exported folder, checked."""
 
     def __init__(self, model: T5Model):
         self.model = model
@@ -50,15 +57,31 @@ class MaskedDecoder:
                 f"{model.folder}: missing {', '.join(missing)}; batching needs the masked decoder"
                 " graphs (export the folder again with this version of stairs-export)"
             )
-        so = prov.session_options(model.threads)
-        plist = prov.provider_list(model.provider)
-        self.dec = ort.InferenceSession(str(model.folder / MASKED_FILE), so, providers=plist)
-        self.cross = ort.InferenceSession(str(model.folder / CROSS_FILE), so, providers=plist)
-        self.self_names = [i.name for i in self.dec.get_inputs() if i.name.startswith("past_key")]
-        self.cross_names = [o.name for o in self.cross.get_outputs()]
-        mask_type = {i.name: i.type for i in self.dec.get_inputs()}["attention_mask"]
+        self.dec = model.open_session(MASKED_FILE)
+        self.cross = model.open_session(CROSS_FILE)
+        layers = range(model.num_decoder_layers)
+        self.self_names = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in KV]
+        self.cross_names = [f"cross_key_values.{i}.{kv}" for i in layers for kv in KV]
+        ins = {i.name: i.type for i in self.dec.get_inputs()}
+        outs = [o.name for o in self.dec.get_outputs()]
+        want_in = {*STEP_FEEDS, *self.self_names, *self.cross_names}
+        want_out = ["logits", *(n.replace("past_key_values", "present") for n in self.self_names)]
+        if set(ins) != want_in or outs != want_out:
+            raise ModelFileError(
+                f"{model.folder / MASKED_FILE}: not this engine's masked decoder for"
+                f" {model.num_decoder_layers} layers (inputs or outputs differ)"
+            )
+        cross_in = [i.name for i in self.cross.get_inputs()]
+        if (
+            cross_in != ["encoder_hidden_states"]
+            or [o.name for o in self.cross.get_outputs()] != self.cross_names
+        ):
+            raise ModelFileError(
+                f"{model.folder / CROSS_FILE}: not this engine's cross key/value graph for"
+                f" {model.num_decoder_layers} layers"
+            )
         self.mask_dtype = {"tensor(bool)": np.bool_, "tensor(float)": np.float32}.get(
-            mask_type, np.int64
+            ins["attention_mask"], np.int64
         )
 
     def cross_kv(self, enc: np.ndarray, counter: Counter) -> list[np.ndarray]:
@@ -86,7 +109,7 @@ class BatchCache:
 
     def _alloc(self, rows: int, cap: int, enc_len: int) -> None:
         """(Re)allocate rows x cap slots x enc_len, keeping the active rows' contents."""
-        n, old = len(self.owners), self.self_kv
+        n, old = len(self.owners), self.self_kv  # [] after shrink(): nothing to keep
         kv = [np.zeros((rows, self.h, cap, self.d), np.float32) for _ in self.dec.self_names]
         cross = [
             np.zeros((rows, self.h, enc_len, self.d), np.float32) for _ in self.dec.cross_names
@@ -113,6 +136,8 @@ class BatchCache:
         for a, b in zip(self.cross, cross):
             a[n, :, :s] = b
             a[n, :, s:] = 0.0
+        for a in self.self_kv:  # a masked slot must hold finite numbers: the mask is additive
+            a[n] = 0.0
         self.enc_mask[n] = 0
         self.enc_mask[n, :s] = enc_mask
         self.lengths[n] = 0
@@ -130,12 +155,33 @@ class BatchCache:
         self.owners.pop()
 
     def length(self, owner) -> int:
+        """Slots of owner's row in use."""
         return int(self.lengths[self.owners.index(owner)])
 
     def rewind(self, owner, length: int) -> None:
-        """Keep owner's first `length` slots: rejected drafts are dropped by the length alone."""
+        """Keep owner's first `length` slots: rejected drafts are dropped by the length (their
+        slots zeroed, so nothing non-finite lingers behind the mask)."""
         r = self.owners.index(owner)
-        self.lengths[r] = min(self.lengths[r], length)
+        old = int(self.lengths[r])
+        if length < old:
+            for a in self.self_kv:
+                a[r, :, length:old] = 0.0
+            self.lengths[r] = length
+
+    def nbytes(self, rows: int | None = None, cap: int | None = None, enc: int | None = None):
+        """Bytes of the arrays for rows x cap slots x enc (default: as allocated now)."""
+        rows = len(self.lengths) if rows is None else rows
+        cap = self.capacity if cap is None else cap
+        enc = self.enc_len if enc is None else enc
+        layers = len(self.dec.self_names)  # 2 per layer, as cross
+        return rows * layers * self.h * self.d * 4 * (cap + enc)
+
+    def shrink(self) -> None:
+        """Back to a small allocation once no row is active (memory goes back, and later calls
+        stop attending over a long request's capacity)."""
+        if not self.owners and (self.capacity > CHUNK or len(self.lengths) > 4):
+            self.self_kv = []
+            self._alloc(4, CHUNK, 1)
 
     def run(self, tokens: np.ndarray, counts: np.ndarray, counter: Counter) -> np.ndarray:
         """Decoder on tokens [N, T] after each row's cached slots; row r's first counts[r]
@@ -170,7 +216,7 @@ class BatchCache:
         return out[0]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are found in the caches' owner lists
 class Request:
     """One request under the scheduler. seq = [decoder start] + emitted tokens."""
 
@@ -188,11 +234,27 @@ class Request:
     draft: list[int] = field(default_factory=list)
     lookup: PromptLookup | None = None
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # token lists, None at end
+    finished: threading.Event = field(default_factory=threading.Event)
     t0: float = field(default_factory=time.perf_counter)
+    t_end: float | None = None
 
     @property
     def remaining(self) -> int:
+        """Tokens it may still emit."""
         return self.max_new_tokens - (len(self.seq) - 1)
+
+    def max_length(self) -> int:
+        """The most decoder slots it can need: output, pending token and a full draft."""
+        return self.max_new_tokens + 2 + max(self.k, *(self.auto_k or {0: 0}).values())
+
+    def finish(self, error: Exception | None = None) -> None:
+        """End it (once): record the error, the time, and tell every reader."""
+        if self.finished.is_set():
+            return
+        self.error = self.error or error
+        self.done, self.t_end = True, time.perf_counter()
+        self.out.put(None)
+        self.finished.set()
 
     def draft_len(self, active: int) -> int:
         """Draft tokens this step: k, or with auto the table's entry for `active` requests."""
@@ -201,9 +263,9 @@ class Request:
         return self.auto_k[max([n for n in self.auto_k if n <= active], default=min(self.auto_k))]
 
     def stats(self):
-        """Frozen statistics (total_s: from submission to now)."""
+        """Frozen statistics (total_s: from submission to its end, or to now)."""
         self.counter.new_tokens = len(self.seq) - 1
-        self.counter.total_s = time.perf_counter() - self.t0
+        self.counter.total_s = (self.t_end or time.perf_counter()) - self.t0
         return self.counter.freeze()
 
 
@@ -213,7 +275,8 @@ class Scheduler:
     A step: retire finished or cancelled requests -> admit waiting ones (encoders batched) ->
     draft (the assistant's steps batched over requests) -> verify (one main call) -> accept and
     rewind per request. A main call holds at most max_batch_tokens rows x padded tokens (one
-    request alone may exceed it, so nothing waits forever).
+    request alone may exceed it, so nothing waits forever); a request joins only if the caches'
+    worst case with it fits in memory_bytes (None: the machine's available memory).
     """
 
     def __init__(
@@ -221,18 +284,19 @@ class Scheduler:
         main: MaskedDecoder,
         assistant: MaskedDecoder | None,
         max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        memory_bytes: int | None = None,
     ):
         self.main_model = main.model
         self.asst_model = assistant.model if assistant is not None else None
         self.main = BatchCache(main)
         self.asst = BatchCache(assistant) if assistant is not None else None
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens, self.memory_bytes = max_batch_tokens, memory_bytes
         self.waiting: list[Request] = []
         self.active: list[Request] = []
         self.calls: list[tuple[int, int]] = []  # (rows, padded tokens) of each main call
 
     def add(self, req: Request) -> None:
-        """Queue a request; it joins at the next step the token budget allows."""
+        """Queue a request; it joins at the next step the token budget and memory allow."""
         o = req.options
         req.k = int(o.get("draft_tokens", 0)) if req.strategy != "greedy" else 0
         if req.strategy == "lookup":
@@ -241,25 +305,49 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
+        """Whether any request is waiting or active."""
         return bool(self.waiting or self.active)
 
     def step(self) -> None:
-        """One scheduler step; a failure inside a model call fails the requests it served."""
+        """One scheduler step. A failure while admitting fails only the joining requests; one
+        inside a draft or verify call fails the requests that call served."""
         self._retire()
+        self._admit()
         try:
-            self._admit()
             if self.active:
                 self._draft()
                 self._verify()
         except Exception as exc:  # noqa: BLE001 - a broken call must not hang its callers
-            err = (
-                exc if isinstance(exc, EngineError) else EngineError(f"{type(exc).__name__}: {exc}")
-            )
             for r in self.active:
-                r.error = r.error or err
+                r.error = r.error or as_engine_error(exc)
+        self._retire()
+
+    def fail_all(self, exc: Exception) -> None:
+        """End every waiting and active request with exc (the worker's last resort)."""
+        for r in [*self.waiting, *self.active]:
+            r.error = r.error or as_engine_error(exc)
+        for r in self.waiting:
+            r.finish()
+        self.waiting.clear()
         self._retire()
 
     # -- phases ---------------------------------------------------------------------------------
+
+    def _fits(self, joining: list[Request], r: Request) -> bool:
+        """Whether the caches' worst case (every request at its longest) fits with r joined."""
+        reqs = [*self.active, *joining, r]
+        cap = max(q.max_length() for q in reqs)
+        enc = max(len(q.ids) for q in reqs)
+        rows = 1 << (len(reqs) - 1).bit_length()  # the caches double their rows
+        need = self.main.nbytes(rows, cap, enc)
+        now = self.main.nbytes()
+        if self.asst is not None:
+            need += self.asst.nbytes(rows, cap, enc)
+            now += self.asst.nbytes()
+        logits = rows * (1 + max(q.max_length() - q.max_new_tokens for q in reqs))
+        need += logits * self.main_model.vocab_size * 4
+        budget = self.memory_bytes or ((available_memory() or 1 << 62) + now)
+        return need * MEMORY_SAFETY <= budget
 
     def _admit(self) -> None:
         rows = len(self.active)
@@ -267,22 +355,46 @@ class Scheduler:
         joining: list[Request] = []
         while self.waiting:
             r = self.waiting[0]
-            w = max(width, 1 + r.draft_len(rows + 1))
-            if (rows + 1) * w > self.max_batch_tokens and (rows or joining):
-                break
-            self.waiting.pop(0)
             if r.cancelled:
-                r.done = True
-                r.out.put(None)
+                self.waiting.pop(0).finish(CancelledError("cancelled before it started"))
                 continue
+            w = max(width, 1 + r.draft_len(rows + 1))
+            alone = not rows and not joining
+            if (rows + 1) * w > self.max_batch_tokens and not alone:
+                break
+            if not self._fits(joining, r):
+                if not alone:
+                    break  # waits for memory to free up
+                self.waiting.pop(0).finish(
+                    InputError(
+                        f"the decoder caches for this request ({len(r.ids)} input tokens, up to"
+                        f" {r.max_new_tokens} new) do not fit in the memory available; lower"
+                        " max_new_tokens or the input, or set Engine.limits.memory_bytes"
+                    )
+                )
+                continue
+            self.waiting.pop(0)
             joining.append(r)
             rows, width = rows + 1, w
         if not joining:
             return
+        try:
+            self._encode(joining)
+        except Exception as exc:  # noqa: BLE001 - only the joining requests fail
+            for r in joining:
+                for cache in (self.main, self.asst):
+                    if cache is not None and r in cache.owners:
+                        cache.remove(r)
+                r.finish(as_engine_error(exc))
+            return
+        self.active.extend(joining)
+
+    def _encode(self, joining: list[Request]) -> None:
+        """Encoders of the joining requests, batched (padded), and their cross key/values."""
         t = time.perf_counter()
         for model, cache in ((self.main_model, self.main), (self.asst_model, self.asst)):
             reqs = [r for r in joining if cache is self.main or r.strategy == "assisted"]
-            if not reqs:
+            if not reqs or cache is None:
                 continue
             s = max(len(r.ids) for r in reqs)
             ids = np.full((len(reqs), s), model.pad_id, np.int64)  # [B, S]
@@ -298,7 +410,6 @@ class Scheduler:
         dt = time.perf_counter() - t
         for r in joining:
             r.counter.encoder_s += dt
-        self.active.extend(joining)
 
     def _draft(self) -> None:
         # the token budget caps every row's draft: N rows x (1 + K) tokens per main call
@@ -393,60 +504,54 @@ class Scheduler:
     def _retire(self) -> None:
         for r in [r for r in self.active if r.done or r.cancelled or r.error is not None]:
             self.active.remove(r)
-            self.main.remove(r)
-            if self.asst is not None and r in self.asst.owners:
-                self.asst.remove(r)
-            r.done = True
-            r.out.put(None)
+            for cache in (self.main, self.asst):
+                if cache is not None and r in cache.owners:
+                    cache.remove(r)
+            r.finish(CancelledError("cancelled") if r.cancelled and not r.done else None)
+        if not self.active:
+            for cache in (self.main, self.asst):
+                if cache is not None:
+                    cache.shrink()
+
+
+def as_engine_error(exc: Exception) -> EngineError:
+    """exc as an EngineError (ORT raises its own types), the original kept as the cause."""
+    if isinstance(exc, EngineError):
+        return exc
+    err = EngineError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
 
 
 class Handle:
-    """A submitted request: iterate for text pieces, result() to wait, cancel() to stop it."""
+    """A submitted request: iterate for text pieces, tokens() for token lists, result() to wait,
+    cancel() to stop it. One reader streams; result() may be called by any number of threads."""
 
     def __init__(self, req: Request, worker: Worker, decode, make_result):
         self._req, self._worker, self._decode = req, worker, decode
         self._make_result = make_result  # (token ids, stats) -> GenerationResult
-        self._ended = threading.Event()
 
     def tokens(self) -> Iterator[list[int]]:
-        """Each step's accepted tokens as they come (EOS included if generated)."""
+        """Each step's accepted tokens as they come (EOS included if generated); raises the
+        request's error at the end, CancelledError if it was cancelled."""
         while True:
             item = self._req.out.get()
             if item is None:
-                self._ended.set()
-                if self._req.error is not None and not self._req.cancelled:
+                self._req.out.put(None)  # the end stays visible to any later reader
+                if self._req.error is not None:
                     raise self._req.error
                 return
             yield item
 
     def __iter__(self) -> Iterator[str]:
         """Text pieces as tokens are accepted (held back while a UTF-8 character is partial)."""
-        shown, seq = "", []
-        for toks in self.tokens():
-            seq += toks
-            text = self._decode(seq)
-            if text.endswith("\ufffd"):
-                continue
-            if len(text) > len(shown) and text.startswith(shown):
-                yield text[len(shown) :]
-            shown = text
-        text = self._decode(seq)
-        if len(text) > len(shown) and text.startswith(shown):
-            yield text[len(shown) :]
+        return text_pieces(self.tokens(), self._decode)
 
     def result(self, timeout: float | None = None):
-        """Wait for the whole generation's GenerationResult; raises the request's error."""
-        if not self._ended.is_set():
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    item = self._req.out.get(timeout=left)
-                except queue.Empty:
-                    raise TimeoutError("generation still running") from None
-                if item is None:
-                    self._ended.set()
-                    break
+        """Wait for the GenerationResult; raises the request's error (CancelledError if it was
+        cancelled), TimeoutError if it is still running after timeout seconds."""
+        if not self._req.finished.wait(timeout):
+            raise TimeoutError(f"generation still running after {timeout} s")
         if self._req.error is not None:
             raise self._req.error
         return self._make_result(self._req.seq[1:], self._req.stats())
@@ -458,7 +563,8 @@ class Handle:
 
     @property
     def done(self) -> bool:
-        return self._req.done
+        """Whether it has ended (finished, failed or cancelled)."""
+        return self._req.finished.is_set()
 
 
 class Worker:
@@ -480,6 +586,7 @@ class Worker:
             self._cv.notify()
 
     def wake(self) -> None:
+        """Make the loop look at its requests now (after a cancel)."""
         with self._cv:
             self._cv.notify()
 
@@ -495,4 +602,7 @@ class Worker:
                 for r in self._incoming:
                     s.add(r)
                 self._incoming.clear()
-            s.step()
+            try:
+                s.step()
+            except Exception as exc:  # noqa: BLE001 - never leave a caller waiting forever
+                s.fail_all(exc)

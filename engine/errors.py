@@ -27,3 +27,7 @@ class NonFiniteLogitsError(EngineError):
     def __init__(self, model: str, step: int):
         self.model, self.step = model, step
         super().__init__(f"{model} produced NaN/inf logits at decoder step {step}")
+
+
+class CancelledError(EngineError):
+    """The request was cancelled (Handle.cancel) before it finished."""

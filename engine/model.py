@@ -114,16 +114,23 @@ class T5Model:
         self.io_binding = io_binding
         self.device = {"cuda": "cuda"}.get(self.provider, "cpu")
         self.device_id = int((provider_options or {}).get("device_id", 0))
-        self.sessions = {}
-        for role, fname in ONNX_FILES.items():
-            path = self.folder / fname
-            try:
-                sess = ort.InferenceSession(str(path), so, providers=plist)
-            except Exception as exc:  # onnxruntime raises several types for a bad file
-                raise ModelFileError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
-            prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)
-            self.sessions[role] = sess
+        self._session_args = (so, plist, explicit)
+        self.sessions = {role: self.open_session(fname) for role, fname in ONNX_FILES.items()}
         self._check_sessions()
+
+    def open_session(self, fname: str) -> ort.InferenceSession:
+        """An ORT session on a graph of this folder with this model's provider, threads and
+        options; ModelFileError when it is missing, outside the folder or cannot load."""
+        path = checked.inside(self.folder, fname)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: missing (export the folder again with stairs-export)")
+        so, plist, explicit = self._session_args
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=plist)
+        except Exception as exc:
+            raise ModelFileError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
+        prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)
+        return sess
 
     def _check_sessions(self) -> None:
         """Each session has the inputs the engine feeds and the outputs it reads, with the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
@@ -77,3 +78,21 @@ def _max_length(path: Path) -> int:
             DEFAULT_MAX_INPUT,
         )
     return DEFAULT_MAX_INPUT
+
+
+def text_pieces(chunks: Iterable[list[int]], decode: Callable[[list[int]], str]) -> Iterator[str]:
+    """Text pieces of token chunks as they come, each the new end of the decoded text; held back
+    while the text ends in a partial UTF-8 character (U+FFFD), flushed at the end."""
+    ids: list[int] = []
+    shown = ""
+    text = ""
+    for chunk in chunks:
+        ids += chunk
+        text = decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown) and text.startswith(shown):
+            yield text[len(shown) :]
+        shown = text
+    if len(text) > len(shown) and text.startswith(shown):
+        yield text[len(shown) :]

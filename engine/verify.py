@@ -44,6 +44,8 @@ def inside(folder: str | Path, name: str, listed_in: Path | None = None) -> Path
     rel = Path(name)
     path = folder / rel
     where = f"{listed_in}: entry {name!r}" if listed_in else str(path)
+    if "\0" in name:  # no file can have such a name; pathlib would raise a bare ValueError
+        raise ModelFileError(f"{listed_in or folder}: entry {name!r} contains a NUL byte; refused")
     if rel.is_absolute() or ".." in rel.parts or not rel.parts:
         raise ModelFileError(f"{where} leaves the model folder; refused")
     try:

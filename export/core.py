@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +37,13 @@ from .errors import (
     PairMismatchError,
     Terminated,
 )
+from .masked import CROSS_FILE, DECODER_FILE
 
 # 2: adds the masked, positioned decoder and the cross key/value graph (export/masked.py) that
 # the batch scheduler loads; format 1 folders lack them and still load for one-prompt decoding.
 FORMAT_VERSION = 2
 ONNX_FILES = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
-MASKED_FILES = ["decoder_masked_model.onnx", "cross_kv_model.onnx"]  # export.masked's names
+MASKED_FILES = [DECODER_FILE, CROSS_FILE]
 TOKENIZER_FILES = [
     "spiece.model",
     "tokenizer.json",
@@ -278,15 +280,21 @@ def check_options(dtype: str, assistant_dtype: str | None, opset: int | None) ->
         if d not in ("fp32", "fp16", "int8", None):
             raise OptionError(f"dtype must be fp32, fp16 or int8, not {d!r}")
     if opset is not None:
-        hi = max_opset()
-        if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= hi:
-            raise OptionError(
-                f"--opset must be between {MIN_OPSET} and {hi}, not {opset!r} (T5 needs opset "
-                f"{MIN_OPSET} or newer; {hi} is the newest this torch.onnx writes)"
-            )
+        check_opset(opset)
 
 
-def _names(paths: list[Path], limit: int = 5) -> str:
+def check_opset(opset, option: str = "--opset") -> None:
+    """Refuse an opset outside MIN_OPSET..max_opset() (stairs-export's and the masked decoder's
+    export share this range); option names it in the message."""
+    hi = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= hi:
+        raise OptionError(
+            f"{option} must be between {MIN_OPSET} and {hi}, not {opset!r} (T5 needs opset "
+            f"{MIN_OPSET} or newer; {hi} is the newest this torch.onnx writes)"
+        )
+
+
+def _entry_list(paths: list[Path], limit: int = 5) -> str:
     shown = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in paths[:limit]]
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
     return ", ".join(shown) + more
@@ -329,6 +337,16 @@ def check_target(target: Path, sources: list[Path], force: bool) -> None:
         return
     if not target.is_dir():
         raise OutputExistsError(f"{target} is a file, not a folder: choose another -o")
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was deleted: it cannot be the target
+        cwd = None
+    if where == cwd:
+        # Swapping it would leave the shell in a deleted folder that looks empty.
+        raise OutputExistsError(
+            f"{target} is the current folder; it cannot be replaced. Give a folder inside it "
+            "(-o ./NAME) or another -o"
+        )
     if not force:
         raise OutputExistsError(f"{target} exists; use --force to replace it")
     foreign = _foreign_entries(target)
@@ -339,7 +357,7 @@ def check_target(target: Path, sources: list[Path], force: bool) -> None:
             else "is neither empty nor a previous stairs export (no readable stairs.json)"
         )
         raise OutputExistsError(
-            f"{target} {what}; --force will not replace it. In the way: {_names(foreign)} "
+            f"{target} {what}; --force will not replace it. In the way: {_entry_list(foreign)} "
             "(move them or choose another -o)"
         )
 
@@ -429,15 +447,19 @@ class _Rollback(Exception):
     """A signal arrived during the swap: put the previous folders back."""
 
 
-def swap_in(pairs: list[tuple[Path, Path]]) -> None:
-    """Rename each complete (tmp, target) into place as one step: existing targets are renamed
-    aside first, and renamed back if any rename fails or a signal arrives; they are removed only
-    once every new folder is in place."""
+def swap_in(
+    pairs: list[tuple[Path, Path]], sources: Sequence[Path] = (), force: bool = False
+) -> None:
+    """Rename each complete (tmp, target) into place as one step: each target is checked again
+    (check_target with sources and force: the export took minutes, and files may have landed
+    there meanwhile) and, if it exists, renamed aside; all are renamed back if a check or a rename
+    fails or a signal arrives. The old folders are removed once every new folder is in place."""
     aside: list[tuple[Path, Path]] = []
     placed: list[tuple[Path, Path]] = []
     with _signals_held() as caught:
         try:
             for _, target in pairs:
+                check_target(target, list(sources), force)
                 if target.exists():
                     old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
                     target.rename(old)
@@ -462,11 +484,14 @@ def swap_in(pairs: list[tuple[Path, Path]]) -> None:
             if not isinstance(exc, _Rollback):
                 raise
         else:
+            # The new export is complete and in place: a signal from here on is not acted on
+            # (the old folders are still removed, and success is reported, which is the truth).
             for _, old in aside:
                 shutil.rmtree(old, ignore_errors=True)
-    if caught:  # act on the signal now, with the handler that was held back
-        signal.raise_signal(caught[0])
-        raise KeyboardInterrupt  # that handler did not raise: stop all the same
+            return
+    # Rolled back because of a signal: act on it now, with the handler that was held back.
+    signal.raise_signal(caught[0])
+    raise KeyboardInterrupt  # that handler did not raise: stop all the same
 
 
 def _make_dirs(folder: Path) -> list[Path]:
@@ -524,11 +549,21 @@ def export_model(
             raise as_export_error(exc, Path(output) if output else None) from exc
 
 
+def _absolute(path: Path) -> Path:
+    """path made absolute with '.' and '..' resolved, so the temp folder lands beside the real
+    target; a last component that is a name is kept as given (a symbolic link there is refused
+    by check_target, not followed)."""
+    path = path.expanduser()
+    if path.name in ("", ".."):  # "." (pathlib drops it to ""), "..", "/", "a/.."
+        return path.resolve()
+    return path.parent.resolve() / path.name
+
+
 def _export(model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype):
     """export_model's body: its arguments, already checked."""
     t0 = time.perf_counter()
     src, name = resolve_source(model)
-    out = Path(output) if output else MODELS_DIR / name
+    out = _absolute(Path(output) if output else MODELS_DIR / name)
     if assistant == "auto":
         entry = lookup(model)
         assistant = entry["assistant"] if entry else None
@@ -568,7 +603,11 @@ def _export(model, output, assistant, dtype, opset, device, force, quiet, assist
             manifests[str(asst_out)]["main"] = os.path.relpath(main_out, asst_out)
             for tmp, (_, target) in zip(tmps, targets):
                 (tmp / "stairs.json").write_text(json.dumps(manifests[str(target)], indent=2))
-        swap_in([(tmp, target) for tmp, (_, target) in zip(tmps, targets)])
+        swap_in(
+            [(tmp, target) for tmp, (_, target) in zip(tmps, targets)],
+            [s for s, _ in targets],
+            force,
+        )
     except BaseException:  # Ctrl-C and SIGTERM included: never leave a half-written folder
         with _signals_held():  # a second Ctrl-C must not cut the cleanup short
             for tmp in tmps:

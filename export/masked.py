@@ -25,12 +25,13 @@ import numpy as np
 
 from .errors import CheckpointError, ConversionError, OptionError, ValidationError
 
+# The one definition of both file names in export/ (export.core and the manifest use these).
 DECODER_FILE = "decoder_masked_model.onnx"
 CROSS_FILE = "cross_kv_model.onnx"
 DEFAULT_OPSET = 17
 
 
-def _names(layers: int) -> dict:
+def _io_names(layers: int) -> dict:
     """Input/output names of both graphs for a decoder of `layers` layers."""
     past = [f"past_key_values.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
@@ -65,7 +66,7 @@ def _modules(model):
     dec = model.decoder
     heads, d_kv = cfg.num_heads, cfg.d_kv
     layers = len(dec.block)
-    names = _names(layers)
+    names = _io_names(layers)
     min_value = torch.finfo(torch.float32).min
 
     def split(x, b):  # [B, L, H*D] -> [B, H, L, D]
@@ -184,12 +185,10 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     Each file is written in a temporary folder inside out_dir and moved in when complete."""
     import torch
 
-    from .core import MIN_OPSET, max_opset
+    from .core import check_opset  # the range stairs-export accepts: a valid --opset works here
 
     opset = DEFAULT_OPSET if opset is None else opset
-    hi = max_opset()  # the range stairs-export accepts, so a valid --opset never fails here
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= hi:
-        raise OptionError(f"opset must be an integer from {MIN_OPSET} to {hi}, not {opset!r}")
+    check_opset(opset, "opset")
     cfg = model.config
     if getattr(cfg, "model_type", None) not in ("t5", "mt5") or not hasattr(model, "lm_head"):
         raise CheckpointError("the masked decoder is exported from a T5ForConditionalGeneration")
@@ -280,7 +279,7 @@ class _Graphs:
         self.cross = ort.InferenceSession(
             str(out_dir / CROSS_FILE), opts, providers=["CPUExecutionProvider"]
         )
-        self.names = _names(layers)
+        self.names = _io_names(layers)
         self.heads, self.d_kv = heads, d_kv
 
     def cross_kv(self, enc: np.ndarray) -> dict:

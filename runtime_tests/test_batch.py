@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from engine import Engine, InputError, ModelFileError
+from engine import CancelledError, Engine, EngineError, InputError, ModelFileError
 
 N_PROMPTS = 50
 NEW = 48
@@ -81,7 +81,8 @@ def test_mixed_strategies_join_and_cancel_mid_flight(eng, prompts, ref):
     results = [h.result(timeout=120) for h in first[1:] + late]
     assert [r.token_ids for r in results] == ref[1:6] + ref[7:12]
     assert max(r.stats.mean_batch_rows for r in results) > 1.5
-    victim.result(timeout=60)  # ends (cancelled) instead of hanging
+    with pytest.raises(CancelledError):  # ends (cancelled) instead of hanging
+        victim.result(timeout=60)
     assert victim.done and len(eng._worker.scheduler.active) == 0
 
 
@@ -223,3 +224,78 @@ def test_tune_measures_batched_auto_per_size(tiny_models, tmp_path):
     assert [r.token_ids for r in out] == [
         eng.generate(p, max_new_tokens=8).token_ids for p in ([5, 6, 1], [7, 1])
     ]
+
+
+def test_handle_can_be_read_after_result_and_by_many(eng, prompts, ref):
+    h = eng.submit(prompts[0], max_new_tokens=NEW)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(h.result(60))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r.token_ids for r in results] == [ref[0]] * 3
+    assert [t for toks in h.tokens() for t in toks] == ref[0]  # streaming after result() ends
+
+
+def test_a_failing_encoder_fails_only_the_joining_requests(eng, prompts, ref, monkeypatch):
+    sched = eng._scheduler()
+    ok = eng._request(eng.plan(prompts[0], "greedy", NEW))
+    sched.add(ok)
+    sched.step()  # ok is active now
+    real = eng.assistant._run
+
+    def broken(role, feed, counter):
+        if role == "encoder":
+            raise RuntimeError("encoder exploded")
+        return real(role, feed, counter)
+
+    monkeypatch.setattr(eng.assistant, "_run", broken)
+    bad = eng._request(eng.plan(prompts[1], "assisted", NEW))
+    sched.add(bad)
+    while sched.busy:
+        sched.step()
+    assert isinstance(bad.error, EngineError) and "encoder exploded" in str(bad.error)
+    assert bad.finished.is_set() and ok.error is None and ok.seq[1:] == ref[0]
+    assert not sched.main.owners and not sched.asst.owners  # no orphaned rows
+
+
+def test_batch_memory_is_bounded(eng, prompts, ref):
+    """Requests wait while the caches' worst case would not fit; one that cannot fit alone fails
+    with InputError; the others are served, exact."""
+    sched = eng._scheduler()
+    reqs = [eng._request(eng.plan(p, "greedy", NEW)) for p in prompts[:6]]
+    cap, enc = max(r.max_length() for r in reqs), max(len(r.ids) for r in reqs)
+    two_rows = sched.main.nbytes(2, cap, enc) + sched.asst.nbytes(2, cap, enc)
+    sched.memory_bytes = int(1.6 * (two_rows + 2 * 2 * eng.main.vocab_size * 4))
+    for r in reqs:
+        sched.add(r)
+    while sched.busy:
+        sched.step()
+    assert [r.seq[1:] for r in reqs] == ref[:6]
+    assert max(rows for rows, _ in sched.calls) == 2
+    sched.memory_bytes = 1 << 20
+    lone = eng._request(eng.plan(prompts[0], "greedy", NEW))
+    sched.add(lone)
+    sched.step()
+    assert isinstance(lone.error, InputError) and "do not fit" in str(lone.error)
+
+
+def test_damaged_auto_table_is_ignored(eng, monkeypatch):
+    from engine import batch, tune
+
+    for bad in ([1, 2], {"8": "x"}, {"1": 99}):
+        monkeypatch.setattr(tune, "load", lambda e, bad=bad: {"batch_auto_k": bad})
+        assert eng.auto_table() == batch.DEFAULT_AUTO_K
+
+
+def test_rewound_and_reused_slots_hold_zeros(eng, prompts):
+    sched = eng._scheduler()
+    r = eng._request(eng.plan(prompts[0], "assisted", 4, draft_tokens=6))
+    sched.add(r)
+    while sched.busy:
+        sched.step()
+    c = sched.main
+    assert all(np.isfinite(a).all() for a in c.self_kv)
+    row_len = {id(o): c.length(o) for o in c.owners}
+    assert not row_len  # retired; rows zeroed when the next request takes one

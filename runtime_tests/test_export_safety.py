@@ -310,3 +310,104 @@ def test_read_only_output_parent(src, tmp_path, capsys):
         assert list(parent.iterdir()) == []
     finally:
         parent.chmod(0o755)
+
+
+@pytest.mark.parametrize("case", ["fresh", "previous", "pair-second"])
+def test_files_landing_in_the_target_during_export_are_kept(
+    src, other_asst, tmp_path, monkeypatch, case
+):
+    """The target is checked again just before the swap: what arrived there during the export
+    (minutes for a large model) stays, the new export is discarded, nothing else changes."""
+    import export.core
+
+    if case == "fresh":  # no target at the start; a folder with a file appears
+        root, force = tmp_path / "new", False
+        main, asst, late = root / "out", None, root / "out"
+    else:
+        root, force = tmp_path / "models", True
+        main = root / "main"
+        pair = case == "pair-second"
+        export_model(str(src["main"]), main, str(src["asst"]) if pair else None, quiet=True)
+        asst = str(other_asst) if pair else None  # lands on root/asst too
+        late = root / "asst" if case == "pair-second" else main
+    before = snapshot(tmp_path)
+    real = export.core._export_one
+
+    def export_then_user_writes(s, tmp, *a, **k):
+        manifest = real(s, tmp, *a, **k)
+        late.mkdir(parents=True, exist_ok=True)
+        (late / "notes.txt").write_text("written during the export")
+        return manifest
+
+    monkeypatch.setattr(export.core, "_export_one", export_then_user_writes)
+    match = "exists; use --force" if case == "fresh" else r"did not write.*In the way: notes\.txt"
+    with pytest.raises(OutputExistsError, match=match):
+        export_model(str(src["asst"]), main, asst, force=force, quiet=True)
+    assert (late / "notes.txt").read_text() == "written during the export"
+    (late / "notes.txt").unlink()
+    after = snapshot(tmp_path)
+    if case == "fresh":
+        assert after == {"new": "dir", "new/out": "dir"}
+    else:
+        assert after == before  # the previous export(s) untouched, the main one put back
+    assert not leftovers(root)
+
+
+def test_signal_while_removing_the_old_folder_still_succeeds(src, tmp_path, monkeypatch, capsys):
+    """Once the new folders are in place the export has succeeded: a signal during the removal
+    of the old ones neither undoes it nor reports an interruption."""
+    out = tmp_path / "out"
+    export_model(str(src["main"]), out, assistant=None, quiet=True)
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **k):
+        if ".old-" in Path(path).name:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    rc = export_cli([str(src["asst"]), "-o", str(out), "--assistant", "none", "--force", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "interrupted" not in captured.err and "done in" in captured.out
+    assert json.loads((out / "stairs.json").read_text())["source"] == str(src["asst"])
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert not leftovers(tmp_path) and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+@pytest.mark.parametrize("output", [".", "new/.."])
+def test_output_naming_the_current_folder_is_refused(
+    src, tmp_path, monkeypatch, capsys, output, force
+):
+    cwd = tmp_path / "here"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    rc, lines = cli(capsys, src["main"], "-o", output, "--assistant", "none", *["--force"] * force)
+    assert rc == 2 and "is the current folder" in one_error_line(lines)
+    assert snapshot(tmp_path) == {"here": "dir"}  # no temp folder, no 'new' created
+
+
+def test_relative_output_with_dotdot_lands_beside_the_real_target(src, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = export_model(str(src["main"]), "a/../out", assistant=None, quiet=True)
+    assert res.main == tmp_path / "out" and (tmp_path / "out" / "stairs.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no 'a', no temp folder
+
+
+def test_one_definition_of_the_masked_files_and_opset_range(src, tmp_path):
+    """export.core names the masked graphs as export.masked writes them and engine.batch loads
+    them, and both exporters refuse an opset with the same message."""
+    import engine.batch
+    import export.core
+    import export.masked
+
+    names = [export.masked.DECODER_FILE, export.masked.CROSS_FILE]
+    assert export.core.MASKED_FILES == names
+    assert [engine.batch.MASKED_FILE, engine.batch.CROSS_FILE] == names
+    model = export.core.load_torch_model(src["main"])
+    with pytest.raises(OptionError) as masked_err:
+        export.masked.export_masked_decoder(model, tmp_path / "m", opset=13)
+    with pytest.raises(OptionError) as core_err:
+        export.core.check_options("fp32", None, 13)
+    assert str(masked_err.value) == str(core_err.value).replace("--opset", "opset")
+    assert "between 14 and" in str(masked_err.value) and not (tmp_path / "m").exists()

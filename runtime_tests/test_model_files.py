@@ -322,3 +322,11 @@ def test_calibrate_replaces_a_corrupt_tune_file(folder, tiny_models, caplog):
     assert stored[res["key"]]["strategy"] == res["strategy"]
     fresh = Engine.load(folder, assistant=tiny_models["v1_1"]["random"])
     assert fresh.auto_choice() == (res["strategy"], res["options"])
+
+
+def test_manifest_entry_with_a_nul_byte_is_refused(folder, capsys):
+    edit_manifest(folder, lambda m: m["files"].update({"a\0b": {"sha256": "0" * 64, "bytes": 1}}))
+    with pytest.raises(ModelFileError, match=r"entry 'a\\x00b' contains a NUL byte"):
+        T5Model(folder)
+    assert verify_main([str(folder)]) == 2
+    assert "NUL byte" in capsys.readouterr().err
