@@ -488,6 +488,22 @@ class Engine:
                     out[i] = batch.as_engine_error(exc)
         return out
 
+    def batching(self, max_batch_tokens: int | None = None):
+        """The shared batch.Scheduler behind submit(), created on first use (loading the masked
+        sessions); max_batch_tokens, if given, sets its token budget. A server calls this at
+        start-up and reads the scheduler's active, waiting, calls and call_count for metrics."""
+        from . import batch
+
+        if self._worker is None:
+            sched = self._scheduler(max_batch_tokens)
+            with self._lock:
+                self._worker = self._worker or batch.Worker(sched)
+        elif max_batch_tokens is not None:
+            self._worker.scheduler.max_batch_tokens = opt.check_count(
+                "max_batch_tokens", max_batch_tokens, batch.MAX_BATCH_TOKENS, "a smaller value"
+            )
+        return self._worker.scheduler
+
     def submit(
         self,
         prompt: str | Sequence[int],
@@ -508,10 +524,7 @@ class Engine:
             prompt, strategy, max_new_tokens, max_input_tokens, truncation, options
         )
         req = self._request(plan, auto_k)
-        if self._worker is None:
-            sched = self._scheduler()  # loads the masked sessions (takes the lock itself)
-            with self._lock:
-                self._worker = self._worker or batch.Worker(sched)
+        self.batching()
         handle = batch.Handle(
             req,
             self._worker,

@@ -10,6 +10,7 @@ longest), C cache capacity in slots, S encoder length (padded), H heads, D d_kv,
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -293,7 +294,9 @@ class Scheduler:
         self.max_batch_tokens, self.memory_bytes = max_batch_tokens, memory_bytes
         self.waiting: list[Request] = []
         self.active: list[Request] = []
-        self.calls: list[tuple[int, int]] = []  # (rows, padded tokens) of each main call
+        # (rows, padded tokens) of the latest main calls; call_count counts all of them
+        self.calls: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
+        self.call_count = 0
 
     def add(self, req: Request) -> None:
         """Queue a request; it joins at the next step the token budget and memory allow."""
@@ -457,6 +460,7 @@ class Scheduler:
         targets = logits.argmax(-1)  # [N, T]
         dt = time.perf_counter() - t
         self.calls.append(tokens.shape)
+        self.call_count += 1
         for i, r in enumerate(owners):
             k = len(r.draft)
             if r.error is not None:
@@ -555,6 +559,10 @@ class Handle:
         if self._req.error is not None:
             raise self._req.error
         return self._make_result(self._req.seq[1:], self._req.stats())
+
+    def stats(self):
+        """Statistics so far (also of a cancelled or failed request)."""
+        return self._req.stats()
 
     def cancel(self) -> None:
         """Stop the request; its rows are freed at the next step."""

@@ -71,7 +71,7 @@ def _use_global_pool(threads: int | None) -> bool:
 
             _pybind_state.set_global_thread_pool_sizes(want, 1)
             _global_pool = want
-        except Exception:  # environment already created (another session came first)
+        except Exception:  # noqa: BLE001 - environment already created (another session came first)
             _global_pool = -1
     return _global_pool == want
 

@@ -1,0 +1,631 @@
+"""stairs-serve: the OpenAI-compatible server answers exactly Engine.generate's greedy text, over
+a real socket with the openai client, streaming or not, under concurrent load, and refuses or
+recovers from bad requests, overload, timeouts, failures, disconnects and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="stairs-serve needs the [serve] extra (fastapi)")
+pytest.importorskip("uvicorn", reason="stairs-serve needs the [serve] extra (uvicorn)")
+pytest.importorskip("prometheus_client", reason="stairs-serve needs the [serve] extra")
+openai = pytest.importorskip("openai", reason="the tests use the openai client")
+httpx = pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient
+
+from engine import Engine
+from engine import batch as batch_mod
+from engine.serve import Server, create_app, free_port, parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = [
+    'def list_files(path):\n    """Return the names of the files in path."""\n',
+    "import os\n\n\ndef read_config(filename):\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n",
+    "def fibonacci(n):\n",
+]
+STRATEGY = ("assisted", {"draft_tokens": 4})
+
+
+@pytest.fixture(scope="module")
+def eng(pycode_pair):
+    main, draft = pycode_pair
+    return Engine.load(main, assistant=draft, threads=2)
+
+
+@pytest.fixture(scope="module")
+def ref(eng):
+    """Engine.generate(greedy) text of a prompt, memoised."""
+    memo = {}
+
+    def text(prompt, n):
+        key = (json.dumps(prompt), n)
+        if key not in memo:
+            memo[key] = eng.generate(prompt, strategy="greedy", max_new_tokens=n)
+        return memo[key]
+
+    return text
+
+
+@pytest.fixture(scope="module")
+def server(eng):
+    app = create_app(eng, strategy=STRATEGY[0], options=STRATEGY[1], max_queue=64)
+    srv = Server(app, "127.0.0.1", free_port()).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(eng):
+    return eng.main.folder.name
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Prometheus samples of the server: {'name{labels}': value}."""
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def wait_idle(eng, timeout=30.0) -> None:
+    sched = eng.batching()
+    end = time.monotonic() + timeout
+    while sched.busy and time.monotonic() < end:
+        time.sleep(0.02)
+    assert not sched.busy, "the scheduler still holds requests"
+
+
+# -- the openai client against a live server ----------------------------------------------------
+
+
+def test_completion_equals_greedy(client, model, ref, eng):
+    for prompt in TEXTS[:2]:
+        r = client.completions.create(model=model, prompt=prompt, max_tokens=24)
+        want = ref(prompt, 24)
+        assert r.object == "text_completion" and r.model == model
+        assert r.choices[0].text == want.text
+        eos = want.token_ids[-1] == eng.main.eos_id
+        assert r.choices[0].finish_reason == ("stop" if eos else "length")
+        assert r.choices[0].logprobs is None
+        n_in = len(eng.main.tokenizer.encode(prompt)) + 1
+        assert r.usage.prompt_tokens == n_in
+        assert r.usage.completion_tokens == len(want.token_ids)
+        assert r.usage.total_tokens == n_in + len(want.token_ids)
+        st = r.model_extra["stairs"]
+        assert st["strategy"] == "assisted" and st["main_calls"] >= 1
+        assert 0 <= st["acceptance_rate"] <= 1 and st["tokens_per_main_call"] >= 1
+
+
+def test_streaming_equals_greedy_and_arrives_while_generating(client, model, ref, server):
+    prompt, n = TEXTS[0], 96
+    state = server.state
+    chunks, inflight_at_first = [], None
+    for c in client.completions.create(model=model, prompt=prompt, max_tokens=n, stream=True):
+        if inflight_at_first is None:
+            inflight_at_first = state.inflight  # the request is still generating
+        chunks.append(c)
+    want = ref(prompt, n)
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    assert inflight_at_first == 1  # sent as tokens were accepted, not all at the end
+    assert sum(bool(c.choices[0].text) for c in chunks) > 3
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_sse_wire_format(server, model, ref):
+    body = {"model": model, "prompt": TEXTS[1], "max_tokens": 12, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: ") :]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    text = "".join(p["choices"][0]["text"] for p in payloads if p["choices"])
+    assert text == ref(TEXTS[1], 12).text
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_list_prompt_and_token_ids(client, model, ref, pycode_prompts):
+    prompts = [TEXTS[2], TEXTS[3], TEXTS[0]]
+    r = client.completions.create(model=model, prompt=prompts, max_tokens=16)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [ref(p, 16).text for p in prompts]
+    ids = pycode_prompts[5]
+    r = client.completions.create(model=model, prompt=ids, max_tokens=16)
+    assert r.choices[0].text == ref(ids, 16).text and r.usage.prompt_tokens == len(ids)
+    # streamed, the choices interleave by index
+    out = {0: "", 1: ""}
+    stream = client.completions.create(model=model, prompt=prompts[:2], max_tokens=16, stream=True)
+    for c in stream:
+        out[c.choices[0].index] += c.choices[0].text
+    assert [out[0], out[1]] == [ref(p, 16).text for p in prompts[:2]]
+
+
+def test_stop_strings_cut_exactly(client, model, ref):
+    prompt, n = TEXTS[0], 48
+    full = ref(prompt, n).text
+    stop = "TypeError"
+    assert stop in full  # the case below really cuts
+    want = full[: full.index(stop)]
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=n, stop=stop)
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < len(ref(prompt, n).token_ids)  # it stopped early
+    # a list: the earliest match wins, also when streamed; a stop never seen changes nothing
+    stops = ["never appears", "(path", stop]
+    want = full[: full.index("(path")]
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=n, stop=stops)
+    assert r.choices[0].text == want
+    s = client.completions.create(model=model, prompt=prompt, max_tokens=n, stop=stops, stream=True)
+    chunks = list(s)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=n, stop="\x00never")
+    assert r.choices[0].text == full
+
+
+def test_models_health_ready(client, model, server):
+    assert [m.id for m in client.models.list().data] == [model]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/ready")
+    assert ready.status_code == 200 and ready.json()["model"] == model
+
+
+def test_load_32_clients_exact_and_counted(server, model, ref, pycode_prompts, eng):
+    """32 concurrent clients x 4 requests (half streamed), mixed prompts and lengths: every answer
+    is its own prompt's greedy text (no request sees another's tokens), no 5xx, and /metrics
+    counts exactly what was sent."""
+    clients, per_client, n = 32, 4, 16
+    prompts = [pycode_prompts[i] for i in range(0, 64, 4)]  # 16 prompts, ids as given
+    for p in prompts:
+        ref(p, n)
+    before = metrics(server.url)
+    calls_before = eng.batching().call_count
+    errors, results = [], []
+    start = time.monotonic()
+
+    def run(c: int) -> None:
+        cl = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        try:
+            for j in range(per_client):
+                p = prompts[(c * per_client + j) % len(prompts)]
+                if j % 2:
+                    s = cl.completions.create(model=model, prompt=p, max_tokens=n, stream=True)
+                    text = "".join(x.choices[0].text for x in s)
+                else:
+                    text = (
+                        cl.completions.create(model=model, prompt=p, max_tokens=n).choices[0].text
+                    )
+                results.append((p, text))
+        except Exception as exc:  # noqa: BLE001 - collected and failed on below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, 60 - (time.monotonic() - start)))
+    assert not any(t.is_alive() for t in threads), "the load test took over 60 s"
+    assert errors == []
+    assert len(results) == clients * per_client
+    bad = [p for p, text in results if text != ref(p, n).text]
+    assert bad == []
+    after = metrics(server.url)
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta('stairs_requests_total{status="200"}') == clients * per_client
+    statuses = {k for k in after if k.startswith("stairs_requests_total")}
+    assert all(delta(k) == 0 for k in statuses if k != 'stairs_requests_total{status="200"}')
+    want_tokens = sum(len(ref(p, n).token_ids) for p, _ in results)
+    assert delta("stairs_completion_tokens_total") == want_tokens
+    assert delta("stairs_prompt_tokens_total") == sum(len(p) for p, _ in results)
+    assert delta("stairs_time_to_first_token_seconds_count") == clients * per_client
+    sched = eng.batching()
+    rows = [r for r, _ in list(sched.calls)[sched.call_count - (sched.call_count - calls_before) :]]
+    assert sum(rows) / len(rows) > 2  # concurrent requests really shared main calls
+    assert delta("stairs_rows_per_main_call_count") == len(rows)
+
+
+# -- robustness --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tc(eng):
+    """The same engine behind an in-process app (no socket) for the error cases."""
+    app = create_app(eng, strategy="auto", max_queue=8)  # batched auto: draft length by load
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ("{not json", 400, ["malformed JSON"]),
+        ('["a list"]', 400, ["JSON object"]),
+        ({"model": None, "prompt": "x = 1"}, 400, ["'model'", "required"]),
+        ({"prompt": "x", "max_tokens": 4, "colour": "red"}, 400, ["unknown field 'colour'"]),
+        ({"prompt": "x", "max_tokens": "16"}, 400, ["'max_tokens'"]),
+        ({"prompt": "x", "max_tokens": 4.5}, 400, ["'max_tokens'"]),
+        ({"prompt": "x", "stream": "yes"}, 400, ["'stream'"]),
+        ({"prompt": 5}, 400, ["'prompt'", "list of strings"]),
+        ({"prompt": [1, "a"]}, 400, ["'prompt'"]),
+        ({"prompt": "x", "stop": 3}, 400, ["'stop'"]),
+        ({"prompt": "x", "temperature": 0.7}, 400, ["only greedy", "temperature"]),
+        ({"prompt": "x", "top_p": 0.9}, 400, ["only greedy", "top_p"]),
+        ({"prompt": "x", "n": 2}, 400, ["n must be 1"]),
+        ({"prompt": "x", "max_tokens": 0}, 400, ["max_tokens must be from 1 to 4096"]),
+        ({"prompt": "x", "max_tokens": 5000}, 400, ["max_tokens must be from 1 to 4096"]),
+        ({"prompt": "   "}, 400, ["prompt is empty"]),
+        ({"prompt": []}, 400, ["prompt is empty"]),
+        ({"prompt": [[]]}, 400, ["empty list of token ids"]),
+        ({"prompt": [10**9]}, 400, ["out of range"]),
+        ({"prompt": ["ok", ""]}, 400, ["prompt[1] is empty"]),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, ["at most 4"]),
+        ({"prompt": "x", "stop": ""}, 400, ["stop string"]),
+        ({"prompt": ["x"] * 9}, 400, ["at most 8"]),
+        ({"prompt": "x", "model": "gpt-4"}, 404, ["'gpt-4' does not exist"]),
+    ],
+)
+def test_bad_requests_name_the_field(tc, model, body, status, words):
+    if isinstance(body, dict):
+        body = {k: v for k, v in {"model": model, **body}.items() if v is not None}
+        body = json.dumps(body)
+    r = tc.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    for w in words:
+        assert w in err["message"], err
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_temperature_zero_and_user_are_accepted(tc, model, ref):
+    body = {"model": model, "prompt": TEXTS[3], "max_tokens": 8, "temperature": 0, "user": "u1"}
+    r = tc.post("/v1/completions", json={**body, "top_p": 1, "seed": 7})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref(TEXTS[3], 8).text
+    assert r.json()["stairs"]["strategy"] == "auto"
+    assert tc.get("/ready").json()["runs"] == "assisted"
+
+
+def test_prompt_over_the_input_limit(tc, model, eng):
+    limit = min(eng.main.tokenizer.max_input_tokens, eng.limits.max_input_tokens)
+    r = tc.post("/v1/completions", json={"model": model, "prompt": "x = 1\n" * 2000})
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert f"over the input limit of {limit} tokens" in msg
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_openai_client_sees_a_400(client, model):
+    with pytest.raises(openai.BadRequestError, match="only greedy"):
+        client.completions.create(model=model, prompt="x", temperature=1.0)
+
+
+def test_api_key(eng, model, monkeypatch):
+    app = create_app(eng, strategy="greedy", api_key="s3cret")
+    with TestClient(app) as c:
+        body = {"model": model, "prompt": "x = 1\n", "max_tokens": 2}
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"}):
+            r = c.post("/v1/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert "API key" in r.json()["error"]["message"]
+            assert c.get("/v1/models", headers=headers).status_code == 401
+            assert c.get("/metrics", headers=headers).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.post("/v1/completions", json=body, headers=ok).status_code == 200
+        assert c.get("/v1/models", headers=ok).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/ready").status_code == 200
+    # the command line takes the key from --api-key or the environment; binds loopback by default
+    monkeypatch.setenv("STAIRS_API_KEY", "from-env")
+    a = parse_args(["--main", "m"])
+    assert a.api_key == "from-env" and a.host == "127.0.0.1" and a.port == 8000
+    assert parse_args(["--main", "m", "--api-key", "flag"]).api_key == "flag"
+    monkeypatch.delenv("STAIRS_API_KEY")
+    assert parse_args(["--main", "m"]).api_key is None
+
+
+def test_queue_full_429_then_disconnect_frees_rows(eng, model):
+    """max_queue=1: a second request while one streams gets 429 + Retry-After; the streaming
+    client then leaves and its rows are freed at the next step, long before max_tokens."""
+    app = create_app(eng, strategy="greedy", max_queue=1)
+    srv = Server(app, "127.0.0.1", free_port()).start()
+    sched, state = eng.batching(), srv.state
+    try:
+        body = {"model": model, "prompt": TEXTS[0], "max_tokens": 2000, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert state.inflight == 1 and sched.active
+            busy = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False})
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+            assert "server busy" in busy.json()["error"]["message"]
+            calls = sched.call_count
+        # the stream is closed here, mid-generation
+        wait_idle(eng)
+        assert sched.call_count - calls < 100  # 2000 tokens would take hundreds of calls
+        end = time.monotonic() + 10
+        while state.inflight and time.monotonic() < end:
+            time.sleep(0.02)
+        assert state.inflight == 0
+        m = metrics(srv.url)
+        assert m['stairs_requests_total{status="429"}'] == 1
+        assert m['stairs_requests_total{status="499"}'] == 1
+        ok = httpx.post(
+            srv.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 4}
+        )
+        assert ok.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_non_streaming_client_that_leaves_is_cancelled(server, model, eng):
+    sched = eng.batching()
+    before = metrics(server.url).get('stairs_requests_total{status="499"}', 0.0)
+    calls = sched.call_count
+    body = {"model": model, "prompt": TEXTS[2], "max_tokens": 4000}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    wait_idle(eng)
+    assert sched.call_count - calls < 400  # 4000 tokens need 800+ calls (5 tokens per call)
+    end = time.monotonic() + 5
+    while metrics(server.url).get('stairs_requests_total{status="499"}', 0.0) == before:
+        assert time.monotonic() < end, "the request was not counted as cancelled"
+        time.sleep(0.05)
+
+
+def test_timeout_504_frees_rows(eng, model):
+    app = create_app(eng, strategy="greedy", timeout=1.0)
+    with TestClient(app) as c:
+        sched = eng.batching()
+        calls = sched.call_count
+        r = c.post("/v1/completions", json={"model": model, "prompt": TEXTS[1], "max_tokens": 3000})
+        assert r.status_code == 504 and "timed out after 1 s" in r.json()["error"]["message"]
+        at_504 = sched.call_count
+        wait_idle(eng)
+        assert sched.call_count - at_504 < 10  # freed at the next step
+        assert at_504 - calls < 1500  # 3000 tokens need 3000 greedy calls
+        r = c.post("/v1/completions", json={"model": model, "prompt": TEXTS[1], "max_tokens": 2})
+        assert r.status_code == 200
+        # streamed: the status was sent with the first text, so the 504 comes as an error event
+        body = {"model": model, "prompt": TEXTS[1], "max_tokens": 3000, "stream": True}
+        r = c.post("/v1/completions", json=body)
+        events = [e for e in r.text.split("\n\n") if e]
+        assert r.status_code == 200 and events[-1] == "data: [DONE]"
+        assert "choices" in json.loads(events[0][6:])
+        err = json.loads(events[-2][6:])["error"]
+        assert "timed out after 1 s" in err["message"] and err["code"] == "timeout"
+        wait_idle(eng)
+        assert 'stairs_requests_total{status="504"} 2.0' in c.get("/metrics").text
+
+
+def test_engine_failure_500_and_the_server_goes_on(eng, model, ref, monkeypatch):
+    """A request that fails inside the scheduler gets 500 with the message; the next ones are
+    served exactly."""
+    marker = 4242
+    emit = batch_mod.Scheduler._emit
+
+    def failing(self, r, tokens):
+        if marker in r.ids:
+            raise RuntimeError("injected failure")
+        return emit(self, r, tokens)
+
+    monkeypatch.setattr(batch_mod.Scheduler, "_emit", failing)
+    app = create_app(eng, strategy="greedy")
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"model": model, "prompt": [5, marker, 1]})
+        assert r.status_code == 500
+        assert "RuntimeError: injected failure" in r.json()["error"]["message"]
+        body = {"model": model, "prompt": TEXTS[3], "max_tokens": 8}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref(TEXTS[3], 8).text
+        r = c.post("/v1/completions", json={**body, "prompt": [5, marker, 1], "stream": True})
+        assert r.status_code == 500  # failed before its first token: a status, not a stream
+        m = c.get("/metrics").text
+        assert 'stairs_requests_total{status="500"} 2.0' in m
+
+
+def test_one_at_a_time_mode(eng, model, ref):
+    """max_active=1 (the benchmark's baseline) serves concurrent requests one after another."""
+    app = create_app(eng, strategy="greedy", max_active=1)
+    srv = Server(app, "127.0.0.1", free_port()).start()
+    try:
+        calls = eng.batching().call_count
+        out = {}
+
+        def one(i):
+            body = {"model": model, "prompt": TEXTS[i], "max_tokens": 8}
+            out[i] = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [out[i]["choices"][0]["text"] for i in range(3)] == [
+            ref(TEXTS[i], 8).text for i in range(3)
+        ]
+        sched = eng.batching()
+        fresh = list(sched.calls)[len(sched.calls) - (sched.call_count - calls) :]
+        assert fresh and {rows for rows, _ in fresh} == {1}
+    finally:
+        srv.stop()
+
+
+def test_sigterm_drains_then_exits(pycode_pair, ref):
+    """stairs-serve as a process: SIGTERM mid-stream stops accepting connections, finishes the
+    open stream exactly, then exits 0."""
+    main, draft = pycode_pair
+    port = free_port()
+    cmd = [sys.executable, "-m", "engine.serve", "--main", str(main), "--assistant", str(draft)]
+    cmd += ["--strategy", "greedy", "--port", str(port), "--threads", "1", "--no-verify"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < end, "the server did not become ready"
+            time.sleep(0.2)
+        name = Path(main).name
+        body = {"model": name, "prompt": TEXTS[0], "max_tokens": 128, "stream": True}
+        text = ""
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(lines)
+            text += json.loads(first[len("data: ") :])["choices"][0]["text"]
+            proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + 10
+            while True:  # soon no longer accepting connections
+                try:
+                    httpx.get(url + "/health", timeout=2)
+                except httpx.TransportError:
+                    break
+                assert time.monotonic() < end, "still accepting 10 s after SIGTERM"
+                time.sleep(0.05)
+            rest = [ln for ln in lines if ln]
+        assert rest[-1] == "data: [DONE]" and len(rest) > 3  # went on after the signal
+        text += "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in rest[:-1])
+        assert text == ref(TEXTS[0], 128).text
+        assert proc.wait(60) == 0
+        log = proc.stdout.read().decode()
+        assert re.search(r"stairs-serve: .* on http://127\.0\.0\.1:\d+", log), log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_create_app_checks_its_settings(eng):
+    from engine import InputError
+
+    create_app(eng, strategy="greedy")
+    sched = eng.batching()
+    before = sched.max_batch_tokens
+    try:
+        create_app(eng, strategy="greedy", max_batch_tokens=128)
+        assert sched.max_batch_tokens == 128
+    finally:
+        sched.max_batch_tokens = before
+    for kw, words in [
+        ({"strategy": "stairs"}, "does not run batched"),
+        ({"strategy": "lookup", "options": {"branches": 2}}, "branches"),
+        ({"max_queue": 0}, "max_queue"),
+        ({"max_active": True}, "max_active"),
+        ({"timeout": -1}, "timeout"),
+        ({"api_key": " "}, "api_key"),
+        ({"max_batch_tokens": 0}, "max_batch_tokens"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            create_app(eng, **kw)
+
+
+def test_command_line_errors(tmp_path, capsys):
+    from engine.serve import main
+
+    assert main(["--main", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err.startswith("stairs-serve: error: ")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--main", "m", "--strategy", "stairs"])  # does not run batched
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["--main", "m", "--timeout", "nan"])
+    assert "--timeout" in capsys.readouterr().err
+
+
+def test_serve_config_yaml_is_valid():
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'stairs[ray]')")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from engine.serve import APP_CONFIG
+
+    raw = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    app = ServeDeploySchema.model_validate(raw).applications[0]
+    assert app.import_path == "engine.serve:ray_app"
+    assert set(app.args) - {"replicas"} <= set(APP_CONFIG)
+
+
+def test_ray_app_refuses_unknown_args():
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'stairs[ray]')")
+    from engine import InputError
+    from engine.serve import ray_app
+
+    with pytest.raises(InputError, match="unknown arg.*colour"):
+        ray_app({"main": "m", "colour": "red"})
+    with pytest.raises(InputError, match="replicas must be"):
+        ray_app({"main": "m", "replicas": 0})
+
+
+def test_ray_serve_two_replicas_exact(pycode_pair, ref, pycode_prompts):
+    """A local Ray instance, 2 replicas of 1 thread: requests reach both; every answer exact."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'stairs[ray]')")
+    from ray import serve
+
+    from engine.serve import ray_app
+
+    main, draft = pycode_pair
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        cfg = {"main": str(main), "assistant": str(draft), "threads": 1, "replicas": 2}
+        cfg.update(strategy=STRATEGY[0], options=STRATEGY[1], verify=False)
+        serve.run(ray_app(cfg), name="stairs", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        cl = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+        prompts = [*TEXTS, *pycode_prompts[:12]]
+        out = {}
+
+        def one(i):
+            r = cl.completions.create(model=Path(main).name, prompt=prompts[i], max_tokens=16)
+            out[i] = (r.choices[0].text, r.model_extra["stairs"]["replica"])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [out[i][0] for i in range(len(prompts))] == [ref(p, 16).text for p in prompts]
+        assert len({rep for _, rep in out.values()}) == 2  # both replicas answered
+        stream = cl.completions.create(
+            model=Path(main).name, prompt=TEXTS[0], max_tokens=24, stream=True
+        )
+        assert "".join(c.choices[0].text for c in stream) == ref(TEXTS[0], 24).text
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_import_engine_does_not_import_fastapi():
+    code = (
+        "import sys, engine; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ})
