@@ -396,13 +396,17 @@ class Engine:
 
     def auto_table(self) -> dict[int, int]:
         """Batched 'auto': draft tokens per request by the number of active requests (0 = off);
-        what stairs-tune --batch-sizes stored for this pair, else batch.DEFAULT_AUTO_K. A
+        what stairs-tune --batch-sizes stored for this pair, else batch.DEFAULT_AUTO_K (CPU) or
+        DEFAULT_AUTO_K_CUDA. A
         damaged stored table is ignored with a warning."""
         from . import batch, tune
 
+        default = (
+            batch.DEFAULT_AUTO_K_CUDA if self.main.provider == "cuda" else batch.DEFAULT_AUTO_K
+        )
         stored = (tune.load(self) or {}).get("batch_auto_k")
         if stored is None:
-            return dict(batch.DEFAULT_AUTO_K)
+            return dict(default)
         try:
             table = {int(n): int(k) for n, k in stored.items()}
             if table and all(n >= 1 and 0 <= k <= opt.MAX_DRAFT_TOKENS for n, k in table.items()):
@@ -410,7 +414,7 @@ class Engine:
         except (AttributeError, TypeError, ValueError):
             pass
         tune.log.warning("ignoring damaged batch_auto_k %r in %s", stored, tune.TUNE_FILE)
-        return dict(batch.DEFAULT_AUTO_K)
+        return dict(default)
 
     def _request(self, plan: Plan, auto_k: dict | None = None):
         from . import batch

@@ -41,9 +41,12 @@ STEP_FEEDS = (
 )
 DEFAULT_BATCH_TOKENS = 256
 # strategy="auto" when batched: draft tokens per request by the number of active requests (the
-# largest key <= N applies; 0 = speculation off). Measured on the pycode pair, 2 CPU cores
-# (README, "Batched"); stairs-tune --batch-sizes stores a table measured on the user's machine.
-DEFAULT_AUTO_K = {1: 4, 2: 4, 4: 3, 8: 0}
+# largest key <= N applies; 0 = speculation off). The default keeps speculating: on 2 CPU cores it
+# loses at most 2-4% at 8-16 requests on the 48M pycode main but gains 29% at 8 on a t5-large
+# shape (README, "Batched"); `stairs-tune --batch-sizes` measures the table for a pair, and
+# turns speculation off where it loses there.
+DEFAULT_AUTO_K = {1: 4, 4: 3}
+DEFAULT_AUTO_K_CUDA = {1: 4}  # H100: speculation paid at every batch size measured (1-16)
 MAX_BATCH_TOKENS = 65536
 
 
@@ -393,26 +396,31 @@ class Scheduler:
         self.active.extend(joining)
 
     def _encode(self, joining: list[Request]) -> None:
-        """Encoders of the joining requests, batched (padded), and their cross key/values."""
+        """Encoders of the joining requests, batched (padded), and their cross key/values. The
+        assistant's only for requests that draft now (auto may start with speculation off)."""
         t = time.perf_counter()
-        for model, cache in ((self.main_model, self.main), (self.asst_model, self.asst)):
-            reqs = [r for r in joining if cache is self.main or r.strategy == "assisted"]
-            if not reqs or cache is None:
-                continue
-            s = max(len(r.ids) for r in reqs)
-            ids = np.full((len(reqs), s), model.pad_id, np.int64)  # [B, S]
-            mask = np.zeros((len(reqs), s), np.int64)
-            for i, r in enumerate(reqs):
-                ids[i, : len(r.ids)], mask[i, : len(r.ids)] = r.ids, 1
-            c = Counter()
-            enc = model._run("encoder", {"input_ids": ids, "attention_mask": mask}, c)[0]
-            cross = cache.dec.cross_kv(enc, c)  # 2 per layer, [B, H, S, D]
-            for i, r in enumerate(reqs):
-                cache.add(r, [a[i, :, : len(r.ids)] for a in cross], mask[i, : len(r.ids)])
-                r.counter.session_s += c.session_s
+        n = len(self.active) + len(joining)
+        self._encode_into(self.main_model, self.main, joining)
+        drafting = [r for r in joining if r.strategy == "assisted" and r.draft_len(n) > 0]
+        if drafting and self.asst is not None:
+            self._encode_into(self.asst_model, self.asst, drafting)
         dt = time.perf_counter() - t
         for r in joining:
             r.counter.encoder_s += dt
+
+    @staticmethod
+    def _encode_into(model: T5Model, cache: BatchCache, reqs: list[Request]) -> None:
+        s = max(len(r.ids) for r in reqs)
+        ids = np.full((len(reqs), s), model.pad_id, np.int64)  # [B, S]
+        mask = np.zeros((len(reqs), s), np.int64)
+        for i, r in enumerate(reqs):
+            ids[i, : len(r.ids)], mask[i, : len(r.ids)] = r.ids, 1
+        c = Counter()
+        enc = model._run("encoder", {"input_ids": ids, "attention_mask": mask}, c)[0]
+        cross = cache.dec.cross_kv(enc, c)  # 2 per layer, [B, H, S, D]
+        for i, r in enumerate(reqs):
+            cache.add(r, [a[i, :, : len(r.ids)] for a in cross], mask[i, : len(r.ids)])
+            r.counter.session_s += c.session_s
 
     def _draft(self) -> None:
         # the token budget caps every row's draft: N rows x (1 + K) tokens per main call
@@ -424,7 +432,20 @@ class Scheduler:
                 t = time.perf_counter()
                 r.draft = r.lookup.propose(r.seq, min(r.draft_len(n_active), cap, r.remaining - 1))
                 r.counter.draft_s += time.perf_counter() - t
-        rows = list(self.asst.owners) if self.asst is not None else []
+        if self.asst is None:
+            return
+        # auto turned speculation on for requests whose assistant has not run yet: encode them
+        late = [
+            r
+            for r in self.active
+            if r.strategy == "assisted" and r.draft_len(n_active) > 0 and r not in self.asst.owners
+        ]
+        if late:
+            t = time.perf_counter()
+            self._encode_into(self.asst_model, self.asst, late)
+            for r in late:
+                r.counter.encoder_s += time.perf_counter() - t
+        rows = list(self.asst.owners)
         if not rows:
             return
         want = [min(r.draft_len(n_active), cap, r.remaining - 1) for r in rows]
