@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from bench import core, report
 from bench.peers import max_rss_mb, strip
 from bench.quiet import Monitor, NotQuietError, describe_check
+from bench.run import warn
 from engine.options import MAX_BATCH_SIZE
 
 DEFAULT_STRATEGIES = [
@@ -257,10 +257,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def warn(msg: str) -> None:
-    print(f"stairs-bench: WARNING: {msg}", file=sys.stderr, flush=True)
 
 
 def run_batch_bench(

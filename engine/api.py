@@ -359,11 +359,7 @@ class Engine:
         """A new batch.Scheduler on this engine's masked decoder sessions (loaded once)."""
         from . import batch
 
-        if max_batch_tokens is None:
-            max_batch_tokens = batch.DEFAULT_BATCH_TOKENS
-        max_batch_tokens = opt.check_count(
-            "max_batch_tokens", max_batch_tokens, batch.MAX_BATCH_TOKENS, "a smaller value"
-        )
+        max_batch_tokens = _batch_tokens(max_batch_tokens)
         with self._lock:
             for role, model in (("main", self.main), ("assistant", self.assistant)):
                 if model is not None and role not in self._masked:
@@ -419,6 +415,10 @@ class Engine:
     def _request(self, plan: Plan, auto_k: dict | None = None):
         from . import batch
 
+        if plan.options.get("threshold") is not None:
+            raise InputError(
+                "threshold (confidence-stopped drafting) does not run batched; use generate()"
+            )
         if plan.strategy not in batch.BATCHED:
             raise InputError(
                 f"strategy {plan.strategy!r} does not run batched (batched: "
@@ -475,7 +475,7 @@ class Engine:
                 plans[i], auto_k = self._batch_plan(
                     p, strategy, max_new_tokens, max_input_tokens, truncation, options, table
                 )
-                if plans[i].strategy in batch.BATCHED:
+                if plans[i].strategy in batch.BATCHED and plans[i].options.get("threshold") is None:
                     reqs[i] = self._request(plans[i], auto_k)
                     sched.add(reqs[i])
             except EngineError as exc:
@@ -503,9 +503,7 @@ class Engine:
             with self._lock:
                 self._worker = self._worker or batch.Worker(sched)
         elif max_batch_tokens is not None:
-            self._worker.scheduler.max_batch_tokens = opt.check_count(
-                "max_batch_tokens", max_batch_tokens, batch.MAX_BATCH_TOKENS, "a smaller value"
-            )
+            self._worker.scheduler.max_batch_tokens = _batch_tokens(max_batch_tokens)
         return self._worker.scheduler
 
     def submit(
@@ -537,3 +535,12 @@ class Engine:
         )
         self._worker.submit([req])
         return handle
+
+
+def _batch_tokens(n: int | None) -> int:
+    """max_batch_tokens checked (None: the default)."""
+    from . import batch
+
+    if n is None:
+        return batch.DEFAULT_BATCH_TOKENS
+    return opt.check_count("max_batch_tokens", n, batch.MAX_BATCH_TOKENS, "a smaller value")

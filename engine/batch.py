@@ -23,6 +23,7 @@ from .accept import accept
 from .errors import CancelledError, EngineError, InputError, ModelFileError, NonFiniteLogitsError
 from .model import T5Model
 from .options import MAX_DRAFT_TOKENS, MEMORY_SAFETY, available_memory
+from .run import cut
 from .stats import Counter
 from .strategies.lookup import PromptLookup
 from .tokenizer import text_pieces
@@ -516,14 +517,9 @@ class Scheduler:
         return tokens, counts
 
     def _emit(self, r: Request, tokens: list[int]) -> None:
-        out = tokens[: r.remaining]
-        eos = self.main_model.eos_id
-        if eos in out:
-            out = out[: out.index(eos) + 1]
-            r.done = True
+        out, done = cut(tokens, r.remaining, self.main_model.eos_id)
         r.seq.extend(out)
-        if r.remaining <= 0:
-            r.done = True
+        r.done = r.done or done
         r.out.put(out)
 
     def _retire(self) -> None:

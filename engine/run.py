@@ -61,14 +61,9 @@ class Run:
 
     def emit(self, tokens) -> list[int]:
         """Append tokens to the output, cut at EOS and max_new_tokens; returns what was kept."""
-        out = [int(t) for t in tokens[: self.remaining]]
-        eos = self.main_model.eos_id
-        if eos in out:
-            out = out[: out.index(eos) + 1]
-            self.done = True
+        out, done = cut(tokens, self.remaining, self.main_model.eos_id)
         self.seq.extend(out)
-        if self.remaining <= 0:
-            self.done = True
+        self.done = self.done or done
         return out
 
     def stats(self):
@@ -77,3 +72,12 @@ class Run:
         self.counter.batch_rows = self.counter.main_calls  # alone: every call is its own
         self.counter.total_s = time.perf_counter() - self._t0
         return self.counter.freeze()
+
+
+def cut(tokens, remaining: int, eos: int) -> tuple[list[int], bool]:
+    """The tokens a generation keeps: at most `remaining`, none after the first EOS; and
+    whether it is done (EOS kept, or nothing left to emit). Shared by Run and the scheduler."""
+    out = [int(t) for t in tokens[:remaining]]
+    if eos in out:
+        return out[: out.index(eos) + 1], True
+    return out, len(out) >= remaining

@@ -116,6 +116,8 @@ def test_bad_prompt_fails_alone_and_empty_batch_is_refused(eng, prompts, ref):
         eng.generate_batch("one string", max_new_tokens=NEW)
     with pytest.raises(InputError):
         eng.submit(prompts[0], strategy="tree")  # not batched: says so, before running
+    with pytest.raises(InputError, match="threshold"):
+        eng.submit(prompts[0], strategy="assisted", threshold=0.4)  # never silently ignored
 
 
 def test_non_batched_strategies_still_run_in_a_batch(eng, prompts, ref):
