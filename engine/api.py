@@ -124,6 +124,7 @@ class Engine:
         io_binding: bool = False,
         limits: opt.Limits | None = None,
         verify: bool = True,
+        single_request: bool = True,
     ) -> Engine:
         """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
 
@@ -133,9 +134,13 @@ class Engine:
         from a second thread (None = what stairs-tune measured for this pair, else threads).
         io_binding: run through ORT IO binding (outputs allocated on the provider's device).
         limits: ceilings for generate (engine.options.Limits). verify: check file hashes.
+        single_request=False: load only what batched generation needs (encoders, masked decoder,
+        cross key/values; each weight resident once, as a server wants): generate() and stream()
+        then run greedy, assisted and lookup through the scheduler, and refuse the others.
         """
         flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         flags["verify"] = verify
+        flags["single_request"] = single_request
         _check_load_args(
             main,
             assistant,
@@ -157,6 +162,7 @@ class Engine:
             shared_thread_pool,
             io_binding,
             verify=verify,
+            decoders=single_request,
         )
         a = None
         if assistant is not None:
@@ -174,8 +180,12 @@ class Engine:
                 shared_thread_pool,
                 io_binding,
                 verify=verify,
+                decoders=single_request,
             )
-        return cls(m, a, threads, limits)
+        eng = cls(m, a, threads, limits)
+        if not single_request:
+            eng._scheduler()  # the masked graphs load (and are checked) now
+        return eng
 
     def calibrate(
         self, prompts, max_new_tokens: int = 64, save: bool = True, batch_sizes=()
@@ -326,6 +336,11 @@ class Engine:
 
     def execute(self, plan: Plan) -> GenerationResult:
         """Run a generation that plan() validated."""
+        if "decoder_with_past" not in self.main.sessions:  # loaded with single_request=False
+            req = self._scheduled(plan)
+            for _ in req:
+                pass
+            return self._result(plan, req.request.seq[1:], req.request.stats())
         run, it = self._start(plan)
         for _ in it:
             pass
@@ -350,8 +365,24 @@ class Engine:
         return self._stream(plan)
 
     def _stream(self, plan: Plan) -> Iterator[str]:
-        _, it = self._start(plan)
+        if "decoder_with_past" not in self.main.sessions:
+            it = self._scheduled(plan)
+        else:
+            _, it = self._start(plan)
         yield from text_pieces(it, self.main.tokenizer.decode)
+
+    def _scheduled(self, plan: Plan) -> _Scheduled:
+        """One request on a private scheduler, run in the caller's thread (the path of an engine
+        loaded with single_request=False): iterates the token lists as they are accepted."""
+        if plan.strategy not in _batched_names() or plan.options.get("threshold") is not None:
+            raise InputError(
+                f"strategy {plan.strategy!r}{' with threshold' if plan.options.get('threshold') is not None else ''}"
+                " needs the single-request decoders: Engine.load(..., single_request=True)"
+            )
+        sched = self._scheduler()
+        req = self._request(plan)
+        sched.add(req)
+        return _Scheduled(sched, req)
 
     # -- many requests at once ------------------------------------------------------------------
 
@@ -544,3 +575,27 @@ def _batch_tokens(n: int | None) -> int:
     if n is None:
         return batch.DEFAULT_BATCH_TOKENS
     return opt.check_count("max_batch_tokens", n, batch.MAX_BATCH_TOKENS, "a smaller value")
+
+
+def _batched_names() -> tuple[str, ...]:
+    from .batch import BATCHED
+
+    return BATCHED
+
+
+class _Scheduled:
+    """Iterates one request's accepted token lists while stepping its own scheduler."""
+
+    def __init__(self, sched, request):
+        self.sched, self.request = sched, request
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while self.sched.busy:
+            self.sched.step()
+            while not self.request.out.empty():
+                item = self.request.out.get()
+                if item is None:
+                    if self.request.error is not None:
+                        raise self.request.error
+                    return
+                yield item

@@ -72,9 +72,12 @@ class T5Model:
         shared_thread_pool: bool = False,
         io_binding: bool = False,
         verify: bool = True,
+        decoders: bool = True,
     ):
         """verify: check every file stairs.json lists against its sha256 (sizes are always
-        checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders."""
+        checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders.
+        decoders=False: load only the encoder of optimum's graphs (the batched path brings the
+        masked decoder), so each decoder weight is resident once."""
         self.folder = Path(folder)
         self.name = name or self.folder.name
         self.threads = threads
@@ -115,7 +118,8 @@ class T5Model:
         self.device = {"cuda": "cuda"}.get(self.provider, "cpu")
         self.device_id = int((provider_options or {}).get("device_id", 0))
         self._session_args = (so, plist, explicit)
-        self.sessions = {role: self.open_session(fname) for role, fname in ONNX_FILES.items()}
+        roles = ONNX_FILES if decoders else {"encoder": ONNX_FILES["encoder"]}
+        self.sessions = {role: self.open_session(fname) for role, fname in roles.items()}
         self._check_sessions()
 
     def open_session(self, fname: str) -> ort.InferenceSession:
@@ -156,6 +160,12 @@ class T5Model:
                 raise ModelFileError(
                     f"{path}: not this engine's T5 {role.replace('_', ' ')}; " + "; ".join(problems)
                 )
+        if "decoder_with_past" in self.sessions:
+            self._check_decoders()
+        self._check_sizes()
+
+    def _check_decoders(self) -> None:
+        """Past/present names and order of optimum's two decoder graphs."""
         dwp = self.sessions["decoder_with_past"]
         self.past_names = [i.name for i in dwp.get_inputs() if i.name.startswith("past_key_values")]
         self.self_names = [n for n in self.past_names if ".decoder." in n]
@@ -189,7 +199,9 @@ class T5Model:
                 f"{dwp_path}: outputs after logits must be present.*.decoder.key/value"
                 f" in layer order, found {', '.join(step_outs[1:]) or 'none'}"
             )
-        # Sizes the graphs fix must be the config's (a symbolic dim is a str: not checked).
+
+    def _check_sizes(self) -> None:
+        """Sizes the graphs fix must be the config's (a symbolic dim is a str: not checked)."""
         c, enc, dec, step = self.config, *ONNX_FILES.values()
         want = {
             (enc, "last_hidden_state"): [(-1, c["d_model"])],
@@ -197,7 +209,7 @@ class T5Model:
             (dec, "logits"): [(-1, self.vocab_size)],
             (step, "logits"): [(-1, self.vocab_size)],
         }
-        for name in self.past_names:
+        for name in getattr(self, "past_names", []):
             want[(step, name)] = [(1, self.num_heads), (-1, self.d_kv)]
         for role, sess in self.sessions.items():
             fname = ONNX_FILES[role]

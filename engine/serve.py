@@ -960,8 +960,13 @@ def build_app(cfg: dict) -> FastAPI:
     if unknown:
         raise InputError(f"unknown setting(s) {unknown}; known: {', '.join(APP_CONFIG)}")
     c = {**APP_CONFIG, **cfg}
-    eng = Engine.load(
-        c["main"], c["assistant"], provider=c["provider"], threads=c["threads"], verify=c["verify"]
+    eng = Engine.load(  # batched only: each weight resident once
+        c["main"],
+        c["assistant"],
+        provider=c["provider"],
+        threads=c["threads"],
+        verify=c["verify"],
+        single_request=False,
     )
     return create_app(
         eng,

@@ -301,3 +301,18 @@ def test_rewound_and_reused_slots_hold_zeros(eng, prompts):
     assert all(np.isfinite(a).all() for a in c.self_kv)
     row_len = {id(o): c.length(o) for o in c.owners}
     assert not row_len  # retired; rows zeroed when the next request takes one
+
+
+def test_batched_only_engine_loads_each_decoder_once(eng, prompts, ref):
+    """single_request=False: no optimum decoder sessions; generate/stream run on the scheduler,
+    exact; strategies that need the single-request decoders are refused clearly."""
+    lean = Engine.load(eng.main.folder, assistant=eng.assistant.folder, single_request=False)
+    assert set(lean.main.sessions) == {"encoder"} and set(lean.assistant.sessions) == {"encoder"}
+    for strategy in ("greedy", "assisted", "lookup"):
+        got = [
+            lean.generate(p, strategy=strategy, max_new_tokens=NEW).token_ids for p in prompts[:4]
+        ]
+        assert got == ref[:4]
+    assert "".join(lean.stream(prompts[0], max_new_tokens=NEW)) == eng.main.tokenizer.decode(ref[0])
+    with pytest.raises(InputError, match="single_request=True"):
+        lean.generate(prompts[0], strategy="tree")
