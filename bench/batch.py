@@ -18,8 +18,8 @@ import numpy as np
 
 from bench import core, report
 from bench.peers import max_rss_mb, strip
-from bench.quiet import Monitor, NotQuietError, describe_check
-from bench.run import warn
+from bench.quiet import Monitor
+from bench.run import quiet_start, warn
 from engine.options import MAX_BATCH_SIZE
 
 DEFAULT_STRATEGIES = [
@@ -334,14 +334,7 @@ def run_batch_bench(
         methods.append(single_method(eng, max_new_tokens))
     methods += peer_batch_methods(peers, hf_main, threads, max_new_tokens, workdir, log)
     monitor = Monitor(quiet_threshold, quiet_load)
-    log(f"checking that the machine is quiet (waiting up to {wait_quiet:.0f} s)")
-    start = monitor.wait_quiet(wait_quiet, log)
-    if not start["quiet"]:
-        if require_quiet:
-            raise NotQuietError(
-                f"machine not quiet after {monitor.waited_s:.0f} s: " + describe_check(start)
-            )
-        warn(f"machine not quiet at the start: {describe_check(start)}")
+    quiet_start(monitor, wait_quiet, require_quiet, log)
     memory = []
 
     def on_size(b, live):

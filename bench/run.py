@@ -140,6 +140,19 @@ def add_quiet(rows: list[dict], summary: dict) -> None:
             r["quiet"] = all(flags)
 
 
+def quiet_start(monitor, wait_quiet: float, require_quiet: bool, log) -> dict:
+    """Wait up to wait_quiet s for a quiet machine; NotQuietError if required, else a warning."""
+    log(f"checking that the machine is quiet (waiting up to {wait_quiet:.0f} s)")
+    start = monitor.wait_quiet(wait_quiet, log)
+    if not start["quiet"]:
+        if require_quiet:
+            raise NotQuietError(
+                f"machine not quiet after {monitor.waited_s:.0f} s: " + describe_check(start)
+            )
+        warn(f"machine not quiet at the start: {describe_check(start)}")
+    return start
+
+
 def warn(msg: str) -> None:
     """Always shown, -q or not: a noisy run must not pass unnoticed."""
     print(f"stairs-bench: WARNING: {msg}", file=sys.stderr, flush=True)
@@ -220,14 +233,7 @@ def run_bench(
         list(peers), hf_main, hf_asst, main, assistant, threads, max_new_tokens, workdir, log
     )
     alone_methods = select_alone(methods, alone)
-    log(f"checking that the machine is quiet (waiting up to {wait_quiet:.0f} s)")
-    start = monitor.wait_quiet(wait_quiet, log)
-    if not start["quiet"]:
-        if require_quiet:
-            raise NotQuietError(
-                f"machine not quiet after {monitor.waited_s:.0f} s: " + describe_check(start)
-            )
-        warn(f"machine not quiet at the start: {describe_check(start)}")
+    quiet_start(monitor, wait_quiet, require_quiet, log)
     t0 = time.perf_counter()
     core.interleave(methods, ids, rounds, progress, monitor.watch)
     monitor.phase = "alone"
