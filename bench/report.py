@@ -51,6 +51,15 @@ def quiet_lines(res: dict) -> list[str]:
     ]
 
 
+def machine_line(res: dict) -> str:
+    """The report's line naming the CPU and the library versions."""
+    m = res["machine"]
+    return (
+        f"Machine: {m.get('cpu', m['platform'])}; onnxruntime {m['onnxruntime']}, torch "
+        f"{m.get('torch')}, transformers {m.get('transformers')}, ctranslate2 {m.get('ctranslate2')}"
+    )
+
+
 def markdown(res: dict) -> str:
     s = res["settings"]
     thr = (res.get("quiet") or {}).get("threshold")
@@ -60,12 +69,7 @@ def markdown(res: dict) -> str:
             f"{s['threads']} threads, median of {s['rounds']} interleaved round(s)"
         ),
         "",
-        (
-            f"Machine: {res['machine'].get('cpu', res['machine']['platform'])}; onnxruntime "
-            f"{res['machine']['onnxruntime']}, torch {res['machine'].get('torch')}, "
-            f"transformers {res['machine'].get('transformers')}, ctranslate2 "
-            f"{res['machine'].get('ctranslate2')}"
-        ),
+        machine_line(res),
         "",
         *quiet_lines(res),
         (
@@ -306,12 +310,7 @@ def batch_markdown(res: dict) -> str:
             f" {s['threads']} threads, batch sizes {', '.join(map(str, sizes))}, one run"
         ),
         "",
-        (
-            f"Machine: {res['machine'].get('cpu', res['machine']['platform'])}; onnxruntime "
-            f"{res['machine']['onnxruntime']}, torch {res['machine'].get('torch')}, "
-            f"transformers {res['machine'].get('transformers')}, ctranslate2 "
-            f"{res['machine'].get('ctranslate2')}"
-        ),
+        machine_line(res),
         "",
         *quiet_lines(res),
         (
