@@ -236,6 +236,10 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
                     acceptance_rate=st.acceptance_rate,
                     tokens_per_main_call=st.tokens_per_main_call,
                 )
+                if st.main_calls:  # where a request's time goes: its shared calls' wall time
+                    row["verify_ms_per_call"] = st.verify_s / st.main_calls * 1e3
+                    row["draft_ms_per_call"] = st.draft_s / st.main_calls * 1e3
+                    row["encoder_ms_per_request"] = st.encoder_s / len(outs) * 1e3
             w = windows.get(f"batch {b}", {}).get(m.name)
             if w:
                 row["others_cpu_per_s"] = w["others_cpu_per_s"]
@@ -284,7 +288,8 @@ def run_batch_bench(
     translate_batch at each batch size; writes results.json, results.md, batch_throughput.png.
 
     quick: 8 prompts, 16 tokens, sizes limited to 3 of at most 4 (default 1, 2, 4).
-    single: also time Engine.generate greedy (the single-request path) at batch 1.
+    single: also time Engine.generate greedy (the single-request path) at batch 1; without it
+    the engine loads with single_request=False (each weight once).
     max_batch_tokens: passed to Engine.generate_batch (None: the engine's default).
     The machine is watched as in run_bench (bench.quiet); require_quiet raises NotQuietError
     before the timed runs if it never became quiet."""
@@ -322,7 +327,9 @@ def run_batch_bench(
     asst = Path(assistant) if assistant else None
     if asst is not None:
         _ensure_exported(main, asst, log)
-    eng = Engine.load(main, asst, provider=provider, threads=threads)
+    # without the single-request path only the batched graphs load: each weight resident once
+    single = single and 1 in sizes
+    eng = Engine.load(main, asst, provider=provider, threads=threads, single_request=single)
     sp = eng.main.tokenizer
     # The pair's convention: spiece.encode(context)[-255:] + [eos].
     ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in texts]
@@ -330,7 +337,7 @@ def run_batch_bench(
     workdir = out / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     methods = [engine_batch_method(eng, s, max_new_tokens, max_batch_tokens) for s in strategies]
-    if single and 1 in sizes:
+    if single:
         methods.append(single_method(eng, max_new_tokens))
     methods += peer_batch_methods(peers, hf_main, threads, max_new_tokens, workdir, log)
     monitor = Monitor(quiet_threshold, quiet_load)

@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         "assisted:draft_tokens=5,schedule=heuristic;lookup), HF generate with padding and"
         " CTranslate2 float32 translate_batch; --rounds, --alone and the sweeps do not apply",
     )
+    p.add_argument(
+        "--no-single",
+        action="store_true",
+        help="batch mode: leave out the single-request path (generate) at batch 1; the engine"
+        " then loads only the batched graphs, each weight once (big models)",
+    )
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--sweep-prompts", type=int, default=10)
     p.add_argument(
@@ -137,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_quiet=a.wait_quiet,
                 require_quiet=a.require_quiet,
                 max_batch_tokens=a.max_batch_tokens,
+                single=not a.no_single,
             )
         else:
             res = run_bench(

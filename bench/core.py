@@ -89,7 +89,7 @@ def peer_methods(
         try:
             fn = build()
             out.append(Method(name, fn, kind))
-        except Exception as exc:  # missing package or failing peer: report, never hide
+        except Exception as exc:  # noqa: BLE001 - missing package or failing peer: report, never hide
             out.append(Method(name, None, kind, error=f"{type(exc).__name__}: {exc}"))
             log(f"peer {name} skipped: {exc}")
 
@@ -98,7 +98,7 @@ def peer_methods(
             from bench.peers import HF
 
             hf = HF(hf_main, hf_asst, threads)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing peer is reported
             hf = None
             out.append(Method("hf/greedy", None, "peer", error=f"{type(exc).__name__}: {exc}"))
         if hf is not None:
@@ -133,13 +133,13 @@ def peer_methods(
                         "peer",
                         lambda: lambda ids: (opt.greedy(ids, max_new, True), None),
                     )
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a failing peer is reported
                     out.append(
                         Method(
                             "optimum/assisted", None, "peer", error=f"{type(exc).__name__}: {exc}"
                         )
                     )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing peer is reported
             out.append(Method("optimum/greedy", None, "peer", error=f"{type(exc).__name__}: {exc}"))
     if "ct2" in peers:
         for ctype in ("float32", "int8"):
@@ -336,7 +336,7 @@ def machine() -> dict:
     for pkg in ("torch", "transformers", "optimum", "ctranslate2"):
         try:
             info[pkg] = __import__(pkg).__version__
-        except Exception:
+        except Exception:  # noqa: BLE001 - a version is optional
             info[pkg] = None
     return info
 

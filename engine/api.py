@@ -136,7 +136,7 @@ class Engine:
         limits: ceilings for generate (engine.options.Limits). verify: check file hashes.
         single_request=False: load only what batched generation needs (encoders, masked decoder,
         cross key/values; each weight resident once, as a server wants): generate() and stream()
-        then run greedy, assisted and lookup through the scheduler, and refuse the others.
+        then run every strategy through the scheduler.
         """
         flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         flags["verify"] = verify
@@ -374,11 +374,6 @@ class Engine:
     def _scheduled(self, plan: Plan) -> _Scheduled:
         """One request on a private scheduler, run in the caller's thread (the path of an engine
         loaded with single_request=False): iterates the token lists as they are accepted."""
-        if plan.strategy not in _batched_names() or plan.options.get("threshold") is not None:
-            raise InputError(
-                f"strategy {plan.strategy!r}{' with threshold' if plan.options.get('threshold') is not None else ''}"
-                " needs the single-request decoders: Engine.load(..., single_request=True)"
-            )
         sched = self._scheduler()
         req = self._request(plan)
         sched.add(req)
@@ -446,15 +441,6 @@ class Engine:
     def _request(self, plan: Plan, auto_k: dict | None = None):
         from . import batch
 
-        if plan.options.get("threshold") is not None:
-            raise InputError(
-                "threshold (confidence-stopped drafting) does not run batched; use generate()"
-            )
-        if plan.strategy not in batch.BATCHED:
-            raise InputError(
-                f"strategy {plan.strategy!r} does not run batched (batched: "
-                f"{', '.join(batch.BATCHED)}); use generate() for it"
-            )
         return batch.Request(
             ids=plan.ids[0].tolist(),
             strategy=plan.strategy,
@@ -481,7 +467,7 @@ class Engine:
         **options,
     ) -> list[GenerationResult | EngineError]:
         """Generate for many prompts at once, in order: every step packs all requests' rows
-        into one main call (greedy, assisted, lookup; other strategies run one after another).
+        into one main call (every strategy runs as steps of one scheduler).
         strategy="auto" speculates adaptively: draft length by the number of active requests
         (auto_table()), speculation off at batch sizes where it loses.
 
@@ -495,7 +481,6 @@ class Engine:
             raise InputError("prompts must be a list of prompts (text or lists of ids)")
         if not prompts:
             raise InputError("empty batch: give at least one prompt")
-        from . import batch
 
         sched = self._scheduler(max_batch_tokens)
         table = self.auto_table() if strategy == "auto" else None
@@ -506,21 +491,14 @@ class Engine:
                 plans[i], auto_k = self._batch_plan(
                     p, strategy, max_new_tokens, max_input_tokens, truncation, options, table
                 )
-                if plans[i].strategy in batch.BATCHED and plans[i].options.get("threshold") is None:
-                    reqs[i] = self._request(plans[i], auto_k)
-                    sched.add(reqs[i])
+                reqs[i] = self._request(plans[i], auto_k)
+                sched.add(reqs[i])
             except EngineError as exc:
                 out[i] = exc
         while sched.busy:
             sched.step()
         for i, r in reqs.items():
             out[i] = r.error or self._result(plans[i], r.seq[1:], r.stats())
-        for i, plan in plans.items():  # strategies that do not run batched
-            if i not in reqs:
-                try:
-                    out[i] = self.execute(plan)
-                except Exception as exc:  # noqa: BLE001 - one prompt's failure stays its own
-                    out[i] = batch.as_engine_error(exc)
         return out
 
     def batching(self, max_batch_tokens: int | None = None):
@@ -550,7 +528,7 @@ class Engine:
         """Queue one request on the engine's shared scheduler and return its batch.Handle at
         once: iterate it for text pieces, handle.result() waits for the GenerationResult,
         handle.cancel() stops it. Thread-safe: concurrent callers share main calls.
-        Validated now (InputError); strategies greedy, assisted and lookup."""
+        Validated now (InputError); any strategy."""
         from . import batch
 
         plan, auto_k = self._batch_plan(
@@ -575,12 +553,6 @@ def _batch_tokens(n: int | None) -> int:
     if n is None:
         return batch.DEFAULT_BATCH_TOKENS
     return opt.check_count("max_batch_tokens", n, batch.MAX_BATCH_TOKENS, "a smaller value")
-
-
-def _batched_names() -> tuple[str, ...]:
-    from .batch import BATCHED
-
-    return BATCHED
 
 
 class _Scheduled:

@@ -31,7 +31,9 @@ from .tokenizer import text_pieces
 MASKED_FILE = "decoder_masked_model.onnx"
 CROSS_FILE = "cross_kv_model.onnx"
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
-BATCHED = ("greedy", "assisted", "lookup")  # strategies the scheduler runs as steps
+# strategies the scheduler runs as steps (all of them); those drafting with the assistant
+BATCHED = ("greedy", "assisted", "stairs", "tree", "lookup", "staged")
+ASSISTED = ("assisted", "stairs", "tree", "staged")
 KV = ("key", "value")
 STEP_FEEDS = (
     "input_ids",
@@ -106,7 +108,7 @@ class BatchCache:
     [R, H, S, D] with enc_mask [R, S]. A device back end would keep these methods on OrtValues.
     """
 
-    def __init__(self, dec: MaskedDecoder, rows: int = 4):
+    def __init__(self, dec: MaskedDecoder, rows: int = 1):
         self.dec, self.h, self.d = dec, dec.model.num_heads, dec.model.d_kv
         self.owners: list = []
         self.self_kv: list[np.ndarray] = []
@@ -120,17 +122,28 @@ class BatchCache:
             np.zeros((rows, self.h, enc_len, self.d), np.float32) for _ in self.dec.cross_names
         ]
         enc_mask = np.zeros((rows, enc_len), np.int64)
-        lengths = np.zeros(rows, np.int64)
+        lengths, trunk = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+        pos = np.tile(np.arange(cap), (rows, 1))  # [R, C], writable (tree rows set their own)
+        parent = pos - 1  # [R, C]: a plain sequence, each slot's parent the slot before
         if n:
+            c = self.capacity
             for a, b in zip(kv, old):
-                a[:n, :, : self.capacity] = b[:n]
+                a[:n, :, :c] = b[:n]
             for a, b in zip(cross, self.cross):
                 a[:n, :, : self.enc_len] = b[:n]
             enc_mask[:n, : self.enc_len] = self.enc_mask[:n]
-            lengths[:n] = self.lengths[:n]
-        self.self_kv, self.cross, self.enc_mask, self.lengths = kv, cross, enc_mask, lengths
+            lengths[:n], trunk[:n] = self.lengths[:n], self.trunk[:n]
+            pos[:n, :c], parent[:n, :c] = self.pos[:n], self.parent[:n]
+        self.self_kv, self.cross, self.enc_mask = kv, cross, enc_mask
+        self.lengths, self.trunk, self.pos, self.parent = lengths, trunk, pos, parent
         self.capacity, self.enc_len = cap, enc_len
-        self.slot_pos = np.ascontiguousarray(np.broadcast_to(np.arange(cap), (rows, cap)))
+
+    def reserve(self, rows: int, enc_len: int) -> None:
+        """Room for `rows` active rows and encoder length enc_len, in one reallocation (rows
+        round up to a power of two, as add() doubles them)."""
+        want = max(len(self.lengths), 1 << (rows - 1).bit_length())
+        if want > len(self.lengths) or enc_len > self.enc_len:
+            self._alloc(want, self.capacity, max(enc_len, self.enc_len))
 
     def add(self, owner, cross: list[np.ndarray], enc_mask: np.ndarray) -> None:
         """A new row for owner: its cross key/values (2 per layer, [H, S, D]) and mask [S]."""
@@ -145,7 +158,10 @@ class BatchCache:
             a[n] = 0.0
         self.enc_mask[n] = 0
         self.enc_mask[n, :s] = enc_mask
-        self.lengths[n] = 0
+        self.lengths[n] = self.trunk[n] = 0
+        # a row left by a request that failed mid-tree may hold tree positions: start plain
+        self.pos[n] = np.arange(self.capacity)
+        self.parent[n] = self.pos[n] - 1
         self.owners.append(owner)
 
     def remove(self, owner) -> None:
@@ -154,8 +170,8 @@ class BatchCache:
         if r != last:
             for a in (*self.self_kv, *self.cross):
                 a[r] = a[last]
-            self.enc_mask[r] = self.enc_mask[last]
-            self.lengths[r] = self.lengths[last]
+            for a in (self.enc_mask, self.lengths, self.trunk, self.pos, self.parent):
+                a[r] = a[last]
             self.owners[r] = self.owners[last]
         self.owners.pop()
 
@@ -164,14 +180,32 @@ class BatchCache:
         return int(self.lengths[self.owners.index(owner)])
 
     def rewind(self, owner, length: int) -> None:
-        """Keep owner's first `length` slots: rejected drafts are dropped by the length (their
-        slots zeroed, so nothing non-finite lingers behind the mask)."""
+        """Keep owner's first `length` slots (a plain sequence): rejected drafts are dropped by
+        the length (their slots zeroed, so nothing non-finite lingers behind the mask)."""
         r = self.owners.index(owner)
+        self._cut(r, min(length, int(self.lengths[r])))
+
+    def keep(self, owner, slots: list[int]) -> None:
+        """Commit a path of a tree: owner's row keeps its trunk plus `slots` (ascending, each the
+        child of the one before), moved down to follow the trunk; every other branch is dropped.
+        Moves at most one draft's worth of slots (no past is copied)."""
+        r = self.owners.index(owner)
+        base = int(self.trunk[r])
+        for j, s in enumerate(slots):
+            if s != base + j:
+                for a in self.self_kv:
+                    a[r, :, base + j] = a[r, :, s]
+        self._cut(r, base + len(slots))
+
+    def _cut(self, r: int, length: int) -> None:
+        """Row r becomes a plain sequence of `length` slots; slots past it are zeroed."""
         old = int(self.lengths[r])
-        if length < old:
-            for a in self.self_kv:
-                a[r, :, length:old] = 0.0
-            self.lengths[r] = length
+        for a in self.self_kv:
+            a[r, :, length:old] = 0.0
+        lo = min(int(self.trunk[r]), length)
+        self.pos[r, lo:old] = np.arange(lo, old)
+        self.parent[r, lo:old] = np.arange(lo - 1, old - 1)
+        self.lengths[r] = self.trunk[r] = length
 
     def nbytes(self, rows: int | None = None, cap: int | None = None, enc: int | None = None):
         """Bytes of the arrays for rows x cap slots x enc (default: as allocated now)."""
@@ -184,13 +218,24 @@ class BatchCache:
     def shrink(self) -> None:
         """Back to a small allocation once no row is active (memory goes back, and later calls
         stop attending over a long request's capacity)."""
-        if not self.owners and (self.capacity > CHUNK or len(self.lengths) > 4):
+        if not self.owners and (self.capacity > CHUNK or len(self.lengths) > 1):
             self.self_kv = []
-            self._alloc(4, CHUNK, 1)
+            self._alloc(1, CHUNK, 1)
 
-    def run(self, tokens: np.ndarray, counts: np.ndarray, counter: Counter) -> np.ndarray:
+    def run(
+        self,
+        tokens: np.ndarray,
+        counts: np.ndarray,
+        counter: Counter,
+        parents: list | None = None,
+    ) -> np.ndarray:
         """Decoder on tokens [N, T] after each row's cached slots; row r's first counts[r]
-        tokens are real, the rest padding (never cached). Returns logits [N, T, V]."""
+        tokens are real, the rest padding (never cached). Returns logits [N, T, V].
+
+        parents[r] (optional, None = a plain continuation): the slot of each real token's
+        parent, new token i taking slot lengths[r] + i. A token then attends to the row's trunk
+        and its own ancestors only, at position parent's + 1: a tree of drafts in one row. Its
+        slots stay uncommitted until keep() (or rewind()) picks one path."""
         n, t = tokens.shape
         need = int((self.lengths[:n] + t).max())
         if need > self.capacity:
@@ -200,10 +245,14 @@ class BatchCache:
         mask = np.empty((n, t, c + t), self.dec.mask_dtype)
         mask[:, :, :c] = (np.arange(c) < lengths[:, None])[:, None, :]
         mask[:, :, c:] = np.tril(np.ones((t, t), bool))
+        positions = lengths[:, None] + np.arange(t)  # [N, T]
+        for r, par in enumerate(parents or ()):
+            if par is not None:
+                self._tree_row(r, par, mask[r], positions[r])
         feed = {
             "input_ids": tokens,
-            "positions": lengths[:, None] + np.arange(t),  # [N, T]
-            "past_positions": self.slot_pos[:n],  # [N, C]
+            "positions": positions,
+            "past_positions": self.pos[:n],  # [N, C]
             "attention_mask": mask,
             "encoder_attention_mask": self.enc_mask[:n],
         }
@@ -217,8 +266,32 @@ class BatchCache:
             lo, k = int(lengths[r]), int(counts[r])
             for a, p in zip(self.self_kv, out[1:]):
                 a[r, :, lo : lo + k] = p[r, :, :k]
+            if parents is None or parents[r] is None:
+                if self.trunk[r] == lo:  # a plain sequence stays one
+                    self.trunk[r] = lo + k
+            else:
+                self.pos[r, lo : lo + k] = positions[r, :k]
+                self.parent[r, lo : lo + k] = parents[r]
         self.lengths[:n] += counts
         return out[0]
+
+    def _tree_row(self, r: int, parents, mask: np.ndarray, positions: np.ndarray) -> None:
+        """Row r's mask [T, C + T] and positions [T] for new tokens with these parent slots:
+        each sees the trunk and its ancestors (walked through the uncommitted slots)."""
+        c, lo, base = self.capacity, int(self.lengths[r]), int(self.trunk[r])
+        mask[: len(parents), :c] = np.arange(c) < base
+        mask[: len(parents), c:] = False
+        for i, p in enumerate(parents):
+            p = int(p)
+            mask[i, c + i] = True
+            positions[i] = (positions[p - lo] if p >= lo else self.pos[r, p]) + 1 if p >= 0 else 0
+            while p >= base:  # ancestors among the uncommitted slots, old and new
+                if p >= lo:
+                    mask[i, c + p - lo] = True
+                    p = int(parents[p - lo])
+                else:
+                    mask[i, p] = True
+                    p = int(self.parent[r, p])
 
 
 @dataclass(eq=False)  # identity: requests are found in the caches' owner lists
@@ -234,10 +307,17 @@ class Request:
     done: bool = False
     cancelled: bool = False
     error: Exception | None = None
-    k: int = 0  # current draft length
+    k: int = 0  # current draft length (per branch)
     auto_k: dict | None = None  # strategy auto: draft length by active requests (else k)
-    draft: list[int] = field(default_factory=list)
-    lookup: PromptLookup | None = None
+    branches: int = 1  # tree: paths drafted per step
+    threshold: float | None = None  # assisted/stairs: stop drafting below this confidence
+    stage2_tokens: int = 0  # staged: n-gram tokens the assistant checks per call
+    want: int = 0  # draft length this step
+    draft: list[int] = field(default_factory=list)  # linear drafts this step
+    paths: list[list[int]] = field(default_factory=list)  # tree: B paths this step
+    fed: list[list[int]] = field(default_factory=list)  # tree: assistant slots of each path
+    stage2: list[int] = field(default_factory=list)  # staged: n-gram tokens in this call
+    lookup: PromptLookup | None = None  # lookup's drafter, staged's second stage
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # token lists, None at end
     finished: threading.Event = field(default_factory=threading.Event)
     t0: float = field(default_factory=time.perf_counter)
@@ -249,8 +329,13 @@ class Request:
         return self.max_new_tokens - (len(self.seq) - 1)
 
     def max_length(self) -> int:
-        """The most decoder slots it can need: output, pending token and a full draft."""
-        return self.max_new_tokens + 2 + max(self.k, *(self.auto_k or {0: 0}).values())
+        """The most decoder slots it can need: output, pending token and a full draft tree."""
+        k = max(self.k, *(self.auto_k or {0: 0}).values())
+        return self.max_new_tokens + 2 + self.branches * k
+
+    def width(self, k: int) -> int:
+        """Tokens of its main-call row with k draft tokens per path."""
+        return 1 + self.branches * k
 
     def finish(self, error: Exception | None = None) -> None:
         """End it (once): record the error, the time, and tell every reader."""
@@ -279,9 +364,10 @@ class Scheduler:
 
     A step: retire finished or cancelled requests -> admit waiting ones (encoders batched) ->
     draft (the assistant's steps batched over requests) -> verify (one main call) -> accept and
-    rewind per request. A main call holds at most max_batch_tokens rows x padded tokens (one
-    request alone may exceed it, so nothing waits forever); a request joins only if the caches'
-    worst case with it fits in memory_bytes (None: the machine's available memory).
+    rewind per request. A main call holds at most max_batch_tokens rows x padded tokens (drafts
+    are shortened to fit; a request alone always joins, so nothing waits forever); a request
+    joins only if the caches' worst case with it fits in memory_bytes (None: the machine's
+    available memory).
     """
 
     def __init__(
@@ -304,10 +390,17 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         """Queue a request; it joins at the next step the token budget and memory allow."""
-        o = req.options
-        req.k = int(o.get("draft_tokens", 0)) if req.strategy != "greedy" else 0
-        if req.strategy == "lookup":
+        o, name = req.options, req.strategy
+        # stairs: its staircase's rows are prefixes of one draft; under the causal mask the
+        # longest row alone gives every row's target, so it is one row here (either layout)
+        req.k = o["batch_size"] - 1 if name == "stairs" else int(o.get("draft_tokens", 0))
+        req.branches = o["branches"] if name == "tree" else 1
+        req.threshold = o.get("threshold")
+        if name == "lookup":
             req.lookup = PromptLookup(np.asarray(req.ids), o["max_ngram"], o["min_ngram"])
+        elif name == "staged":
+            req.lookup = PromptLookup(np.asarray(req.ids), o["max_ngram"])
+            req.stage2_tokens = o["stage2_tokens"]
         self.waiting.append(req)
 
     @property
@@ -358,14 +451,14 @@ class Scheduler:
 
     def _admit(self) -> None:
         rows = len(self.active)
-        width = max((1 + r.draft_len(rows) for r in self.active), default=0)
+        width = max((r.width(r.draft_len(rows)) for r in self.active), default=0)
         joining: list[Request] = []
         while self.waiting:
             r = self.waiting[0]
             if r.cancelled:
                 self.waiting.pop(0).finish(CancelledError("cancelled before it started"))
                 continue
-            w = max(width, 1 + r.draft_len(rows + 1))
+            w = max(width, r.width(r.draft_len(rows + 1)))
             alone = not rows and not joining
             if (rows + 1) * w > self.max_batch_tokens and not alone:
                 break
@@ -402,7 +495,7 @@ class Scheduler:
         t = time.perf_counter()
         n = len(self.active) + len(joining)
         self._encode_into(self.main_model, self.main, joining)
-        drafting = [r for r in joining if r.strategy == "assisted" and r.draft_len(n) > 0]
+        drafting = [r for r in joining if r.strategy in ASSISTED and r.draft_len(n) > 0]
         if drafting and self.asst is not None:
             self._encode_into(self.asst_model, self.asst, drafting)
         dt = time.perf_counter() - t
@@ -419,19 +512,21 @@ class Scheduler:
         c = Counter()
         enc = model._run("encoder", {"input_ids": ids, "attention_mask": mask}, c)[0]
         cross = cache.dec.cross_kv(enc, c)  # 2 per layer, [B, H, S, D]
+        cache.reserve(len(cache.owners) + len(reqs), s)
         for i, r in enumerate(reqs):
             cache.add(r, [a[i, :, : len(r.ids)] for a in cross], mask[i, : len(r.ids)])
             r.counter.session_s += c.session_s
 
     def _draft(self) -> None:
-        # the token budget caps every row's draft: N rows x (1 + K) tokens per main call
+        # the token budget caps every row's draft: N rows x (1 + B x K) tokens per main call
         n_active = len(self.active)
         cap = max(0, self.max_batch_tokens // n_active - 1)
         for r in self.active:
-            r.draft = []
+            r.draft, r.paths, r.fed = [], [], []
+            r.want = min(r.draft_len(n_active), cap // r.branches, r.remaining - 1)
             if r.strategy == "lookup":
                 t = time.perf_counter()
-                r.draft = r.lookup.propose(r.seq, min(r.draft_len(n_active), cap, r.remaining - 1))
+                r.draft = r.lookup.propose(r.seq, r.want)
                 r.counter.draft_s += time.perf_counter() - t
         if self.asst is None:
             return
@@ -439,73 +534,159 @@ class Scheduler:
         late = [
             r
             for r in self.active
-            if r.strategy == "assisted" and r.draft_len(n_active) > 0 and r not in self.asst.owners
+            if r.strategy in ASSISTED and r.want and r not in self.asst.owners
         ]
         if late:
             t = time.perf_counter()
             self._encode_into(self.asst_model, self.asst, late)
             for r in late:
                 r.counter.encoder_s += time.perf_counter() - t
-        rows = list(self.asst.owners)
-        if not rows:
-            return
-        want = [min(r.draft_len(n_active), cap, r.remaining - 1) for r in rows]
+        rows = list(self.asst.owners)  # row i of every assistant call is cache row i
         t, c = time.perf_counter(), Counter()
-        for j in range(max(want)):
-            # step j feeds what each assistant row has not seen (1 or 2 tokens at j = 0)
-            feeds = [
-                (r.seq + r.draft)[self.asst.length(r) :] if want[i] > j else []
-                for i, r in enumerate(rows)
-            ]
-            tokens, counts = self._pack(feeds, self.asst_model.pad_id)  # [N, T], [N]
-            logits = self.asst.run(tokens, counts, c)  # [N, T, V]
-            for i, r in enumerate(rows):
-                if counts[i]:
-                    last = logits[i, counts[i] - 1]  # [V]
-                    tok = int(last.argmax())
-                    if not np.isfinite(last[tok]):
-                        r.error, want[i] = NonFiniteLogitsError("assistant", len(r.seq) - 1), 0
-                        continue
-                    r.draft.append(tok)
-                    r.counter.draft_calls += 1
+        while True:
+            # one assistant call per round: every drafting row's next tokens (a tree: a token
+            # per path, each after its own path)
+            feeds = [self._draft_feed(r) for r in rows]
+            if not any(f for f, _ in feeds):
+                break
+            tokens, counts = self._pack([f for f, _ in feeds], self.asst_model.pad_id)
+            tree = [p for _, p in feeds] if any(p is not None for _, p in feeds) else None
+            logits = self.asst.run(tokens, counts, c, tree)  # [N', T, V]
+            for r, (f, _), x in zip(rows, feeds, logits):
+                if f:
+                    self._draft_take(r, x[: len(f)], len(f))
         dt = time.perf_counter() - t
         for r in rows:
-            r.counter.draft_s += dt
-            r.counter.session_s += c.session_s
+            if r.want and r.strategy in ASSISTED:
+                r.counter.draft_s += dt
+                r.counter.session_s += c.session_s
+
+    def _draft_feed(self, r: Request) -> tuple[list[int], list[int] | None]:
+        """The tokens r's assistant row takes this round, with their parent slots for a tree
+        (None: they continue the row). Nothing once its draft is complete."""
+        if r.error is not None or not r.want or r.strategy not in ASSISTED:
+            return [], None
+        seen = self.asst.length(r)
+        if r.strategy == "tree":
+            if not r.paths:  # depth 0: what the assistant has not seen (1 or 2 tokens)
+                return r.seq[seen:], None
+            if len(r.paths[0]) >= r.want:
+                return [], None
+            # depth d: each path's last token after that path (depth 1: after the trunk)
+            parents = [f[-1] if f else seen - 1 for f in r.fed]
+            for b, f in enumerate(r.fed):
+                f.append(seen + b)
+            return [p[-1] for p in r.paths], parents
+        if len(r.draft) >= r.want:
+            return [], None
+        g = []  # staged: n-gram tokens the assistant checks in this call
+        if r.strategy == "staged":
+            g = r.lookup.propose(r.seq + r.draft, min(r.stage2_tokens, r.want - len(r.draft) - 1))
+        r.stage2 = g
+        return (r.seq + r.draft)[seen:] + g, None
+
+    def _draft_take(self, r: Request, logits: np.ndarray, fed: int) -> None:
+        """r's assistant logits [F, V] for the tokens fed: extend its draft or paths."""
+        r.counter.draft_calls += 1
+        if r.strategy == "tree" and not r.paths:  # depth 0: the top-b tokens start the paths
+            last = logits[-1]  # [V]
+            if not np.isfinite(last[last.argmax()]):  # as Run.argmax: a NaN wins argmax
+                r.error = NonFiniteLogitsError("assistant", len(r.seq) - 1)
+                return
+            first = np.argpartition(-last, r.branches)[: r.branches]
+            first = first[np.argsort(-last[first])]  # best first: path 0 is the greedy draft
+            r.paths, r.fed = [[int(x)] for x in first], [[] for _ in first]
+            return
+        # read: a tree's next token on each of its B paths [B, V]; a linear draft's token after
+        # the unseen tokens, then after each of the n-gram tokens g [G + 1, V]
+        g = [] if r.strategy == "tree" else r.stage2
+        if r.strategy != "tree":
+            logits = logits[fed - len(g) - 1 :]
+        a = logits.argmax(-1)
+        if not np.isfinite(logits[np.arange(len(a)), a]).all():
+            r.error = NonFiniteLogitsError("assistant", len(r.seq) - 1)
+            return
+        if r.strategy == "tree":
+            for p, tok in zip(r.paths, a):
+                p.append(int(tok))
+            return
+        m = accept(g, a)
+        if len(g) > m:  # staged: the assistant's rejected n-gram tokens leave its row
+            self.asst.rewind(r, self.asst.length(r) - len(g) + m)
+        tok = int(a[m])
+        r.draft += [*g[:m], tok]
+        if r.threshold is not None:
+            x = logits[m]
+            if 1.0 / np.exp(x - x[tok]).sum() < r.threshold:  # softmax probability of tok
+                r.want = len(r.draft)
 
     def _verify(self) -> None:
         owners = list(self.main.owners)
-        # verify: row r = its pending token + its drafts, all rows in one main call
-        tokens, counts = self._pack([[r.seq[-1], *r.draft] for r in owners], self.main_model.pad_id)
+        # verify: row r = its pending token + its drafts (a tree: + every path, each after the
+        # pending token), all rows in one main call
+        rows, tree = [], []
+        for r in owners:
+            if r.error is not None:  # failed while drafting: retired after this step
+                rows.append([])
+                tree.append(None)
+            elif r.paths:
+                lo, k = self.main.length(r), len(r.paths[0])
+                rows.append([r.seq[-1], *(x for p in r.paths for x in p)])
+                tree.append(
+                    [
+                        lo - 1,
+                        *(
+                            lo + (b * k + t if t else 0)
+                            for b in range(len(r.paths))
+                            for t in range(k)
+                        ),
+                    ]
+                )
+            else:
+                rows.append([r.seq[-1], *r.draft])
+                tree.append(None)
+        tokens, counts = self._pack(rows, self.main_model.pad_id)  # [N, T], [N]
         t, c = time.perf_counter(), Counter()
-        logits = self.main.run(tokens, counts, c)  # [N, T, V]
+        logits = self.main.run(tokens, counts, c, tree if any(tree) else None)  # [N, T, V]
         targets = logits.argmax(-1)  # [N, T]
         dt = time.perf_counter() - t
         self.calls.append(tokens.shape)
         self.call_count += 1
         for i, r in enumerate(owners):
-            k = len(r.draft)
             if r.error is not None:
                 continue
-            if not np.isfinite(logits[i, np.arange(k + 1), targets[i, : k + 1]]).all():
+            real = int(counts[i])
+            if not np.isfinite(logits[i, np.arange(real), targets[i, :real]]).all():
                 r.error = NonFiniteLogitsError("main", len(r.seq) - 1)
                 continue
+            draft, at = r.draft, np.arange(real)  # at: row positions of the pending + draft
+            if r.paths:  # accept: the path with the longest agreeing prefix wins
+                k = len(r.paths[0])
+                at_b = [np.r_[0, 1 + b * k + np.arange(k)] for b in range(len(r.paths))]
+                n_b = [accept(p, targets[i, a]) for p, a in zip(r.paths, at_b)]
+                j = int(np.argmax(n_b))
+                draft, at = r.paths[j], at_b[j]
             # accept: the longest agreeing prefix of the draft, plus the main model's next token
-            n = accept(r.draft, targets[i, : k + 1])
-            # rewind: the main cache keeps seq + draft[:n], the assistant's at most that
-            self.main.rewind(r, len(r.seq) + n)
-            if self.asst is not None and r in self.asst.owners:
-                self.asst.rewind(r, len(r.seq) + n)
+            n = accept(draft, targets[i, at])
+            # rewind: both caches keep seq + draft[:n] (a tree: that path's slots, moved down)
+            if r.paths:
+                lo = self.main.length(r) - real
+                self.main.keep(r, [lo + int(x) for x in at[: n + 1]])
+                self.asst.keep(r, r.fed[j][:n])
+            else:
+                self.main.rewind(r, len(r.seq) + n)
+                if self.asst is not None and r in self.asst.owners:
+                    self.asst.rewind(r, len(r.seq) + n)
             rc = r.counter
             rc.main_calls += 1
             rc.batch_rows += len(owners)
-            rc.drafted += k
+            rc.drafted += len(draft)
             rc.accepted += n
             rc.verify_s += dt
             rc.session_s += c.session_s
-            if r.options.get("schedule") == "heuristic" and k:  # HF's: +2 after a full accept
-                r.k = min(r.k + 2, MAX_DRAFT_TOKENS) if n == k else max(1, r.k - 1)
-            self._emit(r, r.draft[:n] + [int(targets[i, n])])
+            if r.options.get("schedule") == "heuristic" and draft:  # HF's: +2 after full accept
+                r.k = min(r.k + 2, MAX_DRAFT_TOKENS) if n == len(draft) else max(1, r.k - 1)
+            self._emit(r, [*draft[:n], int(targets[i, at[n]])])
 
     @staticmethod
     def _pack(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:

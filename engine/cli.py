@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         "--batch",
         type=_count(1024),
         default=1,
-        help="generate this many prompts of --prompts together, sharing main calls (greedy, "
-        "assisted, lookup; --batch-size is stairs' rows)",
+        help="generate this many prompts of --prompts together, sharing main calls (any "
+        "strategy; --batch-size is stairs' rows)",
     )
     p.add_argument(
         "--json", action="store_true", help="print strategy, options, ids, text, stats as JSON"

@@ -279,13 +279,9 @@ class State:
 
 def warm_up(engine: Engine, strategy: str, options: dict | None) -> tuple[str, dict]:
     """One 1-token request through the scheduler with the server's strategy: validates it
-    (InputError; batched: greedy, assisted, lookup, or auto = draft length by load), loads the
+    (InputError; any strategy, auto = draft length by load), loads the
     batched sessions, and returns what actually ran (strategy, options)."""
-    if strategy not in ("auto", *batch.BATCHED):
-        raise InputError(
-            f"strategy {strategy!r} does not run batched; serve auto or one of "
-            f"{', '.join(batch.BATCHED)}"
-        )
+    opt.check_strategy(strategy)  # every strategy runs batched
     h = engine.submit([engine.main.eos_id], strategy=strategy, max_new_tokens=1, **(options or {}))
     res = h.result(timeout=600)
     return res.strategy, res.options
@@ -507,7 +503,7 @@ def create_app(
     """The ASGI app serving engine; everything is validated (InputError) and the batched
     sessions loaded before it returns.
 
-    strategy/options: what every request runs (greedy, assisted or lookup; auto resolved now).
+    strategy/options: what every request runs (any strategy; auto resolved now).
     max_batch_tokens: rows x padded tokens of one main call. max_queue: prompts in the server at
     once, beyond it 429. max_active: prompts generating at once (None: all; 1 serves one at a
     time, for comparison). timeout: seconds per request, then 504. api_key: required bearer key
@@ -914,7 +910,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--strategy",
         default="auto",
         choices=["auto", *batch.BATCHED],
-        help="what every request runs (auto: what stairs-tune chose, if it runs batched)",
+        help="what every request runs (auto: assisted, or lookup without an assistant, its"
+        " draft length by the number of active requests)",
     )
     add_option_flags(p)
     p.add_argument(

@@ -18,18 +18,18 @@ T5_TOKENIZER = SHARED / "models" / "t5-small-tokenizer"
 # v1.0: relu, tied embeddings, the real t5-small tokenizer (32000 pieces + 100 sentinels).
 # v1.1: gated-gelu, untied, the pycode tokenizer (8192 pieces).
 VARIANTS = {
-    "v1_0": dict(
-        feed_forward_proj="relu",
-        tie_word_embeddings=True,
-        vocab_size=32128,
-        spiece=T5_TOKENIZER / "spiece.model",
-    ),
-    "v1_1": dict(
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        vocab_size=8192,
-        spiece=PYCODE_MAIN / "spiece.model",
-    ),
+    "v1_0": {
+        "feed_forward_proj": "relu",
+        "tie_word_embeddings": True,
+        "vocab_size": 32128,
+        "spiece": T5_TOKENIZER / "spiece.model",
+    },
+    "v1_1": {
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+        "vocab_size": 8192,
+        "spiece": PYCODE_MAIN / "spiece.model",
+    },
 }
 
 

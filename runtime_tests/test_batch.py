@@ -48,6 +48,9 @@ def _batched(eng, prompts, size, **kw):
         ("assisted", {"draft_tokens": 4}),
         ("assisted", {"draft_tokens": 5, "schedule": "heuristic"}),
         ("lookup", {}),
+        ("tree", {"draft_tokens": 3, "branches": 2}),  # a tree of drafts in one row
+        ("stairs", {"batch_size": 5, "threshold": 0.5}),  # confidence-stopped drafts
+        ("staged", {}),  # the assistant checks n-gram proposals: ragged assistant rows
     ],
 )
 def test_batches_equal_single_greedy(eng, prompts, ref, size, strategy, options):
@@ -114,15 +117,60 @@ def test_bad_prompt_fails_alone_and_empty_batch_is_refused(eng, prompts, ref):
         eng.generate_batch([], max_new_tokens=NEW)
     with pytest.raises(InputError):
         eng.generate_batch("one string", max_new_tokens=NEW)
-    with pytest.raises(InputError):
-        eng.submit(prompts[0], strategy="tree")  # not batched: says so, before running
-    with pytest.raises(InputError, match="threshold"):
-        eng.submit(prompts[0], strategy="assisted", threshold=0.4)  # never silently ignored
+    with pytest.raises(InputError, match="branches"):
+        eng.submit(prompts[0], strategy="tree", branches=0)  # checked before it runs
 
 
-def test_non_batched_strategies_still_run_in_a_batch(eng, prompts, ref):
-    out = eng.generate_batch(prompts[:3], strategy="tree", max_new_tokens=NEW)
-    assert [r.token_ids for r in out] == ref[:3]
+def test_every_strategy_shares_one_main_call(eng, prompts, ref):
+    """Six requests, one per strategy, in one scheduler: each step is one main call carrying
+    all of them (a tree as one row), and every request stays exact."""
+    kinds = [
+        ("greedy", {}),
+        ("assisted", {"draft_tokens": 4, "threshold": 0.3}),
+        ("stairs", {}),
+        ("tree", {"branches": 3, "draft_tokens": 2}),
+        ("lookup", {}),
+        ("staged", {"draft_tokens": 5}),
+    ]
+    sched = eng._scheduler()
+    reqs = []
+    for p, (name, options) in zip(prompts[20:26], kinds):
+        reqs.append(eng._request(eng.plan(p, name, NEW, **options)))
+        sched.add(reqs[-1])
+    while sched.busy:
+        sched.step()
+    assert [r.seq[1:] for r in reqs] == ref[20:26]
+    calls = [r.counter.main_calls for r in reqs]
+    assert sched.call_count == max(calls) and sum(calls) > 2 * sched.call_count  # shared calls
+    assert all(r.counter.accepted > 0 for r in reqs[1:])
+    assert max(t for _, t in sched.calls) >= 7  # the tree row: pending + 3 paths x 2
+
+
+def test_tree_row_equals_its_paths_fed_alone(eng, prompts, ref):
+    """The cache's tree interface: two paths in one row give each path's logits as a plain row
+    does, and keep() leaves the row as if only the kept path had been fed."""
+    sched = eng._scheduler()
+    cache = sched.main
+    a, b, d = (eng._request(eng.plan(prompts[0], "greedy", 8)) for _ in range(3))
+    sched._encode_into(eng.main, cache, [a, b, d])
+    start, (t1, t2, x, *good) = eng.main.start_id, ref[0][:7]
+    other = [(t + 7) % 500 + 3 for t in good[:3]]  # a wrong path
+    c = a.counter
+    cache.run(np.array([[start, t1, t2]] * 3), np.array([3, 3, 3]), c)
+    # row a: pending x, then path `other` and path `good`, both after x; rows b, d: each path
+    # alone after x
+    tokens = np.array([[x, *other, *good[:3]], [x, *good[:3], 0, 0, 0], [x, *other, 0, 0, 0]])
+    logits = cache.run(tokens, np.array([7, 4, 4]), c, [[2, 3, 4, 5, 3, 7, 8], None, None])
+    np.testing.assert_allclose(logits[0, [0, 4, 5, 6]], logits[1, :4], atol=1e-4)
+    np.testing.assert_allclose(logits[0, :4], logits[2, :4], atol=1e-4)
+    cache.keep(a, [3, 7, 8])  # pending + good[:2]
+    cache.rewind(b, 6)
+    cache.remove(d)
+    assert cache.length(a) == cache.length(b) == 6
+    assert list(cache.pos[0, :8]) == list(range(8)) and cache.trunk[0] == 6
+    nxt = cache.run(np.array([[good[2]], [good[2]]]), np.array([1, 1]), c)
+    np.testing.assert_allclose(nxt[0], nxt[1], atol=1e-4)
+    assert int(nxt[0, 0].argmax()) == good[3]
 
 
 @pytest.mark.parametrize("budget", [8, 24])
@@ -130,8 +178,8 @@ def test_token_budget_is_never_exceeded(eng, prompts, ref, budget):
     sched = eng._scheduler(budget)
     reqs = []
     for i, p in enumerate(prompts[:10]):
-        plan = eng.plan(p, "assisted", NEW, draft_tokens=6) if i % 2 else eng.plan(p, "greedy", NEW)
-        reqs.append(eng._request(plan))
+        kind = [("greedy", {}), ("assisted", {"draft_tokens": 6}), ("tree", {"branches": 3})][i % 3]
+        reqs.append(eng._request(eng.plan(p, kind[0], NEW, **kind[1])))
         sched.add(reqs[-1])
     while sched.busy:
         sched.step()
@@ -147,10 +195,15 @@ def test_tiny_self_and_random_assistant_batched(tiny_models, variant, assistant)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, 300, int(n)).tolist() + [1] for n in rng.integers(3, 40, 7)]
     ref = [eng.generate(p, max_new_tokens=20).token_ids for p in prompts]
-    out = eng.generate_batch(prompts, strategy="assisted", max_new_tokens=20, draft_tokens=3)
-    assert [r.token_ids for r in out] == ref
-    acc = sum(r.stats.accepted for r in out) / max(1, sum(r.stats.drafted for r in out))
-    assert acc == 1.0 if assistant == "self" else acc < 0.5
+    for strategy, options in [
+        ("assisted", {"draft_tokens": 3}),
+        ("tree", {"draft_tokens": 3, "branches": 2}),
+        ("staged", {"draft_tokens": 4}),
+    ]:
+        out = eng.generate_batch(prompts, strategy=strategy, max_new_tokens=20, **options)
+        assert [r.token_ids for r in out] == ref, strategy
+        acc = sum(r.stats.accepted for r in out) / max(1, sum(r.stats.drafted for r in out))
+        assert acc == 1.0 if assistant == "self" else acc < 0.5
 
 
 def test_scheduler_needs_the_masked_graphs(tiny_models, tmp_path):
@@ -291,21 +344,67 @@ def test_damaged_auto_table_is_ignored(eng, monkeypatch):
         assert eng.auto_table() == batch.DEFAULT_AUTO_K
 
 
-def test_rewound_and_reused_slots_hold_zeros(eng, prompts):
+def test_rewound_and_reused_slots_hold_zeros(eng, prompts, ref):
+    """Mid-generation, every slot past a row's length holds zeros (rejected drafts rewound
+    away, a tree's losing paths dropped) and every used slot holds key/values."""
     sched = eng._scheduler()
-    r = eng._request(eng.plan(prompts[0], "assisted", 4, draft_tokens=6))
-    sched.add(r)
+    reqs = [
+        eng._request(eng.plan(p, name, NEW, **o))
+        for p, (name, o) in zip(
+            prompts[:3], [("assisted", {"draft_tokens": 6}), ("tree", {}), ("staged", {})]
+        )
+    ]
+    for r in reqs:
+        sched.add(r)
+    for _ in range(6):
+        sched.step()
+    for c in (sched.main, sched.asst):
+        for i, o in enumerate(c.owners):
+            n = c.length(o)
+            assert all(not a[i, :, n:].any() for a in c.self_kv)
+            assert all(np.abs(a[i, :, :n]).sum(axis=(0, 2)).all() for a in c.self_kv)
     while sched.busy:
         sched.step()
+    assert [r.seq[1:] for r in reqs] == ref[:3]
+
+
+def test_a_failed_tree_row_leaves_nothing_behind(eng, prompts, ref):
+    """A tree request that fails after its tree call (non-finite main logits) retires with its
+    error; the next request in that row starts plain and is exact."""
+    from engine.errors import NonFiniteLogitsError
+
+    # the next prompt no longer than the victim's: its row is reused, not reallocated
+    v, o = sorted(range(6), key=lambda i: -len(prompts[i]))[:2]
+    sched = eng._scheduler()
+    victim = eng._request(eng.plan(prompts[v], "tree", NEW, branches=2, draft_tokens=3))
+    sched.add(victim)
+    run = sched.main.run
+
+    def poisoned(tokens, counts, counter, parents=None):
+        out = run(tokens, counts, counter, parents)
+        if parents is not None and victim.counter.main_calls >= 2:
+            out = out.copy()
+            out[0] = np.nan
+        return out
+
+    sched.main.run = poisoned
+    while sched.busy:
+        sched.step()
+    assert isinstance(victim.error, NonFiniteLogitsError) and victim.counter.main_calls == 2
+    sched.main.run = run
+    ok = eng._request(eng.plan(prompts[o], "greedy", NEW))
+    sched.add(ok)
+    sched.step()
     c = sched.main
-    assert all(np.isfinite(a).all() for a in c.self_kv)
-    row_len = {id(o): c.length(o) for o in c.owners}
-    assert not row_len  # retired; rows zeroed when the next request takes one
+    assert (c.pos[0] == np.arange(c.capacity)).all() and c.trunk[0] == c.length(ok)
+    while sched.busy:
+        sched.step()
+    assert ok.error is None and ok.seq[1:] == ref[o]
 
 
 def test_batched_only_engine_loads_each_decoder_once(eng, prompts, ref):
     """single_request=False: no optimum decoder sessions; generate/stream run on the scheduler,
-    exact; strategies that need the single-request decoders are refused clearly."""
+    exact, for every strategy."""
     lean = Engine.load(eng.main.folder, assistant=eng.assistant.folder, single_request=False)
     assert set(lean.main.sessions) == {"encoder"} and set(lean.assistant.sessions) == {"encoder"}
     for strategy in ("greedy", "assisted", "lookup"):
@@ -314,5 +413,5 @@ def test_batched_only_engine_loads_each_decoder_once(eng, prompts, ref):
         ]
         assert got == ref[:4]
     assert "".join(lean.stream(prompts[0], max_new_tokens=NEW)) == eng.main.tokenizer.decode(ref[0])
-    with pytest.raises(InputError, match="single_request=True"):
-        lean.generate(prompts[0], strategy="tree")
+    for strategy in ("tree", "stairs", "staged"):  # every strategy runs on the scheduler
+        assert lean.generate(prompts[1], strategy=strategy, max_new_tokens=NEW).token_ids == ref[1]

@@ -535,7 +535,7 @@ def test_create_app_checks_its_settings(eng):
     finally:
         sched.max_batch_tokens = before
     for kw, words in [
-        ({"strategy": "stairs"}, "does not run batched"),
+        ({"strategy": "beam"}, "unknown strategy"),
         ({"strategy": "lookup", "options": {"branches": 2}}, "branches"),
         ({"max_queue": 0}, "max_queue"),
         ({"max_active": True}, "max_active"),
@@ -553,7 +553,7 @@ def test_command_line_errors(tmp_path, capsys):
     assert main(["--main", str(tmp_path / "absent")]) == 2
     assert capsys.readouterr().err.startswith("stairs-serve: error: ")
     with pytest.raises(SystemExit) as exit_:
-        main(["--main", "m", "--strategy", "stairs"])  # does not run batched
+        main(["--main", "m", "--strategy", "beam"])  # not a strategy
     assert exit_.value.code == 2
     with pytest.raises(SystemExit):
         main(["--main", "m", "--timeout", "nan"])
