@@ -239,7 +239,8 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
                 if st.main_calls:  # where a request's time goes: its shared calls' wall time
                     row["verify_ms_per_call"] = st.verify_s / st.main_calls * 1e3
                     row["draft_ms_per_call"] = st.draft_s / st.main_calls * 1e3
-                    row["encoder_ms_per_request"] = st.encoder_s / len(outs) * 1e3
+                    served = sum(isinstance(o, list) for o in outs)  # stats: served ones only
+                    row["encoder_ms_per_request"] = st.encoder_s / max(1, served) * 1e3
             w = windows.get(f"batch {b}", {}).get(m.name)
             if w:
                 row["others_cpu_per_s"] = w["others_cpu_per_s"]
