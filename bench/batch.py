@@ -284,6 +284,7 @@ def run_batch_bench(
     require_quiet=False,
     single=True,
     max_batch_tokens=None,
+    shared_thread_pool=False,
 ) -> dict:
     """Batched engine strategies against HF padded generate and CTranslate2 float32
     translate_batch at each batch size; writes results.json, results.md, batch_throughput.png.
@@ -292,6 +293,7 @@ def run_batch_bench(
     single: also time Engine.generate greedy (the single-request path) at batch 1; without it
     the engine loads with single_request=False (each weight once).
     max_batch_tokens: passed to Engine.generate_batch (None: the engine's default).
+    shared_thread_pool: passed to Engine.load (one process-wide ORT pool).
     The machine is watched as in run_bench (bench.quiet); require_quiet raises NotQuietError
     before the timed runs if it never became quiet."""
     from tqdm.auto import tqdm
@@ -330,7 +332,14 @@ def run_batch_bench(
         _ensure_exported(main, asst, log)
     # without the single-request path only the batched graphs load: each weight resident once
     single = single and 1 in sizes
-    eng = Engine.load(main, asst, provider=provider, threads=threads, single_request=single)
+    eng = Engine.load(
+        main,
+        asst,
+        provider=provider,
+        threads=threads,
+        single_request=single,
+        shared_thread_pool=shared_thread_pool,
+    )
     sp = eng.main.tokenizer
     # The pair's convention: spiece.encode(context)[-255:] + [eos].
     ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in texts]
@@ -379,6 +388,8 @@ def run_batch_bench(
             "peers": peers,
             "quick": quick,
             "max_batch_tokens": max_batch_tokens,
+            "shared_thread_pool": shared_thread_pool,
+            "single_request_path": single,
             "mean_input_tokens": sum(map(len, ids)) / len(ids),
             "quiet_threshold": quiet_threshold,
             "quiet_load": quiet_load,

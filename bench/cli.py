@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         help="batch mode: leave out the single-request path (generate) at batch 1; the engine"
         " then loads only the batched graphs, each weight once (big models)",
     )
+    p.add_argument(
+        "--shared-thread-pool",
+        action="store_true",
+        help="batch mode: Engine.load(shared_thread_pool=True), one process-wide ORT pool for"
+        " main and assistant",
+    )
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--sweep-prompts", type=int, default=10)
     p.add_argument(
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 require_quiet=a.require_quiet,
                 max_batch_tokens=a.max_batch_tokens,
                 single=not a.no_single,
+                shared_thread_pool=a.shared_thread_pool,
             )
         else:
             res = run_bench(

@@ -307,7 +307,9 @@ def batch_markdown(res: dict) -> str:
     lines = [
         (
             f"# stairs-bench batch mode: {s['prompts']} prompts, {s['max_new_tokens']} new tokens,"
-            f" {s['threads']} threads, batch sizes {', '.join(map(str, sizes))}, one run"
+            f" {s['threads']} threads"
+            f"{' (one shared ORT pool)' if s.get('shared_thread_pool') else ''}, batch sizes"
+            f" {', '.join(map(str, sizes))}, one run; assistant {s.get('assistant')}"
         ),
         "",
         machine_line(res),

@@ -932,6 +932,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request")
     p.add_argument("--threads", type=_count(1024), help="ORT threads (default: ORT's choice)")
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
+    p.add_argument(
+        "--shared-thread-pool",
+        action="store_true",
+        help="one process-wide ORT thread pool for main and assistant (faster on few cores in"
+        " stairs-bench's batch mode; the server is then the process's only ORT user)",
+    )
     p.add_argument("--model-name", help="the model id clients send (default: the main folder's)")
     p.add_argument(
         "--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV} if set)"
@@ -962,6 +968,7 @@ def build_app(cfg: dict) -> FastAPI:
         c["assistant"],
         provider=c["provider"],
         threads=c["threads"],
+        shared_thread_pool=c["shared_thread_pool"],
         verify=c["verify"],
         single_request=False,
     )
@@ -984,6 +991,7 @@ APP_CONFIG = {
     "assistant": None,
     "provider": "cpu",
     "threads": None,
+    "shared_thread_pool": False,
     "verify": True,
     "strategy": "auto",
     "options": None,
@@ -1059,6 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
             "assistant": a.assistant,
             "provider": a.provider,
             "threads": a.threads,
+            "shared_thread_pool": a.shared_thread_pool,
             "verify": not a.no_verify,
             "strategy": a.strategy,
             "options": {k: v for k, v in opts.items() if v is not None},
