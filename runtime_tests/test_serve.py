@@ -345,6 +345,9 @@ def test_api_key(eng, model, monkeypatch):
     assert parse_args(["--main", "m", "--api-key", "flag"]).api_key == "flag"
     monkeypatch.delenv("STAIRS_API_KEY")
     assert parse_args(["--main", "m"]).api_key is None
+    # one shared ORT pool is opt-in (per-session pools by default)
+    assert parse_args(["--main", "m"]).shared_thread_pool is False
+    assert parse_args(["--main", "m", "--shared-thread-pool"]).shared_thread_pool is True
 
 
 def test_queue_full_429_then_disconnect_frees_rows(eng, model):
