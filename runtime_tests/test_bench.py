@@ -376,6 +376,19 @@ def test_batch_bench_end_to_end_on_a_tiny_model(tiny_models, tmp_path, monkeypat
     assert "| stairs/greedy |" in (out / "results.md").read_text()
     assert (out / "batch_throughput.png").stat().st_size > 1000
 
+    # --no-single: no generate() row, and the engine loads only the batched graphs
+    out3 = tmp_path / "out3"
+    args = [*common, "--batch-sizes", "1", "--peers", "none", "--out", str(out3), "--no-single"]
+    assert main([*args, "--strategies", "greedy;tree:draft_tokens=2,branches=2"]) == 0
+    res = __import__("json").loads((out3 / "results.json").read_text())
+    assert [r["method"] for r in res["rows"]] == [
+        "stairs/greedy",
+        "stairs/tree:draft_tokens=2,branches=2",
+    ]
+    assert res["settings"]["single_request_path"] is False
+    assert all(r["mismatches_vs_engine_greedy_b1"] == 0 for r in res["rows"])
+    assert all(r["verify_ms_per_call"] > 0 and r["encoder_ms_per_request"] > 0 for r in res["rows"])
+
     # --require-quiet: a machine that never becomes quiet stops the run before the timed calls.
     class Noisy(batch.Monitor):
         def check(self, seconds=1.0):
