@@ -301,6 +301,7 @@ def run_batch_bench(
     from bench.run import _ensure_exported
     from engine import Engine, InputError
     from engine.cli import read_prompts
+    from engine.providers import shared_pool_in_use
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     progress = lambda **kw: tqdm(disable=quiet, **kw)
@@ -388,7 +389,8 @@ def run_batch_bench(
             "peers": peers,
             "quick": quick,
             "max_batch_tokens": max_batch_tokens,
-            "shared_thread_pool": shared_thread_pool,
+            # what the sessions got (ORT may refuse a shared pool once its environment exists)
+            "shared_thread_pool": shared_thread_pool and shared_pool_in_use(threads),
             "single_request_path": single,
             "mean_input_tokens": sum(map(len, ids)) / len(ids),
             "quiet_threshold": quiet_threshold,

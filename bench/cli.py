@@ -108,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be a number >= 0")
     if a.max_batch_tokens is not None and not 1 <= a.max_batch_tokens <= 65536:
         p.error("--max-batch-tokens must be between 1 and 65536")
+    if a.batch_sizes is None:  # batch-mode flags would otherwise be silently ignored
+        for flag, on in (
+            ("--no-single", a.no_single),
+            ("--shared-thread-pool", a.shared_thread_pool),
+            ("--max-batch-tokens", a.max_batch_tokens is not None),
+        ):
+            if on:
+                p.error(f"{flag} needs --batch-sizes (batch mode)")
     sizes = None
     if a.batch_sizes is not None:
         from engine.options import parse_sizes

@@ -309,7 +309,7 @@ def batch_markdown(res: dict) -> str:
             f"# stairs-bench batch mode: {s['prompts']} prompts, {s['max_new_tokens']} new tokens,"
             f" {s['threads']} threads"
             f"{' (one shared ORT pool)' if s.get('shared_thread_pool') else ''}, batch sizes"
-            f" {', '.join(map(str, sizes))}, one run; assistant {s.get('assistant')}"
+            f" {', '.join(map(str, sizes))}, one run; assistant {s.get('assistant') or 'none'}"
         ),
         "",
         machine_line(res),

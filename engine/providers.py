@@ -76,6 +76,11 @@ def _use_global_pool(threads: int | None) -> bool:
     return _global_pool == want
 
 
+def shared_pool_in_use(threads: int | None) -> bool:
+    """Whether the process-wide pool of this size is set up (what shared_pool=True then gets)."""
+    return _global_pool == (threads or 0)
+
+
 def session_options(threads: int | None, shared_pool: bool = False) -> ort.SessionOptions:
     """Session options: all graph optimisations; per-session pools that do not spin, or one
     process-wide pool (shared_pool=True, if ORT can still set it up)."""
@@ -85,6 +90,11 @@ def session_options(threads: int | None, shared_pool: bool = False) -> ort.Sessi
     if shared_pool and _use_global_pool(threads):
         so.use_per_session_threads = False
     else:
+        if shared_pool:
+            log.warning(
+                "shared_thread_pool: ORT's environment already exists (or another pool size was"
+                " set), so this session gets its own pool"
+            )
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1

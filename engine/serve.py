@@ -935,8 +935,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--shared-thread-pool",
         action="store_true",
-        help="one process-wide ORT thread pool for main and assistant (faster on few cores in"
-        " stairs-bench's batch mode; the server is then the process's only ORT user)",
+        help="one process-wide ORT thread pool for main and assistant (stairs-bench, 2 cores:"
+        " faster for one request at a time, slower at 4+; the server must be the process's"
+        " only ORT user)",
     )
     p.add_argument("--model-name", help="the model id clients send (default: the main folder's)")
     p.add_argument(

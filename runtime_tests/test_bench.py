@@ -287,6 +287,8 @@ def test_batch_runs_interleave_methods_batch_by_batch():
         (["--batch-sizes", "1,0"], "--batch-sizes"),
         (["--batch-sizes", "1,x"], "--batch-sizes"),
         (["--batch-sizes", "1", "--max-batch-tokens", "0"], "--max-batch-tokens"),
+        (["--shared-thread-pool"], "--shared-thread-pool needs --batch-sizes"),
+        (["--no-single"], "--no-single needs --batch-sizes"),
     ],
 )
 def test_batch_cli_rejects_bad_options_before_loading(args, msg, tmp_path, capsys):
