@@ -58,43 +58,46 @@ _global_pool: int | None = None  # size of the process-wide pool once set (0 = O
 
 
 def _use_global_pool(threads: int | None) -> bool:
-    """One process-wide intra-op pool for every session, if it can still be set up.
+    """Set up one process-wide intra-op pool (the first call's size wins); whether it exists.
 
-    ORT only allows this before its environment exists, and afterwards every session of the
-    process (optimum's, another library's) must opt out of per-session threads: hence opt-in.
+    Opt-in: once it exists ORT refuses per-session pools for every later session of the process
+    (optimum's, another library's), so those must set use_per_session_threads=False too.
     """
     global _global_pool
-    want = threads or 0
     if _global_pool is None:
         try:
             from onnxruntime.capi import _pybind_state
 
-            _pybind_state.set_global_thread_pool_sizes(want, 1)
-            _global_pool = want
-        except Exception:  # noqa: BLE001 - environment already created (another session came first)
+            _pybind_state.set_global_thread_pool_sizes(threads or 0, 1)
+            _global_pool = threads or 0
+        except Exception:  # noqa: BLE001 - an ORT without it: per-session pools
             _global_pool = -1
-    return _global_pool == want
+    return _global_pool >= 0
 
 
 def shared_pool_in_use(threads: int | None) -> bool:
-    """Whether the process-wide pool of this size is set up (what shared_pool=True then gets)."""
+    """Whether the process-wide pool exists with this size (what shared_pool=True then gets)."""
     return _global_pool == (threads or 0)
 
 
 def session_options(threads: int | None, shared_pool: bool = False) -> ort.SessionOptions:
-    """Session options: all graph optimisations; per-session pools that do not spin, or one
-    process-wide pool (shared_pool=True, if ORT can still set it up)."""
+    """Session options: all graph optimisations; per-session pools that do not spin, or the one
+    process-wide pool (shared_pool=True; also every session after it exists, as ORT requires)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    if shared_pool and _use_global_pool(threads):
+    exists = _global_pool is not None and _global_pool >= 0
+    if exists or (shared_pool and _use_global_pool(threads)):
         so.use_per_session_threads = False
+        if not shared_pool_in_use(threads) or not shared_pool:
+            log.warning(
+                "the process-wide ORT pool (%s threads) serves this session too: ORT allows no"
+                " per-session pool once it exists",
+                _global_pool or "default",
+            )
     else:
         if shared_pool:
-            log.warning(
-                "shared_thread_pool: ORT's environment already exists (or another pool size was"
-                " set), so this session gets its own pool"
-            )
+            log.warning("shared_thread_pool: this ORT cannot set up a process-wide pool")
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1

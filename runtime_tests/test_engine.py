@@ -270,3 +270,23 @@ def test_tuned_assistant_threads_are_used(tiny_models, tmp_path):
         == 2
     )
     assert Engine.load(main, assistant=m["random"], threads=3).assistant.threads == 3  # not tuned
+
+
+def test_shared_pool_serves_every_later_session_and_stays_exact(tiny_models, caplog):
+    """Once the process-wide pool exists ORT refuses per-session pools: a later engine of another
+    thread count (or without shared_thread_pool) joins it with a warning, and stays exact. Run in
+    a subprocess: the pool is process-wide."""
+    m = tiny_models["v1_1"]
+    code = f"""
+import logging, sys
+from engine import Engine
+ref = Engine.load({str(m["main"])!r}, assistant={str(m["main"])!r}, threads=2, shared_thread_pool=True)
+a = ref.generate([5, 6, 7, 1], strategy="assisted", draft_tokens=3, max_new_tokens=8).token_ids
+logging.basicConfig(level=logging.WARNING)
+other = Engine.load({str(m["main"])!r}, threads=1)  # no shared pool asked: joins it anyway
+b = other.generate([5, 6, 7, 1], max_new_tokens=8).token_ids
+sys.exit(0 if a == b else 3)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "serves this session too" in res.stderr
