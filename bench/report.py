@@ -344,32 +344,36 @@ def batch_markdown(res: dict) -> str:
                 x = r.get("x_ct2_float32")
                 vals.append(f"{r['tokens_per_s']:.0f}" + (f" ({x:.2f}x)" if x else ""))
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    has_ct2 = any(r.get("x_ct2_float32") for r in rows)
     lines += [
-        "",
-        "(in parentheses: x CT2 float32 at the same B)",
+        *(["", "(in parentheses: x CT2 float32 at the same B)"] if has_ct2 else []),
         "",
         "## Per method and batch size",
         "",
         (
             "| B | method | tok/s | x CT2 float32 | p50 ms | p90 ms | mismatches vs engine B1 |"
-            " mismatches vs HF B1 | failed prompts | main calls | rows/call | others CPU/s |"
+            " mismatches vs HF B1 | failed prompts | main calls | rows/call | verify ms/call |"
+            " draft ms/call | encoder ms/request | others CPU/s |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in sizes:
         for r in (r for r in rows if r["batch_size"] == b):
             if "tokens_per_s" not in r:
                 lines.append(
-                    f"| {b} | {r['method']} | failed: {r.get('error', '')[:90]} ||||||||||"
+                    f"| {b} | {r['method']} | failed: {r.get('error', '')[:90]} |||||||||||||"
                 )
                 continue
             fp = r.get("failed_prompts", 0)
             lines.append(
-                f"| {b} | {r['method']} | {r['tokens_per_s']:.0f} | "
+                f"| {b} | {r['method']} | {r['tokens_per_s']:.{0 if r['tokens_per_s'] >= 100 else 2}f} | "
                 f"{_f(r.get('x_ct2_float32'), '.2f')} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
                 f"{_mm(r, 'engine_greedy_b1')} | {_mm(r, 'hf_greedy_b1')} | "
                 f"{f'**{fp}**' if fp else '0'} | {_f(r.get('main_calls'), 'd')} | "
-                f"{_f(r.get('mean_batch_rows'), '.2f')} | {_others(r.get('others_cpu_per_s'), thr)} |"
+                f"{_f(r.get('mean_batch_rows'), '.2f')} | {_f(r.get('verify_ms_per_call'), '.1f')} | "
+                f"{_f(r.get('draft_ms_per_call'), '.1f')} | "
+                f"{_f(r.get('encoder_ms_per_request'), '.0f')} | "
+                f"{_others(r.get('others_cpu_per_s'), thr)} |"
             )
     engine = [r for r in rows if r.get("kind") == "engine" and "tokens_per_s" in r]
     ct2 = {r["batch_size"]: r for r in rows if r["method"] == "ct2/float32" and "tokens_per_s" in r}
@@ -387,21 +391,19 @@ def batch_markdown(res: dict) -> str:
     mem = res.get("memory") or []
     if mem:
         keys = sorted({k for m in mem for k in m if k.endswith("_worker_max_rss_mb")})
+        head = ["B", "this process (engine, and HF if it ran)"]
+        head += [k.removesuffix("_worker_max_rss_mb") + " worker" for k in keys]
         lines += [
             "",
             "## Peak resident memory (MiB, peak so far after each batch size)",
             "",
-            "| B | this process (engine + HF) | "
-            + " | ".join(k.removesuffix("_worker_max_rss_mb") + " worker" for k in keys)
-            + " |",
-            "|---|---|" + "---|" * len(keys),
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
         ]
         for m in mem:
-            lines.append(
-                f"| {m['batch_size']} | {m['process_max_rss_mb']:.0f} | "
-                + " | ".join(_f(m.get(k), ".0f") for k in keys)
-                + " |"
-            )
+            cells = [str(m["batch_size"]), f"{m['process_max_rss_mb']:.0f}"]
+            cells += [_f(m.get(k), ".0f") for k in keys]
+            lines.append("| " + " | ".join(cells) + " |")
     errors = res.get("errors") or {}
     if errors:
         lines += ["", "## Failed methods", ""] + [f"- {k}: {v}" for k, v in errors.items()]
