@@ -624,24 +624,18 @@ class Scheduler:
         owners = list(self.main.owners)
         # verify: row r = its pending token + its drafts (a tree: + every path, each after the
         # pending token), all rows in one main call
-        rows, tree = [], []
+        rows, tree, at_paths = [], [], {}
         for r in owners:
             if r.error is not None:  # failed while drafting: retired after this step
                 rows.append([])
                 tree.append(None)
             elif r.paths:
                 lo, k = self.main.length(r), len(r.paths[0])
+                # row offsets of the pending token + path b, [K+1] each: path b's token t sits
+                # at 1 + b*K + t, its parent one entry before it
+                at_paths[r] = [np.r_[0, 1 + b * k + np.arange(k)] for b in range(len(r.paths))]
                 rows.append([r.seq[-1], *(x for p in r.paths for x in p)])
-                tree.append(
-                    [
-                        lo - 1,
-                        *(
-                            lo + (b * k + t if t else 0)
-                            for b in range(len(r.paths))
-                            for t in range(k)
-                        ),
-                    ]
-                )
+                tree.append([lo - 1, *(lo + int(a[t]) for a in at_paths[r] for t in range(k))])
             else:
                 rows.append([r.seq[-1], *r.draft])
                 tree.append(None)
@@ -661,11 +655,9 @@ class Scheduler:
                 continue
             draft, at = r.draft, np.arange(real)  # at: row positions of the pending + draft
             if r.paths:  # accept: the path with the longest agreeing prefix wins
-                k = len(r.paths[0])
-                at_b = [np.r_[0, 1 + b * k + np.arange(k)] for b in range(len(r.paths))]
-                n_b = [accept(p, targets[i, a]) for p, a in zip(r.paths, at_b)]
+                n_b = [accept(p, targets[i, a]) for p, a in zip(r.paths, at_paths[r])]
                 j = int(np.argmax(n_b))
-                draft, at = r.paths[j], at_b[j]
+                draft, at = r.paths[j], at_paths[r][j]
             # accept: the longest agreeing prefix of the draft, plus the main model's next token
             n = accept(draft, targets[i, at])
             # rewind: both caches keep seq + draft[:n] (a tree: that path's slots, moved down)
