@@ -134,54 +134,45 @@ def main(argv: list[str] | None = None) -> int:
         sep = ";" if ";" in a.strategies or ":" in a.strategies else ","
         strategies = [s for s in a.strategies.split(sep) if s.strip()]
     peers = None if a.peers is None else [] if a.peers == "none" else a.peers.split(",")
+    # what both modes take from the same flags
+    common = {
+        "main": a.main,
+        "assistant": a.assistant,
+        "prompts": a.prompts,
+        "n": a.n,
+        "max_new_tokens": a.max_new_tokens,
+        "threads": a.threads,
+        "provider": a.provider,
+        "strategies": strategies,
+        "quick": a.quick,
+        "quiet": a.quiet,
+        "quiet_threshold": a.quiet_threshold,
+        "quiet_load": a.quiet_load,
+        "wait_quiet": a.wait_quiet,
+        "require_quiet": a.require_quiet,
+    }
     try:
         if sizes is not None:
             from bench.batch import run_batch_bench
 
             res = run_batch_bench(
-                a.main,
-                a.assistant,
-                a.prompts,
-                a.n,
-                a.max_new_tokens,
-                a.threads,
-                a.provider,
-                strategies,
-                peers,
-                sizes,
-                a.out or "results/batch",
-                a.quick,
-                a.quiet,
-                quiet_threshold=a.quiet_threshold,
-                quiet_load=a.quiet_load,
-                wait_quiet=a.wait_quiet,
-                require_quiet=a.require_quiet,
+                **common,
+                peers=peers,
+                batch_sizes=sizes,
+                out=a.out or "results/batch",
                 max_batch_tokens=a.max_batch_tokens,
                 single=not a.no_single,
                 shared_thread_pool=a.shared_thread_pool,
             )
         else:
             res = run_bench(
-                a.main,
-                a.assistant,
-                a.prompts,
-                a.n,
-                a.max_new_tokens,
-                a.threads,
-                a.rounds,
-                a.provider,
-                strategies,
-                DEFAULT_PEERS if peers is None else peers,
-                not a.no_sweeps,
-                a.sweep_prompts,
-                a.out or "results/latest",
-                a.quick,
-                a.quiet,
+                **common,
+                rounds=a.rounds,
+                peers=DEFAULT_PEERS if peers is None else peers,
+                sweeps=not a.no_sweeps,
+                sweep_prompts=a.sweep_prompts,
+                out=a.out or "results/latest",
                 alone=a.alone,
-                quiet_threshold=a.quiet_threshold,
-                quiet_load=a.quiet_load,
-                wait_quiet=a.wait_quiet,
-                require_quiet=a.require_quiet,
             )
     except NotQuietError as exc:
         print(f"stairs-bench: error: {exc}", file=sys.stderr)
