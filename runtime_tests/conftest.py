@@ -107,6 +107,15 @@ def pycode_pair(tmp_path_factory):
     return res.main, res.assistant
 
 
+@pytest.fixture(scope="module")
+def eng(pycode_pair):
+    """The exported pycode pair loaded on 2 threads, one Engine per test module."""
+    from engine import Engine
+
+    main, draft = pycode_pair
+    return Engine.load(main, assistant=draft, threads=2)
+
+
 @pytest.fixture(scope="session")
 def pycode_prompts():
     """Encoder input ids of the public prompts: spiece.encode(context)[-255:] + [eos]."""

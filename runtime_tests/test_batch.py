@@ -15,17 +15,12 @@ NEW = 48
 
 
 @pytest.fixture(scope="module")
-def eng(pycode_pair):
-    main, draft = pycode_pair
-    return Engine.load(main, assistant=draft, threads=2)
-
-
-@pytest.fixture(scope="module")
 def prompts(pycode_prompts):
-    # mixed lengths: the public prompts run from a few tokens to 256; shuffle them so every
-    # batch mixes short and long encoder inputs
-    order = np.random.default_rng(0).permutation(N_PROMPTS)
-    return [pycode_prompts[i] for i in order]
+    # mixed lengths: the public prompts are all 128-129 tokens, so each keeps only its last
+    # 4-129 tokens (EOS included) and every batch mixes short and long encoder inputs
+    rng = np.random.default_rng(0)
+    order, keep = rng.permutation(N_PROMPTS), rng.integers(4, 130, N_PROMPTS)
+    return [pycode_prompts[i][-int(k) :] for i, k in zip(order, keep)]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient
 
-from engine import Engine
 from engine import batch as batch_mod
 from engine.serve import Server, create_app, free_port, parse_args
 
@@ -36,12 +35,6 @@ TEXTS = [
     "def fibonacci(n):\n",
 ]
 STRATEGY = ("assisted", {"draft_tokens": 4})
-
-
-@pytest.fixture(scope="module")
-def eng(pycode_pair):
-    main, draft = pycode_pair
-    return Engine.load(main, assistant=draft, threads=2)
 
 
 @pytest.fixture(scope="module")
