@@ -129,10 +129,10 @@ class Engine:
         """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
 
         shared_thread_pool: one process-wide ORT pool (fastest for one request at a time on few
-        cores; slower at batch 4+), usable only if no ORT session exists yet; every later session
-        of the process must then opt out of per-session threads. assistant_threads: the small assistant's ops can be too short to gain
-        from a second thread (None = what stairs-tune measured for this pair, else threads; with
-        shared_thread_pool the pool serves both).
+        cores; slower at batch 4+); once it exists ORT refuses per-session pools, so every later
+        session of the process joins it (engine.providers warns). assistant_threads: the small
+        assistant's ops can be too short to gain from a second thread (None = what stairs-tune
+        measured for this pair, else threads; with shared_thread_pool the pool serves both).
         io_binding: run through ORT IO binding (outputs allocated on the provider's device).
         limits: ceilings for generate (engine.options.Limits). verify: check file hashes.
         single_request=False: load only what batched generation needs (encoders, masked decoder,
