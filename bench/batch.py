@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,13 +256,6 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename, so an interrupted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_batch_bench(
     main="models/pycode-t5-main",
     assistant="models/pycode-t5-draft",
@@ -406,9 +398,9 @@ def run_batch_bench(
     }
     out.mkdir(parents=True, exist_ok=True)
     results["plots"] = report.batch_plots(results, out)
-    _write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+    core.write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     md = report.batch_markdown(results)
-    _write_atomic(out / "results.md", md)
+    core.write_atomic(out / "results.md", md)
     log(md)
     if not quiet_summary["ok"]:
         warn(

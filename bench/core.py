@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -341,6 +342,22 @@ def machine() -> dict:
     return info
 
 
+def write_atomic(path: Path, data) -> None:
+    """Write path through a temporary file beside it and a rename, so an interrupted run never
+    leaves half a file (or loses the previous one). data: text, or a function writing a path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # suffix: savefig's format
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            data(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save(results: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    """results.json in out, written atomically."""
+    write_atomic(Path(out) / "results.json", json.dumps(results, indent=2, default=str))

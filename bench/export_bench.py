@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.core import write_atomic
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 BUILD = """
@@ -78,8 +80,7 @@ def main(argv=None) -> int:
             shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=2))
+        write_atomic(Path(a.out), json.dumps(results, indent=2))
     return 0
 
 

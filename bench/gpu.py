@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.core import write_atomic
+
 EXACT_STRATEGIES = [
     "assisted:draft_tokens=4",
     "assisted:draft_tokens=5,schedule=heuristic",
@@ -402,10 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str))
-        tmp.replace(args.out)
+        write_atomic(args.out, json.dumps(res, indent=2, default=str))
     show(res)
     sys.stdout.flush()
     return 0

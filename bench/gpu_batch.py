@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.core import write_atomic
 from bench.gpu import compare, load_engine, load_prompts, log
 
 STRATEGIES = "greedy;assisted:draft_tokens=4;lookup;auto"
@@ -28,10 +29,7 @@ def write_json(path: Path | None, res: dict) -> None:
     """Write res to path through a temp file and a rename (a partial file never shows)."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=2, default=str))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(res, indent=2, default=str))
 
 
 def run_batched(eng, prompts, spec: str, size: int, max_new: int) -> dict:

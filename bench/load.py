@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.core import write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"batched": [], "single": ["--max-active", "1"]}
 MAX_CLIENTS = 1024
@@ -268,16 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "rows": rows,
     }
-    # written to temporary names, renamed when complete
-    out.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        ("results.json", lambda f: f.write_text(json.dumps(res, indent=1))),
-        ("results.md", lambda f: f.write_text(markdown(res))),
-        ("load.png", lambda f: plot(res, f)),
-    ):
-        tmp = out / f".tmp{os.getpid()}.{name}"
-        write(tmp)
-        os.replace(tmp, out / name)
+    write_atomic(out / "results.json", json.dumps(res, indent=1))
+    write_atomic(out / "results.md", markdown(res))
+    write_atomic(out / "load.png", lambda f: plot(res, f))
     print(markdown(res))
     print(f"wrote {out}/results.json, results.md, load.png")
     return 0

@@ -157,14 +157,21 @@ class CT2:
 
         out = workdir / f"ct2-{compute_type}"
         if not (out / "model.bin").is_file():
-            src = Path(tempfile.mkdtemp(dir=workdir))
-            for f in ("config.json", "model.safetensors", "generation_config.json"):
-                if (main_dir / f).exists():
-                    os.symlink((main_dir / f).resolve(), src / f)
-            # The converter reads the vocabulary from the tokenizer: build it without the 100
-            # sentinels the T5 tokenizer adds by default, or 8292 != 8192 pieces.
-            T5Tokenizer(str(main_dir / "spiece.model"), extra_ids=0).save_pretrained(src)
-            TransformersConverter(str(src)).convert(str(out), quantization=compute_type, force=True)
+            # converted in a temporary folder (removed after) and renamed when complete: an
+            # interrupted conversion leaves no half model that a later run would take as done
+            with tempfile.TemporaryDirectory(dir=workdir, prefix=".ct2-") as tmp:
+                src, conv = Path(tmp) / "hf", Path(tmp) / "ct2"
+                src.mkdir()
+                for f in ("config.json", "model.safetensors", "generation_config.json"):
+                    if (main_dir / f).exists():
+                        os.symlink((main_dir / f).resolve(), src / f)
+                # The converter reads the vocabulary from the tokenizer: build it without the
+                # 100 sentinels the T5 tokenizer adds by default, or 8292 != 8192 pieces.
+                T5Tokenizer(str(main_dir / "spiece.model"), extra_ids=0).save_pretrained(src)
+                TransformersConverter(str(src)).convert(str(conv), quantization=compute_type)
+                if out.exists():  # not ours to delete: say so
+                    raise FileExistsError(f"{out} exists without model.bin; move it away")
+                os.replace(conv, out)
         self.sp = spm.SentencePieceProcessor(model_file=str(main_dir / "spiece.model"))
         self.tr = ctranslate2.Translator(
             str(out),

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from bench.core import write_atomic
 
 
 def _f(v, fmt):
@@ -249,7 +250,7 @@ def plots(res: dict, out: Path) -> list[str]:
         ax.set_xlabel("tokens/s (blue: stairs engine, gray: peers, red: output differs)")
         ax.set_title("Throughput, batch 1, greedy-exact")
         fig.tight_layout()
-        fig.savefig(out / "tokens_per_s.png", dpi=110)
+        write_atomic(out / "tokens_per_s.png", lambda f: fig.savefig(f, dpi=110))
         plt.close(fig)
         made.append("tokens_per_s.png")
     sw = res.get("sweeps", {})
@@ -271,7 +272,7 @@ def plots(res: dict, out: Path) -> list[str]:
         ax.set_ylabel("speed-up over engine greedy")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "sweeps.png", dpi=110)
+        write_atomic(out / "sweeps.png", lambda f: fig.savefig(f, dpi=110))
         plt.close(fig)
         made.append("sweeps.png")
     cc = res.get("cost_curve")
@@ -287,7 +288,7 @@ def plots(res: dict, out: Path) -> list[str]:
         ax.set_ylabel("main decoder call time / (1 row, 1 token)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "cost_curve.png", dpi=110)
+        write_atomic(out / "cost_curve.png", lambda f: fig.savefig(f, dpi=110))
         plt.close(fig)
         made.append("cost_curve.png")
     return made
@@ -441,8 +442,6 @@ def batch_plots(res: dict, out: Path) -> list[str]:
     ax.set_title("Throughput vs batch size (solid: stairs engine, dashed: peers)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out / ".batch_throughput.png.tmp"
-    fig.savefig(tmp, dpi=110, format="png")
+    write_atomic(out / "batch_throughput.png", lambda f: fig.savefig(f, dpi=110))
     plt.close(fig)
-    os.replace(tmp, out / "batch_throughput.png")
     return ["batch_throughput.png"]

@@ -298,7 +298,7 @@ def run_bench(
             )
     results["seconds"] = time.perf_counter() - t0
     core.save(results, out)
-    (out / "results.md").write_text(report.markdown(results))
+    core.write_atomic(out / "results.md", report.markdown(results))
     results["plots"] = report.plots(results, out)
     core.save(results, out)
     log((out / "results.md").read_text())

@@ -235,7 +235,7 @@ def test_batch_plot_draws_one_line_per_method(tmp_path):
     png = tmp_path / "batch_throughput.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert made == [["stairs/greedy (output differs)", "ct2/float32"]]  # failed hf: no line
-    assert not list(tmp_path.glob(".*tmp"))  # written beside and renamed
+    assert not list(tmp_path.glob(".*tmp*"))  # written beside and renamed
     assert report.batch_plots({**batch_results(), "rows": []}, tmp_path / "none") == []
 
 
@@ -332,6 +332,8 @@ def test_ct2_batched_worker_equals_its_batch_1_greedy(tmp_path, pycode_prompts):
     finally:
         ct.close()
     assert not ct.proc.is_alive()
+    # the converted model only: the conversion's temporary folders are gone
+    assert [p.name for p in tmp_path.iterdir()] == ["ct2-float32"]
 
 
 def test_hf_padded_batch_equals_hf_batch_1_greedy(pycode_prompts):
@@ -402,3 +404,21 @@ def test_batch_bench_end_to_end_on_a_tiny_model(tiny_models, tmp_path, monkeypat
     assert main(args) == 2
     assert "machine not quiet" in capsys.readouterr().err
     assert not (out2 / "results.json").exists()
+
+
+def test_write_atomic_keeps_the_previous_file_when_writing_fails(tmp_path):
+    from bench.core import save, write_atomic
+
+    save({"a": 1}, tmp_path)
+    target = tmp_path / "results.json"
+
+    def broken(path):
+        path.write_text('{"half')
+        raise KeyboardInterrupt  # as Ctrl-C in the middle of a write
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, broken)
+    assert target.read_text() == '{\n  "a": 1\n}'
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left
+    write_atomic(tmp_path / "sub" / "x.png", lambda p: p.write_bytes(b"png"))
+    assert (tmp_path / "sub" / "x.png").read_bytes() == b"png"
