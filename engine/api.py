@@ -284,6 +284,17 @@ class Engine:
         **options,
     ) -> Plan:
         """Validate a generation (strategy, options, sizes, prompt, memory) without running it."""
+        # an engine loaded with single_request=False runs it through the scheduler
+        batched = "decoder_with_past" not in self.main.sessions
+        return self._plan(
+            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options, batched
+        )
+
+    def _plan(
+        self, prompt, strategy, max_new_tokens, max_input_tokens, truncation, options, batched
+    ) -> Plan:
+        """plan(); batched: the memory estimate takes the scheduler's shapes (stairs and tree
+        in one row)."""
         opt.check_strategy(strategy)
         options = opt.validate(strategy, options)
         if strategy == "auto":
@@ -313,6 +324,7 @@ class Engine:
             ids.shape[1],
             max_new_tokens,
             self.limits.memory_bytes,
+            batched,
         )
         return Plan(ids, strategy, options, max_new_tokens)
 
@@ -405,15 +417,13 @@ class Engine:
         """plan() for a batched request; 'auto' becomes adaptive speculation: the scheduler
         drafts by the number of active requests (table, default auto_table()), off where it
         loses."""
+        args = (max_new_tokens, max_input_tokens, truncation)
         if strategy != "auto":
-            plan = self.plan(
-                prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options
-            )
-            return plan, None
+            return self._plan(prompt, strategy, *args, options, batched=True), None
         table = table or self.auto_table()
         name = "assisted" if self.assistant is not None else "lookup"
         opts = {**options, "draft_tokens": max(1, max(table.values()))}
-        plan = self.plan(prompt, name, max_new_tokens, max_input_tokens, truncation, **opts)
+        plan = self._plan(prompt, name, *args, opts, batched=True)
         return Plan(
             plan.ids, name, {**plan.options, "auto_draft_tokens": table}, plan.max_new_tokens
         ), table

@@ -261,14 +261,22 @@ def _decoder_bytes(model, s: int, rows: int, t: int, p: int, cross_copies: int) 
     return 4 * (self_kv + cross_kv + scores + logits)
 
 
-def estimate_memory(main, assistant, strategy: str, options: dict, s: int, n: int) -> dict:
+def estimate_memory(
+    main, assistant, strategy: str, options: dict, s: int, n: int, batched: bool = False
+) -> dict:
     """Bytes a generation of n new tokens on s input tokens needs, by part (fp32 activations;
-    the weights are already loaded). options: all of the strategy's (with_defaults)."""
+    the weights are already loaded). options: all of the strategy's (with_defaults).
+    batched: the scheduler's shapes (engine.batch), where stairs and tree are one row each."""
     o = options
     p = n + 1  # decoder positions: the start token and n new ones
+    a_rows = o["branches"] if strategy == "tree" else 1
     # main decoder call shape (rows, tokens) and how many cross key/value tiles it keeps
     if strategy == "greedy":
         rows, t, copies = 1, 1, 1
+    elif batched and strategy in ("stairs", "tree"):
+        # one row: the staircase's longest row, or the pending token and every tree path
+        rows, copies, a_rows = 1, 1, 1
+        t = o["batch_size"] if strategy == "stairs" else 1 + o["branches"] * o["draft_tokens"]
     elif strategy == "stairs":
         r = o["batch_size"]
         # Cache._cross keeps one tile per row count seen (1..R): R(R+1)/2 row copies.
@@ -284,17 +292,20 @@ def estimate_memory(main, assistant, strategy: str, options: dict, s: int, n: in
         "main decoder": _decoder_bytes(main, s, rows, t, p, copies),
     }
     if assistant is not None and strategy in ("assisted", "stairs", "tree", "staged"):
-        a_rows = o["branches"] if strategy == "tree" else 1
         a_t = o["stage2_tokens"] + 2 if strategy == "staged" else 2
+        if batched and strategy == "tree":
+            a_t = max(a_t, o["branches"])  # one token per path per round, in one row
         parts["assistant encoder"] = _encoder_bytes(assistant, s)
         parts["assistant decoder"] = _decoder_bytes(assistant, s, a_rows, a_t, p, 1 + a_rows)
     return parts
 
 
-def check_memory(main, assistant, strategy, options, s: int, n: int, memory: int | None) -> int:
+def check_memory(
+    main, assistant, strategy, options, s: int, n: int, memory: int | None, batched: bool = False
+) -> int:
     """InputError if the estimate (times MEMORY_SAFETY) exceeds memory (None: what the machine
     has available now); returns the estimate in bytes."""
-    parts = estimate_memory(main, assistant, strategy, options, s, n)
+    parts = estimate_memory(main, assistant, strategy, options, s, n, batched)
     need = sum(parts.values())
     have = available_memory() if memory is None else memory
     if have is not None and need * MEMORY_SAFETY > have:

@@ -430,3 +430,26 @@ def test_cli_help_shows_defaults(capsys):
     assert "(default: 64)" in text and "(default: greedy)" in text
     assert "assisted 5" in text and "tree 4" in text  # per-strategy option defaults
     assert "--no-verify" in text
+
+
+def test_batched_memory_estimate_takes_one_row_for_stairs_and_tree(tiny, monkeypatch):
+    main, a = tiny.main, tiny.assistant
+    for name, o in (("stairs", {"batch_size": 7}), ("tree", {"branches": 4, "draft_tokens": 4})):
+        o = opt.with_defaults(name, o)
+        single = opt.estimate_memory(main, a, name, o, 200, 256)
+        one_row = opt.estimate_memory(main, a, name, o, 200, 256, batched=True)
+        # the scheduler runs them as one row: less than R rows (and R cross tiles) of a Run
+        assert one_row["main decoder"] < single["main decoder"] / 2, name
+        assert one_row["main encoder"] == single["main encoder"]
+    # a budget between the two: refused one request at a time, served by the scheduler
+    stairs = opt.with_defaults("stairs", {"batch_size": 7})
+    s, n = 4, 256
+    need = sum(opt.estimate_memory(main, a, "stairs", stairs, s, n).values())
+    batched = sum(opt.estimate_memory(main, a, "stairs", stairs, s, n, batched=True).values())
+    budget = int((need + batched) / 2 * opt.MEMORY_SAFETY)
+    monkeypatch.setattr(tiny, "limits", opt.Limits(memory_bytes=budget))
+    with pytest.raises(InputError, match="needs an estimated"):
+        tiny.plan([5, 6, 7, 1], "stairs", n, batch_size=7)
+    [res] = tiny.generate_batch([[5, 6, 7, 1]], strategy="stairs", max_new_tokens=n, batch_size=7)
+    assert not isinstance(res, Exception), res
+    assert res.token_ids == tiny.generate([5, 6, 7, 1], max_new_tokens=n).token_ids
