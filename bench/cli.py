@@ -4,11 +4,10 @@ bench.batch.run_batch_bench."""
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from bench.core import DEFAULT_PEERS
-from bench.quiet import NotQuietError
+from bench.quiet import NotQuietError, add_quiet_arguments, check_quiet_arguments
 from bench.run import run_bench
 
 
@@ -73,39 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         help="methods also measured alone after the interleaved rounds: 'default' (peers' greedy"
         " rows, engine greedy and auto), 'all', 'none' or ';'-separated method names",
     )
-    p.add_argument(
-        "--quiet-threshold",
-        type=float,
-        default=0.10,
-        metavar="CPU_S_PER_S",
-        help="other processes' CPU seconds per second above which a method is not quiet",
-    )
-    p.add_argument(
-        "--quiet-load",
-        type=float,
-        default=0.5,
-        metavar="LOAD",
-        help="1-min load average, less our own share, above which the start is not quiet",
-    )
-    p.add_argument(
-        "--wait-quiet",
-        type=float,
-        metavar="S",
-        help="wait up to S seconds for a quiet machine before starting (default 60, --quick 0)",
-    )
-    p.add_argument(
-        "--require-quiet",
-        action="store_true",
-        help="exit 2 if the machine was not quiet (before the runs if it never became quiet)",
-    )
+    add_quiet_arguments(p, "default 60, --quick 0")
     a = p.parse_args(argv)
     for name in ("n", "max_new_tokens", "threads", "rounds", "sweep_prompts"):
         if not 1 <= getattr(a, name) <= 100_000:
             flag = "-n" if name == "n" else "--" + name.replace("_", "-")
             p.error(f"{flag} must be between 1 and 100000")
-    for name in ("quiet_threshold", "quiet_load"):
-        if not (math.isfinite(getattr(a, name)) and getattr(a, name) >= 0):
-            p.error(f"--{name.replace('_', '-')} must be a number >= 0")
     if a.max_batch_tokens is not None and not 1 <= a.max_batch_tokens <= 65536:
         p.error("--max-batch-tokens must be between 1 and 65536")
     if a.batch_sizes is None:  # batch-mode flags would otherwise be silently ignored
@@ -124,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes = parse_sizes(a.batch_sizes)
         except ValueError as exc:
             p.error(f"--batch-sizes: {exc}")
-    if a.wait_quiet is None:
-        a.wait_quiet = 0.0 if a.quick else 60.0
-    if not (math.isfinite(a.wait_quiet) and 0 <= a.wait_quiet <= 3600):
-        p.error("--wait-quiet must be between 0 and 3600 seconds")
+    check_quiet_arguments(p, a, default_wait=0.0 if a.quick else 60.0)
     strategies = None
     if a.strategies:
         # ';' separates specs; a lone spec with options keeps its commas ('assisted:k=4,schedule=x')

@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.core import write_atomic
+from bench.quiet import Monitor, NotQuietError, add_quiet_arguments, check_quiet_arguments
+from bench.report import quiet_lines
+from bench.run import quiet_start, warn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"batched": [], "single": ["--max-active", "1"]}
@@ -158,11 +161,12 @@ def markdown(res: dict) -> str:
             f"{s['duration']} s per level, {s['threads']} threads"
         ),
         "",
+        *quiet_lines(res),
         (
             "| mode | clients | requests | tok/s | x single | TTFT p50 ms | p90 | p99 | "
-            "per-token p50 ms | p90 | p99 | errors | mismatches |"
+            "per-token p50 ms | p90 | p99 | errors | mismatches | others CPU/s |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     single = {r["clients"]: r["tokens_per_s"] for r in res["rows"] if r["mode"] == "single"}
 
@@ -173,10 +177,12 @@ def markdown(res: dict) -> str:
         base = single.get(r["clients"])
         x = f"{r['tokens_per_s'] / base:.2f}" if base else "–"
         t, p = r["ttft_s"], r["tpot_s"]
+        others = f"{r['others_cpu_per_s']:.2f}" if "others_cpu_per_s" in r else "–"
         lines.append(
             f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']:.0f} | {x} "
             f"| {ms(t['p50'])} | {ms(t['p90'])} | {ms(t['p99'])} | {ms(p['p50'])} | "
-            f"{ms(p['p90'])} | {ms(p['p99'])} | {r['n_errors']} | {r['mismatches']} |"
+            f"{ms(p['p90'])} | {ms(p['p99'])} | {r['n_errors']} | {r['mismatches']} | "
+            f"{others} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -223,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default="batched,single", help="batched, single or both")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--out", default="results/load")
+    add_quiet_arguments(p, "default 60")
     a = p.parse_args(argv)
+    check_quiet_arguments(p, a, default_wait=60.0)
     modes = [m for m in a.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
         p.error(f"--modes: comma-separated from {', '.join(MODES)}")
@@ -236,12 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(a.main).name
     out = Path(a.out)
     rows, first_text = [], {}
+    # the server is a child process: its CPU counts as ours, everything else as others'
+    monitor = Monitor(a.quiet_threshold, a.quiet_load)
+    try:
+        quiet_start(monitor, a.wait_quiet, a.require_quiet, print)
+    except NotQuietError as exc:
+        print(f"bench.load: error: {exc}", file=sys.stderr)
+        return 2
     for mode in modes:
         port = free_port()
         proc = start_server(a, mode, port)
         try:
             for c in a.clients:
-                r = asyncio.run(run_level(port, model, prompts, c, a))
+                with monitor.watch(f"{mode} clients={c}"):
+                    r = asyncio.run(run_level(port, model, prompts, c, a))
+                r["others_cpu_per_s"] = monitor.windows[monitor.phase][
+                    f"{mode} clients={c}"
+                ].others_per_s
                 texts = r.pop("texts")
                 r["mismatches"] = sum(first_text.setdefault(p_, t) != t for p_, t in texts)
                 r["mode"] = mode
@@ -269,12 +288,21 @@ def main(argv: list[str] | None = None) -> int:
             "onnxruntime": onnxruntime.__version__,
         },
         "rows": rows,
+        "quiet": monitor.summary(),
     }
     write_atomic(out / "results.json", json.dumps(res, indent=1))
     write_atomic(out / "results.md", markdown(res))
     write_atomic(out / "load.png", lambda f: plot(res, f))
     print(markdown(res))
     print(f"wrote {out}/results.json, results.md, load.png")
+    if not res["quiet"]["ok"]:
+        warn(
+            "machine was NOT quiet; these figures are not a fair comparison:\n  "
+            + "\n  ".join(res["quiet"]["reasons"])
+        )
+        if a.require_quiet:
+            print("bench.load: error: --require-quiet: the machine was not quiet", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -283,3 +283,43 @@ def describe_check(c: dict) -> str:
         f" ({_top_text(c.get('top_others') or [])}), load average {c['load1']:.2f}"
         f" (ours ~{c['own_load_estimate']:.2f}, excess {c['load_excess']:.2f})"
     )
+
+
+def add_quiet_arguments(p, wait_default: str) -> None:
+    """The quiet-machine flags every benchmark takes (argparse parser p)."""
+    p.add_argument(
+        "--quiet-threshold",
+        type=float,
+        default=0.10,
+        metavar="CPU_S_PER_S",
+        help="other processes' CPU seconds per second above which a method is not quiet",
+    )
+    p.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.5,
+        metavar="LOAD",
+        help="1-min load average, less our own share, above which the start is not quiet",
+    )
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        metavar="S",
+        help=f"wait up to S seconds for a quiet machine before starting ({wait_default})",
+    )
+    p.add_argument(
+        "--require-quiet",
+        action="store_true",
+        help="exit 2 if the machine was not quiet (before the runs if it never became quiet)",
+    )
+
+
+def check_quiet_arguments(p, a, default_wait: float) -> None:
+    """p.error (exit 2) for a bad quiet flag; fills in the default wait."""
+    for name in ("quiet_threshold", "quiet_load"):
+        if not (math.isfinite(getattr(a, name)) and getattr(a, name) >= 0):
+            p.error(f"--{name.replace('_', '-')} must be a number >= 0")
+    if a.wait_quiet is None:
+        a.wait_quiet = default_wait
+    if not (math.isfinite(a.wait_quiet) and 0 <= a.wait_quiet <= 3600):
+        p.error("--wait-quiet must be between 0 and 3600 seconds")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -422,3 +424,29 @@ def test_write_atomic_keeps_the_previous_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left
     write_atomic(tmp_path / "sub" / "x.png", lambda p: p.write_bytes(b"png"))
     assert (tmp_path / "sub" / "x.png").read_bytes() == b"png"
+
+
+def test_load_bench_records_whether_the_machine_was_quiet(pycode_pair, tmp_path, capsys):
+    from bench import load
+
+    main, _ = pycode_pair
+    out = tmp_path / "load"
+    argv = ["--main", str(main), "--strategy", "greedy", "--clients", "1", "--duration", "1"]
+    argv += ["--max-tokens", "4", "-n", "2", "--modes", "batched", "--wait-quiet", "0"]
+    assert load.main([*argv, "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    [row] = res["rows"]
+    assert row["requests"] >= 1 and row["mismatches"] == 0 and row["n_errors"] == 0
+    # the server (our child) is not counted as another process; the level is watched
+    assert "batched clients=1" in res["quiet"]["methods"]["interleaved"]
+    assert row["others_cpu_per_s"] >= 0 and res["quiet"]["start"] is not None
+    md = (out / "results.md").read_text()
+    assert ("Machine was quiet" in md) == res["quiet"]["ok"]
+    assert "others CPU/s" in md and sorted(p.name for p in out.iterdir()) == [
+        "load.png",
+        "results.json",
+        "results.md",
+    ]
+    with pytest.raises(SystemExit) as e:
+        load.main([*argv, "--wait-quiet", "-1"])
+    assert e.value.code == 2 and "--wait-quiet" in capsys.readouterr().err
