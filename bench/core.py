@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,13 +345,17 @@ def machine() -> dict:
 
 def write_atomic(path: Path, data) -> None:
     """Write path through a temporary file beside it and a rename, so an interrupted run never
-    leaves half a file (or loses the previous one). data: text, or a function writing a path."""
+    leaves half a file (or loses the previous one). data: text, bytes, or a function writing a
+    path (the temporary name keeps path's suffix: savefig takes its format from it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # suffix: savefig's format
+    tag = f"{os.getpid()}.{threading.get_ident()}"  # unique per writer
+    tmp = path.with_name(f".{path.stem}.{tag}.tmp{path.suffix}")
     try:
         if isinstance(data, str):
             tmp.write_text(data)
+        elif isinstance(data, bytes):
+            tmp.write_bytes(data)
         else:
             data(tmp)
         os.replace(tmp, path)

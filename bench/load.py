@@ -25,8 +25,6 @@ import numpy as np
 
 from bench.core import write_atomic
 from bench.quiet import Monitor, NotQuietError, add_quiet_arguments, check_quiet_arguments
-from bench.report import quiet_lines
-from bench.run import quiet_start, warn
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"batched": [], "single": ["--max-active", "1"]}
@@ -40,7 +38,7 @@ def _counts(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers expected") from None
     if not out or not all(1 <= c <= MAX_CLIENTS for c in out):
         raise argparse.ArgumentTypeError(f"client counts must be from 1 to {MAX_CLIENTS}")
-    return out
+    return sorted(set(out))  # one level each: its quiet window is its own
 
 
 def start_server(args, mode: str, port: int) -> subprocess.Popen:
@@ -154,6 +152,8 @@ async def run_level(port: int, model: str, prompts: list[str], clients: int, arg
 
 
 def markdown(res: dict) -> str:
+    from bench.report import quiet_lines
+
     s = res["settings"]
     lines = [
         (
@@ -245,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     rows, first_text = [], {}
     # the server is a child process: its CPU counts as ours, everything else as others'
+    from bench.run import quiet_start, warn  # the engine's imports: after the flags are checked
+
     monitor = Monitor(a.quiet_threshold, a.quiet_load)
     try:
-        quiet_start(monitor, a.wait_quiet, a.require_quiet, print)
+        quiet_start(monitor, a.wait_quiet, a.require_quiet, print, "bench.load")
     except NotQuietError as exc:
         print(f"bench.load: error: {exc}", file=sys.stderr)
         return 2
@@ -298,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     if not res["quiet"]["ok"]:
         warn(
             "machine was NOT quiet; these figures are not a fair comparison:\n  "
-            + "\n  ".join(res["quiet"]["reasons"])
+            + "\n  ".join(res["quiet"]["reasons"]),
+            "bench.load",
         )
         if a.require_quiet:
             print("bench.load: error: --require-quiet: the machine was not quiet", file=sys.stderr)

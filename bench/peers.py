@@ -156,7 +156,9 @@ class CT2:
         from transformers import T5Tokenizer
 
         out = workdir / f"ct2-{compute_type}"
-        if not (out / "model.bin").is_file():
+        if out.exists() and not (out / "model.bin").is_file():  # not a conversion: not ours
+            raise FileExistsError(f"{out} exists and holds no model.bin; move it away")
+        if not out.exists():
             # converted in a temporary folder (removed after) and renamed when complete: an
             # interrupted conversion leaves no half model that a later run would take as done
             with tempfile.TemporaryDirectory(dir=workdir, prefix=".ct2-") as tmp:
@@ -169,9 +171,8 @@ class CT2:
                 # 100 sentinels the T5 tokenizer adds by default, or 8292 != 8192 pieces.
                 T5Tokenizer(str(main_dir / "spiece.model"), extra_ids=0).save_pretrained(src)
                 TransformersConverter(str(src)).convert(str(conv), quantization=compute_type)
-                if out.exists():  # not ours to delete: say so
-                    raise FileExistsError(f"{out} exists without model.bin; move it away")
-                os.replace(conv, out)
+                if not out.exists():  # else a concurrent run finished first: use its model
+                    os.replace(conv, out)
         self.sp = spm.SentencePieceProcessor(model_file=str(main_dir / "spiece.model"))
         self.tr = ctranslate2.Translator(
             str(out),

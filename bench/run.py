@@ -140,7 +140,9 @@ def add_quiet(rows: list[dict], summary: dict) -> None:
             r["quiet"] = all(flags)
 
 
-def quiet_start(monitor, wait_quiet: float, require_quiet: bool, log) -> dict:
+def quiet_start(
+    monitor, wait_quiet: float, require_quiet: bool, log, prog: str = "stairs-bench"
+) -> dict:
     """Wait up to wait_quiet s for a quiet machine; NotQuietError if required, else a warning."""
     log(f"checking that the machine is quiet (waiting up to {wait_quiet:.0f} s)")
     start = monitor.wait_quiet(wait_quiet, log)
@@ -149,13 +151,13 @@ def quiet_start(monitor, wait_quiet: float, require_quiet: bool, log) -> dict:
             raise NotQuietError(
                 f"machine not quiet after {monitor.waited_s:.0f} s: " + describe_check(start)
             )
-        warn(f"machine not quiet at the start: {describe_check(start)}")
+        warn(f"machine not quiet at the start: {describe_check(start)}", prog)
     return start
 
 
-def warn(msg: str) -> None:
+def warn(msg: str, prog: str = "stairs-bench") -> None:
     """Always shown, -q or not: a noisy run must not pass unnoticed."""
-    print(f"stairs-bench: WARNING: {msg}", file=sys.stderr, flush=True)
+    print(f"{prog}: WARNING: {msg}", file=sys.stderr, flush=True)
 
 
 def run_bench(

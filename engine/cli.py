@@ -173,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             threads=a.threads,
             verify=not a.no_verify,
         )
-        # ...and every prompt before the first generation
-        plans = [
-            eng.plan(p_, a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation, **opts)
-            for p_ in prompts
-        ]
+        # ...and every prompt before the first generation (--batch: as the scheduler runs it,
+        # e.g. stairs and tree in one row, auto as adaptive speculation)
+        args = (a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation)
+        if a.batch == 1:
+            plans = [eng.plan(p_, *args, **opts) for p_ in prompts]
+        else:
+            plans = [eng._batch_plan(p_, *args, opts)[0] for p_ in prompts]
         failed = False
         for i, res in enumerate(_results(eng, a, prompts, plans, opts), 1):
             if isinstance(res, EngineError):

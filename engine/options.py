@@ -292,11 +292,12 @@ def estimate_memory(
         "main decoder": _decoder_bytes(main, s, rows, t, p, copies),
     }
     if assistant is not None and strategy in ("assisted", "stairs", "tree", "staged"):
-        a_t = o["stage2_tokens"] + 2 if strategy == "staged" else 2
+        a_t, a_p = (o["stage2_tokens"] + 2 if strategy == "staged" else 2), p
         if batched and strategy == "tree":
-            a_t = max(a_t, o["branches"])  # one token per path per round, in one row
+            # one token per path per round, in one row that keeps every path's drafts so far
+            a_t, a_p = max(2, o["branches"]), p + o["branches"] * (o["draft_tokens"] - 1)
         parts["assistant encoder"] = _encoder_bytes(assistant, s)
-        parts["assistant decoder"] = _decoder_bytes(assistant, s, a_rows, a_t, p, 1 + a_rows)
+        parts["assistant decoder"] = _decoder_bytes(assistant, s, a_rows, a_t, a_p, 1 + a_rows)
     return parts
 
 

@@ -453,3 +453,21 @@ def test_batched_memory_estimate_takes_one_row_for_stairs_and_tree(tiny, monkeyp
     [res] = tiny.generate_batch([[5, 6, 7, 1]], strategy="stairs", max_new_tokens=n, batch_size=7)
     assert not isinstance(res, Exception), res
     assert res.token_ids == tiny.generate([5, 6, 7, 1], max_new_tokens=n).token_ids
+
+
+def test_cli_batch_checks_memory_as_the_scheduler_runs_it(tiny, tiny_models, monkeypatch, capsys):
+    # a budget that fits stairs as one row, not as 7 rows: --batch runs it, one by one refuses
+    stairs = opt.with_defaults("stairs", {"batch_size": 7})
+    s = tiny.encode("def f(x):").shape[1]
+    est = [
+        sum(opt.estimate_memory(tiny.main, tiny.assistant, "stairs", stairs, s, 200, b).values())
+        for b in (False, True)
+    ]
+    monkeypatch.setattr(opt, "available_memory", lambda: int(sum(est) / 2 * opt.MEMORY_SAFETY))
+    m = tiny_models["v1_1"]
+    args = ["--main", m["main"], "--assistant", m["random"], "--strategy", "stairs"]
+    args += ["--batch-size", "7", "--max-new-tokens", "200", "def f(x):"]
+    rc, _, err = run_cli(generate_cli, args, capsys)
+    assert_one_line_error(rc, err, "needs an estimated")
+    rc, out, err = run_cli(generate_cli, [*args, "--batch", "2"], capsys)
+    assert rc == 0 and out.strip() and not err, err

@@ -424,12 +424,24 @@ def test_write_atomic_keeps_the_previous_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left
     write_atomic(tmp_path / "sub" / "x.png", lambda p: p.write_bytes(b"png"))
     assert (tmp_path / "sub" / "x.png").read_bytes() == b"png"
+    write_atomic(tmp_path / "sub" / "b.bin", b"\x00\x01")
+    assert (tmp_path / "sub" / "b.bin").read_bytes() == b"\x00\x01"
 
 
-def test_load_bench_records_whether_the_machine_was_quiet(pycode_pair, tmp_path, capsys):
+def test_load_bench_records_whether_the_machine_was_quiet(
+    pycode_pair, tmp_path, capsys, monkeypatch
+):
     from bench import load
 
     main, _ = pycode_pair
+    servers = []
+    start = load.start_server
+
+    def spy(*args):
+        servers.append(start(*args))
+        return servers[-1]
+
+    monkeypatch.setattr(load, "start_server", spy)
     out = tmp_path / "load"
     argv = ["--main", str(main), "--strategy", "greedy", "--clients", "1", "--duration", "1"]
     argv += ["--max-tokens", "4", "-n", "2", "--modes", "batched", "--wait-quiet", "0"]
@@ -437,9 +449,11 @@ def test_load_bench_records_whether_the_machine_was_quiet(pycode_pair, tmp_path,
     res = json.loads((out / "results.json").read_text())
     [row] = res["rows"]
     assert row["requests"] >= 1 and row["mismatches"] == 0 and row["n_errors"] == 0
-    # the server (our child) is not counted as another process; the level is watched
-    assert "batched clients=1" in res["quiet"]["methods"]["interleaved"]
-    assert row["others_cpu_per_s"] >= 0 and res["quiet"]["start"] is not None
+    # the level is watched, and the server (our child, busy all along) counts as ours
+    level = res["quiet"]["methods"]["interleaved"]["batched clients=1"]
+    assert row["others_cpu_per_s"] == level["others_cpu_per_s"]
+    assert res["quiet"]["start"] is not None and level["own_cpu_per_s"] > 0.2
+    assert not any(f"(pid {servers[0].pid})" in name for name, _ in level["top_others"])
     md = (out / "results.md").read_text()
     assert ("Machine was quiet" in md) == res["quiet"]["ok"]
     assert "others CPU/s" in md and sorted(p.name for p in out.iterdir()) == [
@@ -448,5 +462,5 @@ def test_load_bench_records_whether_the_machine_was_quiet(pycode_pair, tmp_path,
         "results.md",
     ]
     with pytest.raises(SystemExit) as e:
-        load.main([*argv, "--wait-quiet", "-1"])
+        load.main([*argv, "--wait-quiet", "-1", "--out", str(tmp_path / "never")])
     assert e.value.code == 2 and "--wait-quiet" in capsys.readouterr().err
