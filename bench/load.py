@@ -244,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(a.main).name
     out = Path(a.out)
     rows, first_text = [], {}
-    # the server is a child process: its CPU counts as ours, everything else as others'
     from bench.run import quiet_start, warn  # the engine's imports: after the flags are checked
 
+    # the server is a child process: its CPU counts as ours, everything else as others'
     monitor = Monitor(a.quiet_threshold, a.quiet_load)
     try:
         quiet_start(monitor, a.wait_quiet, a.require_quiet, print, "bench.load")
