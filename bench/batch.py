@@ -396,7 +396,6 @@ def run_batch_bench(
         "errors": {m.name: m.error for m in methods if m.error},
         "seconds": time.perf_counter() - t0,
     }
-    out.mkdir(parents=True, exist_ok=True)
     results["plots"] = report.batch_plots(results, out)
     core.write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     md = report.batch_markdown(results)

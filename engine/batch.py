@@ -25,15 +25,13 @@ from .model import T5Model
 from .options import MAX_DRAFT_TOKENS, MEMORY_SAFETY, available_memory
 from .run import cut
 from .stats import Counter
+from .strategies import NEEDS_ASSISTANT
 from .strategies.lookup import PromptLookup
 from .tokenizer import text_pieces
 
 MASKED_FILE = "decoder_masked_model.onnx"
 CROSS_FILE = "cross_kv_model.onnx"
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
-# strategies the scheduler runs as steps (all of them); those drafting with the assistant
-BATCHED = ("greedy", "assisted", "stairs", "tree", "lookup", "staged")
-ASSISTED = ("assisted", "stairs", "tree", "staged")
 KV = ("key", "value")
 STEP_FEEDS = (
     "input_ids",
@@ -495,7 +493,7 @@ class Scheduler:
         t = time.perf_counter()
         n = len(self.active) + len(joining)
         self._encode_into(self.main_model, self.main, joining)
-        drafting = [r for r in joining if r.strategy in ASSISTED and r.draft_len(n) > 0]
+        drafting = [r for r in joining if r.strategy in NEEDS_ASSISTANT and r.draft_len(n) > 0]
         if drafting and self.asst is not None:
             self._encode_into(self.asst_model, self.asst, drafting)
         dt = time.perf_counter() - t
@@ -534,14 +532,15 @@ class Scheduler:
         late = [
             r
             for r in self.active
-            if r.strategy in ASSISTED and r.want and r not in self.asst.owners
+            if r.strategy in NEEDS_ASSISTANT and r.want and r not in self.asst.owners
         ]
         if late:
             t = time.perf_counter()
             self._encode_into(self.asst_model, self.asst, late)
             for r in late:
                 r.counter.encoder_s += time.perf_counter() - t
-        rows = list(self.asst.owners)  # row i of every assistant call is cache row i
+        # row i of every assistant call is cache row i; its owners all draft with the assistant
+        rows = list(self.asst.owners)
         t, c = time.perf_counter(), Counter()
         while True:
             # one assistant call per round: every drafting row's next tokens (a tree: a token
@@ -557,14 +556,14 @@ class Scheduler:
                     self._draft_take(r, x[: len(f)], len(f))
         dt = time.perf_counter() - t
         for r in rows:
-            if r.want and r.strategy in ASSISTED:
+            if r.want:
                 r.counter.draft_s += dt
                 r.counter.session_s += c.session_s
 
     def _draft_feed(self, r: Request) -> tuple[list[int], list[int] | None]:
         """The tokens r's assistant row takes this round, with their parent slots for a tree
         (None: they continue the row). Nothing once its draft is complete."""
-        if r.error is not None or not r.want or r.strategy not in ASSISTED:
+        if r.error is not None or not r.want:
             return [], None
         seen = self.asst.length(r)
         if r.strategy == "tree":

@@ -909,7 +909,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--strategy",
         default="auto",
-        choices=["auto", *batch.BATCHED],
+        choices=opt.STRATEGY_NAMES,
         help="what every request runs (auto: assisted, or lookup without an assistant, its"
         " draft length by the number of active requests)",
     )
