@@ -4,7 +4,7 @@ Never imports torch, transformers or optimum.
 """
 
 from .accept import accept, full_staircase, staircase
-from .api import Engine, GenerationResult
+from .api import Engine, GenerationResult, Health
 from .errors import (
     CancelledError,
     EngineError,
@@ -24,6 +24,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "GenerationResult",
+    "Health",
     "InputError",
     "Limits",
     "ModelFileError",

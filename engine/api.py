@@ -35,6 +35,23 @@ class GenerationResult:
 
 
 @dataclass(frozen=True)
+class Health:
+    """What the scheduler behind submit() is doing: requests generating (active) and queued
+    (waiting), main calls made so far (main_calls) and the (rows, padded tokens) of the latest
+    ones (recent_calls, oldest first, at most 4096)."""
+
+    active: int
+    waiting: int
+    main_calls: int
+    recent_calls: tuple[tuple[int, int], ...]
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting or generating."""
+        return bool(self.active or self.waiting)
+
+
+@dataclass(frozen=True)
 class Plan:
     """A generation, fully validated by Engine.plan: nothing of it has run yet."""
 
@@ -526,6 +543,27 @@ class Engine:
         elif max_batch_tokens is not None:
             self._worker.scheduler.max_batch_tokens = _batch_tokens(max_batch_tokens)
         return self._worker.scheduler
+
+    def start(self, *, max_batch_tokens: int | None = None) -> None:
+        """Load the scheduler behind submit() now (not at the first request); max_batch_tokens,
+        if given, sets its token budget (rows x padded tokens of one main call)."""
+        self.batching(max_batch_tokens)
+
+    def health(self) -> Health:
+        """A snapshot of the scheduler behind submit() (started if it was not)."""
+        s = self.batching()
+        calls = tuple(s.calls)
+        return Health(len(s.active), len(s.waiting), s.call_count, calls)
+
+    @property
+    def tokenizer(self):
+        """The main model's tokenizer (encode, decode, eos_id, max_input_tokens)."""
+        return self.main.tokenizer
+
+    @property
+    def name(self) -> str:
+        """The main model's folder name (what a server calls the model)."""
+        return self.main.folder.name
 
     def submit(
         self,
