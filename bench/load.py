@@ -45,10 +45,11 @@ def start_server(args, mode: str, port: int) -> subprocess.Popen:
     """A stairs-serve process for mode; returns once /ready answers."""
     import httpx
 
-    cmd = [sys.executable, "-m", "engine.serve", "--main", args.main, "--port", str(port)]
+    cmd = [sys.executable, "-m", "serve", "--main", args.main, "--port", str(port)]
     if args.assistant:
         cmd += ["--assistant", args.assistant]
     cmd += ["--strategy", args.strategy, "--threads", str(args.threads), "--no-verify"]
+    cmd += ["--drain-grace", "0"]  # no load balancer to tell: stop at once
     cmd += ["--max-queue", str(4 * max(args.clients)), *MODES[mode]]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     end = time.monotonic() + 300
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < a.duration <= 3600 or not 1 <= a.max_tokens <= 4096 or not 1 <= a.n <= 100_000:
         p.error("--duration (0, 3600], --max-tokens [1, 4096], -n [1, 100000]")
     from engine.cli import read_prompts
-    from engine.serve import free_port
+    from serve import free_port
 
     prompts = read_prompts(a.prompts, a.n)
     model = Path(a.main).name

@@ -17,7 +17,7 @@ CLIS = {
     "stairs-tune": ("engine.cli", "tune_main"),
     "stairs-bench": ("bench.cli", "main"),
     "stairs-verify": ("engine.verify", "main"),
-    "stairs-serve": ("engine.serve", "main"),
+    "stairs-serve": ("serve.cli", "main"),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 

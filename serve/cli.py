@@ -1,0 +1,280 @@
+"""`stairs-serve`: an OpenAI-compatible completions server with continuous batching.
+
+The command line builds one ServeConfig; `main` loads the pair and serves it with uvicorn, or
+(--ray) as a Ray Serve deployment whose replicas each build the same app (`ray_app`, also what
+serve_config.yaml imports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from engine import EngineError, InputError
+from engine import options as opt
+
+from . import config as c
+from .config import ServeConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and defaults shown in --help."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _count(ceiling: int):
+    """argparse type: an integer from 1 to ceiling."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not 1 <= value <= ceiling:
+            raise argparse.ArgumentTypeError(f"{value} is not from 1 to {ceiling}")
+        return value
+
+    return parse
+
+
+def _seconds(zero_ok: bool):
+    """argparse type: a finite number of seconds > 0 (>= 0 if zero_ok)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds {'>= 0' if zero_ok else '> 0'}"
+            )
+        return value
+
+    return parse
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--main", required=True, help="exported main model folder")
+    p.add_argument("--assistant", help="exported assistant model folder")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=opt.STRATEGY_NAMES,
+        help="what every request runs (auto: assisted, or lookup without an assistant, its"
+        " draft length by the number of active requests)",
+    )
+    for name, o in opt.OPTIONS.items():  # one flag per option of the engine's schema
+        flag = "--" + name.replace("_", "-")
+        if o.choices:
+            p.add_argument(flag, choices=o.choices, help=f"{o.help} (strategy option)")
+        else:
+            p.add_argument(
+                flag, type=o.type, metavar=name.upper(), help=f"{o.help}; {o.describe()}"
+            )
+    p.add_argument("--threads", type=_count(c.MAX_THREADS), help="ORT threads (default: ORT's)")
+    p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
+    p.add_argument(
+        "--shared-thread-pool",
+        action="store_true",
+        help="one process-wide ORT thread pool for main and assistant (stairs-bench, 2 cores:"
+        " faster for one request at a time, slower at 4+; the server must be the process's"
+        " only ORT user)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+
+
+def _add_serving_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
+    p.add_argument("--port", type=_count(65535), default=8000, help="TCP port")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=_count(c.MAX_COUNT),
+        help="rows x padded tokens of one main call (default: the engine's)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_count(c.MAX_COUNT),
+        default=c.DEFAULT_MAX_QUEUE,
+        help="prompts in the server at once (waiting or generating); beyond it 429",
+    )
+    p.add_argument(
+        "--max-active",
+        type=_count(c.MAX_COUNT),
+        help="prompts generating at once (1: one at a time)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_seconds(False),
+        default=c.DEFAULT_TIMEOUT_S,
+        help="seconds of generation per request, then 504",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_seconds(False),
+        default=c.DEFAULT_BODY_TIMEOUT_S,
+        help="seconds to receive a request's body, then 408",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_count(c.MAX_COUNT),
+        default=c.DEFAULT_MAX_CONNECTIONS,
+        help="open connections served at once; beyond it 503",
+    )
+    p.add_argument(
+        "--drain-grace",
+        type=_seconds(True),
+        default=c.DEFAULT_DRAIN_GRACE_S,
+        help="after SIGTERM: seconds /ready answers 503 before the listener closes",
+    )
+    p.add_argument("--model-name", help="the model id clients send (default: the main folder's)")
+    p.add_argument(
+        "--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${c.API_KEY_ENV} if set)"
+    )
+    p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment")
+    p.add_argument("--replicas", type=_count(c.MAX_THREADS), default=1, help="--ray: replicas")
+    p.add_argument(
+        "--ray-address",
+        help="--ray: the cluster to join ('auto': the local one; default: start one)",
+    )
+
+
+def strategy_options(strategy: str, given: dict) -> dict:
+    """The option flags given (None: not given) for strategy; stairs takes --draft-tokens K as
+    batch_size K + 1. InputError for an option the strategy does not take."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if strategy == "stairs" and "draft_tokens" in given:
+        if "batch_size" in given:
+            raise InputError("stairs: give --batch-size or --draft-tokens, not both")
+        given["batch_size"] = opt.OPTIONS["draft_tokens"].check(given.pop("draft_tokens"), strategy)
+        given["batch_size"] += 1
+    return opt.validate(strategy, given)
+
+
+def parse_args(argv: list[str] | None = None) -> ServeConfig:
+    """stairs-serve's arguments as a ServeConfig; api_key falls back to $STAIRS_API_KEY."""
+    p = _Parser(prog="stairs-serve", description=__doc__.split("\n\n")[0])
+    _add_model_flags(p)
+    _add_serving_flags(p)
+    a = vars(p.parse_args(argv))
+    given = {k: a.pop(k) for k in opt.OPTIONS}
+    try:
+        options = strategy_options(a["strategy"], given)
+        cfg = ServeConfig(verify=not a.pop("no_verify"), options=options, **a)
+    except InputError as exc:
+        p.error(str(exc))
+    return cfg.with_env()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: load the pair, build the app, serve until SIGTERM."""
+    from .app import build_app
+    from .server import Server
+
+    cfg = parse_args(argv)
+    try:
+        if cfg.ray:
+            return _run_ray(cfg)
+        app = build_app(cfg)
+    except (EngineError, OSError) as exc:
+        print(f"stairs-serve: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    st = app.state.stairs
+    print(
+        f"stairs-serve: {st.model_name} ({st.strategy}: {st.ran} {st.ran_options}) on "
+        f"http://{cfg.host}:{cfg.port}" + (" (API key required)" if cfg.api_key else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    Server(app, log_level="info").run()
+    return 0
+
+
+# -- Ray Serve ---------------------------------------------------------------------------------
+
+
+def ray_app(args: dict | None = None):
+    """Ray Serve application builder: one Engine and scheduler per replica, each serving the same
+    app (`serve run serve_config.yaml`, or `stairs-serve --ray`). args: ServeConfig's fields but
+    the uvicorn process's (config.RAY_ARGS; replicas default 1); model paths are made absolute
+    here, so every node needs the folders at the same path. The API key may also come from
+    $STAIRS_API_KEY on the driver."""
+    from ray import serve
+
+    cfg = ServeConfig.of(dict(args or {}), refuse=c.SERVER_ONLY).with_env()
+    if cfg.main is None:
+        raise InputError("args.main (the exported main model folder) is required")
+    cfg = cfg.replace(
+        main=str(Path(cfg.main).resolve()),
+        assistant=str(Path(cfg.assistant).resolve()) if cfg.assistant else None,
+        threads=cfg.threads or 1,
+    )
+    deployment = serve.deployment(
+        _replica_class(),
+        name="stairs",
+        num_replicas=cfg.replicas,
+        max_ongoing_requests=cfg.max_queue,  # Ray's default (5) would starve the continuous batch
+        ray_actor_options={"num_cpus": cfg.threads},
+    )
+    return deployment.bind(cfg)
+
+
+def _replica_class():
+    from ray import serve
+
+    @serve.ingress()
+    class StairsReplica:
+        """One replica: loads the pair and serves build_app's app."""
+
+        def __init__(self, cfg: ServeConfig):
+            from .app import build_app
+
+            self._app = build_app(cfg)
+
+        def __serve_build_asgi_app__(self):
+            return self._app
+
+    return StairsReplica
+
+
+def _run_ray(cfg: ServeConfig) -> int:
+    """--ray: the same app as a Ray Serve deployment with cfg.replicas replicas."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise InputError("--ray needs Ray Serve: pip install 'stairs[ray]'") from None
+    ray.init(address=cfg.ray_address)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    args = {k: v for k, v in asdict(cfg).items() if k in c.RAY_ARGS}
+    serve.run(ray_app(args), name="stairs", route_prefix="/")
+    print(
+        f"stairs-serve: {cfg.replicas} Ray replica(s) on http://{cfg.host}:{cfg.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    def stop(sig, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(Exception):  # Ray may already be going down with the signal
+            serve.shutdown()
+    return 0
