@@ -5,9 +5,11 @@ recovers from bad requests, overload, timeouts, failures, disconnects and SIGTER
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -496,27 +498,34 @@ def test_one_at_a_time_mode(eng, model, ref):
         srv.stop()
 
 
-def test_sigterm_drains_then_exits(pycode_pair, ref):
-    """stairs-serve as a process: SIGTERM mid-stream stops accepting connections, finishes the
-    open stream exactly, then exits 0."""
+def start_process(pycode_pair, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m serve` on a free port with the pair (greedy); returns once /ready is 200."""
     main, draft = pycode_pair
     port = free_port()
     cmd = [sys.executable, "-m", "serve", "--main", str(main), "--assistant", str(draft)]
-    cmd += ["--strategy", "greedy", "--port", str(port), "--threads", "1", "--no-verify"]
+    cmd += ["--strategy", "greedy", "--port", str(port), "--threads", "1", "--no-verify", *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + HANG_S
+    while True:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < end, "the server did not become ready"
+        time.sleep(0.2)
+
+
+def test_sigterm_drains_with_a_grace_then_exits(pycode_pair, ref):
+    """Issue 18.5. stairs-serve as a process: on SIGTERM mid-stream the listener stays open for
+    --drain-grace: /ready answers 503 (a load balancer takes the replica out), /health 200, new
+    completions 503 with Retry-After; then the listener closes, the open stream finishes
+    exactly, and the process exits 0."""
+    proc, url = start_process(pycode_pair, "--drain-grace", "3")
     try:
-        end = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, "the server did not become ready"
-            time.sleep(0.2)
-        name = Path(main).name
+        name = Path(pycode_pair[0]).name
         body = {"model": name, "prompt": TEXTS[0], "max_tokens": 128, "stream": True}
         text = ""
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=HANG_S) as r:
@@ -524,25 +533,132 @@ def test_sigterm_drains_then_exits(pycode_pair, ref):
             first = next(lines)
             text += json.loads(first[len("data: ") :])["choices"][0]["text"]
             proc.send_signal(signal.SIGTERM)
-            end = time.monotonic() + 10
-            while True:  # soon no longer accepting connections
+            ready = []
+            while True:  # /ready is 503 until the grace ends and the listener closes
                 try:
-                    httpx.get(url + "/health", timeout=2)
+                    got = httpx.get(url + "/ready", timeout=HANG_S)
                 except httpx.TransportError:
                     break
-                assert time.monotonic() < end, "still accepting 10 s after SIGTERM"
-                time.sleep(0.05)
+                ready.append((got.status_code, got.json()))
+                if len(ready) == 1:
+                    assert httpx.get(url + "/health", timeout=HANG_S).status_code == 200
+                    late = httpx.post(url + "/v1/completions", json=body, timeout=HANG_S)
+                    assert late.status_code == 503 and late.headers["retry-after"] == "1"
+                time.sleep(0.1)
             rest = [ln for ln in lines if ln]
+        assert ready and all(r == (503, {"status": "draining"}) for r in ready), ready[:3]
         assert rest[-1] == "data: [DONE]" and len(rest) > 3  # went on after the signal
         text += "".join(json.loads(ln[6:])["choices"][0]["text"] for ln in rest[:-1])
         assert text == ref(TEXTS[0], 128).text
-        assert proc.wait(60) == 0
+        assert proc.wait(HANG_S) == 0
         log = proc.stdout.read().decode()
         assert re.search(r"stairs-serve: .* on http://127\.0\.0\.1:\d+", log), log
+        assert "Traceback" not in log, log
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- hostile clients (issue 18) ----------------------------------------------------------------
+
+
+class LogRecords(logging.Handler):
+    """The records logged on uvicorn's error logger (where 'Exception in ASGI application'
+    goes), attached after uvicorn configured its logging."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        logging.getLogger("uvicorn.error").addHandler(self)
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def close(self):
+        logging.getLogger("uvicorn.error").removeHandler(self)
+        super().close()
+
+
+def raw_request(srv: Server, body: bytes, length: int, ctype="application/json") -> socket.socket:
+    """A socket that sent a POST /v1/completions announcing length bytes, and body."""
+    s = socket.create_connection((srv.host, srv.port), timeout=HANG_S)
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {srv.host}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    )
+    s.sendall(head.encode() + body)
+    return s
+
+
+def test_client_hanging_up_mid_body_is_a_499(eng, model):
+    """Issue 18.1: Content-Length 1000, 20 bytes sent, then the client closes: no traceback
+    (uvicorn's 'Exception in ASGI application'), counted as 499."""
+    srv = Server(create_app(eng, strategy="greedy"), "127.0.0.1", free_port())
+    logs = LogRecords()
+    srv.start()
+    try:
+        raw_request(srv, b'{"model": "x", "pro', 1000).close()
+
+        def seen():
+            counted = metrics(srv.url).get('stairs_requests_total{status="499"}', 0.0)
+            return counted or any(r.levelno >= logging.ERROR for r in logs.records)
+
+        wait_for(seen, "the request is counted or logged")
+        errors = [r.getMessage() for r in logs.records if r.levelno >= logging.ERROR]
+        assert errors == []
+        assert metrics(srv.url)['stairs_requests_total{status="499"}'] == 1
+        assert srv.state.inflight == 0
+    finally:
+        logs.close()
+        srv.stop()
+
+
+def test_slow_body_408_and_a_bound_on_connections(eng, model):
+    """Issue 18.2: a body that stops coming (slowloris) is answered 408 after body_timeout and
+    the connection closed; beyond max_connections open connections uvicorn answers 503."""
+    app = create_app(eng, strategy="greedy", body_timeout=1.0, max_connections=2)
+    srv = Server(app, "127.0.0.1", free_port()).start()
+    try:
+        with raw_request(srv, b'{"model": "x", "pro', 1000) as s:
+            answer = s.recv(65536)  # a hang guard of HANG_S, not a speed
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"request body not received within 1 s" in answer
+            while s.recv(65536):  # then the server closes the connection
+                pass
+        assert metrics(srv.url)['stairs_requests_total{status="408"}'] == 1
+        idle = [socket.create_connection((srv.host, srv.port)) for _ in range(2)]
+        with socket.create_connection((srv.host, srv.port), timeout=HANG_S) as third:
+            third.sendall(f"GET /health HTTP/1.1\r\nHost: {srv.host}\r\n\r\n".encode())
+            assert third.recv(65536).startswith(b"HTTP/1.1 503")
+        for s in idle:
+            s.close()
+        wait_for(lambda: httpx.get(srv.url + "/health").status_code == 200, "served again")
+    finally:
+        srv.stop()
+
+
+def test_content_type_must_be_json(tc, model, ref):
+    """Issue 18.3: a text/plain or form POST (what any web page may send to a local server
+    without a CORS preflight) is 415; application/json with parameters is served."""
+    body = json.dumps({"model": model, "prompt": TEXTS[3], "max_tokens": 2})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "", "application/jsonx"):
+        r = tc.post("/v1/completions", content=body, headers={"content-type": ctype})
+        assert r.status_code == 415, (ctype, r.text)
+        assert "application/json" in r.json()["error"]["message"]
+    for ctype in ("application/json; charset=utf-8", "Application/JSON"):
+        r = tc.post("/v1/completions", content=body, headers={"content-type": ctype})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == ref(TEXTS[3], 2).text
+
+
+def test_docs_are_off_with_an_api_key(eng, tc):
+    """Issue 18.4: with an API key /docs, /redoc and /openapi.json are off (404, key or not);
+    without one they are served."""
+    assert tc.get("/docs").status_code == 200 and tc.get("/openapi.json").status_code == 200
+    with TestClient(create_app(eng, strategy="greedy", api_key="s3cret")) as c:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            assert c.get(path).status_code == 404
+            assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 404
 
 
 def test_create_app_checks_its_settings(eng):

@@ -23,6 +23,7 @@ import prometheus_client as prom
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from engine import Engine, InputError
 
@@ -136,7 +137,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **settings) ->
         while (state.inflight or engine.health().busy) and time.monotonic() < end:
             await asyncio.sleep(0.05)
 
-    docs = True
+    docs = config.api_key is None
     app = FastAPI(
         title="stairs-serve",
         lifespan=lifespan,
@@ -239,11 +240,20 @@ async def _read_body(request: Request, seconds: float) -> bytes:
     if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", headers=CLOSE)
     chunks, n = [], 0
-    async for chunk in request.stream():
-        n += len(chunk)
-        if n > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", headers=CLOSE)
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(seconds):
+            async for chunk in request.stream():
+                n += len(chunk)
+                if n > MAX_BODY_BYTES:
+                    raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", headers=CLOSE)
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone() from None
+    except TimeoutError:
+        raise ApiError(
+            408, f"request body not received within {seconds:g} s", code="body_timeout",
+            headers=CLOSE,
+        ) from None  # fmt: skip
     return b"".join(chunks)
 
 
@@ -292,6 +302,7 @@ async def _parse(state: State, request: Request) -> tuple[CompletionRequest, int
     state.check_auth(request)
     if state.draining:
         raise ApiError(503, "server is shutting down", headers={"Retry-After": str(RETRY_AFTER_S)})
+    _check_json(request)
     body = await _read_body(request, state.config.body_timeout)
     try:
         req = CompletionRequest.model_validate_json(body)

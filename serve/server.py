@@ -34,7 +34,7 @@ class Server:
             drain_end: float | None = None
 
             def handle_exit(self, sig, frame):
-                if True:
+                if state.draining or cfg.drain_grace <= 0:
                     state.draining = True
                     super().handle_exit(sig, frame)
                 else:  # the first signal: drain, keep the listener open for the grace
@@ -52,6 +52,7 @@ class Server:
         options = {
             "log_level": "warning",
             "timeout_graceful_shutdown": DRAIN_TIMEOUT_S,
+            "limit_concurrency": cfg.max_connections + 1,
         }
         options.update(kw)
         self.server = _Server(uvicorn.Config(app, host=host, port=port, **options))
