@@ -661,18 +661,17 @@ def test_docs_are_off_with_an_api_key(eng, tc):
             assert c.get(path, headers={"Authorization": "Bearer s3cret"}).status_code == 404
 
 
-def test_create_app_checks_its_settings(eng):
+def test_create_app_checks_its_settings(eng, monkeypatch):
     from engine import InputError
 
     app = create_app(eng, ServeConfig(strategy="greedy", max_queue=8), max_queue=4)
     assert app.state.stairs.config == ServeConfig(strategy="greedy", max_queue=4)
-    sched = eng.batching()
-    before = sched.max_batch_tokens
-    try:
-        create_app(eng, strategy="greedy", max_batch_tokens=128)
-        assert sched.max_batch_tokens == 128
-    finally:
-        sched.max_batch_tokens = before
+    # the token budget goes to Engine.start (recorded here, the shared budget left as it is)
+    started, real_start = [], eng.start
+    monkeypatch.setattr(eng, "start", lambda **kw: (started.append(kw), real_start())[1])
+    create_app(eng, strategy="greedy", max_batch_tokens=128)
+    assert started == [{"max_batch_tokens": 128}]
+    monkeypatch.undo()
     for kw, words in [
         ({"strategy": "beam"}, "unknown strategy"),
         ({"strategy": "lookup", "options": {"branches": 2}}, "branches"),
