@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from export.core import ASSISTANT_DTYPE, DTYPES
+
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
@@ -16,11 +18,25 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="assistant model to export too; 'none' for none (default: registered one)",
     )
-    p.add_argument("--dtype", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="the main model's dtype (default: %(default)s); int8/int4 quantize weights only "
+        "(MatMulNBits, blockwise): a row's logits never depend on the rest of its batch",
+    )
     p.add_argument(
         "--assistant-dtype",
-        choices=["fp32", "fp16", "int8"],
-        help="the assistant's dtype (default: --dtype); int8 only changes acceptance",
+        choices=DTYPES,
+        default=ASSISTANT_DTYPE,
+        help="the assistant's dtype, whatever --dtype is (default: %(default)s: its numbers "
+        "never reach the output, the main checks every token; only acceptance changes)",
+    )
+    p.add_argument(
+        "--optimum",
+        action="store_true",
+        help="also write optimum's decoder_model.onnx and decoder_with_past_model.onnx (for "
+        "other tools; the engine runs on the masked decoder and needs neither)",
     )
     p.add_argument("--opset", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -44,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             a.force,
             a.quiet,
             a.assistant_dtype,
+            optimum=a.optimum,
         )
     except ExportError as exc:
         print(f"stairs-export: error: {' '.join(str(exc).split())}", file=sys.stderr)

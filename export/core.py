@@ -1,4 +1,5 @@
-"""`export_model`: a Hugging Face T5 checkpoint -> a validated ONNX folder in optimum's layout.
+"""`export_model`: a Hugging Face T5 checkpoint -> a validated ONNX folder: the encoder, the masked
+decoder and the cross key/value graph (each weight once), optimum's two decoder files on request.
 
 Fixed order (as CTranslate2's converters): check options and outputs -> export -> validate against
 torch -> write manifest -> rename into place. Main and assistant are exported into temporary
@@ -37,13 +38,19 @@ from .errors import (
     PairMismatchError,
     Terminated,
 )
-from .masked import CROSS_FILE, DECODER_FILE
+from .masked import CROSS_FILE, DECODER_FILE, ENCODER_FILE
 
 # 2: adds the masked, positioned decoder and the cross key/value graph (export/masked.py) that
 # the batch scheduler loads; format 1 folders lack them and still load for one-prompt decoding.
+# Since the engine runs every request on the masked graph, optimum's two decoder files are
+# written only with optimum=True (`--optimum`), for other tools; the manifest lists what is there.
 FORMAT_VERSION = 2
-ONNX_FILES = ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+OPTIMUM_FILES = ["decoder_model.onnx", "decoder_with_past_model.onnx"]
+ONNX_FILES = [ENCODER_FILE, *OPTIMUM_FILES]  # optimum's layout (what optimum=True adds to ours)
 MASKED_FILES = [DECODER_FILE, CROSS_FILE]
+DTYPES = ("fp32", "fp16", "int8", "int4")
+# An assistant's numbers never reach the output (the main checks every token): int8 by default.
+ASSISTANT_DTYPE = "int8"
 TOKENIZER_FILES = [
     "spiece.model",
     "tokenizer.json",
@@ -153,16 +160,26 @@ def _sha256(path: Path) -> str:
 
 
 def _export_one(
-    src: Path, tmp: Path, dtype: str, opset: int | None, device: str, quiet: bool
+    src: Path,
+    tmp: Path,
+    dtype: str,
+    opset: int | None,
+    device: str,
+    quiet: bool,
+    optimum: bool = False,
+    assistant: bool = False,
 ) -> dict:
-    """Export + validate one model into tmp; returns its manifest."""
-    from optimum.exporters.onnx import onnx_export_from_model
+    """Export + validate one model into tmp; returns its manifest. An int8/int4 model is validated
+    strictly in fp32 first, then quantized weight-only (export.quantize: a main's or, assistant,
+    an assistant's settings) and its differences recorded."""
     from tqdm.auto import tqdm
 
-    from .masked import check_masked_decoder, export_masked_decoder, masked_reference
+    from .masked import check_masked_decoder, masked_reference
+    from .quantize import quantize_file, settings
     from .validate import check_onnx, torch_reference, validate_folder
 
     cfg = read_config(src)
+    quant = settings(dtype, assistant)
     steps = tqdm(total=4 if dtype == "fp32" else 5, desc=src.name, disable=quiet, unit="step")
     steps.set_postfix_str("load")
     model = load_torch_model(src)
@@ -172,69 +189,109 @@ def _export_one(
     masked_ref = masked_reference(model)
     steps.update()
     steps.set_postfix_str("export")
-    onnx_export_from_model(
-        model,
-        tmp,
-        task="text2text-generation-with-past",
-        opset=opset,
-        do_validation=False,
-        no_post_process=True,
-        device=device,
-    )
-    export_masked_decoder(model, tmp, opset)
+    files = _write_graphs(model, tmp, opset, device, optimum)
     del model
     gc.collect()
-    for extra in tmp.glob("decoder_model_merged*"):
-        extra.unlink()
     steps.update()
     if dtype == "fp16":
         from .fp16 import convert_file
 
         steps.set_postfix_str("fp16")
-        for f in ONNX_FILES + MASKED_FILES:
+        for f in files:
             convert_file(tmp / f)
         steps.update()
     steps.set_postfix_str("validate")
-    check_onnx(tmp, ONNX_FILES + MASKED_FILES)
-    validation = validate_folder(ref, tmp, "fp32" if dtype == "int8" else dtype)
+    check_onnx(tmp, files)
+    validation = validate_folder(ref, tmp, "fp32" if quant else dtype, decoders=optimum)
     _add_masked(validation, check_masked_decoder(masked_ref, tmp, validation["rtol"]))
     steps.update()
-    if dtype == "int8":
-        # For assistants: their numbers never reach the output (the main model verifies every
-        # token), so int8 weights only change the acceptance rate. The fp32 graph was validated
-        # strictly above; the int8 differences are recorded for information.
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        steps.set_postfix_str("int8")
-        for f in ONNX_FILES + MASKED_FILES:
-            quantize_dynamic(
-                tmp / f, tmp / f, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
-            )
-        validation["int8"] = validate_folder(ref, tmp, "int8", strict=False)
-        _add_masked(validation["int8"], check_masked_decoder(masked_ref, tmp, None))
+    if quant:
+        # The fp32 graphs were validated strictly above; the quantized differences are recorded
+        # (non-finite outputs still fail).
+        steps.set_postfix_str(dtype)
+        for f in files:
+            quantize_file(tmp / f, quant)
+        validation[dtype] = validate_folder(ref, tmp, dtype, strict=False, decoders=optimum)
+        _add_masked(validation[dtype], check_masked_decoder(masked_ref, tmp, None))
         steps.update()
     steps.set_postfix_str("manifest")
+    manifest = _write_manifest(src, tmp, cfg, dtype, opset, files, validation, quant)
+    steps.update()
+    steps.close()
+    return manifest
+
+
+def _write_graphs(model, tmp: Path, opset: int | None, device: str, optimum: bool) -> list[str]:
+    """The ONNX graphs of model into tmp: the encoder, the masked decoder and the cross key/value
+    graph; optimum's two decoder files (and its encoder) when optimum. Returns their names."""
+    from .masked import export_encoder, export_masked_decoder
+
+    if optimum:
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        onnx_export_from_model(
+            model,
+            tmp,
+            task="text2text-generation-with-past",
+            opset=opset,
+            do_validation=False,
+            no_post_process=True,
+            device=device,
+        )
+        for extra in tmp.glob("decoder_model_merged*"):
+            extra.unlink()
+    else:
+        export_encoder(model, tmp, opset)
+        _save_configs(model, tmp)
+    export_masked_decoder(model, tmp, opset)
+    return (ONNX_FILES if optimum else [ENCODER_FILE]) + MASKED_FILES
+
+
+def _save_configs(model, tmp: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files, as optimum's exporter writes
+    them beside its graphs (float32 config; tokenizer_config.json's model_max_length)."""
+    from optimum.utils.save_utils import maybe_save_preprocessors
+
+    model.config.save_pretrained(tmp)
+    gen = getattr(model, "generation_config", None)
+    try:
+        if gen is not None:
+            gen.save_pretrained(tmp)
+    except ValueError:  # transformers refuses to save an invalid one; the source's copy serves
+        gen = None
+    maybe_save_preprocessors(model.config._name_or_path, tmp)
+
+
+def _write_manifest(
+    src: Path,
+    tmp: Path,
+    cfg: dict,
+    dtype: str,
+    opset: int | None,
+    onnx_files: list[str],
+    validation: dict,
+    quant: dict | None,
+) -> dict:
+    """Copy the tokenizer files, write stairs.json (every file with sha256 and size, the graphs
+    written, dtype and quantization settings) and return it."""
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / name)
     if not (tmp / "spiece.model").is_file():
         raise CheckpointError(f"{src} has no spiece.model: the engine tokenises with sentencepiece")
     files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != "stairs.json")
+    roles = dict(zip(["encoder", "decoder", "decoder_with_past"], ONNX_FILES))
+    roles |= {"decoder_masked": MASKED_FILES[0], "cross_kv": MASKED_FILES[1]}
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": str(src),
         "dtype": dtype,
+        "quantization": quant,
         "opset": opset,
         "files": {
             f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files
         },
-        "onnx": {
-            "encoder": ONNX_FILES[0],
-            "decoder": ONNX_FILES[1],
-            "decoder_with_past": ONNX_FILES[2],
-            "decoder_masked": MASKED_FILES[0],
-            "cross_kv": MASKED_FILES[1],
-        },
+        "onnx": {role: f for role, f in roles.items() if f in onnx_files},
         "d_model": cfg["d_model"],
         "d_kv": cfg["d_kv"],
         "num_heads": cfg["num_heads"],
@@ -249,8 +306,6 @@ def _export_one(
         "assistant": None,
     }
     (tmp / "stairs.json").write_text(json.dumps(manifest, indent=2))
-    steps.update()
-    steps.close()
     return manifest
 
 
@@ -277,8 +332,8 @@ def max_opset() -> int:
 def check_options(dtype: str, assistant_dtype: str | None, opset: int | None) -> None:
     """Refuse out-of-range options before any model is looked up or loaded."""
     for d in (dtype, assistant_dtype):
-        if d not in ("fp32", "fp16", "int8", None):
-            raise OptionError(f"dtype must be fp32, fp16 or int8, not {d!r}")
+        if d is not None and d not in DTYPES:
+            raise OptionError(f"dtype must be {', '.join(DTYPES)}, not {d!r}")
     if opset is not None:
         check_opset(opset)
 
@@ -527,14 +582,19 @@ def export_model(
     force: bool = False,
     quiet: bool = False,
     assistant_dtype: str | None = None,
+    optimum: bool = False,
 ) -> ExportResult:
     """Export MODEL (hub name or local folder) and, if any, its assistant to validated ONNX folders.
 
     assistant: "auto" takes the registered assistant of a known model, None exports none,
     anything else is a hub name or folder. Output defaults to models/<name>/ (assistant beside it).
-    dtype: fp32, fp16 (overflow-prone parts kept fp32) or int8 (dynamic weight quantization; meant
-    for assistants). assistant_dtype: the assistant's dtype (default: dtype). opset: 14 to the
-    newest torch.onnx writes. force: replace outputs that are empty or previous stairs exports.
+    dtype (the main's): fp32, fp16 (overflow-prone parts kept fp32), int8 or int4 (weight-only
+    MatMulNBits: no scale spans rows, so a row's logits do not depend on its batch).
+    assistant_dtype: the assistant's, int8 unless given (its numbers never reach the output;
+    weight-only too, at the settings of its fastest draft call, export.quantize). optimum: write
+    optimum's decoder_model.onnx and decoder_with_past_model.onnx too (the engine needs neither).
+    opset: 14 to the newest torch.onnx writes. force: replace outputs that are empty or previous
+    stairs exports.
     Every failure is an ExportError (Ctrl-C a KeyboardInterrupt, SIGTERM a Terminated) and leaves
     the previous output folders exactly as they were.
     """
@@ -542,7 +602,7 @@ def export_model(
     with _sigterm_raises():
         try:
             args = (model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype)
-            return _export(*args)
+            return _export(*args, optimum=optimum)
         except ExportError:
             raise
         except Exception as exc:
@@ -559,7 +619,9 @@ def _absolute(path: Path) -> Path:
     return path.parent.resolve() / path.name
 
 
-def _export(model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype):
+def _export(
+    model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype, optimum=False
+):
     """export_model's body: its arguments, already checked."""
     t0 = time.perf_counter()
     src, name = resolve_source(model)
@@ -587,12 +649,14 @@ def _export(model, output, assistant, dtype, opset, device, force, quiet, assist
     created: list[Path] = []
     try:
         for i, (s, target) in enumerate(targets):
-            d = dtype if i == 0 else (assistant_dtype or dtype)
+            d = dtype if i == 0 else (assistant_dtype or ASSISTANT_DTYPE)
             created += _make_dirs(target.parent)
             tmps.append(_make_tmp(target))
             _log(quiet, f"exporting {s} -> {target} ({d})")
             try:
-                manifests[str(target)] = _export_one(s, tmps[-1], d, opset, device, quiet)
+                manifests[str(target)] = _export_one(
+                    s, tmps[-1], d, opset, device, quiet, optimum=optimum, assistant=i == 1
+                )
             except ExportError:
                 raise
             except Exception as exc:  # optimum, torch.onnx, ONNX Runtime, the disk

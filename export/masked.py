@@ -28,6 +28,7 @@ from .errors import CheckpointError, ConversionError, OptionError, ValidationErr
 # The one definition of both file names in export/ (export.core and the manifest use these).
 DECODER_FILE = "decoder_masked_model.onnx"
 CROSS_FILE = "cross_kv_model.onnx"
+ENCODER_FILE = "encoder_model.onnx"  # optimum's name and inputs, so either exporter's loads
 DEFAULT_OPSET = 17
 
 
@@ -235,6 +236,50 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
             | {n: {0: "batch", 2: "source"} for n in names["cross"]},
         ),
     ]
+    return _export_jobs(jobs, out_dir, opset)
+
+
+def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
+    """Export `encoder_model.onnx` (optimum's names: input_ids, attention_mask ->
+    last_hidden_state) of a loaded float32 T5 into out_dir; returns the file names written."""
+    import torch
+    from torch import nn
+
+    from .core import check_opset
+
+    opset = DEFAULT_OPSET if opset is None else opset
+    check_opset(opset, "opset")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = model.encoder
+
+        def forward(self, input_ids, attention_mask):
+            return self.enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    axes = {"batch": 0, "encoder_sequence_length": 1}
+    dyn = {n: {v: k for k, v in axes.items()} for n in ("input_ids", "attention_mask")}
+    dyn["last_hidden_state"] = dict(dyn["input_ids"])
+    ids = torch.ones(2, 5, dtype=torch.long)
+    job = (
+        ENCODER_FILE,
+        Encoder().eval(),
+        (ids, torch.ones_like(ids)),
+        ["input_ids", "attention_mask"],
+        ["last_hidden_state"],
+        dyn,
+    )
+    return _export_jobs([job], out_dir, opset)
+
+
+def _export_jobs(jobs: list, out_dir: Path, opset: int) -> list[str]:
+    """torch.onnx.export each (file, module, args, inputs, outputs, dynamic axes) into a temporary
+    folder inside out_dir, then move it in (`_save`); returns the file names written."""
+    import torch
+
     written = []
     for name, module, args, ins, outs, dyn in jobs:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
@@ -252,8 +297,13 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
                         dynamo=False,  # the TorchScript exporter takes dynamic_axes as named here
                         do_constant_folding=True,
                     )
+            except OSError:  # the disk's (export.core.as_export_error words it)
+                raise
             except Exception as exc:
-                raise ConversionError(f"torch.onnx.export of {name} failed: {exc}") from exc
+                text = " ".join(str(exc).split())
+                raise ConversionError(
+                    f"torch.onnx.export of {name} failed: {type(exc).__name__}: {text}"
+                ) from exc
             written += _save(tmp, name, out_dir)
         finally:  # Ctrl-C included: nothing half-written stays behind
             shutil.rmtree(tmp, ignore_errors=True)

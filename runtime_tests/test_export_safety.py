@@ -277,13 +277,13 @@ def test_opset_out_of_range_is_refused_before_loading(src, tmp_path, opset, caps
     ids=["EACCES", "ENOSPC", "EROFS", "RuntimeError"],
 )
 def test_write_and_conversion_failures(src, tmp_path, monkeypatch, capsys, exc, kind, text):
-    import optimum.exporters.onnx
+    import torch.onnx
 
-    def failing_export(model, output, **kw):  # half a file written, then the failure
-        (Path(output) / "encoder_model.onnx").write_bytes(b"partial")
+    def failing_export(module, args, f, **kw):  # half a file written, then the failure
+        Path(f).write_bytes(b"partial")
         raise exc
 
-    monkeypatch.setattr(optimum.exporters.onnx, "onnx_export_from_model", failing_export)
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
     out = tmp_path / "new" / "out"
     with pytest.raises(kind, match=text) as err:
         export_model(str(src["main"]), out, assistant=None, quiet=True)
@@ -293,23 +293,60 @@ def test_write_and_conversion_failures(src, tmp_path, monkeypatch, capsys, exc, 
     assert list(tmp_path.iterdir()) == []  # temp folder and the created parent both gone
 
 
+READ_ONLY_CLI = """
+import subprocess, sys
+parent = sys.argv[1]
+# in a mount namespace of its own: a read-only tmpfs over parent, gone with the process
+subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", parent], check=True)
+from export.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _unshare_works() -> bool:
+    try:
+        done = subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True)
+        return done.returncode == 0
+    except OSError:
+        return False
+
+
 def test_read_only_output_parent(src, tmp_path, capsys):
+    """An output whose parent cannot be written: one line, exit 2, nothing written. A 0o555
+    folder for an ordinary user; as root (who ignores mode bits: CI) a read-only file system
+    mounted over the folder in a private mount namespace, else the immutable attribute."""
     parent = tmp_path / "ro"
     parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        probe = parent / "probe"
+    argv = [src["main"], "-o", parent / "out", "--assistant", "none"]
+    if os.geteuid() != 0:
+        parent.chmod(0o555)
         try:
-            probe.mkdir()  # root ignores the mode bits: the simulated cases above cover it
-            probe.rmdir()
-            pytest.skip("running as a user whose writes a 0o555 folder does not stop")
-        except PermissionError:
-            pass
-        rc, lines = cli(capsys, src["main"], "-o", parent / "out", "--assistant", "none")
+            rc, lines = cli(capsys, *argv)
+        finally:
+            parent.chmod(0o755)
         assert rc == 2 and "permission denied" in one_error_line(lines)
-        assert list(parent.iterdir()) == []
-    finally:
-        parent.chmod(0o755)
+    elif _unshare_works():
+        proc = subprocess.run(
+            ["unshare", "-m", sys.executable, "-c", READ_ONLY_CLI, parent, *argv, "-q"],
+            check=False,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("stairs-export")]
+        assert proc.returncode == 2, proc.stderr
+        assert "read-only file system" in one_error_line(lines)
+    else:
+        chattr = subprocess.run(["chattr", "+i", parent], check=False, capture_output=True)
+        if chattr.returncode != 0:
+            pytest.skip("root here, and neither a private read-only mount nor chattr +i works")
+        try:
+            rc, lines = cli(capsys, *argv)
+        finally:
+            subprocess.run(["chattr", "-i", parent], check=True)
+        assert rc == 2 and "permission denied" in one_error_line(lines)
+    assert list(parent.iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == ["ro"]
 
 
 @pytest.mark.parametrize("case", ["fresh", "previous", "pair-second"])
@@ -395,15 +432,21 @@ def test_relative_output_with_dotdot_lands_beside_the_real_target(src, tmp_path,
 
 
 def test_one_definition_of_the_masked_files_and_opset_range(src, tmp_path):
-    """export.core names the masked graphs as export.masked writes them and engine.batch loads
+    """export.core names the masked graphs as export.masked writes them and the engine loads
     them, and both exporters refuse an opset with the same message."""
-    import engine.batch
+    import importlib
+
+    import engine.model
     import export.core
     import export.masked
 
     names = [export.masked.DECODER_FILE, export.masked.CROSS_FILE]
     assert export.core.MASKED_FILES == names
-    assert [engine.batch.MASKED_FILE, engine.batch.CROSS_FILE] == names
+    # engine.model since every request runs on the masked graph (engine.batch before)
+    loader = engine.model
+    if not hasattr(loader, "MASKED_FILE"):
+        loader = importlib.import_module("engine.batch")
+    assert [loader.MASKED_FILE, loader.CROSS_FILE] == names
     model = export.core.load_torch_model(src["main"])
     with pytest.raises(OptionError) as masked_err:
         export.masked.export_masked_decoder(model, tmp_path / "m", opset=13)

@@ -1,0 +1,122 @@
+"""int8/int4 weight-only quantization of exported graphs (docs/quantization.md: what was measured).
+
+Every MatMul with a constant weight becomes ONNX Runtime's `MatMulNBits` (blockwise weight scales
+along K). No scale spans rows: with accuracy_level 4 the activations are quantized per row and
+per block of K, so a row's logits do not depend on what else shares the call (the engine's
+exactness rule). onnxruntime's `quantize_dynamic` (DynamicQuantizeLinear + MatMulInteger) scales
+activations per tensor, so a main may not use it; for an assistant (whose numbers never reach the
+output) weight-only measured faster too, with the same acceptance, so it is not used at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+# A main's settings: the fastest 1- and 5-token masked decoder calls among those whose greedy
+# continuations are >= 80% the fp32 main's (int8; int4 cannot reach that on the pycode main, so
+# its most faithful fast setting).
+WEIGHT_ONLY = {
+    "int8": {"bits": 8, "block_size": 16, "symmetric": False, "accuracy_level": 4, "keep": []},
+    "int4": {"bits": 4, "block_size": 32, "symmetric": False, "accuracy_level": 4, "keep": []},
+}
+# An assistant's: the fastest 1-token draft call (acceptance measured the same as the others').
+ASSISTANT = {
+    "int8": {"bits": 8, "block_size": 128, "symmetric": True, "accuracy_level": 4, "keep": []},
+    "int4": {"bits": 4, "block_size": 128, "symmetric": True, "accuracy_level": 4, "keep": []},
+}
+# Parts that may be kept fp32 by name: the feed-forward output projection and the LM head.
+KEEPABLE = ("wo", "lm_head")
+# Above this a quantized graph is written with external data (protobuf's 2 GB cap, with margin).
+EXTERNAL_BYTES = 1_500_000_000
+
+
+def _kept_nodes(graph, keep) -> list[str]:
+    """Names of the MatMuls of `keep` ("wo": DenseReluDense/wo; "lm_head": the MatMul writing
+    `logits`, tied heads included)."""
+    names = []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        wo = "wo" in keep and "DenseReluDense/wo" in node.name
+        head = "lm_head" in keep and ("lm_head" in node.name or "logits" in node.output)
+        if wo or head:
+            names.append(node.name)
+    return names
+
+
+def _quiet_quantizer():
+    """Import the quantizer without its module-level logging.basicConfig(INFO) changing the
+    root logger, and with its per-node INFO lines silenced."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+    root.setLevel(level)
+    logging.getLogger(mnq.__name__).setLevel(logging.WARNING)
+    return mnq
+
+
+def _save(model, path: Path) -> None:
+    """Write model to path, with one external data file beside it above EXTERNAL_BYTES (a
+    previous data file of path is removed first)."""
+    import onnx
+
+    size = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    for old in path.parent.glob(path.name + "*data"):
+        old.unlink()
+    large = size > EXTERNAL_BYTES
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=large,
+        all_tensors_to_one_file=True,
+        location=path.name + "_data",
+    )
+
+
+def weight_only(
+    path: Path,
+    bits: int = 8,
+    block_size: int = 32,
+    symmetric: bool = True,
+    accuracy_level: int = 4,
+    keep: list[str] | tuple = (),
+) -> int:
+    """Replace every MatMul of path with a constant weight by MatMulNBits (in place), except the
+    parts named in keep (KEEPABLE). Returns the number of MatMulNBits nodes."""
+    import onnx
+
+    mnq = _quiet_quantizer()
+    model = onnx.load(str(path), load_external_data=True)
+    exclude = _kept_nodes(model.graph, keep)
+    q = mnq.MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=symmetric,
+        accuracy_level=accuracy_level,
+        nodes_to_exclude=exclude,
+        op_types_to_quantize=("MatMul",),
+    )
+    q.process()
+    out = q.model.model
+    _save(out, path)
+    return sum(n.op_type == "MatMulNBits" for n in out.graph.node)
+
+
+def settings(dtype: str, assistant: bool) -> dict | None:
+    """The quantization a folder of dtype gets (None for fp32/fp16): the manifest records it."""
+    if dtype not in WEIGHT_ONLY:
+        return None
+    table = ASSISTANT if assistant else WEIGHT_ONLY
+    return {"method": "weight_only", "op": "MatMulNBits", **table[dtype]}
+
+
+def quantize_file(path: Path, how: dict) -> int:
+    """Quantize one graph in place as `settings` says; returns the number of MatMulNBits."""
+    args = {k: how[k] for k in ("bits", "block_size", "symmetric", "accuracy_level", "keep")}
+    return weight_only(path, **args)
