@@ -282,18 +282,18 @@ def run_batch_bench(
     translate_batch at each batch size; writes results.json, results.md, batch_throughput.png.
 
     quick: 8 prompts, 16 tokens, sizes limited to 3 of at most 4 (default 1, 2, 4).
-    single: also time Engine.generate greedy (the single-request path) at batch 1; without it
-    the engine loads with single_request=False (each weight once).
+    single: also time Engine.generate greedy (one request at a time) at batch 1.
     max_batch_tokens: passed to Engine.generate_batch (None: the engine's default).
     shared_thread_pool: passed to Engine.load (one process-wide ORT pool).
     The machine is watched as in run_bench (bench.quiet); require_quiet raises NotQuietError
     before the timed runs if it never became quiet."""
     from tqdm.auto import tqdm
 
-    from bench.run import _ensure_exported
+    from bench.run import ensure_exported
     from engine import Engine, InputError
     from engine.cli import read_prompts
     from engine.providers import shared_pool_in_use
+    from engine.verify import read_manifest
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     progress = lambda **kw: tqdm(disable=quiet, **kw)
@@ -322,21 +322,19 @@ def run_batch_bench(
     main, out = Path(main), Path(out)
     asst = Path(assistant) if assistant else None
     if asst is not None:
-        _ensure_exported(main, asst, log)
-    # without the single-request path only the batched graphs load: each weight resident once
+        ensure_exported(main, asst, log)
     single = single and 1 in sizes
     eng = Engine.load(
         main,
         asst,
         provider=provider,
         threads=threads,
-        single_request=single,
         shared_thread_pool=shared_thread_pool,
     )
-    sp = eng.main.tokenizer
+    sp = eng.tokenizer
     # The pair's convention: spiece.encode(context)[-255:] + [eos].
     ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in texts]
-    hf_main = Path((eng.main.manifest or {}).get("source", main))
+    hf_main = Path((read_manifest(main) or {}).get("source", main))
     workdir = out / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     methods = [engine_batch_method(eng, s, max_new_tokens, max_batch_tokens) for s in strategies]

@@ -1,4 +1,4 @@
-"""The benchmark: methods interleaved prompt by prompt, rows, sweeps, the main-call cost curve."""
+"""The benchmark: methods interleaved prompt by prompt, rows, sweeps."""
 
 from __future__ import annotations
 
@@ -55,16 +55,15 @@ class Method:
 def engine_method(eng, spec: str, max_new: int, label: str = "") -> Method:
     from bench.peers import strip
     from engine import InputError
-    from engine.options import check_count, spec_of, validate
+    from engine.options import check_count
     from engine.strategies import NEEDS_ASSISTANT
 
     name, opts = parse_strategy(spec)
     if name in NEEDS_ASSISTANT and eng.assistant is None:
         raise InputError(f"bench spec {spec!r} needs an assistant")
     check_count("max_new_tokens", max_new, eng.limits.max_new_tokens, "Engine.limits")
-    if name == "auto":  # show what auto resolved to
-        choice, auto_opts = eng.auto_choice()
-        spec = "auto=" + spec_of(choice, validate(choice, {**auto_opts, **opts}))
+    if name == "auto":  # show what auto resolves to: a draft length by active requests
+        spec = f"auto=k{eng.auto_table()}".replace(" ", "")
 
     def fn(ids):
         r = eng.generate(ids, strategy=name, max_new_tokens=max_new, **opts)
@@ -259,61 +258,6 @@ def sweep(eng, prompts, max_new: int, name: str, key: str, values, progress) -> 
             }
         )
     return res
-
-
-def decoder_feed(model, b: int, t: int, past: int, enc_len: int, seed: int = 0) -> dict:
-    """Random decoder-with-past inputs: b rows x t new tokens on `past` cached positions."""
-    rng = np.random.default_rng(seed)
-    h, d = model.num_heads, model.d_kv
-    f = {
-        "input_ids": rng.integers(3, 100, (b, t)).astype(np.int64),
-        "encoder_attention_mask": np.ones((b, enc_len), np.int64),
-    }
-    for n in model.self_names:
-        f[n] = rng.standard_normal((b, h, past, d)).astype(np.float32)
-    for n in model.cross_names:
-        f[n] = rng.standard_normal((b, h, enc_len, d)).astype(np.float32)
-    if model.step_needs_enc:
-        f["encoder_hidden_states"] = rng.standard_normal(
-            (b, enc_len, model.config["d_model"])
-        ).astype(np.float32)
-    return f
-
-
-def call_ms(sess, feed: dict, reps: int) -> float:
-    """Median ms of sess.run(feed) over reps calls, after 3 warm-up calls."""
-    for _ in range(3):
-        sess.run(None, feed)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts) * 1e3)
-
-
-def cost_curve(model, sizes, past: int = 32, enc_len: int = 129, reps: int = 30) -> dict:
-    """Main decoder-with-past call time with B rows x 1 token, 1 row x T tokens and B x B
-    (the staircase), relative to 1 row x 1 token: whether a staircase can pay."""
-    sess = model.sessions["decoder_with_past"]
-
-    def ms(b, t):
-        return call_ms(sess, decoder_feed(model, b, t, past, enc_len), reps)
-
-    base = ms(1, 1)
-    out = {
-        "base_ms": base,
-        "past": past,
-        "encoder_length": enc_len,
-        "rows": [],
-        "tokens": [],
-        "staircase": [],
-    }
-    for s in sizes:
-        out["rows"].append({"n": s, "ms": (v := ms(s, 1)), "ratio": v / base})
-        out["tokens"].append({"n": s, "ms": (v := ms(1, s)), "ratio": v / base})
-        out["staircase"].append({"n": s, "ms": (v := ms(s, s)), "ratio": v / base})
-    return out
 
 
 def machine() -> dict:

@@ -82,7 +82,7 @@ def load_engine(
     )
     for role, model in (("main", eng.main), ("assistant", eng.assistant)):
         if model is not None:
-            log(f"{role}: {model.sessions['decoder_with_past'].get_providers()}")
+            log(f"{role}: {model.sessions['decoder'].get_providers()}")
     return eng
 
 

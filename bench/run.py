@@ -10,11 +10,12 @@ from pathlib import Path
 from bench import core, report
 from bench.quiet import Monitor, NotQuietError, describe_check
 from engine.cli import read_prompts
+from engine.verify import read_manifest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-def _ensure_exported(main: Path, assistant: Path, log) -> None:
+def ensure_exported(main: Path, assistant: Path, log) -> None:
     """Export the ../shared pycode pair on first use, so the defaults work on a fresh clone."""
     if main.is_dir() and assistant.is_dir():
         return
@@ -212,15 +213,14 @@ def run_bench(
     # Several assistants (comma list) give one set of engine rows each, labelled @name.
     assistants = [Path(a) for a in str(assistant).split(",")] if assistant else [None]
     main, assistant, out = Path(main), assistants[0], Path(out)
-    _ensure_exported(main, assistant, log)
+    ensure_exported(main, assistant, log)
     engines = [Engine.load(main, a, provider=provider, threads=threads) for a in assistants]
     eng = engines[0]
-    sp = eng.main.tokenizer
+    sp = eng.tokenizer
     # The pair's convention: spiece.encode(context)[-255:] + [eos].
     ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in read_prompts(prompts, n)]
-    manifest = eng.main.manifest or {}
-    hf_main = Path(manifest.get("source", main))
-    hf_asst = Path((eng.assistant.manifest or {}).get("source", "")) if eng.assistant else None
+    hf_main = Path((read_manifest(main) or {}).get("source", main))
+    hf_asst = Path((read_manifest(assistant) or {}).get("source", "")) if assistant else None
     workdir = out / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     methods = []
@@ -288,16 +288,6 @@ def run_bench(
                 progress,
             ),
         }
-        results["cost_curve"] = core.cost_curve(
-            eng.main, [1, 2, 4] if quick else [*range(1, 17), 20, 24], reps=5 if quick else 30
-        )
-        if eng.assistant is not None:  # would a tree-attention verify pay? (bench/tree_sim.py)
-            from bench import tree_sim
-
-            log("tree simulation")
-            results["tree_sim"] = tree_sim.simulate(
-                eng, sw_ids, max_new_tokens, results["cost_curve"], (4, 6) if quick else None
-            )
     results["seconds"] = time.perf_counter() - t0
     core.save(results, out)
     core.write_atomic(out / "results.md", report.markdown(results))

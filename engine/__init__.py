@@ -3,7 +3,7 @@
 Never imports torch, transformers or optimum.
 """
 
-from .accept import accept, full_staircase, staircase
+from .accept import accept, accept_path
 from .api import Engine, GenerationResult, Health
 from .errors import (
     CancelledError,
@@ -33,6 +33,5 @@ __all__ = [
     "ProviderError",
     "Stats",
     "accept",
-    "full_staircase",
-    "staircase",
+    "accept_path",
 ]

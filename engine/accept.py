@@ -1,4 +1,5 @@
-"""The accept rule and the staircase batch, shared by every speculative strategy."""
+"""The accept rule, shared by every strategy: the longest drafted path the main model agrees
+with, plus the main model's own next token."""
 
 from __future__ import annotations
 
@@ -19,32 +20,21 @@ def accept(draft: Sequence[int] | np.ndarray, target: Sequence[int] | np.ndarray
     return int(np.cumprod(eq).sum())
 
 
-def staircase(pending: int, draft: Sequence[int], pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Staircase batch for shared-past verification: row i = pending + draft[:i], right-padded.
+def accept_path(row: Sequence[int], parents: Sequence[int] | None, targets) -> list[int]:
+    """Row indices of the longest agreeing path, from 0 (the pending token).
 
-    Returns ids [K+1, K+1] and last [K+1], the index of each row's last real token (= i). Right
-    padding is harmless under the decoder's causal mask.
-    """
-    k = len(draft)
-    ids = np.full((k + 1, k + 1), pad, dtype=np.int64)
-    ids[:, 0] = pending
-    row = np.asarray(draft, dtype=np.int64)
-    for i in range(1, k + 1):
-        ids[i, 1 : i + 1] = row[:i]
-    return ids, np.arange(k + 1)
-
-
-def full_staircase(
-    seq: Sequence[int], draft: Sequence[int], pad: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Staircase batch for no-past verification: row i = whole sequence + draft[:i], right-padded.
-
-    Returns ids [K+1, L+K] and last [K+1] (= L-1+i), L = len(seq).
-    """
-    L, k = len(seq), len(draft)
-    ids = np.full((k + 1, L + k), pad, dtype=np.int64)
-    ids[:, :L] = seq
-    row = np.asarray(draft, dtype=np.int64)
-    for i in range(1, k + 1):
-        ids[i, L : L + i] = row[:i]
-    return ids, np.arange(k + 1) + L - 1
+    row: [pending, *drafts]; parents: each draft's parent index in row (None: a chain);
+    targets[i]: the main model's token after row[i] and its ancestors. The main model then
+    adds targets[path[-1]] itself."""
+    if parents is None:
+        return list(range(accept(row[1:], targets) + 1))
+    children: dict[int, list[int]] = {}
+    for i, p in enumerate(parents, 1):
+        children.setdefault(p, []).append(i)
+    path = [0]
+    while True:
+        want = targets[path[-1]]
+        nxt = [c for c in children.get(path[-1], ()) if row[c] == want]
+        if not nxt:
+            return path
+        path.append(nxt[0])

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from . import options as opt
+from . import scheduler as sch
 from .errors import EngineError, InputError, PairMismatchError
+from .handles import Handle, Worker
 from .model import T5Model
-from .run import Run
 from .stats import Stats
 from .strategies import NEEDS_ASSISTANT, STRATEGIES
 from .tokenizer import text_pieces
@@ -59,6 +60,7 @@ class Plan:
     strategy: str
     options: dict  # with the strategy's defaults
     max_new_tokens: int
+    auto_k: dict | None = None  # strategy auto: draft tokens by the number of active requests
 
 
 def _check_load_args(
@@ -112,9 +114,7 @@ class Engine:
     ):
         self.main, self.assistant, self.threads = main, assistant, threads
         self.limits = limits or opt.Limits()
-        self._auto: tuple[str, dict] | None = None
-        self._masked: dict = {}  # role -> batch.MaskedDecoder, loaded on first batched use
-        self._worker = None  # batch.Worker behind submit(), started on first use
+        self._worker: Worker | None = None  # behind submit(), started on first use
         self._lock = threading.Lock()
         if assistant is not None:
             diffs = [
@@ -141,9 +141,9 @@ class Engine:
         io_binding: bool = False,
         limits: opt.Limits | None = None,
         verify: bool = True,
-        single_request: bool = True,
     ) -> Engine:
-        """Load exported folders; provider is cpu, cuda, coreml or auto (assistant may differ).
+        """Load exported folders (encoder, masked decoder, cross key/values: each weight once);
+        provider is cpu, cuda, coreml or auto (the assistant's may differ).
 
         shared_thread_pool: one process-wide ORT pool (fastest for one request at a time on few
         cores; slower at batch 4+); once it exists ORT refuses per-session pools, so every later
@@ -152,13 +152,9 @@ class Engine:
         measured for this pair, else threads; with shared_thread_pool the pool serves both).
         io_binding: run through ORT IO binding (outputs allocated on the provider's device).
         limits: ceilings for generate (engine.options.Limits). verify: check file hashes.
-        single_request=False: load only what batched generation needs (encoders, masked decoder,
-        cross key/values; each weight resident once, as a server wants): generate() and stream()
-        then run every strategy through the scheduler.
         """
         flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         flags["verify"] = verify
-        flags["single_request"] = single_request
         _check_load_args(
             main,
             assistant,
@@ -171,17 +167,8 @@ class Engine:
         )
         if limits is not None and not isinstance(limits, opt.Limits):
             raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
-        m = T5Model(
-            main,
-            provider,
-            threads,
-            provider_options,
-            "main",
-            shared_thread_pool,
-            io_binding,
-            verify=verify,
-            decoders=single_request,
-        )
+        common = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
+        m = T5Model(main, provider, threads, provider_options, "main", verify=verify, **common)
         a = None
         if assistant is not None:
             # what stairs-tune measured, else the main's count; with one shared pool, its size
@@ -190,41 +177,20 @@ class Engine:
 
                 assistant_threads = stored_assistant_threads(main, assistant, m.provider, threads)
             a_threads = threads if assistant_threads is None else assistant_threads
+            a_prov = assistant_provider or provider
             a = T5Model(
-                assistant,
-                assistant_provider or provider,
-                a_threads,
-                provider_options,
-                "assistant",
-                shared_thread_pool,
-                io_binding,
-                verify=verify,
-                decoders=single_request,
+                assistant, a_prov, a_threads, provider_options, "assistant", verify=verify, **common
             )
-        eng = cls(m, a, threads, limits)
-        if not single_request:
-            eng._scheduler()  # the masked graphs load (and are checked) now
-        return eng
+        return cls(m, a, threads, limits)
 
     def calibrate(
         self, prompts, max_new_tokens: int = 64, save: bool = True, batch_sizes=()
     ) -> dict:
-        """Measure every candidate strategy on prompts; store and use the fastest for 'auto'
-        (batch_sizes: also batched auto's draft length at each of these batch sizes)."""
+        """Measure every candidate strategy on prompts, and auto's draft length at batch size 1
+        and each of batch_sizes; store them (auto uses the table from then on)."""
         from . import tune
 
-        result = tune.calibrate(self, prompts, max_new_tokens, save, batch_sizes)
-        self._auto = (result["strategy"], result["options"])
-        return result
-
-    def auto_choice(self) -> tuple[str, dict]:
-        """What strategy='auto' runs: the stored calibration, else a sensible default."""
-        if self._auto is None:
-            from . import tune
-
-            stored = tune.load(self)
-            self._auto = (stored["strategy"], stored["options"]) if stored else tune.default(self)
-        return self._auto
+        return tune.calibrate(self, prompts, max_new_tokens, save, batch_sizes)
 
     def encode(
         self,
@@ -300,27 +266,16 @@ class Engine:
         truncation: str | None = None,
         **options,
     ) -> Plan:
-        """Validate a generation (strategy, options, sizes, prompt, memory) without running it."""
-        # an engine loaded with single_request=False runs it through the scheduler
-        batched = "decoder_with_past" not in self.main.sessions
-        return self._plan(
-            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options, batched
-        )
-
-    def _plan(
-        self, prompt, strategy, max_new_tokens, max_input_tokens, truncation, options, batched
-    ) -> Plan:
-        """plan(); batched: the memory estimate takes the scheduler's shapes (stairs and tree
-        in one row)."""
+        """Validate a generation (strategy, options, sizes, prompt, memory) without running it.
+        'auto' becomes adaptive speculation: assisted (lookup without an assistant) with the
+        draft length by the number of active requests (auto_table()), off where it loses."""
         opt.check_strategy(strategy)
         options = opt.validate(strategy, options)
+        table = None
         if strategy == "auto":
-            auto, auto_opts = self.auto_choice()
-            try:
-                auto_opts = opt.validate(auto, auto_opts)
-            except InputError as exc:
-                raise InputError(f"stored auto choice {auto!r} {auto_opts}: {exc}") from None
-            strategy, options = auto, {**auto_opts, **options}
+            table = self.auto_table()
+            strategy = "assisted" if self.assistant is not None else "lookup"
+            options = {**options, "draft_tokens": max(1, max(table.values()))}
         options = opt.with_defaults(strategy, options)
         if strategy in NEEDS_ASSISTANT and self.assistant is None:
             raise InputError(
@@ -341,13 +296,10 @@ class Engine:
             ids.shape[1],
             max_new_tokens,
             self.limits.memory_bytes,
-            batched,
         )
-        return Plan(ids, strategy, options, max_new_tokens)
-
-    def _start(self, plan: Plan) -> tuple[Run, Iterator[list[int]]]:
-        run = Run(self.main, self.assistant, plan.ids, plan.max_new_tokens)
-        return run, STRATEGIES[plan.strategy](run, **plan.options)
+        if table is not None:
+            options = {**options, "auto_draft_tokens": table}
+        return Plan(ids, strategy, options, max_new_tokens, table)
 
     def generate(
         self,
@@ -358,27 +310,18 @@ class Engine:
         truncation: str | None = None,
         **options,
     ) -> GenerationResult:
-        """Generate exactly the main model's greedy tokens with the chosen strategy.
-
-        Everything is validated (InputError) before any model runs."""
+        """Generate exactly the main model's greedy tokens with the chosen strategy (a batch
+        of one on the scheduler). Everything is validated (InputError) before any model runs."""
         return self.execute(
             self.plan(prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options)
         )
 
     def execute(self, plan: Plan) -> GenerationResult:
         """Run a generation that plan() validated."""
-        if "decoder_with_past" not in self.main.sessions:  # loaded with single_request=False
-            req = self._scheduled(plan)
-            for _ in req:
-                pass
-            return self._result(plan, req.request.seq[1:], req.request.stats())
-        run, it = self._start(plan)
-        for _ in it:
+        req = self._alone(plan)
+        for _ in req:
             pass
-        ids = run.seq[1:]
-        return GenerationResult(
-            ids, self.main.tokenizer.decode(ids), run.stats(), plan.strategy, plan.options
-        )
+        return self._result(plan, req.request.seq[1:], req.request.stats())
 
     def stream(
         self,
@@ -393,68 +336,30 @@ class Engine:
 
         Validated when called (InputError); the models run as the iterator is consumed."""
         plan = self.plan(prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options)
-        return self._stream(plan)
+        return text_pieces(self._alone(plan), self.main.tokenizer.decode)
 
-    def _stream(self, plan: Plan) -> Iterator[str]:
-        if "decoder_with_past" not in self.main.sessions:
-            it = self._scheduled(plan)
-        else:
-            _, it = self._start(plan)
-        yield from text_pieces(it, self.main.tokenizer.decode)
-
-    def _scheduled(self, plan: Plan) -> _Scheduled:
-        """One request on a private scheduler, run in the caller's thread (the path of an engine
-        loaded with single_request=False): iterates the token lists as they are accepted."""
+    def _alone(self, plan: Plan) -> _Alone:
+        """One request on a private scheduler, stepped in the caller's thread."""
         sched = self._scheduler()
         req = self._request(plan)
         sched.add(req)
-        return _Scheduled(sched, req)
+        return _Alone(sched, req)
 
     # -- many requests at once ------------------------------------------------------------------
 
-    def _scheduler(self, max_batch_tokens: int | None = None):
-        """A new batch.Scheduler on this engine's masked decoder sessions (loaded once)."""
-        from . import batch
-
-        max_batch_tokens = _batch_tokens(max_batch_tokens)
-        with self._lock:
-            for role, model in (("main", self.main), ("assistant", self.assistant)):
-                if model is not None and role not in self._masked:
-                    self._masked[role] = batch.MaskedDecoder(model)
-        return batch.Scheduler(
-            self._masked["main"],
-            self._masked.get("assistant"),
-            max_batch_tokens,
-            self.limits.memory_bytes,
+    def _scheduler(self, max_batch_tokens: int | None = None) -> sch.Scheduler:
+        """A new Scheduler on this engine's models."""
+        return sch.Scheduler(
+            self.main, self.assistant, _batch_tokens(max_batch_tokens), self.limits.memory_bytes
         )
-
-    def _batch_plan(
-        self, prompt, strategy, max_new_tokens, max_input_tokens, truncation, options, table=None
-    ):
-        """plan() for a batched request; 'auto' becomes adaptive speculation: the scheduler
-        drafts by the number of active requests (table, default auto_table()), off where it
-        loses."""
-        args = (max_new_tokens, max_input_tokens, truncation)
-        if strategy != "auto":
-            return self._plan(prompt, strategy, *args, options, batched=True), None
-        table = table or self.auto_table()
-        name = "assisted" if self.assistant is not None else "lookup"
-        opts = {**options, "draft_tokens": max(1, max(table.values()))}
-        plan = self._plan(prompt, name, *args, opts, batched=True)
-        return Plan(
-            plan.ids, name, {**plan.options, "auto_draft_tokens": table}, plan.max_new_tokens
-        ), table
 
     def auto_table(self) -> dict[int, int]:
-        """Batched 'auto': draft tokens per request by the number of active requests (0 = off);
-        what stairs-tune --batch-sizes stored for this pair, else batch.DEFAULT_AUTO_K (CPU) or
-        DEFAULT_AUTO_K_CUDA. A
+        """'auto': draft tokens per request by the number of active requests (0 = off); what
+        stairs-tune stored for this pair, else DEFAULT_AUTO_K (CPU) or DEFAULT_AUTO_K_CUDA. A
         damaged stored table is ignored with a warning."""
-        from . import batch, tune
+        from . import tune
 
-        default = (
-            batch.DEFAULT_AUTO_K_CUDA if self.main.provider == "cuda" else batch.DEFAULT_AUTO_K
-        )
+        default = sch.DEFAULT_AUTO_K_CUDA if self.main.provider == "cuda" else sch.DEFAULT_AUTO_K
         stored = (tune.load(self) or {}).get("batch_auto_k")
         if stored is None:
             return dict(default)
@@ -467,16 +372,14 @@ class Engine:
         tune.log.warning("ignoring damaged batch_auto_k %r in %s", stored, tune.TUNE_FILE)
         return dict(default)
 
-    def _request(self, plan: Plan, auto_k: dict | None = None):
-        from . import batch
-
-        return batch.Request(
-            ids=plan.ids[0].tolist(),
-            strategy=plan.strategy,
-            options=plan.options,
+    def _request(self, plan: Plan) -> sch.Request:
+        strategy = STRATEGIES[plan.strategy]
+        ids = plan.ids[0].tolist()
+        return sch.Request(
+            ids=ids,
+            drafter=strategy.drafter(ids, plan.options, plan.auto_k),
             max_new_tokens=plan.max_new_tokens,
             seq=[self.main.start_id],
-            auto_k=auto_k,
         )
 
     def _result(self, plan: Plan, ids: list[int], stats: Stats) -> GenerationResult:
@@ -511,35 +414,39 @@ class Engine:
         if not prompts:
             raise InputError("empty batch: give at least one prompt")
 
-        sched = self._scheduler(max_batch_tokens)
-        table = self.auto_table() if strategy == "auto" else None
         out: list = [None] * len(prompts)
-        plans, reqs = {}, {}
+        plans = {}
         for i, p in enumerate(prompts):
             try:
-                plans[i], auto_k = self._batch_plan(
-                    p, strategy, max_new_tokens, max_input_tokens, truncation, options, table
+                plans[i] = self.plan(
+                    p, strategy, max_new_tokens, max_input_tokens, truncation, **options
                 )
-                reqs[i] = self._request(plans[i], auto_k)
-                sched.add(reqs[i])
             except EngineError as exc:
                 out[i] = exc
-        while sched.busy:
-            sched.step()
-        for i, r in reqs.items():
-            out[i] = r.error or self._result(plans[i], r.seq[1:], r.stats())
+        for i, res in zip(plans, self.execute_batch(list(plans.values()), max_batch_tokens)):
+            out[i] = res
         return out
 
-    def batching(self, max_batch_tokens: int | None = None):
-        """The shared batch.Scheduler behind submit(), created on first use (loading the masked
-        sessions); max_batch_tokens, if given, sets its token budget. A server calls this at
-        start-up and reads the scheduler's active, waiting, calls and call_count for metrics."""
-        from . import batch
+    def execute_batch(
+        self, plans: Sequence[Plan], max_batch_tokens: int | None = None
+    ) -> list[GenerationResult | EngineError]:
+        """Run plans that plan() validated together, sharing main calls; results in order (a
+        request that fails gets its typed error in its place)."""
+        sched = self._scheduler(max_batch_tokens)
+        reqs = [self._request(p) for p in plans]
+        for r in reqs:
+            sched.add(r)
+        while sched.busy:
+            sched.step()
+        return [r.error or self._result(p, r.seq[1:], r.stats()) for p, r in zip(plans, reqs)]
 
+    def _batching(self, max_batch_tokens: int | None = None) -> sch.Scheduler:
+        """The shared scheduler behind submit(), created on first use; max_batch_tokens, if
+        given, sets its token budget."""
         if self._worker is None:
             sched = self._scheduler(max_batch_tokens)
             with self._lock:
-                self._worker = self._worker or batch.Worker(sched)
+                self._worker = self._worker or Worker(sched)
         elif max_batch_tokens is not None:
             self._worker.scheduler.max_batch_tokens = _batch_tokens(max_batch_tokens)
         return self._worker.scheduler
@@ -547,11 +454,11 @@ class Engine:
     def start(self, *, max_batch_tokens: int | None = None) -> None:
         """Load the scheduler behind submit() now (not at the first request); max_batch_tokens,
         if given, sets its token budget (rows x padded tokens of one main call)."""
-        self.batching(max_batch_tokens)
+        self._batching(max_batch_tokens)
 
     def health(self) -> Health:
         """A snapshot of the scheduler behind submit() (started if it was not)."""
-        s = self.batching()
+        s = self._batching()
         calls = tuple(s.calls)
         return Health(len(s.active), len(s.waiting), s.call_count, calls)
 
@@ -575,18 +482,14 @@ class Engine:
         truncation: str | None = None,
         **options,
     ):
-        """Queue one request on the engine's shared scheduler and return its batch.Handle at
-        once: iterate it for text pieces, handle.result() waits for the GenerationResult,
+        """Queue one request on the engine's shared scheduler and return its Handle at once:
+        iterate it for text pieces, handle.result() waits for the GenerationResult,
         handle.cancel() stops it. Thread-safe: concurrent callers share main calls.
         Validated now (InputError); any strategy."""
-        from . import batch
-
-        plan, auto_k = self._batch_plan(
-            prompt, strategy, max_new_tokens, max_input_tokens, truncation, options
-        )
-        req = self._request(plan, auto_k)
-        self.batching()
-        handle = batch.Handle(
+        plan = self.plan(prompt, strategy, max_new_tokens, max_input_tokens, truncation, **options)
+        req = self._request(plan)
+        self._batching()
+        handle = Handle(
             req,
             self._worker,
             self.main.tokenizer.decode,
@@ -598,14 +501,12 @@ class Engine:
 
 def _batch_tokens(n: int | None) -> int:
     """max_batch_tokens checked (None: the default)."""
-    from . import batch
-
     if n is None:
-        return batch.DEFAULT_BATCH_TOKENS
-    return opt.check_count("max_batch_tokens", n, batch.MAX_BATCH_TOKENS, "a smaller value")
+        return sch.DEFAULT_BATCH_TOKENS
+    return opt.check_count("max_batch_tokens", n, sch.MAX_BATCH_TOKENS, "a smaller value")
 
 
-class _Scheduled:
+class _Alone:
     """Iterates one request's accepted token lists while stepping its own scheduler."""
 
     def __init__(self, sched, request):

@@ -176,12 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         # ...and every prompt before the first generation (--batch: as the scheduler runs it,
         # e.g. stairs and tree in one row, auto as adaptive speculation)
         args = (a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation)
-        if a.batch == 1:
-            plans = [eng.plan(p_, *args, **opts) for p_ in prompts]
-        else:
-            plans = [eng._batch_plan(p_, *args, opts)[0] for p_ in prompts]
+        plans = [eng.plan(p_, *args, **opts) for p_ in prompts]
         failed = False
-        for i, res in enumerate(_results(eng, a, prompts, plans, opts), 1):
+        for i, res in enumerate(_results(eng, a.batch, plans), 1):
             if isinstance(res, EngineError):
                 print(f"stairs-generate: prompt {i}: error: {_one_line(res)}", file=sys.stderr)
                 failed = True
@@ -205,21 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _results(eng, a, prompts, plans, opts):
-    """Results in order: one generation at a time, or --batch prompts sharing main calls."""
-    if a.batch == 1:
-        for plan in plans:
-            yield eng.execute(plan)
-        return
-    for i in range(0, len(prompts), a.batch):
-        yield from eng.generate_batch(
-            prompts[i : i + a.batch],
-            strategy=a.strategy,
-            max_new_tokens=a.max_new_tokens,
-            max_input_tokens=a.max_input_tokens,
-            truncation=a.truncation,
-            **opts,
-        )
+def _results(eng, batch: int, plans):
+    """Results in order: one generation at a time, or `batch` plans sharing main calls."""
+    for i in range(0, len(plans), batch):
+        if batch == 1:
+            yield eng.execute(plans[i])
+        else:
+            yield from eng.execute_batch(plans[i : i + batch])
 
 
 def _one_line(exc: Exception) -> str:

@@ -1,7 +1,7 @@
-"""One exported T5 folder on ONNX Runtime, and the per-generation decoder cache.
+"""One exported T5 folder on ONNX Runtime: the encoder, the masked decoder and the cross
+key/value graph, each loaded once. The decoder is called only by engine.cache.BatchCache.
 
-Shapes: B rows, T new decoder tokens, P past decoder length, S encoder length, M d_model,
-H heads, D d_kv, V vocab.
+Shapes: B rows, S encoder length, M d_model, H heads, D d_kv, V vocab.
 """
 
 from __future__ import annotations
@@ -18,20 +18,23 @@ from .errors import ModelFileError
 from .stats import Counter
 from .tokenizer import Tokenizer
 
-ONNX_FILES = {
-    "encoder": "encoder_model.onnx",
-    "decoder": "decoder_model.onnx",
-    "decoder_with_past": "decoder_with_past_model.onnx",
-}
-REQUIRED = ["config.json", "spiece.model", *ONNX_FILES.values()]
-# Inputs the engine feeds each session (past_key_values.* besides) and outputs it reads first.
-FEEDS = {
-    "encoder": {"input_ids", "attention_mask"},
-    "decoder": {"input_ids", "encoder_hidden_states", "encoder_attention_mask"},
-    "decoder_with_past": {"input_ids", "encoder_attention_mask"},
-}
-OPTIONAL_FEEDS = {"decoder_with_past": {"encoder_hidden_states"}}
-FIRST_OUTPUT = {"encoder": "last_hidden_state", "decoder": "logits", "decoder_with_past": "logits"}
+ENCODER_FILE = "encoder_model.onnx"
+MASKED_FILE = "decoder_masked_model.onnx"
+CROSS_FILE = "cross_kv_model.onnx"
+OPTIMUM_FILE = "decoder_with_past_model.onnx"  # optimum's layout: no masked graph, refused
+REQUIRED = ["config.json", "spiece.model", ENCODER_FILE, MASKED_FILE, CROSS_FILE]
+KV = ("key", "value")
+STEP_FEEDS = (
+    "input_ids",
+    "positions",
+    "past_positions",
+    "attention_mask",
+    "encoder_attention_mask",
+)
+# The fewest tokens (and encoder positions) any call carries: ORT's kernels take another path
+# for a single query row, so one-token calls would give other bits than the same row in a wider
+# call. With at least two, a row's logits are the same bits whatever shares its call.
+MIN_TOKENS = 2
 # config.json keys the engine uses -> smallest valid value (ints; bools refused).
 CONFIG_INTS = {
     "vocab_size": 1,
@@ -59,8 +62,27 @@ def _check_config(path: Path, c: dict) -> None:
             raise ModelFileError(f"{path}: {key} {c[key]} is not below vocab_size")
 
 
+def check_folder(folder: Path) -> None:
+    """The folder exists, is a folder and has every file the engine loads; one line if not."""
+    if not folder.exists():
+        raise ModelFileError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: not a folder (give the exported model's folder)")
+    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if missing and MASKED_FILE in missing and (folder / OPTIMUM_FILE).is_file():
+        raise ModelFileError(
+            f"{folder}: an optimum export without stairs' masked decoder graph; make a full"
+            f" folder with: stairs-export SOURCE_CHECKPOINT -o {folder}"
+        )
+    if missing:
+        raise ModelFileError(
+            f"{folder}: missing {', '.join(missing)} (export it with stairs-export)"
+        )
+
+
 class T5Model:
-    """Sessions, config and tokenizer of one exported folder (stairs-export or optimum layout)."""
+    """Sessions, config and tokenizer of one exported folder: encoder, masked decoder and
+    cross key/value graph (optimum's decoder files, if present, are not loaded)."""
 
     def __init__(
         self,
@@ -72,29 +94,23 @@ class T5Model:
         shared_thread_pool: bool = False,
         io_binding: bool = False,
         verify: bool = True,
-        decoders: bool = True,
     ):
         """verify: check every file stairs.json lists against its sha256 (sizes are always
-        checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders.
-        decoders=False: load only the encoder of optimum's graphs (the batched path brings the
-        masked decoder), so each decoder weight is resident once."""
+        checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders."""
         self.folder = Path(folder)
         self.name = name or self.folder.name
         self.threads = threads
         # Every file the engine (or ORT, for external data) opens must stay inside the folder;
         # checked first so that nothing is said about a file outside it, not even if it exists.
-        data_files = [p.name for p in self.folder.glob("*.onnx_data")]
-        for f in [*REQUIRED, "tokenizer_config.json", *data_files]:
-            checked.inside(self.folder, f)
-        missing = [f for f in REQUIRED if not (self.folder / f).is_file()]
-        if missing:
-            raise ModelFileError(
-                f"{self.folder}: missing {', '.join(missing)} (export it with stairs-export)"
-            )
+        if self.folder.is_dir():
+            data_files = [p.name for p in self.folder.glob("*.onnx_data")]
+            for f in [*REQUIRED, "tokenizer_config.json", *data_files]:
+                checked.inside(self.folder, f)
+        check_folder(self.folder)
         config_path = self.folder / "config.json"
         self.config = checked.read_json(config_path, dict)
         _check_config(config_path, self.config)
-        self.manifest = self._read_manifest(checked.verify_enabled(verify))
+        self.manifest = checked.verify_folder(self.folder, checked.verify_enabled(verify))
         c = self.config
         self.vocab_size = c["vocab_size"]
         self.pad_id, self.eos_id = c["pad_token_id"], c["eos_token_id"]
@@ -118,9 +134,16 @@ class T5Model:
         self.device = {"cuda": "cuda"}.get(self.provider, "cpu")
         self.device_id = int((provider_options or {}).get("device_id", 0))
         self._session_args = (so, plist, explicit)
-        roles = ONNX_FILES if decoders else {"encoder": ONNX_FILES["encoder"]}
-        self.sessions = {role: self.open_session(fname) for role, fname in roles.items()}
-        self._check_sessions()
+        layers = range(self.num_decoder_layers)
+        self.self_names = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in KV]
+        self.cross_names = [f"cross_key_values.{i}.{kv}" for i in layers for kv in KV]
+        self.sessions = {
+            "encoder": self.open_session(ENCODER_FILE),
+            "decoder": self.open_session(MASKED_FILE),
+            "cross": self.open_session(CROSS_FILE),
+        }
+        self._check_encoder()
+        self._check_decoder()
 
     def open_session(self, fname: str) -> ort.InferenceSession:
         """An ORT session on a graph of this folder with this model's provider, threads and
@@ -136,98 +159,59 @@ class T5Model:
         prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)
         return sess
 
-    def _check_sessions(self) -> None:
-        """Each session has the inputs the engine feeds and the outputs it reads, with the
-        config's sizes where the graph fixes them: an unrelated ONNX model fails here."""
-        for role, sess in self.sessions.items():
-            path = self.folder / ONNX_FILES[role]
-            ins = {i.name: i.shape for i in sess.get_inputs()}
-            outs = [o.name for o in sess.get_outputs()]
-            problems = []
-            if FEEDS[role] - set(ins):
-                problems.append(f"missing inputs {', '.join(sorted(FEEDS[role] - set(ins)))}")
-            if not outs or outs[0] != FIRST_OUTPUT[role]:
-                problems.append(f"missing first output {FIRST_OUTPUT[role]}")
-            unknown = sorted(
-                n
-                for n in ins
-                if n not in FEEDS[role] | OPTIONAL_FEEDS.get(role, set())
-                and not (role == "decoder_with_past" and n.startswith("past_key_values."))
-            )
-            if unknown:
-                problems.append(f"unexpected inputs {', '.join(unknown)}")
-            if problems:
-                raise ModelFileError(
-                    f"{path}: not this engine's T5 {role.replace('_', ' ')}; " + "; ".join(problems)
-                )
-        if "decoder_with_past" in self.sessions:
-            self._check_decoders()
-        self._check_sizes()
+    def _check_encoder(self) -> None:
+        """The encoder takes input_ids and attention_mask and gives [B, S, d_model]: an
+        unrelated ONNX model fails here."""
+        sess, path = self.sessions["encoder"], self.folder / ENCODER_FILE
+        ins = {i.name for i in sess.get_inputs()}
+        outs = sess.get_outputs()
+        problems = []
+        if ins != {"input_ids", "attention_mask"}:
+            problems.append(f"inputs {', '.join(sorted(ins))} (want input_ids, attention_mask)")
+        if not outs or outs[0].name != "last_hidden_state":
+            problems.append("missing first output last_hidden_state")
+        elif isinstance(dim := outs[0].shape[-1], int) and dim != self.config["d_model"]:
+            problems.append(f"last_hidden_state has size {dim}, config.json says d_model "
+                            f"{self.config['d_model']}")  # fmt: skip
+        if problems:
+            raise ModelFileError(f"{path}: not this engine's T5 encoder; " + "; ".join(problems))
 
-    def _check_decoders(self) -> None:
-        """Past/present names and order of optimum's two decoder graphs."""
-        dwp = self.sessions["decoder_with_past"]
-        self.past_names = [i.name for i in dwp.get_inputs() if i.name.startswith("past_key_values")]
-        self.self_names = [n for n in self.past_names if ".decoder." in n]
-        self.cross_names = [n for n in self.past_names if ".encoder." in n]
-        self.step_needs_enc = "encoder_hidden_states" in {i.name for i in dwp.get_inputs()}
-        dwp_path = self.folder / ONNX_FILES["decoder_with_past"]
-        n = 2 * self.num_decoder_layers
-        if len(self.self_names) != n or len(self.cross_names) != n:
+    def _check_decoder(self) -> None:
+        """The masked decoder and cross graphs have this engine's inputs and outputs for the
+        config's layers, heads and vocabulary."""
+        dec, path = self.sessions["decoder"], self.folder / MASKED_FILE
+        ins = {i.name: i for i in dec.get_inputs()}
+        outs = [o.name for o in dec.get_outputs()]
+        want_out = ["logits", *(n.replace("past_key_values", "present") for n in self.self_names)]
+        # in place: the new tokens' key/values go into their slots of one buffer in the graph
+        # (stairs-export since the one-engine redesign); older folders concatenate them
+        self.in_place = "new_slots" in ins
+        feeds = {*STEP_FEEDS, *self.self_names, *self.cross_names, *(["new_slots"] * self.in_place)}
+        if set(ins) != feeds or outs != want_out:
             raise ModelFileError(
-                f"{dwp_path}: {len(self.self_names)} self and {len(self.cross_names)} cross"
-                f" past key/value inputs, config.json's {self.num_decoder_layers} decoder layers"
-                f" need {n} each"
+                f"{path}: not this engine's masked decoder for {self.num_decoder_layers} layers"
+                " (inputs or outputs differ)"
             )
-        dec_path = self.folder / ONNX_FILES["decoder"]
-        outs = [o.name for o in self.sessions["decoder"].get_outputs()]
-        presents = [n.replace("past_key_values", "present") for n in self.past_names]
-        lacking = [p for p in presents if p not in outs]
-        if lacking:
+        vocab = dec.get_outputs()[0].shape[-1]
+        heads = ins[self.self_names[0]].shape[1]
+        for what, got, want in (("logits", vocab, self.vocab_size), ("heads", heads,
+                                self.num_heads)):  # fmt: skip
+            if isinstance(got, int) and got != want:
+                raise ModelFileError(f"{path}: {what} {got}, config.json says {want}")
+        cross = self.sessions["cross"]
+        if [i.name for i in cross.get_inputs()] != ["encoder_hidden_states"] or [
+            o.name for o in cross.get_outputs()
+        ] != self.cross_names:
             raise ModelFileError(
-                f"{dec_path}: missing outputs {', '.join(lacking)} (another model's decoder?)"
+                f"{self.folder / CROSS_FILE}: not this engine's cross key/value graph for"
+                f" {self.num_decoder_layers} layers"
             )
-        self._first_self = [
-            outs.index(n.replace("past_key_values", "present")) for n in self.self_names
-        ]
-        self._first_cross = [
-            outs.index(n.replace("past_key_values", "present")) for n in self.cross_names
-        ]
-        step_outs = [o.name for o in dwp.get_outputs()]
-        if step_outs[1:] != [n.replace("past_key_values", "present") for n in self.self_names]:
-            raise ModelFileError(
-                f"{dwp_path}: outputs after logits must be present.*.decoder.key/value"
-                f" in layer order, found {', '.join(step_outs[1:]) or 'none'}"
-            )
+        self.mask_dtype = {"tensor(bool)": np.bool_, "tensor(float)": np.float32}.get(
+            ins["attention_mask"].type, np.int64
+        )
 
-    def _check_sizes(self) -> None:
-        """Sizes the graphs fix must be the config's (a symbolic dim is a str: not checked)."""
-        c, enc, dec, step = self.config, *ONNX_FILES.values()
-        want = {
-            (enc, "last_hidden_state"): [(-1, c["d_model"])],
-            (dec, "encoder_hidden_states"): [(-1, c["d_model"])],
-            (dec, "logits"): [(-1, self.vocab_size)],
-            (step, "logits"): [(-1, self.vocab_size)],
-        }
-        for name in getattr(self, "past_names", []):
-            want[(step, name)] = [(1, self.num_heads), (-1, self.d_kv)]
-        for role, sess in self.sessions.items():
-            fname = ONNX_FILES[role]
-            for arg in [*sess.get_inputs(), *sess.get_outputs()]:
-                for axis, size in want.get((fname, arg.name), []):
-                    dim = arg.shape[axis] if len(arg.shape) >= 2 else None
-                    if isinstance(dim, int) and dim != size:
-                        raise ModelFileError(
-                            f"{self.folder / fname}: {arg.name} has size {dim} on axis {axis},"
-                            f" config.json says {size}"
-                        )
-
-    def _read_manifest(self, hashes: bool = True) -> dict | None:
-        """stairs.json if present, its listed files checked: inside the folder, present, the
-        recorded size (so a truncated file fails here, clearly) and, if hashes, sha256."""
-        return checked.verify_folder(self.folder, hashes)
-
-    def _run(self, role: str, feed: dict, counter: Counter) -> list[np.ndarray]:
+    def run(self, role: str, feed: dict, counter: Counter) -> list[np.ndarray]:
+        """The one call site of a graph (encoder, decoder or cross); counts its seconds."""
         t = time.perf_counter()
         sess = self.sessions[role]
         if self.io_binding:
@@ -243,77 +227,14 @@ class T5Model:
         counter.session_s += time.perf_counter() - t
         return out
 
-    def encode(self, ids: np.ndarray, counter: Counter) -> tuple[np.ndarray, np.ndarray]:
-        """Encoder: ids [1, S] -> hidden [1, S, M], mask [1, S]."""
-        mask = np.ones_like(ids)
-        return self._run("encoder", {"input_ids": ids, "attention_mask": mask}, counter)[0], mask
-
-
-class Cache:
-    """One model's decoder state for one generation; the only place key/values are rewound.
-
-    `length` tokens of the decoder sequence are in the cache. feed() appends T tokens for B rows
-    (rows share the past, broadcast); rewind() keeps one row and the first `length` positions.
-    """
-
-    def __init__(self, model: T5Model, enc: np.ndarray, mask: np.ndarray, counter: Counter):
-        self.model, self.counter = model, counter
-        self.enc, self.mask = enc, mask  # [1, S, M], [1, S]
-        self.length = 0
-        self.self_kv: list[np.ndarray] = []  # 2 per layer, [B, H, P, D]
-        self._cross: dict[int, dict] = {}  # B -> feed entries of cross key/values and mask
-
-    def _cross_feed(self, b: int) -> dict:
-        # Encoder key/values never change during a generation: tile them once per row count.
-        if b not in self._cross:
-            one = self._cross[1]
-            self._cross[b] = {
-                k: np.ascontiguousarray(np.broadcast_to(v, (b,) + v.shape[1:]))
-                for k, v in one.items()
-            }
-        return self._cross[b]
-
-    def feed(self, tokens: np.ndarray) -> np.ndarray:
-        """Run the decoder on tokens [B, T] after the cached past; returns logits [B, T, V]."""
-        m, b = self.model, tokens.shape[0]
-        if self.length == 0:
-            out = self.first(tokens)
-            self._cross[1] = {n: out[i][:1] for n, i in zip(m.cross_names, m._first_cross)}
-            self._cross[1]["encoder_attention_mask"] = self.mask
-            if m.step_needs_enc:
-                self._cross[1]["encoder_hidden_states"] = self.enc
-            self.self_kv = [out[i] for i in m._first_self]
-        else:
-            feed = dict(self._cross_feed(b))
-            feed["input_ids"] = tokens
-            if b == 1:
-                feed.update(zip(m.self_names, self.self_kv))
-            else:
-                feed.update(
-                    (n, np.broadcast_to(a, (b,) + a.shape[1:]))
-                    for n, a in zip(m.self_names, self.self_kv)
-                )
-            out = m._run("decoder_with_past", feed, self.counter)
-            self.self_kv = out[1:]
-        self.length += tokens.shape[1]
-        return out[0]
-
-    def first(self, tokens: np.ndarray) -> list[np.ndarray]:
-        """decoder_model.onnx (no past) on tokens [B, T]; the cache itself is not touched."""
-        b = tokens.shape[0]
-        enc = self.enc if b == 1 else np.broadcast_to(self.enc, (b,) + self.enc.shape[1:])
-        mask = self.mask if b == 1 else np.broadcast_to(self.mask, (b,) + self.mask.shape[1:])
-        return self.model._run(
-            "decoder",
-            {"input_ids": tokens, "encoder_hidden_states": enc, "encoder_attention_mask": mask},
-            self.counter,
-        )
-
-    def rewind(self, length: int, row: int = 0) -> None:
-        """Keep row `row` and the first `length` cached positions (drop rejected drafts)."""
-        if length > self.length:
-            raise ValueError(f"cannot rewind forward ({self.length} -> {length})")
-        if length == self.length and self.self_kv[0].shape[0] == 1:
-            return
-        self.self_kv = [a[row : row + 1, :, :length] for a in self.self_kv]
-        self.length = length
+    def encode(self, ids: list[int], counter: Counter) -> tuple[list[np.ndarray], np.ndarray]:
+        """One prompt alone at its own length (at least MIN_TOKENS, a masked pad after a
+        one-token prompt): its cross key/values (2 per layer, [H, S, D]) and mask [S]. Alone,
+        so a prompt's states never depend on which prompts joined with it."""
+        s = max(len(ids), MIN_TOKENS)
+        x = np.full((1, s), self.pad_id, np.int64)
+        mask = np.zeros((1, s), np.int64)
+        x[0, : len(ids)], mask[0, : len(ids)] = ids, 1
+        enc = self.run("encoder", {"input_ids": x, "attention_mask": mask}, counter)[0]
+        cross = self.run("cross", {"encoder_hidden_states": enc}, counter)
+        return [a[0] for a in cross], mask[0]

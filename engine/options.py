@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import InputError
+from .strategies import MAX_DRAFT_TOKENS, STRATEGIES
 
 # Hard ceilings (per Engine: Engine.load(..., limits=Limits(max_new_tokens=N)) or eng.limits).
 MAX_NEW_TOKENS = 4096
@@ -22,7 +23,6 @@ MAX_INPUT_TOKENS = 8192
 # An estimate of a generation's working memory is multiplied by this before it is compared with
 # what the machine has: ORT's arena and numpy temporaries come on top of the tensors counted.
 MEMORY_SAFETY = 1.5
-MAX_DRAFT_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,12 @@ OPTIONS = {
             "assisted: K fixed or HF's heuristic",
             choices=("constant", "heuristic"),
         ),
-        Option("layout", str, "stairs: rows share the past or carry it", choices=("past", "full")),
+        Option(
+            "layout",
+            str,
+            "stairs: accepted for old callers; both verify as one row",
+            choices=("past", "full"),
+        ),
         Option("threshold", float, "stop drafting below this confidence", 0, 1, nullable=True),
         Option("max_ngram", int, "longest n-gram matched", 1, 16),
         Option("min_ngram", int, "shortest n-gram matched", 1, 16),
@@ -106,15 +111,8 @@ OPTIONS = {
     ]
 }
 
-# Strategy -> {option: default}. The defaults are those of the strategy functions (a test checks).
-STRATEGY_OPTIONS: dict[str, dict] = {
-    "greedy": {},
-    "assisted": {"draft_tokens": 5, "schedule": "constant", "threshold": None},
-    "stairs": {"batch_size": 7, "layout": "past", "threshold": None},
-    "tree": {"draft_tokens": 4, "branches": 2},
-    "lookup": {"draft_tokens": 7, "max_ngram": 3, "min_ngram": 1},
-    "staged": {"draft_tokens": 6, "stage2_tokens": 4, "max_ngram": 3},
-}
+# Strategy -> {option: default}, from the strategy table (each strategy's own file).
+STRATEGY_OPTIONS: dict[str, dict] = {name: dict(s.defaults) for name, s in STRATEGIES.items()}
 STRATEGY_NAMES = ["auto", *STRATEGY_OPTIONS]
 
 
@@ -250,63 +248,37 @@ def _encoder_bytes(model, s: int) -> int:
     return 4 * (4 * h * s * s + s * (4 * m + 2 * ff))
 
 
-def _decoder_bytes(model, s: int, rows: int, t: int, p: int, cross_copies: int) -> int:
-    # rows x t new tokens on a past of p: self key/values (the old and the new present both
-    # live during a call), cross key/values (tiled per row count), attention scores, logits.
+def _decoder_bytes(model, s: int, t: int, p: int) -> int:
+    # one row of t new tokens on a past of p: self key/values (the cache and the call's
+    # present), cross key/values, attention scores and logits.
     _, layers, h, d, _, _, v = _dims(model)
-    self_kv = 2 * layers * h * d * (p + t) * rows * 2
-    cross_kv = 2 * layers * h * d * s * cross_copies
-    scores = rows * h * t * (p + t + s) * 2
-    logits = rows * t * v
-    return 4 * (self_kv + cross_kv + scores + logits)
+    self_kv = 2 * layers * h * d * (p + t) * 2
+    cross_kv = 2 * layers * h * d * s
+    scores = h * t * (p + t + s) * 2
+    return 4 * (self_kv + cross_kv + scores + t * v)
 
 
-def estimate_memory(
-    main, assistant, strategy: str, options: dict, s: int, n: int, batched: bool = False
-) -> dict:
-    """Bytes a generation of n new tokens on s input tokens needs, by part (fp32 activations;
-    the weights are already loaded). options: all of the strategy's (with_defaults).
-    batched: the scheduler's shapes (engine.batch), where stairs and tree are one row each."""
-    o = options
+def estimate_memory(main, assistant, strategy: str, options: dict, s: int, n: int) -> dict:
+    """Bytes one request of n new tokens on s input tokens needs, by part (fp32 activations;
+    the weights are already loaded), from its strategy's row shapes. options: all of the
+    strategy's (with_defaults)."""
+    spec = STRATEGIES[strategy]
     p = n + 1  # decoder positions: the start token and n new ones
-    a_rows = o["branches"] if strategy == "tree" else 1
-    # main decoder call shape (rows, tokens) and how many cross key/value tiles it keeps
-    if strategy == "greedy":
-        rows, t, copies = 1, 1, 1
-    elif batched and strategy in ("stairs", "tree"):
-        # one row: the staircase's longest row, or the pending token and every tree path
-        rows, copies, a_rows = 1, 1, 1
-        t = o["batch_size"] if strategy == "stairs" else 1 + o["branches"] * o["draft_tokens"]
-    elif strategy == "stairs":
-        r = o["batch_size"]
-        # Cache._cross keeps one tile per row count seen (1..R): R(R+1)/2 row copies.
-        rows, copies = r, 1 + r * (r + 1) // 2
-        t = r if o["layout"] == "past" else p + r
-    elif strategy == "tree":
-        rows, t, copies = o["branches"], o["draft_tokens"] + 1, 1 + o["branches"]
-    else:  # linear verifiers; the heuristic schedule may grow K up to MAX_DRAFT_TOKENS
-        k = MAX_DRAFT_TOKENS if o.get("schedule") == "heuristic" else o["draft_tokens"]
-        rows, t, copies = 1, min(k, n) + 1, 1
     parts = {
         "main encoder": _encoder_bytes(main, s),
-        "main decoder": _decoder_bytes(main, s, rows, t, p, copies),
+        "main decoder": _decoder_bytes(main, s, spec.main_tokens(options, n), p),
     }
-    if assistant is not None and strategy in ("assisted", "stairs", "tree", "staged"):
-        a_t, a_p = (o["stage2_tokens"] + 2 if strategy == "staged" else 2), p
-        if batched and strategy == "tree":
-            # one token per path per round, in one row that keeps every path's drafts so far
-            a_t, a_p = max(2, o["branches"]), p + o["branches"] * (o["draft_tokens"] - 1)
+    if assistant is not None and spec.needs_assistant:
+        a_t, extra = spec.assistant_tokens(options)
         parts["assistant encoder"] = _encoder_bytes(assistant, s)
-        parts["assistant decoder"] = _decoder_bytes(assistant, s, a_rows, a_t, a_p, 1 + a_rows)
+        parts["assistant decoder"] = _decoder_bytes(assistant, s, a_t, p + extra)
     return parts
 
 
-def check_memory(
-    main, assistant, strategy, options, s: int, n: int, memory: int | None, batched: bool = False
-) -> int:
+def check_memory(main, assistant, strategy, options, s: int, n: int, memory: int | None) -> int:
     """InputError if the estimate (times MEMORY_SAFETY) exceeds memory (None: what the machine
     has available now); returns the estimate in bytes."""
-    parts = estimate_memory(main, assistant, strategy, options, s, n, batched)
+    parts = estimate_memory(main, assistant, strategy, options, s, n)
     need = sum(parts.values())
     have = available_memory() if memory is None else memory
     if have is not None and need * MEMORY_SAFETY > have:
@@ -316,8 +288,8 @@ def check_memory(
             f"this generation needs an estimated {need / gib:.2f} GiB ({detail}), "
             f"{need * MEMORY_SAFETY / gib:.2f} GiB with the {MEMORY_SAFETY}x margin, and only "
             f"{have / gib:.2f} GiB is available; lower max_input_tokens (the input is {s} tokens: "
-            f"truncation='left' cuts it), max_new_tokens ({n}) or the strategy's rows "
-            "(batch_size, branches), or set Engine.limits.memory_bytes"
+            f"truncation='left' cuts it), max_new_tokens ({n}) or the strategy's draft "
+            "(batch_size, branches, draft_tokens), or set Engine.limits.memory_bytes"
         )
     return need
 

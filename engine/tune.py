@@ -1,9 +1,10 @@
 """Self-tuning: pick the fastest strategy and settings for a pair on this device, measured.
 
-A short calibration times every candidate against greedy, interleaved prompt by prompt, on the
-user's prompts, then whether the assistant is faster on one thread, and stores the winner in the
-main model's folder (`stairs-tune.json`), keyed by assistant, provider and threads;
-strategy="auto" uses it.
+A short calibration times every strategy's candidates against greedy, interleaved prompt by
+prompt, on the user's prompts, then whether the assistant is faster on one thread, then the
+draft length that serves batches of 1 (and of each --batch-sizes) fastest; it stores them in the
+main model's folder (`stairs-tune.json`), keyed by assistant, provider and threads.
+strategy="auto" runs that draft-length table.
 """
 
 from __future__ import annotations
@@ -20,19 +21,18 @@ from .options import validate
 log = logging.getLogger("stairs")
 TUNE_FILE = "stairs-tune.json"
 
-CANDIDATES = (
-    [("assisted", {"draft_tokens": k}) for k in (2, 3, 4, 5, 6, 8)]
-    + [("assisted", {"draft_tokens": k, "schedule": "heuristic"}) for k in (4, 5, 6)]
-    + [("assisted", {"draft_tokens": 10, "threshold": 0.4})]
-    + [("tree", {"draft_tokens": k, "branches": 2}) for k in (3, 4, 6)]
-    + [("staged", {"draft_tokens": k}) for k in (4, 6, 8)]
-    + [("stairs", {"batch_size": b}) for b in (3, 5)]
-    + [("lookup", {"draft_tokens": 7})]
-)
-NO_ASSISTANT = [("lookup", {"draft_tokens": k}) for k in (3, 5, 7, 10)]
-# Checked against the option schema at import: a typo here fails at once, not mid-calibration.
-CANDIDATES = [(name, validate(name, opts)) for name, opts in CANDIDATES]
-NO_ASSISTANT = [(name, validate(name, opts)) for name, opts in NO_ASSISTANT]
+
+def _candidates(with_assistant: bool) -> list[tuple[str, dict]]:
+    """Every strategy's stairs-tune candidates (from the strategy table), checked against the
+    option schema: the assistant's strategies only when there is one."""
+    from .strategies import STRATEGIES
+
+    return [
+        (name, validate(name, dict(opts)))
+        for name, s in STRATEGIES.items()
+        if with_assistant or not s.needs_assistant
+        for opts in s.candidates
+    ]
 
 
 def key(engine) -> str:
@@ -152,8 +152,7 @@ def batch_table(engine, prompts, sizes, max_new_tokens: int = 64) -> dict[int, i
 def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True, batch_sizes=()) -> dict:
     """Time greedy and every candidate on prompts (interleaved); return and store the fastest.
     batch_sizes: also measure batched auto's draft length at each size (batch_table)."""
-    cands = CANDIDATES if engine.assistant is not None else NO_ASSISTANT
-    cands = [("greedy", {})] + list(cands)
+    cands = [("greedy", {})] + _candidates(engine.assistant is not None)
     engine.generate(prompts[0], max_new_tokens=4)  # warm-up
     seconds = _time(engine, prompts, cands, max_new_tokens)
     table = [
@@ -174,8 +173,9 @@ def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True, batc
     result["assistant_threads"] = _assistant_threads(
         engine, prompts, (best["strategy"], best["options"]), max_new_tokens
     )
-    if batch_sizes:
-        result["batch_auto_k"] = batch_table(engine, prompts, batch_sizes, max_new_tokens)
+    # what strategy="auto" runs: the draft length by the number of requests, batch 1 included
+    sizes = sorted({1, *batch_sizes})
+    result["batch_auto_k"] = batch_table(engine, prompts, sizes, max_new_tokens)
     if save:
         path = engine.main.folder / TUNE_FILE
         try:
@@ -190,8 +190,3 @@ def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True, batc
 def load(engine) -> dict | None:
     """The stored tuning for this engine's pair, provider and threads, if any."""
     return _stored(engine.main.folder, key(engine))
-
-
-def default(engine) -> tuple[str, dict]:
-    """Untuned choice: assisted with K=4 (best here on CPU) or, alone, prompt lookup."""
-    return ("assisted", {"draft_tokens": 4}) if engine.assistant else ("lookup", {})

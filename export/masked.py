@@ -1,12 +1,13 @@
 """A T5 decoder graph with an explicit per-row self-attention mask and explicit positions, and a
 small graph projecting the cross-attention key/values once per prompt (issue 11).
 
-`decoder_masked_model.onnx` attends from each new token to the key slots its mask allows (cached
-slots first, then the new tokens) and computes T5's relative position bias from the positions fed
-with them, so one call carries ragged rows, left/right padding, rejected drafts left in the cache
-as masked holes, and tree branches at depth positions. It returns the key/values of the new tokens
-only, so a cache with preallocated capacity writes them into its slots instead of the graph copying
-the whole past every call. `cross_kv_model.onnx` holds the cross-attention k/v projections, which
+`decoder_masked_model.onnx` writes the new tokens' key/values into their slots (`new_slots`) of
+the one key/value buffer it is given, then attends from each new token to the slots its mask
+allows, with T5's relative position bias from the positions fed, so one call carries ragged rows,
+padding, rejected drafts left in the cache as masked holes, and tree branches at depth positions.
+Every key sits at its slot's index in every reduction, so a row's logits are the same bits
+whatever else shares the call. It returns the key/values of the new tokens only; the cache writes
+them into its preallocated slots (nothing else is copied between calls). `cross_kv_model.onnx` holds the cross-attention k/v projections, which
 the masked decoder does not: every decoder weight is resident once across the two graphs.
 
 Padding queries (a query whose mask row allows no slot at all) give finite, meaningless logits
@@ -89,7 +90,7 @@ def _modules(model):
             self.register_buffer("buckets", _bucket_table(dec.block[0].layer[0].SelfAttention))
             self.max_distance = dec.block[0].layer[0].SelfAttention.relative_attention_max_distance
 
-        def forward(self, input_ids, positions, past_positions, attention_mask, *rest):
+        def forward(self, input_ids, positions, past_positions, attention_mask, new_slots, *rest):
             past, rest = rest[: 2 * layers], rest[2 * layers :]
             cross, enc_mask = rest[: 2 * layers], rest[2 * layers]
             dec = self.dec
@@ -103,10 +104,14 @@ def _modules(model):
                 h = dec.embed_tokens(input_ids)
             # Relative position bias from key position - query position (decoder: causal
             # buckets), the table of block 0 shared by every layer as in HF.
-            key_pos = torch.cat([past_positions, positions], dim=1)
+            # One buffer: the new tokens' keys go into their slots before attending, so every
+            # key sits at its slot's index in every reduction, whatever else the call carries
+            # (a concatenation would put a token at another index in each call shape).
+            key_pos = past_positions.scatter(1, new_slots, positions)
             dist = (positions[:, :, None] - key_pos[:, None, :]).clamp(0, self.max_distance)
             table = dec.block[0].layer[0].SelfAttention.relative_attention_bias
-            bias = table(self.buckets[dist]).permute(0, 3, 1, 2)  # [B, H, T, P+T]
+            bias = table(self.buckets[dist]).permute(0, 3, 1, 2)  # [B, H, T, C]
+            slot_idx = new_slots[:, None, :, None].expand(b, heads, t, d_kv)
             keep = attention_mask[:, None, :, :].to(torch.float32)
             self_bias = bias + (1.0 - keep) * min_value
             cross_bias = (1.0 - enc_mask[:, None, None, :].to(torch.float32)) * min_value
@@ -117,8 +122,8 @@ def _modules(model):
                 k_new = split(sa.SelfAttention.k(x), b)
                 v_new = split(sa.SelfAttention.v(x), b)
                 presents += [k_new, v_new]
-                k = torch.cat([past[2 * i], k_new], dim=2)
-                v = torch.cat([past[2 * i + 1], v_new], dim=2)
+                k = past[2 * i].scatter(2, slot_idx, k_new)
+                v = past[2 * i + 1].scatter(2, slot_idx, v_new)
                 q = split(sa.SelfAttention.q(x), b)
                 h = h + attend(q, k, v, self_bias, sa.SelfAttention.o, b)
                 ca = block.layer[1]
@@ -201,23 +206,26 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     b, t, p, s = 2, 3, 4, 5
     h, d = cfg.num_heads, cfg.d_kv
     rows = torch.arange(t)[None].expand(b, t)
+    c = p + t  # capacity: the new tokens take slots p .. p+t-1 of the one buffer
     dec_args = (
         torch.ones(b, t, dtype=torch.long),
         rows + p,
-        torch.arange(p)[None].expand(b, p).contiguous(),
-        torch.ones(b, t, p + t, dtype=torch.long),
-        *[torch.zeros(b, h, p, d) for _ in names["past"]],
+        torch.arange(c)[None].expand(b, c).contiguous(),
+        torch.ones(b, t, c, dtype=torch.long),
+        (rows + p).contiguous(),
+        *[torch.zeros(b, h, c, d) for _ in names["past"]],
         *[torch.zeros(b, h, s, d) for _ in names["cross"]],
         torch.ones(b, s, dtype=torch.long),
     )
-    dec_in = ["input_ids", "positions", "past_positions", "attention_mask"]
+    dec_in = ["input_ids", "positions", "past_positions", "attention_mask", "new_slots"]
     dec_in += names["past"] + names["cross"] + ["encoder_attention_mask"]
     dec_out = ["logits"] + names["present"]
     axes = {
         "input_ids": {0: "batch", 1: "tokens"},
         "positions": {0: "batch", 1: "tokens"},
         "past_positions": {0: "batch", 1: "past"},
-        "attention_mask": {0: "batch", 1: "tokens", 2: "past+tokens"},
+        "attention_mask": {0: "batch", 1: "tokens", 2: "past"},
+        "new_slots": {0: "batch", 1: "tokens"},
         "encoder_attention_mask": {0: "batch", 1: "source"},
         "logits": {0: "batch", 1: "tokens"},
     }
@@ -341,14 +349,23 @@ class _Graphs:
         return {n: z for n in self.names["past"]}
 
     def step(self, ids, pos, past_pos, mask, past: dict, cross: dict, enc_mask) -> tuple:
-        """One call; returns (logits, past extended by the new tokens' present key/values)."""
+        """One call, the cases written as past slots then new tokens (mask [B, T, P+T]): the
+        new tokens take slots P.. of a buffer of capacity P+T. Returns (logits, past extended
+        by the new tokens' present key/values)."""
+        ids, pos = np.asarray(ids, np.int64), np.asarray(pos, np.int64)
+        b, t = ids.shape
+        p = np.asarray(past_pos).reshape(b, -1).shape[1]
+        room = np.zeros((b, self.heads, t, self.d_kv), np.float32)
         feed = {
-            "input_ids": np.asarray(ids, np.int64),
-            "positions": np.asarray(pos, np.int64),
-            "past_positions": np.asarray(past_pos, np.int64),
+            "input_ids": ids,
+            "positions": pos,
+            "past_positions": np.concatenate(
+                [np.asarray(past_pos, np.int64).reshape(b, p), pos], 1
+            ),
             "attention_mask": np.asarray(mask, np.int64),
+            "new_slots": np.tile(np.arange(p, p + t), (b, 1)),
             "encoder_attention_mask": enc_mask,
-            **past,
+            **{k: np.concatenate([v, room], axis=2) for k, v in past.items()},
             **cross,
         }
         logits, *presents = self.dec.run(None, feed)

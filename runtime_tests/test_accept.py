@@ -1,8 +1,9 @@
-"""The accept helper and the staircase batches, on hand-written arrays."""
+"""The accept rule on hand-written arrays: a chain's agreeing prefix, a tree's agreeing path."""
 
 import numpy as np
 
-from engine import accept, full_staircase, staircase
+from engine import accept
+from engine.accept import accept_path
 
 
 def test_accept_counts_leading_matches_only():
@@ -13,15 +14,16 @@ def test_accept_counts_leading_matches_only():
     assert accept(np.array([1, 2]), np.array([1, 2])) == 2
 
 
-def test_staircase_rows_share_the_past():
-    ids, last = staircase(9, [5, 6, 7], pad=0)
-    assert ids.tolist() == [[9, 0, 0, 0], [9, 5, 0, 0], [9, 5, 6, 0], [9, 5, 6, 7]]
-    assert last.tolist() == [0, 1, 2, 3]
-    ids, last = staircase(9, [], pad=0)
-    assert ids.tolist() == [[9]] and last.tolist() == [0]
+def test_accept_path_chain_is_the_agreeing_prefix():
+    row = [9, 5, 6, 7]
+    assert accept_path(row, None, [5, 6, 1, 1]) == [0, 1, 2]
+    assert accept_path(row, None, [4, 6, 7, 1]) == [0]
+    assert accept_path(row, [0, 1, 2], [5, 6, 7, 8]) == [0, 1, 2, 3]  # a chain as a tree
 
 
-def test_full_staircase_rows_carry_the_sequence():
-    ids, last = full_staircase([0, 3, 4], [5, 6], pad=0)
-    assert ids.tolist() == [[0, 3, 4, 0, 0], [0, 3, 4, 5, 0], [0, 3, 4, 5, 6]]
-    assert last.tolist() == [2, 3, 4]
+def test_accept_path_tree_follows_the_matching_branch():
+    # pending 9; path A = 5, 6 (indices 1, 2); path B = 7, 8 (indices 3, 4)
+    row, parents = [9, 5, 6, 7, 8], [0, 1, 0, 3]
+    assert accept_path(row, parents, [7, 0, 0, 8, 2]) == [0, 3, 4]  # B fully
+    assert accept_path(row, parents, [5, 3, 0, 0, 0]) == [0, 1]  # A's first only
+    assert accept_path(row, parents, [1, 0, 0, 0, 0]) == [0]  # neither

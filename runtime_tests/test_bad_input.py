@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import subprocess
 import sys
@@ -31,8 +30,8 @@ def no_model_runs(tiny, monkeypatch):
     def boom(role, feed, counter):
         raise AssertionError(f"a model ran ({role}) before validation finished")
 
-    monkeypatch.setattr(tiny.main, "_run", boom)
-    monkeypatch.setattr(tiny.assistant, "_run", boom)
+    monkeypatch.setattr(tiny.main, "run", boom)
+    monkeypatch.setattr(tiny.assistant, "run", boom)
     return tiny
 
 
@@ -118,13 +117,8 @@ def test_memory_estimate_grows_with_sizes(tiny):
     assert long_in["main encoder"] > 50 * small["main encoder"]
     stairs = opt.estimate_memory(main, a, "stairs", opt.with_defaults("stairs", {}), 100, 10)
     assert stairs["main decoder"] > small["main decoder"] and "assistant encoder" in stairs
-    full = opt.with_defaults("stairs", {"layout": "full"})
-    assert (
-        opt.estimate_memory(main, a, "stairs", full, 100, 1000)["main decoder"]
-        > opt.estimate_memory(main, a, "stairs", opt.with_defaults("stairs", {}), 100, 1000)[
-            "main decoder"
-        ]
-    )
+    longer = opt.estimate_memory(main, a, "greedy", greedy, 100, 1000)
+    assert longer["main decoder"] > 10 * small["main decoder"]  # the cache grows with tokens
     assert opt.available_memory() is None or opt.available_memory() > 0
 
 
@@ -171,19 +165,17 @@ def test_bad_strategy_and_stored_auto_choice(no_model_runs, monkeypatch):
     for bad in ("magic", None, 3):
         with pytest.raises(InputError, match="unknown strategy"):
             eng.generate("x", strategy=bad)
-    monkeypatch.setattr(eng, "_auto", ("assisted", {"draft_tokens": 0}))
-    with pytest.raises(InputError, match="stored auto choice 'assisted'.*draft_tokens=0"):
-        eng.generate("x", strategy="auto")
-    monkeypatch.setattr(eng, "_auto", ("stairs", {}))
-    with pytest.raises(InputError, match="'draft_tokens' \\(it takes"):
-        eng.generate("x", strategy="auto", draft_tokens=3)
+    with pytest.raises(InputError, match="'branches' \\(it takes"):  # auto runs assisted
+        eng.generate("x", strategy="auto", branches=2)
+    with pytest.raises(InputError, match="draft_tokens=0"):
+        eng.generate("x", strategy="auto", draft_tokens=0)
 
 
 def test_schema_defaults_are_the_strategies_defaults():
     assert set(opt.STRATEGY_OPTIONS) == set(STRATEGIES)
-    for name, fn in STRATEGIES.items():
-        params = list(inspect.signature(fn).parameters.values())[1:]  # after run
-        assert {p.name: p.default for p in params} == opt.STRATEGY_OPTIONS[name], name
+    for name, strategy in STRATEGIES.items():
+        assert strategy.defaults == opt.STRATEGY_OPTIONS[name], name
+        strategy.drafter([5, 1], opt.with_defaults(name, {}))  # its drafter takes them
     for name, defaults in opt.STRATEGY_OPTIONS.items():
         assert opt.validate(name, defaults) == defaults
 
@@ -222,7 +214,10 @@ def test_bench_specs_parse_through_the_schema():
 def test_tune_candidates_are_in_the_schema():
     from engine import tune
 
-    for name, options in tune.CANDIDATES + tune.NO_ASSISTANT:
+    cands = tune._candidates(True)
+    assert {n for n, _ in cands} == set(STRATEGIES) - {"greedy"}
+    assert {n for n, _ in tune._candidates(False)} == {"lookup"}
+    for name, options in cands:
         assert opt.validate(name, options) == options
 
 
@@ -407,6 +402,8 @@ def test_cli_json_reports_what_ran(tiny_models, capsys):
     assert rc == 0, err
     row = json.loads(out)
     assert row["requested"] == "auto" and row["strategy"] in STRATEGIES
+    table = row["options"].pop("auto_draft_tokens")  # auto: draft tokens by active requests
+    assert table and all(int(n) >= 1 and k >= 0 for n, k in table.items())
     assert opt.validate(row["strategy"], row["options"]) == row["options"]
     assert set(row["options"]) == set(opt.STRATEGY_OPTIONS[row["strategy"]])
 
@@ -432,42 +429,19 @@ def test_cli_help_shows_defaults(capsys):
     assert "--no-verify" in text
 
 
-def test_batched_memory_estimate_takes_one_row_for_stairs_and_tree(tiny, monkeypatch):
+def test_memory_estimate_is_the_strategies_row_shape(tiny):
+    """Every strategy is one row of the scheduler: stairs of 7 is a row of 7 tokens (as assisted
+    with 6 drafts), a tree of 4 paths x 4 a row of 17 (as assisted with 16)."""
     main, a = tiny.main, tiny.assistant
-    for name, o in (("stairs", {"batch_size": 7}), ("tree", {"branches": 4, "draft_tokens": 4})):
-        o = opt.with_defaults(name, o)
-        single = opt.estimate_memory(main, a, name, o, 200, 256)
-        one_row = opt.estimate_memory(main, a, name, o, 200, 256, batched=True)
-        # the scheduler runs them as one row: less than R rows (and R cross tiles) of a Run
-        assert one_row["main decoder"] < single["main decoder"] / 2, name
-        assert one_row["main encoder"] == single["main encoder"]
-    # a budget between the two: refused one request at a time, served by the scheduler
-    stairs = opt.with_defaults("stairs", {"batch_size": 7})
-    s, n = 4, 256
-    need = sum(opt.estimate_memory(main, a, "stairs", stairs, s, n).values())
-    batched = sum(opt.estimate_memory(main, a, "stairs", stairs, s, n, batched=True).values())
-    budget = int((need + batched) / 2 * opt.MEMORY_SAFETY)
-    monkeypatch.setattr(tiny, "limits", opt.Limits(memory_bytes=budget))
-    with pytest.raises(InputError, match="needs an estimated"):
-        tiny.plan([5, 6, 7, 1], "stairs", n, batch_size=7)
-    [res] = tiny.generate_batch([[5, 6, 7, 1]], strategy="stairs", max_new_tokens=n, batch_size=7)
-    assert not isinstance(res, Exception), res
-    assert res.token_ids == tiny.generate([5, 6, 7, 1], max_new_tokens=n).token_ids
 
+    def dec(name, **o):
+        return opt.estimate_memory(main, a, name, opt.with_defaults(name, o), 200, 256)
 
-def test_cli_batch_checks_memory_as_the_scheduler_runs_it(tiny, tiny_models, monkeypatch, capsys):
-    # a budget that fits stairs as one row, not as 7 rows: --batch runs it, one by one refuses
-    stairs = opt.with_defaults("stairs", {"batch_size": 7})
-    s = tiny.encode("def f(x):").shape[1]
-    est = [
-        sum(opt.estimate_memory(tiny.main, tiny.assistant, "stairs", stairs, s, 200, b).values())
-        for b in (False, True)
-    ]
-    monkeypatch.setattr(opt, "available_memory", lambda: int(sum(est) / 2 * opt.MEMORY_SAFETY))
-    m = tiny_models["v1_1"]
-    args = ["--main", m["main"], "--assistant", m["random"], "--strategy", "stairs"]
-    args += ["--batch-size", "7", "--max-new-tokens", "200", "def f(x):"]
-    rc, _, err = run_cli(generate_cli, args, capsys)
-    assert_one_line_error(rc, err, "needs an estimated")
-    rc, out, err = run_cli(generate_cli, [*args, "--batch", "2"], capsys)
-    assert rc == 0 and out.strip() and not err, err
+    assert (
+        dec("stairs", batch_size=7)["main decoder"]
+        == dec("assisted", draft_tokens=6)["main decoder"]
+    )
+    tree = dec("tree", branches=4, draft_tokens=4)
+    assert tree["main decoder"] == dec("assisted", draft_tokens=16)["main decoder"]
+    assert tree["assistant decoder"] > dec("assisted", draft_tokens=4)["assistant decoder"]
+    assert dec("greedy")["main decoder"] < dec("assisted", draft_tokens=4)["main decoder"]

@@ -147,7 +147,7 @@ def test_tree_row_equals_its_paths_fed_alone(eng, prompts, ref):
     sched = eng._scheduler()
     cache = sched.main
     a, b, d = (eng._request(eng.plan(prompts[0], "greedy", 8)) for _ in range(3))
-    sched._encode_into(eng.main, cache, [a, b, d])
+    sched._encode(cache, [a, b, d])
     start, (t1, t2, x, *good) = eng.main.start_id, ref[0][:7]
     other = [(t + 7) % 500 + 3 for t in good[:3]]  # a wrong path
     c = a.counter
@@ -158,7 +158,7 @@ def test_tree_row_equals_its_paths_fed_alone(eng, prompts, ref):
     logits = cache.run(tokens, np.array([7, 4, 4]), c, [[2, 3, 4, 5, 3, 7, 8], None, None])
     np.testing.assert_allclose(logits[0, [0, 4, 5, 6]], logits[1, :4], atol=1e-4)
     np.testing.assert_allclose(logits[0, :4], logits[2, :4], atol=1e-4)
-    cache.keep(a, [3, 7, 8])  # pending + good[:2]
+    cache.keep(a, 3, [3, 7, 8])  # trunk of 3, then pending + good[:2]
     cache.rewind(b, 6)
     cache.remove(d)
     assert cache.length(a) == cache.length(b) == 6
@@ -201,9 +201,8 @@ def test_tiny_self_and_random_assistant_batched(tiny_models, variant, assistant)
         assert acc == 1.0 if assistant == "self" else acc < 0.5
 
 
-def test_scheduler_needs_the_masked_graphs(tiny_models, tmp_path):
-    """A folder exported before the masked graphs (format 1) still generates one prompt at a time;
-    batching says what is missing."""
+def test_folder_without_the_masked_graphs_is_refused_in_one_line(tiny_models, tmp_path):
+    """The engine runs one decoder graph: a folder without it says what is missing at load."""
     import json
     import shutil
 
@@ -213,10 +212,8 @@ def test_scheduler_needs_the_masked_graphs(tiny_models, tmp_path):
         (folder / name).unlink()
         del manifest["files"][name]
     (folder / "stairs.json").write_text(json.dumps(manifest))
-    eng = Engine.load(folder)
-    assert eng.generate([5, 6, 1], max_new_tokens=4).token_ids
-    with pytest.raises(ModelFileError, match="decoder_masked_model.onnx"):
-        eng.generate_batch([[5, 6, 1]], max_new_tokens=4)
+    with pytest.raises(ModelFileError, match="missing decoder_masked_model.onnx, cross_kv_model"):
+        Engine.load(folder)
 
 
 def test_auto_speculates_by_batch_size(eng, prompts, ref, monkeypatch):
@@ -293,14 +290,14 @@ def test_a_failing_encoder_fails_only_the_joining_requests(eng, prompts, ref, mo
     ok = eng._request(eng.plan(prompts[0], "greedy", NEW))
     sched.add(ok)
     sched.step()  # ok is active now
-    real = eng.assistant._run
+    real = eng.assistant.run
 
     def broken(role, feed, counter):
         if role == "encoder":
             raise RuntimeError("encoder exploded")
         return real(role, feed, counter)
 
-    monkeypatch.setattr(eng.assistant, "_run", broken)
+    monkeypatch.setattr(eng.assistant, "run", broken)
     bad = eng._request(eng.plan(prompts[1], "assisted", NEW))
     sched.add(bad)
     while sched.busy:
@@ -332,11 +329,11 @@ def test_batch_memory_is_bounded(eng, prompts, ref):
 
 
 def test_damaged_auto_table_is_ignored(eng, monkeypatch):
-    from engine import batch, tune
+    from engine import scheduler, tune
 
     for bad in ([1, 2], {"8": "x"}, {"1": 99}):
         monkeypatch.setattr(tune, "load", lambda e, bad=bad: {"batch_auto_k": bad})
-        assert eng.auto_table() == batch.DEFAULT_AUTO_K
+        assert eng.auto_table() == scheduler.DEFAULT_AUTO_K
 
 
 def test_rewound_and_reused_slots_hold_zeros(eng, prompts, ref):
@@ -397,16 +394,14 @@ def test_a_failed_tree_row_leaves_nothing_behind(eng, prompts, ref):
     assert ok.error is None and ok.seq[1:] == ref[o]
 
 
-def test_batched_only_engine_loads_each_decoder_once(eng, prompts, ref):
-    """single_request=False: no optimum decoder sessions; generate/stream run on the scheduler,
-    exact, for every strategy."""
-    lean = Engine.load(eng.main.folder, assistant=eng.assistant.folder, single_request=False)
-    assert set(lean.main.sessions) == {"encoder"} and set(lean.assistant.sessions) == {"encoder"}
-    for strategy in ("greedy", "assisted", "lookup"):
-        got = [
-            lean.generate(p, strategy=strategy, max_new_tokens=NEW).token_ids for p in prompts[:4]
-        ]
-        assert got == ref[:4]
-    assert "".join(lean.stream(prompts[0], max_new_tokens=NEW)) == eng.main.tokenizer.decode(ref[0])
-    for strategy in ("tree", "stairs", "staged"):  # every strategy runs on the scheduler
-        assert lean.generate(prompts[1], strategy=strategy, max_new_tokens=NEW).token_ids == ref[1]
+def test_engine_loads_each_weight_once(eng, prompts, ref):
+    """One decoder graph: the encoder, the masked decoder and the cross key/value graph are the
+    only sessions; generate/stream/generate_batch are one path, exact for every strategy."""
+    for model in (eng.main, eng.assistant):
+        assert set(model.sessions) == {"encoder", "decoder", "cross"}
+        assert [s._model_path.rsplit("/", 1)[-1] for s in model.sessions.values()] == [
+            "encoder_model.onnx", "decoder_masked_model.onnx", "cross_kv_model.onnx"
+        ]  # fmt: skip
+    assert "".join(eng.stream(prompts[0], max_new_tokens=NEW)) == eng.tokenizer.decode(ref[0])
+    for strategy in ("tree", "stairs", "staged"):
+        assert eng.generate(prompts[1], strategy=strategy, max_new_tokens=NEW).token_ids == ref[1]

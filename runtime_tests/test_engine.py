@@ -59,20 +59,17 @@ def test_stops_at_eos_and_max_new_tokens(tiny, monkeypatch):
             == ref.token_ids
         )
     # Force EOS as the third token: every strategy must stop right there.
-    real = tiny.main._run
+    real = tiny.main.run
 
     def eos_third(role, feed, counter):
         out = real(role, feed, counter)
-        if role != "encoder":
+        if role == "decoder":  # the logits at decoder position 3 pick EOS
             logits = out[0].copy()
-            past = feed["past_key_values.0.decoder.key"].shape[2] if role != "decoder" else 0
-            for t in range(logits.shape[1]):
-                if past + t == 3:
-                    logits[:, t, 1] = 1e9
+            logits[feed["positions"] == 3, 1] = 1e9
             out = [logits, *out[1:]]
         return out
 
-    monkeypatch.setattr(tiny.main, "_run", eos_third)
+    monkeypatch.setattr(tiny.main, "run", eos_third)
     for strategy in ("greedy", "assisted", "stairs", "lookup", "staged"):
         ids = tiny.generate([5, 6, 7, 1], strategy=strategy, max_new_tokens=20).token_ids
         assert len(ids) == 4 and ids[-1] == 1, strategy
@@ -102,20 +99,20 @@ def test_bad_input_is_refused_clearly(tiny):
 
 
 def test_nan_logits_raise_naming_model_and_step(tiny, monkeypatch):
-    real = tiny.main._run
+    real = tiny.main.run
     calls = {"n": 0}
 
     def nan_later(role, feed, counter):
         out = real(role, feed, counter)
-        if role == "decoder_with_past":
+        if role == "decoder":
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 3:  # the third main call: decoder step 2
                 out = [np.full_like(out[0], np.nan), *out[1:]]
         return out
 
-    monkeypatch.setattr(tiny.main, "_run", nan_later)
+    monkeypatch.setattr(tiny.main, "run", nan_later)
     with pytest.raises(
-        NonFiniteLogitsError, match=r"main produced NaN/inf logits at decoder step 3"
+        NonFiniteLogitsError, match=r"main produced NaN/inf logits at decoder step 2"
     ):
         tiny.generate([5, 6, 7, 1], max_new_tokens=10)
 
@@ -130,10 +127,10 @@ def test_missing_and_corrupt_model_files(tiny_models, tmp_path):
     src = tiny_models["v1_1"]["main"]
     broken = tmp_path / "broken"
     shutil.copytree(src, broken)
-    (broken / "decoder_model.onnx").unlink()
-    with pytest.raises(ModelFileError, match="missing decoder_model.onnx"):
+    (broken / "decoder_masked_model.onnx").unlink()
+    with pytest.raises(ModelFileError, match="missing decoder_masked_model.onnx"):
         Engine.load(broken)
-    shutil.copy(src / "decoder_model.onnx", broken / "decoder_model.onnx")
+    shutil.copy(src / "decoder_masked_model.onnx", broken / "decoder_masked_model.onnx")
     data = (src / "encoder_model.onnx").read_bytes()
     (broken / "encoder_model.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError, match="truncated"):

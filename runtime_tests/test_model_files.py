@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from engine import Engine, ModelFileError
 from engine.model import T5Model
+from engine.scheduler import DEFAULT_AUTO_K
 from engine.verify import main as verify_main
 from engine.verify import sha256_file
 
@@ -109,19 +110,21 @@ DAMAGE = {
     "tokcfg-binary": ("tokenizer_config.json", lambda f: BINARY, "not UTF-8"),
     "tokcfg-deep": ("tokenizer_config.json", lambda f: deep(), "nested too deeply"),
     "decoder-unrelated": (
-        "decoder_model.onnx",
+        "decoder_masked_model.onnx",
         lambda f: identity_model(),
-        (
-            "not this engine's T5 decoder; missing inputs encoder_attention_mask,"
-            " encoder_hidden_states, input_ids; missing first output logits"
-        ),
+        r"not this engine's masked decoder for 2 layers \(inputs or outputs differ\)",
+    ),
+    "cross-unrelated": (
+        "cross_kv_model.onnx",
+        lambda f: identity_model(),
+        "not this engine's cross key/value graph for 2 layers",
     ),
     "encoder-unrelated": (
         "encoder_model.onnx",
         lambda f: identity_model(),
         (
-            "not this engine's T5 encoder; missing inputs attention_mask, input_ids;"
-            " missing first output last_hidden_state; unexpected inputs x"
+            r"not this engine's T5 encoder; inputs x \(want input_ids, attention_mask\);"
+            " missing first output last_hidden_state"
         ),
     ),
 }
@@ -141,18 +144,34 @@ def test_damaged_file_is_a_model_file_error(folder, case):
 
 
 def test_other_models_decoder_is_refused(folder, tiny_models):
-    """A real T5 decoder, but of the 1-layer assistant: the layer count does not match."""
-    name = "decoder_with_past_model.onnx"
+    """A real masked decoder, but of the 1-layer assistant: the layer count does not match."""
+    name = "decoder_masked_model.onnx"
     shutil.copy(tiny_models["v1_1"]["random"] / name, folder / name)
     restamp(folder, name)
-    with pytest.raises(ModelFileError, match=f"{name}: 2 self and 2 cross.*need 4 each"):
+    with pytest.raises(ModelFileError, match=f"{name}: not this engine's masked decoder for 2"):
         T5Model(folder)
 
 
 def test_decoder_replaced_without_manifest_is_caught_by_size(folder):
-    (folder / "decoder_model.onnx").write_bytes(identity_model())
-    with pytest.raises(ModelFileError, match="decoder_model.onnx: .* bytes, manifest says"):
+    (folder / "decoder_masked_model.onnx").write_bytes(identity_model())
+    with pytest.raises(ModelFileError, match="decoder_masked_model.onnx: .* bytes, manifest"):
         T5Model(folder)
+
+
+def test_missing_path_file_and_optimum_folder_say_what_they_are(folder, tmp_path):
+    """One clear line each: no such folder, a file, and an optimum export without stairs'
+    masked decoder (it names the stairs-export command that makes a full folder)."""
+    with pytest.raises(ModelFileError, match=r"nope: no such folder$"):
+        Engine.load(tmp_path / "nope")
+    with pytest.raises(ModelFileError, match="config.json: not a folder"):
+        Engine.load(folder / "config.json")
+    (folder / "decoder_masked_model.onnx").unlink()
+    (folder / "decoder_with_past_model.onnx").write_bytes(identity_model())
+    with pytest.raises(ModelFileError) as err:
+        T5Model(folder)
+    assert "an optimum export without stairs' masked decoder graph" in str(err.value)
+    assert f"stairs-export SOURCE_CHECKPOINT -o {folder}" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_model_max_length_falls_back_to_default(folder, caplog):
@@ -191,7 +210,7 @@ def test_corrupt_tune_file_is_ignored_with_warning(folder, tiny_models, caplog, 
         warning = "ignoring damaged entry"
     with caplog.at_level(logging.WARNING, logger="stairs"):
         eng = Engine.load(folder, assistant=assistant)
-        assert eng.auto_choice() == ("assisted", {"draft_tokens": 4})  # the untuned default
+        assert eng.auto_table() == DEFAULT_AUTO_K  # the untuned default
     assert eng.assistant.threads is None
     assert warning in caplog.text
 
@@ -202,7 +221,7 @@ def test_tune_file_outside_is_not_read(folder, tiny_models, secret, caplog):
     os.symlink(secret, folder / "stairs-tune.json")
     with caplog.at_level(logging.WARNING, logger="stairs"):
         eng = Engine.load(folder, assistant=tiny_models["v1_1"]["random"])
-        assert eng.auto_choice() == ("assisted", {"draft_tokens": 4})
+        assert eng.auto_table() == DEFAULT_AUTO_K
     assert "resolves outside the model folder" in caplog.text
 
 
@@ -247,7 +266,7 @@ def test_stairs_verify_exit_codes(folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "MISMATCH encoder_model.onnx: sha256 differs" in out
     assert "MISMATCH spiece.model: missing" in out
-    assert "OK       decoder_model.onnx" in out
+    assert "OK       decoder_masked_model.onnx" in out
     empty = tmp_path / "empty"
     empty.mkdir()
     assert verify_main([str(empty)]) == 2
@@ -321,7 +340,7 @@ def test_calibrate_replaces_a_corrupt_tune_file(folder, tiny_models, caplog):
     stored = json.loads((folder / "stairs-tune.json").read_text())
     assert stored[res["key"]]["strategy"] == res["strategy"]
     fresh = Engine.load(folder, assistant=tiny_models["v1_1"]["random"])
-    assert fresh.auto_choice() == (res["strategy"], res["options"])
+    assert fresh.auto_table() == res["batch_auto_k"]
 
 
 def test_manifest_entry_with_a_nul_byte_is_refused(folder, capsys):

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..run import Run
-from .speculative import LinearVerifier, speculate
+from .base import Drafter, Strategy
 
 
 class PromptLookup:
-    """n-gram drafter over (encoder input ids, generated tokens); no model calls."""
+    """n-gram proposals over (encoder input ids, generated tokens); no model calls."""
 
-    def __init__(self, source: np.ndarray, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, source, max_ngram: int = 3, min_ngram: int = 1):
         self.source = np.asarray(source, dtype=np.int64).ravel()
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
     def propose(self, seq: list[int], k: int) -> list[int]:
+        """Up to k tokens after seq (decoder start first)."""
         if k <= 0:
             return []
         gen = np.asarray(seq[1:], dtype=np.int64)  # generated tokens (decoder start left out)
@@ -36,11 +36,22 @@ class PromptLookup:
                     return [int(t) for t in hay[start : start + k]]
         return []
 
-    def commit(self, length: int) -> None:
-        pass
+
+class LookupDrafter(Drafter):
+    """Drafts what followed the latest match of the output's last n-gram."""
+
+    def __init__(self, prompt: list[int], options: dict, auto_k: dict | None = None):
+        super().__init__(prompt, options, auto_k)
+        self.lookup = PromptLookup(prompt, options["max_ngram"], options["min_ngram"])
+
+    def begin(self, seq: list[int], want: int) -> None:
+        super().begin(seq, want)
+        self.tokens = self.lookup.propose(seq, want)
 
 
-def generate(run: Run, draft_tokens: int = 7, max_ngram: int = 3, min_ngram: int = 1):
-    """Prompt lookup drafts verified linearly by the main model."""
-    drafter = PromptLookup(run.input_ids, max_ngram, min_ngram)
-    return speculate(run, drafter, LinearVerifier(run), draft_tokens)
+STRATEGY = Strategy(
+    "lookup",
+    LookupDrafter,
+    {"draft_tokens": 7, "max_ngram": 3, "min_ngram": 1},
+    candidates=tuple({"draft_tokens": k} for k in (3, 5, 7, 10)),
+)

@@ -1,8 +1,7 @@
-"""staged: the assistant is itself sped up by a second-stage n-gram drafter (arXiv 2308.04623).
+"""staged: the assistant is itself sped up by an n-gram second stage (arXiv 2308.04623).
 
-Stage 2 (prompt lookup over the input and output) proposes tokens to the assistant; the assistant
-checks them in one multi-token call, keeps the matching prefix plus its own next token; the result
-goes to the main model as in `assisted`.
+Prompt lookup proposes tokens to the assistant; the assistant checks them in its own call, keeps
+the agreeing prefix plus its own next token; the draft then goes to the main model.
 """
 
 from __future__ import annotations
@@ -10,38 +9,40 @@ from __future__ import annotations
 import numpy as np
 
 from ..accept import accept
-from ..run import Run
+from .assisted import AssistantDrafter
+from .base import CacheRow, Strategy, greedy
 from .lookup import PromptLookup
-from .speculative import LinearVerifier, speculate
 
 
-class StagedDrafter:
-    """Assistant drafts, accelerated by n-gram proposals it verifies itself."""
+class StagedDrafter(AssistantDrafter):
+    """Assistant drafts, each round also checking up to stage2_tokens n-gram tokens."""
 
-    def __init__(self, run: Run, stage2_tokens: int = 4, max_ngram: int = 3):
-        self.run, self.cache = run, run.draft_cache()
-        self.lookup = PromptLookup(run.input_ids, max_ngram)
-        self.stage2_tokens = stage2_tokens
+    def __init__(self, prompt: list[int], options: dict, auto_k: dict | None = None):
+        super().__init__(prompt, options, auto_k)
+        self.lookup = PromptLookup(prompt, options["max_ngram"])
+        self.stage2: list[int] = []
 
-    def propose(self, seq: list[int], k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            g = self.lookup.propose(seq + out, min(self.stage2_tokens, k - len(out) - 1))
-            feed = (seq + out)[self.cache.length :] + g
-            logits = self.cache.feed(np.array([feed], dtype=np.int64))[0]  # [F, V]
-            self.run.counter.draft_calls += 1
-            a = self.run.argmax(logits[len(feed) - len(g) - 1 :], "assistant")  # [G+1]
-            m = accept(g, a)
-            self.cache.rewind(self.cache.length - len(g) + m)
-            out += g[:m] + [int(a[m])]
-        return out[:k]
+    def feed(self, seen: int) -> tuple[list[int], list[int] | None]:
+        if len(self.tokens) >= self.want:
+            return [], None
+        room = min(self.options["stage2_tokens"], self.want - len(self.tokens) - 1)
+        self.stage2 = self.lookup.propose(self.seq + self.tokens, room)
+        return (self.seq + self.tokens)[seen:] + self.stage2, None
 
-    def commit(self, length: int) -> None:
-        self.cache.rewind(min(self.cache.length, length))
+    def take(self, logits: np.ndarray, row: CacheRow, step: int) -> None:
+        g = self.stage2
+        # the assistant's token after the unseen tokens, then after each n-gram token [G+1, V]
+        a = greedy(logits[len(logits) - len(g) - 1 :], "assistant", step)
+        m = accept(g, a)
+        if len(g) > m:  # its rejected n-gram tokens leave the row
+            row.rewind(row.length() - len(g) + m)
+        self.tokens += [*g[:m], int(a[m])]
 
 
-def generate(run: Run, draft_tokens: int = 6, stage2_tokens: int = 4, max_ngram: int = 3):
-    """Staged speculation: n-gram -> assistant -> main."""
-    return speculate(
-        run, StagedDrafter(run, stage2_tokens, max_ngram), LinearVerifier(run), draft_tokens
-    )
+STRATEGY = Strategy(
+    "staged",
+    StagedDrafter,
+    {"draft_tokens": 6, "stage2_tokens": 4, "max_ngram": 3},
+    needs_assistant=True,
+    candidates=tuple({"draft_tokens": k} for k in (4, 6, 8)),
+)

@@ -1,66 +1,97 @@
-"""tree: a draft tree verified path-per-row (arXiv 2308.04623, the stairs batch with branches).
+"""tree: the assistant's top-b first tokens each start a path, continued greedily; every path
+is verified in one main row under a tree mask, and the longest agreeing path wins.
 
-The assistant's top-b tokens at the first position each start a branch, continued greedily by
-the assistant (all branches in one batched call per depth). The main decoder verifies every
-root-to-leaf path as its own row on the shared past, in one call; the row with the longest
-accepted prefix wins. No tree mask or tree positions are needed: each row is a plain sequence.
-Shapes: B branches, K depth, V vocab.
+The assistant drafts the tree in one row too: depth 0 gives the top-b tokens, then each round
+feeds every path's last token after its own path. A side path sits in other slots than a plain
+row would give it, so the main call only emits its first token (computed from the pending
+token's own slot); the rest of it is proposed again next step as a plain chain, so every
+emitted token comes from a computation a plain row would repeat bit for bit. Shapes: B
+branches, K depth.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-
 import numpy as np
 
-from ..accept import accept
-from ..run import Run
+from .base import CacheRow, Drafter, Strategy, greedy
 
 
-def draft_tree(run: Run, draft, seq: list[int], k: int, b: int) -> np.ndarray:
-    """Paths [B, K]: top-b first tokens, each continued greedily by the assistant."""
-    logits = draft.feed(np.array([seq[draft.length :]], dtype=np.int64))[0, -1]  # [V]
-    run.argmax(logits[None], "assistant")  # NaN/inf check
-    first = np.argpartition(-logits, b)[:b]
-    first = first[np.argsort(-logits[first])]  # best first: row 0 is the plain greedy draft
-    paths = [first]
-    for _ in range(k - 1):
-        logits = draft.feed(paths[-1][:, None].astype(np.int64))  # [B, 1, V]
-        paths.append(run.argmax(logits[:, -1], "assistant"))
-    run.counter.draft_calls += k
-    return np.stack(paths, axis=1)  # [B, K]
+class TreeDrafter(Drafter):
+    """B paths of K tokens from the assistant."""
+
+    uses_assistant = True
+
+    def __init__(self, prompt: list[int], options: dict, auto_k: dict | None = None):
+        super().__init__(prompt, options, auto_k)
+        self.branches = options["branches"]
+        self.paths: list[list[int]] = []
+        self.fed: list[list[int]] = []  # each path's assistant slots
+        self.start = 0  # the assistant row's committed length once depth 0 ran
+        self.carry: list[int] = []  # a winning side path's tokens, proposed again next step
+
+    def begin(self, seq: list[int], want: int) -> None:
+        super().begin(seq, want)
+        self.paths, self.fed = [], []
+        if self.carry:  # a side path won: check the rest of it as a plain chain first
+            self.tokens, self.carry = self.carry[:want], []
+
+    def feed(self, seen: int) -> tuple[list[int], list[int] | None]:
+        if not self.want or self.tokens:
+            return [], None
+        if not self.paths:  # depth 0: what the assistant has not seen (1 or 2 tokens)
+            return self.seq[seen:], None
+        if len(self.paths[0]) >= self.want:
+            return [], None
+        # depth d: each path's last token after that path (depth 1: after the trunk)
+        parents = [f[-1] if f else seen - 1 for f in self.fed]
+        for b, f in enumerate(self.fed):
+            f.append(seen + b)
+        return [p[-1] for p in self.paths], parents
+
+    def take(self, logits: np.ndarray, row: CacheRow, step: int) -> None:
+        if not self.paths:  # depth 0: the top-b tokens start the paths, best first
+            last = logits[-1]
+            greedy(last[None], "assistant", step)
+            first = np.argpartition(-last, self.branches)[: self.branches]
+            first = first[np.argsort(-last[first])]
+            self.paths, self.fed = [[int(x)] for x in first], [[] for _ in first]
+            self.start = row.length()
+            return
+        for p, tok in zip(self.paths, greedy(logits, "assistant", step)):
+            p.append(int(tok))
+
+    def proposal(self) -> tuple[list[int], list[int] | None]:
+        if not self.paths:
+            return self.tokens, None
+        k = len(self.paths[0])
+        # path b's token t sits at row index 1 + b*K + t; its parent is the entry before it
+        parents = [0 if t == 0 else 1 + b * k + t - 1 for b in range(len(self.paths))
+                   for t in range(k)]  # fmt: skip
+        return [x for p in self.paths for x in p], parents
+
+    def commit(
+        self, length: int, path: list[int], row: CacheRow | None, carry: list[int] = ()
+    ) -> None:
+        self.carry = list(carry)
+        if row is None:
+            return
+        if not self.paths or len(path) < 2:  # a chain, or nothing past the pending token kept
+            row.rewind(min(row.length(), length))
+            return
+        # the main call kept path 0's first n tokens (a side path is never kept: see carry)
+        row.keep(self.start, self.fed[0][: len(path) - 1])
 
 
-def generate(run: Run, draft_tokens: int = 4, branches: int = 2) -> Iterator[list[int]]:
-    """Tree speculation with `branches` paths of `draft_tokens` each."""
-    if draft_tokens < 1 or branches < 1:  # checked now, not at the first step of the loop
-        raise ValueError("draft_tokens and branches must be >= 1")
-    return _loop(run, draft_tokens, branches)
+class _TreeStrategy(Strategy):
+    def assistant_tokens(self, options: dict) -> tuple[int, int]:
+        b, k = options["branches"], options["draft_tokens"]
+        return max(2, b), b * (k - 1)  # a token per path per round; the row keeps every path
 
 
-def _loop(run: Run, draft_tokens: int, branches: int) -> Iterator[list[int]]:
-    main, draft, c = run.main_cache(), run.draft_cache(), run.counter
-    while not run.done:
-        t0 = time.perf_counter()
-        k = min(draft_tokens, run.remaining - 1)
-        # draft: B paths of K tokens (none when only one token is left)
-        paths = draft_tree(run, draft, run.seq, k, branches) if k else np.zeros((1, 0), np.int64)
-        t1 = time.perf_counter()
-        # verify: row j = pending token + path j, on the shared past             ids [B, K+1]
-        ids = np.concatenate([np.full((len(paths), 1), run.seq[-1]), paths], axis=1)
-        targets = run.argmax(main.feed(ids).reshape(-1, main.model.vocab_size), "main")
-        targets = targets.reshape(len(paths), k + 1)  # [B, K+1]
-        # accept: the longest matching path wins
-        n_row = [accept(p, t) for p, t in zip(paths, targets)]
-        j = int(np.argmax(n_row))
-        n = n_row[j]
-        # rewind: main and assistant keep seq + path j[:n]
-        main.rewind(len(run.seq) + n, row=j)
-        draft.rewind(min(draft.length, len(run.seq) + n), row=j if k > 1 else 0)
-        c.main_calls += 1
-        c.drafted += k
-        c.accepted += n
-        c.draft_s += t1 - t0
-        c.verify_s += time.perf_counter() - t1
-        yield run.emit([int(x) for x in paths[j, :n]] + [int(targets[j, n])])
+STRATEGY = _TreeStrategy(
+    "tree",
+    TreeDrafter,
+    {"draft_tokens": 4, "branches": 2},
+    needs_assistant=True,
+    candidates=tuple({"draft_tokens": k, "branches": 2} for k in (3, 4, 6)),
+)

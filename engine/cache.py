@@ -1,0 +1,226 @@
+"""The decoder state of many rows of one model: the numpy back end of the cache interface.
+
+Rows of different lengths share one masked-decoder call (an explicit mask and positions), so a
+rewind is a length and a tree of drafts fits in one row. Shapes: N active rows, T new tokens per
+row (padded to the longest, at least MIN_TOKENS), C capacity in slots, S encoder length
+(padded), H heads, D d_kv, V vocab.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .model import MIN_TOKENS, T5Model
+from .stats import Counter
+
+CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
+
+
+class BatchCache:
+    """Decoder state of many rows of one model; the only place its key/values change.
+
+    Active rows are packed at the front (row r belongs to owners[r]), so every feed is a
+    contiguous view arr[:N] of preallocated arrays: no past is copied between calls, and a
+    rewind sets a row's length. Self key/values [R, H, C, D] per layer, cross key/values
+    [R, H, S, D] with enc_mask [R, S]. A device back end would keep these methods on OrtValues.
+    """
+
+    def __init__(self, model: T5Model, rows: int = 1):
+        self.model, self.h, self.d = model, model.num_heads, model.d_kv
+        self.owners: list = []
+        self.self_kv: list[np.ndarray] = []
+        self._alloc(rows, CHUNK, 1)
+
+    def _alloc(self, rows: int, cap: int, enc_len: int) -> None:
+        """(Re)allocate rows x cap slots x enc_len, keeping the active rows' contents."""
+        n, old = len(self.owners), self.self_kv  # [] after shrink(): nothing to keep
+        kv = [np.zeros((rows, self.h, cap, self.d), np.float32) for _ in self.model.self_names]
+        cross = [
+            np.zeros((rows, self.h, enc_len, self.d), np.float32) for _ in self.model.cross_names
+        ]
+        enc_mask = np.zeros((rows, enc_len), np.int64)
+        lengths, trunk = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+        pos = np.tile(np.arange(cap), (rows, 1))  # [R, C], writable (tree rows set their own)
+        parent = pos - 1  # [R, C]: a plain sequence, each slot's parent the slot before
+        if n:
+            c = self.capacity
+            for a, b in zip(kv, old):
+                a[:n, :, :c] = b[:n]
+            for a, b in zip(cross, self.cross):
+                a[:n, :, : self.enc_len] = b[:n]
+            enc_mask[:n, : self.enc_len] = self.enc_mask[:n]
+            lengths[:n], trunk[:n] = self.lengths[:n], self.trunk[:n]
+            pos[:n, :c], parent[:n, :c] = self.pos[:n], self.parent[:n]
+        self.self_kv, self.cross, self.enc_mask = kv, cross, enc_mask
+        self.lengths, self.trunk, self.pos, self.parent = lengths, trunk, pos, parent
+        self.capacity, self.enc_len = cap, enc_len
+
+    def reserve(self, rows: int, enc_len: int) -> None:
+        """Room for `rows` active rows and encoder length enc_len, in one reallocation (rows
+        round up to a power of two, as add() doubles them)."""
+        want = max(len(self.lengths), 1 << (rows - 1).bit_length())
+        if want > len(self.lengths) or enc_len > self.enc_len:
+            self._alloc(want, self.capacity, max(enc_len, self.enc_len))
+
+    def add(self, owner, cross: list[np.ndarray], enc_mask: np.ndarray) -> None:
+        """A new row for owner: its cross key/values (2 per layer, [H, S, D]) and mask [S]."""
+        n, s = len(self.owners), len(enc_mask)
+        rows = len(self.lengths) * (2 if n == len(self.lengths) else 1)
+        if rows > len(self.lengths) or s > self.enc_len:
+            self._alloc(rows, self.capacity, max(s, self.enc_len))
+        for a, b in zip(self.cross, cross):
+            a[n, :, :s] = b
+            a[n, :, s:] = 0.0
+        for a in self.self_kv:  # a masked slot must hold finite numbers: the mask is additive
+            a[n] = 0.0
+        self.enc_mask[n] = 0
+        self.enc_mask[n, :s] = enc_mask
+        self.lengths[n] = self.trunk[n] = 0
+        # a row left by a request that failed mid-tree may hold tree positions: start plain
+        self.pos[n] = np.arange(self.capacity)
+        self.parent[n] = self.pos[n] - 1
+        self.owners.append(owner)
+
+    def remove(self, owner) -> None:
+        """Free owner's row: the last active row moves into it (one row copied)."""
+        r, last = self.owners.index(owner), len(self.owners) - 1
+        if r != last:
+            for a in (*self.self_kv, *self.cross):
+                a[r] = a[last]
+            for a in (self.enc_mask, self.lengths, self.trunk, self.pos, self.parent):
+                a[r] = a[last]
+            self.owners[r] = self.owners[last]
+        self.owners.pop()
+
+    def length(self, owner) -> int:
+        """Slots of owner's row in use."""
+        return int(self.lengths[self.owners.index(owner)])
+
+    def rewind(self, owner, length: int) -> None:
+        """Keep owner's first `length` slots (a plain sequence): rejected drafts are dropped by
+        the length (their slots zeroed, so nothing non-finite lingers behind the mask)."""
+        r = self.owners.index(owner)
+        self._cut(r, min(length, int(self.lengths[r])))
+
+    def keep(self, owner, start: int, slots: list[int]) -> None:
+        """Commit one path: owner's row keeps its first `start` slots, then `slots` (ascending,
+        each the child of the one before) moved down to follow them; everything else is
+        dropped. A plain continuation (slots start, start+1, ...) moves nothing: a rewind."""
+        r = self.owners.index(owner)
+        for j, s in enumerate(slots):
+            if s != start + j:
+                for a in self.self_kv:
+                    a[r, :, start + j] = a[r, :, s]
+        self._cut(r, start + len(slots))
+
+    def _cut(self, r: int, length: int) -> None:
+        """Row r becomes a plain sequence of `length` slots; slots past it are zeroed."""
+        old = int(self.lengths[r])
+        for a in self.self_kv:
+            a[r, :, length:old] = 0.0
+        lo = min(int(self.trunk[r]), length)
+        self.pos[r, lo:old] = np.arange(lo, old)
+        self.parent[r, lo:old] = np.arange(lo - 1, old - 1)
+        self.lengths[r] = self.trunk[r] = length
+
+    def nbytes(self, rows: int | None = None, cap: int | None = None, enc: int | None = None):
+        """Bytes of the arrays for rows x cap slots x enc (default: as allocated now)."""
+        rows = len(self.lengths) if rows is None else rows
+        cap = self.capacity if cap is None else cap
+        enc = self.enc_len if enc is None else enc
+        layers = len(self.model.self_names)  # 2 per layer, as cross
+        return rows * layers * self.h * self.d * 4 * (cap + enc)
+
+    def shrink(self) -> None:
+        """Back to a small allocation once no row is active (memory goes back, and later calls
+        stop attending over a long request's capacity)."""
+        if not self.owners and (self.capacity > CHUNK or len(self.lengths) > 1):
+            self.self_kv = []
+            self._alloc(1, CHUNK, 1)
+
+    def run(
+        self,
+        tokens: np.ndarray,
+        counts: np.ndarray,
+        counter: Counter,
+        parents: list | None = None,
+    ) -> np.ndarray:
+        """Decoder on tokens [N, T] after each row's cached slots; row r's first counts[r]
+        tokens are real, the rest padding (never cached). Returns logits [N, T, V].
+
+        parents[r] (optional, None = a plain continuation): the slot of each real token's
+        parent, new token i taking slot lengths[r] + i. A token then attends to the row's trunk
+        and its own ancestors only, at position parent's + 1: a tree of drafts in one row. Its
+        slots stay uncommitted until keep() (or rewind()) picks one path."""
+        if tokens.shape[1] < MIN_TOKENS:  # shape rule: every row carries >= 2 tokens
+            pad = np.full((len(tokens), MIN_TOKENS - tokens.shape[1]), self.model.pad_id)
+            tokens = np.concatenate([tokens, pad], axis=1)
+        n, t = tokens.shape
+        need = int((self.lengths[:n] + t).max())
+        if need > self.capacity:
+            self._alloc(len(self.lengths), -(-need // CHUNK) * CHUNK, self.enc_len)
+        lengths = self.lengths[:n].copy()
+        slots = lengths[:, None] + np.arange(t)  # [N, T]: new token i takes slot lo + i
+        positions = slots.copy()  # a tree row's tokens take their depth instead
+        mask, cols = self._mask(lengths, t)
+        for r, par in enumerate(parents or ()):
+            if par is not None:
+                self._tree_row(r, par, mask[r], positions[r], cols[r])
+        feed = {
+            "input_ids": tokens,
+            "positions": positions,
+            "past_positions": self.pos[:n],  # [N, C]
+            "attention_mask": mask,
+            "encoder_attention_mask": self.enc_mask[:n],
+        }
+        if self.model.in_place:
+            feed["new_slots"] = slots
+        feed.update((k, a[:n]) for k, a in zip(self.model.self_names, self.self_kv))
+        feed.update((k, a[:n]) for k, a in zip(self.model.cross_names, self.cross))
+        out = self.model.run("decoder", feed, counter)
+        # the real new tokens' key/values go into their slots: [H, T_r, D] per row and layer
+        for r in range(n):
+            lo, k = int(lengths[r]), int(counts[r])
+            for a, p in zip(self.self_kv, out[1:]):
+                a[r, :, lo : lo + k] = p[r, :, :k]
+            if parents is None or parents[r] is None:
+                if self.trunk[r] == lo:  # a plain sequence stays one
+                    self.trunk[r] = lo + k
+            else:
+                self.pos[r, lo : lo + k] = positions[r, :k]
+                self.parent[r, lo : lo + k] = parents[r]
+        self.lengths[:n] += counts
+        return out[0]
+
+    def _mask(self, lengths: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """Attention mask of a plain call and the mask column of each new token [N, T]: each
+        row's cached slots, then causal over its new tokens. In-place graphs (one buffer): the
+        new tokens' columns are their slots, mask [N, T, C]; older graphs take the new tokens
+        after the capacity, mask [N, T, C + T]."""
+        n, c = len(lengths), self.capacity
+        width = c if self.model.in_place else c + t
+        mask = np.zeros((n, t, width), self.model.mask_dtype)
+        mask[:, :, :c] = (np.arange(c) < lengths[:, None])[:, None, :]
+        cols = (lengths[:, None] if self.model.in_place else np.full((n, 1), c)) + np.arange(t)
+        causal = np.tril(np.ones((t, t), bool))[None]  # [1, T, T]
+        mask[np.arange(n)[:, None, None], np.arange(t)[None, :, None], cols[:, None, :]] = causal
+        return mask, cols
+
+    def _tree_row(self, r: int, parents, mask, positions: np.ndarray, cols: np.ndarray) -> None:
+        """Row r's mask [T, width] and positions [T] for new tokens with these parent slots:
+        each sees the trunk and its ancestors (walked through the uncommitted slots); cols[i]
+        is new token i's mask column."""
+        lo, base = int(self.lengths[r]), int(self.trunk[r])
+        mask[: len(parents)] = False
+        mask[: len(parents), :base] = True
+        for i, p in enumerate(parents):
+            p = int(p)
+            mask[i, cols[i]] = True
+            positions[i] = (positions[p - lo] if p >= lo else self.pos[r, p]) + 1 if p >= 0 else 0
+            while p >= base:  # ancestors among the uncommitted slots, old and new
+                if p >= lo:
+                    mask[i, cols[p - lo]] = True
+                    p = int(parents[p - lo])
+                else:
+                    mask[i, p] = True
+                    p = int(self.parent[r, p])

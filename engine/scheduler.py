@@ -1,0 +1,369 @@
+"""The one path: every request, alone or with others, runs as steps of a Scheduler.
+
+A step: retire finished requests -> admit waiting ones (each prompt's encoder alone) -> draft
+(every drafter's proposal; the assistant's rounds batched over requests) -> verify (one main
+call: each request's pending token and proposal) -> accept and rewind per request. step()
+returns a StepRecord of what it ran. Shapes: N rows, T tokens per row, V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .accept import accept_path
+from .cache import BatchCache
+from .errors import CancelledError, EngineError, InputError, NonFiniteLogitsError
+from .model import T5Model
+from .options import MEMORY_SAFETY, available_memory
+from .stats import Counter
+from .strategies import CacheRow, Drafter
+from .strategies.base import greedy
+
+DEFAULT_BATCH_TOKENS = 256
+MAX_BATCH_TOKENS = 65536
+# strategy="auto": draft tokens per request by the number of active requests (the largest key
+# <= N applies; 0 = speculation off). On 2 CPU cores it loses at most 2-4% at 8-16 requests on
+# the 48M pycode main but gains 29% at 8 on a t5-large shape (docs/benchmarks.md);
+# `stairs-tune --batch-sizes` measures the table for a pair.
+DEFAULT_AUTO_K = {1: 4, 4: 3}
+DEFAULT_AUTO_K_CUDA = {1: 4}  # H100: speculation paid at every batch size measured (1-16)
+
+
+def cut(tokens, remaining: int, eos: int) -> tuple[list[int], bool]:
+    """The tokens a generation keeps: at most `remaining`, none after the first EOS; and
+    whether it is done (EOS kept, or nothing left to emit)."""
+    out = [int(t) for t in tokens[:remaining]]
+    if eos in out:
+        return out[: out.index(eos) + 1], True
+    return out, len(out) >= remaining
+
+
+@dataclass(eq=False)  # identity: requests are found in the caches' owner lists
+class Request:
+    """One request under the scheduler. seq = [decoder start] + emitted tokens."""
+
+    ids: list[int]  # encoder input
+    drafter: Drafter
+    max_new_tokens: int
+    seq: list[int]
+    counter: Counter = field(default_factory=Counter)
+    done: bool = False
+    cancelled: bool = False
+    error: Exception | None = None
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # token lists, None at end
+    finished: threading.Event = field(default_factory=threading.Event)
+    t0: float = field(default_factory=time.perf_counter)
+    t_end: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still emit."""
+        return self.max_new_tokens - (len(self.seq) - 1)
+
+    def max_length(self) -> int:
+        """The most decoder slots it can need: output, pending token and a full draft tree."""
+        d = self.drafter
+        return self.max_new_tokens + 2 + d.branches * d.max_draft()
+
+    def finish(self, error: Exception | None = None) -> None:
+        """End it (once): record the error, the time, and tell every reader."""
+        if self.finished.is_set():
+            return
+        self.error = self.error or error
+        self.done, self.t_end = True, time.perf_counter()
+        self.out.put(None)
+        self.finished.set()
+
+    def stats(self):
+        """Frozen statistics (total_s: from submission to its end, or to now)."""
+        self.counter.new_tokens = len(self.seq) - 1
+        self.counter.total_s = (self.t_end or time.perf_counter()) - self.t0
+        return self.counter.freeze()
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step ran: requests admitted and retired, assistant rounds, and the main call's
+    shape (rows x padded tokens; 0 x 0 when nothing was verified)."""
+
+    admitted: int = 0
+    retired: int = 0
+    draft_rounds: int = 0
+    rows: int = 0
+    tokens: int = 0
+
+
+def as_engine_error(exc: Exception) -> EngineError:
+    """exc as an EngineError (ORT raises its own types), the original kept as the cause."""
+    if isinstance(exc, EngineError):
+        return exc
+    err = EngineError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _pack(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids [N, T] and real lengths [N] of token lists."""
+    counts = np.array([len(x) for x in rows], np.int64)
+    tokens = np.full((len(rows), max(1, int(counts.max()))), pad, np.int64)
+    for i, x in enumerate(rows):
+        tokens[i, : len(x)] = x
+    return tokens, counts
+
+
+class Scheduler:
+    """Packs every active request's verify row into one main call per step (continuous
+    batching). A main call holds at most max_batch_tokens rows x padded tokens (drafts are
+    shortened to fit; a request alone always joins, so nothing waits forever); a request joins
+    only if the caches' worst case with it fits in memory_bytes (None: available memory)."""
+
+    def __init__(
+        self,
+        main: T5Model,
+        assistant: T5Model | None,
+        max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        memory_bytes: int | None = None,
+    ):
+        self.main_model, self.asst_model = main, assistant
+        self.main = BatchCache(main)
+        self.asst = BatchCache(assistant) if assistant is not None else None
+        self.max_batch_tokens, self.memory_bytes = max_batch_tokens, memory_bytes
+        self.waiting: list[Request] = []
+        self.active: list[Request] = []
+        # (rows, padded tokens) of the latest main calls; call_count counts all of them
+        self.calls: collections.deque[tuple[int, int]] = collections.deque(maxlen=4096)
+        self.call_count = 0
+
+    def add(self, req: Request) -> None:
+        """Queue a request; it joins at the next step the token budget and memory allow."""
+        self.waiting.append(req)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting or active."""
+        return bool(self.waiting or self.active)
+
+    def step(self) -> StepRecord:
+        """One scheduler step. A failure while admitting fails only the joining requests; one
+        inside a draft or verify call fails the requests that call served."""
+        retired = self._retire()
+        admitted = self._admit()
+        rounds, shape = 0, (0, 0)
+        try:
+            if self.active:
+                rounds = self._draft()
+                shape = self._verify()
+        except Exception as exc:  # noqa: BLE001 - a broken call must not hang its callers
+            for r in self.active:
+                r.error = r.error or as_engine_error(exc)
+        retired += self._retire()
+        return StepRecord(admitted, retired, rounds, *shape)
+
+    def fail_all(self, exc: Exception) -> None:
+        """End every waiting and active request with exc (the worker's last resort)."""
+        for r in [*self.waiting, *self.active]:
+            r.error = r.error or as_engine_error(exc)
+        for r in self.waiting:
+            r.finish()
+        self.waiting.clear()
+        self._retire()
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def _fits(self, joining: list[Request], r: Request) -> bool:
+        """Whether the caches' worst case (every request at its longest) fits with r joined."""
+        reqs = [*self.active, *joining, r]
+        cap = max(q.max_length() for q in reqs)
+        enc = max(len(q.ids) for q in reqs)
+        rows = 1 << (len(reqs) - 1).bit_length()  # the caches double their rows
+        need, now = self.main.nbytes(rows, cap, enc), self.main.nbytes()
+        if self.asst is not None:
+            need += self.asst.nbytes(rows, cap, enc)
+            now += self.asst.nbytes()
+        logits = rows * (1 + max(q.max_length() - q.max_new_tokens for q in reqs))
+        need += logits * self.main_model.vocab_size * 4
+        budget = self.memory_bytes or ((available_memory() or 1 << 62) + now)
+        return need * MEMORY_SAFETY <= budget
+
+    def _admit(self) -> int:
+        """Move waiting requests into the batch while the token budget and memory allow."""
+        rows = len(self.active)
+        width = max((r.drafter.width(r.drafter.draft_len(rows)) for r in self.active), default=0)
+        joining: list[Request] = []
+        while self.waiting:
+            r = self.waiting[0]
+            if r.cancelled:
+                self.waiting.pop(0).finish(CancelledError("cancelled before it started"))
+                continue
+            w = max(width, r.drafter.width(r.drafter.draft_len(rows + 1)))
+            alone = not rows and not joining
+            if (rows + 1) * w > self.max_batch_tokens and not alone:
+                break
+            if not self._fits(joining, r):
+                if not alone:
+                    break  # waits for memory to free up
+                self.waiting.pop(0).finish(
+                    InputError(
+                        f"the decoder caches for this request ({len(r.ids)} input tokens, up to"
+                        f" {r.max_new_tokens} new) do not fit in the memory available; lower"
+                        " max_new_tokens or the input, or set Engine.limits.memory_bytes"
+                    )
+                )
+                continue
+            joining.append(self.waiting.pop(0))
+            rows, width = rows + 1, w
+        if joining:
+            self._join(joining)
+        return len(joining)
+
+    def _join(self, joining: list[Request]) -> None:
+        """Encoders of the joining requests (each alone) into the main cache, and the
+        assistant's for requests that draft now (auto may start with speculation off)."""
+        n = len(self.active) + len(joining)
+        try:
+            self._encode(self.main, joining)
+            drafting = [r for r in joining if r.drafter.uses_assistant and r.drafter.draft_len(n)]
+            if drafting and self.asst is not None:
+                self._encode(self.asst, drafting)
+        except Exception as exc:  # noqa: BLE001 - only the joining requests fail
+            for r in joining:
+                for cache in (self.main, self.asst):
+                    if cache is not None and r in cache.owners:
+                        cache.remove(r)
+                r.finish(as_engine_error(exc))
+            return
+        self.active.extend(joining)
+
+    @staticmethod
+    def _encode(cache: BatchCache, reqs: list[Request]) -> None:
+        cache.reserve(len(cache.owners) + len(reqs), max(len(r.ids) for r in reqs))
+        for r in reqs:
+            t, c = time.perf_counter(), Counter()
+            cross, mask = cache.model.encode(r.ids, c)
+            cache.add(r, cross, mask)
+            r.counter.encoder_s += time.perf_counter() - t
+            r.counter.session_s += c.session_s
+
+    # -- draft, verify, accept ------------------------------------------------------------------
+
+    def _draft(self) -> int:
+        """Every drafter's proposal for this step; returns the assistant rounds run."""
+        n_active = len(self.active)
+        cap = max(0, self.max_batch_tokens // n_active - 1)  # every row fits the budget
+        for r in self.active:
+            d, t = r.drafter, time.perf_counter()
+            d.begin(r.seq, min(d.draft_len(n_active), cap // d.branches, r.remaining - 1))
+            r.counter.draft_s += time.perf_counter() - t
+        if self.asst is None:
+            return 0
+        late = [
+            r
+            for r in self.active
+            if r.drafter.uses_assistant and r.drafter.want and r not in self.asst.owners
+        ]
+        if late:  # auto turned speculation on for requests the assistant has not encoded
+            self._encode(self.asst, late)
+        return self._assistant_rounds(list(self.asst.owners))
+
+    def _assistant_rounds(self, rows: list[Request]) -> int:
+        """One assistant call per round for every drafting row (row i = cache row i)."""
+        t, c, rounds = time.perf_counter(), Counter(), 0
+        while True:
+            feeds = [
+                r.drafter.feed(self.asst.length(r)) if r.error is None else ([], None) for r in rows
+            ]
+            if not any(f for f, _ in feeds):
+                break
+            tokens, counts = _pack([f for f, _ in feeds], self.asst_model.pad_id)
+            tree = [p for _, p in feeds] if any(p is not None for _, p in feeds) else None
+            logits = self.asst.run(tokens, counts, c, tree)  # [N, T, V]
+            rounds += 1
+            for r, (f, _), x in zip(rows, feeds, logits):
+                if not f:
+                    continue
+                r.counter.draft_calls += 1
+                try:
+                    r.drafter.take(x[: len(f)], CacheRow(self.asst, r), len(r.seq) - 1)
+                except NonFiniteLogitsError as exc:
+                    r.error = exc
+        dt = time.perf_counter() - t
+        for r in rows:
+            if r.drafter.want:
+                r.counter.draft_s += dt
+                r.counter.session_s += c.session_s
+        return rounds
+
+    def _verify(self) -> tuple[int, int]:
+        """One main call: row r = its pending token + its proposal (a tree under its mask)."""
+        owners = list(self.main.owners)
+        rows, tree, props = [], [], []
+        for r in owners:
+            toks, parents = r.drafter.proposal() if r.error is None else ([], None)
+            lo = self.main.length(r)
+            rows.append([r.seq[-1], *toks] if r.error is None else [])
+            tree.append(None if parents is None else [lo - 1, *(lo + p for p in parents)])
+            props.append(parents)
+        tokens, counts = _pack(rows, self.main_model.pad_id)  # [N, T], [N]
+        t, c = time.perf_counter(), Counter()
+        logits = self.main.run(tokens, counts, c, tree if any(tree) else None)  # [N, T', V]
+        dt = time.perf_counter() - t
+        self.calls.append(tokens.shape)
+        self.call_count += 1
+        for i, r in enumerate(owners):
+            if r.error is None:
+                self._accept(r, rows[i], props[i], logits[i, : counts[i]], dt, c.session_s)
+        for r in owners:
+            r.counter.batch_rows += len(owners) if r.error is None else 0
+        return tokens.shape
+
+    def _accept(self, r: Request, row, parents, logits, dt: float, session_s: float) -> None:
+        """Accept r's longest agreeing path, rewind both caches to it, emit its tokens."""
+        try:
+            targets = greedy(logits, "main", len(r.seq) - 1)  # [real]
+        except NonFiniteLogitsError as exc:
+            r.error = exc
+            return
+        path = accept_path(row, parents, targets)
+        # Only tokens in their own slots (row index = depth) were computed as a plain row
+        # would be: the rest of a side path is re-proposed (carry), never emitted from here.
+        exact = next((i for i, j in enumerate(path) if i != j), len(path))
+        path, carry = path[:exact], [row[j] for j in path[exact:]]
+        n, lo = len(path) - 1, self.main.length(r) - len(row)
+        self.main.keep(r, lo, [lo + j for j in path])  # the one rewind
+        asst = CacheRow(self.asst, r) if self.asst is not None and r in self.asst.owners else None
+        r.drafter.commit(len(r.seq) + n, path, asst, carry[1:])
+        drafted = (len(row) - 1) // r.drafter.branches
+        r.drafter.update(drafted, n)
+        rc = r.counter
+        rc.main_calls += 1
+        rc.drafted += drafted
+        rc.accepted += n
+        rc.verify_s += dt
+        rc.session_s += session_s
+        self._emit(r, [row[j] for j in path[1:]] + [int(targets[path[-1]])])
+
+    def _emit(self, r: Request, tokens: list[int]) -> None:
+        out, done = cut(tokens, r.remaining, self.main_model.eos_id)
+        r.seq.extend(out)
+        r.done = r.done or done
+        r.out.put(out)
+
+    def _retire(self) -> int:
+        gone = [r for r in self.active if r.done or r.cancelled or r.error is not None]
+        for r in gone:
+            self.active.remove(r)
+            for cache in (self.main, self.asst):
+                if cache is not None and r in cache.owners:
+                    cache.remove(r)
+            r.finish(CancelledError("cancelled") if r.cancelled and not r.done else None)
+        if not self.active:
+            for cache in (self.main, self.asst):
+                if cache is not None:
+                    cache.shrink()
+        return len(gone)
