@@ -59,17 +59,64 @@ def help_text(cmd: str) -> str:
     return out.getvalue()
 
 
+# A README line `print(EXPR)  # True` promises that it prints True; the test holds it to that.
+TRUE_LINE = re.compile(r"^(?P<indent>[ \t]*)print\((?P<expr>.*)\)[ \t]*#[ \t]*True[ \t]*$")
+ANNOTATED = re.compile(r"#[ \t]*True[ \t]*$")
+
+
+def checked_true(src: str, name: str) -> tuple[str, int]:
+    """src with every `print(EXPR)  # True` line made to print EXPR and fail unless it is True,
+    and the number of such lines. A `# True` comment on any other line is an error."""
+    lines, n = [], 0
+    for no, line in enumerate(src.splitlines(), 1):
+        if ANNOTATED.search(line):
+            m = TRUE_LINE.match(line)
+            assert m, f"{name} line {no}: '# True' annotates only a one-line print(...): {line!r}"
+            line = f"{m['indent']}__readme_true__(({m['expr']}), {name!r}, {no}, {m['expr']!r})"
+            n += 1
+        lines.append(line)
+    return "\n".join(lines) + "\n", n
+
+
+def readme_true(value, name: str, no: int, expr: str) -> None:
+    """What an annotated print does under the test: print the value, which must be True."""
+    print(value)
+    assert value is True, f"{name} line {no}: {expr} printed {value!r}; README says True"
+
+
+def run_block(src: str, name: str) -> int:
+    """Execute one README Python block with its `# True` lines checked; returns their number."""
+    src, n = checked_true(src, name)
+    code_obj = compile(src, name, "exec")
+    exec(code_obj, {"__name__": "__readme__", "__readme_true__": readme_true})  # noqa: S102
+    return n
+
+
+def test_true_annotations_fail_on_false(capsys):
+    """A `# True` line that prints False (or anything but True) fails; True passes."""
+    assert run_block("x = 2\nprint(x == 2)  # True\n", "ok") == 1
+    assert capsys.readouterr().out == "True\n"
+    with pytest.raises(AssertionError, match="printed False; README says True"):
+        run_block("print(1 == 2)  # True\n", "bad")
+    with pytest.raises(AssertionError, match="printed 1"):
+        run_block("print(1)  # True\n", "truthy")
+    with pytest.raises(AssertionError, match="annotates only"):
+        run_block("y = 1 == 2  # True\n", "not a print")
+
+
 def test_readme_python_blocks_run(pycode_pair, capsys):
-    """Every ```python block, with the models/ paths pointed at the exported pair, runs."""
+    """Every ```python block, with the models/ paths pointed at the exported pair, runs, and
+    every line README annotates `# True` prints True."""
     main, assistant = pycode_pair
     code = blocks("python")
     assert code, "README.md has no ```python block"
+    checked = 0
     for i, src in enumerate(code):
         assert "models/pycode-t5-main" in src or "Engine" not in src
         src = src.replace("models/pycode-t5-main", str(main))
         src = src.replace("models/pycode-t5-draft", str(assistant))
-        code_obj = compile(src, f"README.md python block {i + 1}", "exec")
-        exec(code_obj, {"__name__": "__readme__"})  # noqa: S102 - running the README is the test
+        checked += run_block(src, f"README.md python block {i + 1}")
+    assert checked, "README's Python blocks show no `# True` check (the exactness claim)"
     assert capsys.readouterr().out.strip(), "the Python API example printed nothing"
 
 
