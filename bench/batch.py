@@ -28,7 +28,7 @@ DEFAULT_STRATEGIES = [
     "lookup",
 ]
 DEFAULT_PEERS = ["hf", "ct2"]
-BATCH_PEERS = ("hf", "ct2")
+BATCH_PEERS = ("hf", "ct2", "ct2-int8")
 QUICK_SIZES = [1, 2, 4]
 ENGINE_REF = "stairs/greedy"  # mismatches are counted against these at batch 1
 HF_REF = "hf/greedy"
@@ -108,26 +108,24 @@ def peer_batch_methods(peers, hf_main: Path, threads: int, max_new: int, workdir
         except Exception as exc:  # noqa: BLE001
             out.append(BatchMethod(HF_REF, None, "peer", error=f"{type(exc).__name__}: {exc}"))
             log(f"peer {HF_REF} skipped: {exc}")
-    if "ct2" in peers:
-        try:
-            from bench.peers import CT2Worker
-
-            ct = CT2Worker(hf_main, threads, "float32", workdir)
-            out.append(
-                BatchMethod(
-                    "ct2/float32",
-                    lambda b: (ct.greedy_batch(b, max_new, len(b)), None),
-                    "peer",
-                    rss=ct.max_rss_mb,
-                    close=ct.close,
-                )
-            )
-        except Exception as exc:  # noqa: BLE001
-            out.append(
-                BatchMethod("ct2/float32", None, "peer", error=f"{type(exc).__name__}: {exc}")
-            )
-            log(f"peer ct2/float32 skipped: {exc}")
+    for peer, ctype in (("ct2", "float32"), ("ct2-int8", "int8")):
+        if peer in peers:
+            out.append(_ct2_method(hf_main, threads, ctype, max_new, workdir, log))
     return out
+
+
+def _ct2_method(hf_main: Path, threads: int, ctype: str, max_new: int, workdir: Path, log):
+    """CTranslate2 translate_batch of one compute type in its own worker process."""
+    name = f"ct2/{ctype}"
+    try:
+        from bench.peers import CT2Worker
+
+        ct = CT2Worker(hf_main, threads, ctype, workdir)
+    except Exception as exc:  # noqa: BLE001 - reported, never hidden
+        log(f"peer {name} skipped: {exc}")
+        return BatchMethod(name, None, "peer", error=f"{type(exc).__name__}: {exc}")
+    fn = lambda b: (ct.greedy_batch(b, max_new, len(b)), None)
+    return BatchMethod(name, fn, "peer", rss=ct.max_rss_mb, close=ct.close)
 
 
 def run_sizes(methods, prompts, sizes, monitor=None, progress=None, on_size=None) -> None:
@@ -194,6 +192,9 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
         "engine_greedy_b1": reference(methods, ENGINE_REF),
         "hf_greedy_b1": reference(methods, HF_REF),
     }
+    # a quantized main's methods (stairs/SPEC@NAME) against its own greedy at batch 1
+    own = {m.name.rpartition("@")[2]: reference(methods, f"{ENGINE_REF}@{m.name.rpartition('@')[2]}")
+           for m in methods if "@" in m.name}  # fmt: skip
     windows = (quiet_summary or {}).get("methods", {})
     rows = []
     for m in methods:
@@ -222,7 +223,9 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
             errs = [o for o in outs if isinstance(o, str)]
             if errs:
                 row["first_error"] = errs[0]
-            for key, ref in refs.items():
+            label = m.name.rpartition("@")[2] if "@" in m.name else None
+            mine = {"own_greedy_b1": own.get(label)} if label else {}
+            for key, ref in {**refs, **mine}.items():
                 if ref is not None:
                     row[f"mismatches_vs_{key}"] = sum(
                         isinstance(o, list) and o != r for o, r in zip(outs, ref)
@@ -250,9 +253,16 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
         for r in rows
         if r["method"] == "ct2/float32" and "tokens_per_s" in r
     }
+    ct2_int8 = {
+        r["batch_size"]: r["tokens_per_s"]
+        for r in rows
+        if r["method"] == "ct2/int8" and "tokens_per_s" in r
+    }
     for r in rows:
         if "tokens_per_s" in r and r["batch_size"] in ct2:
             r["x_ct2_float32"] = r["tokens_per_s"] / ct2[r["batch_size"]]
+        if "tokens_per_s" in r and r["batch_size"] in ct2_int8:
+            r["x_ct2_int8"] = r["tokens_per_s"] / ct2_int8[r["batch_size"]]
     return rows
 
 
@@ -277,14 +287,18 @@ def run_batch_bench(
     single=True,
     max_batch_tokens=None,
     shared_thread_pool=False,
+    extra_mains=(),
 ) -> dict:
-    """Batched engine strategies against HF padded generate and CTranslate2 float32
-    translate_batch at each batch size; writes results.json, results.md, batch_throughput.png.
+    """Batched engine strategies against HF padded generate and CTranslate2 translate_batch
+    (float32; int8 with peer ct2-int8) at each batch size; writes results.json, results.md,
+    batch_throughput.png.
 
     quick: 8 prompts, 16 tokens, sizes limited to 3 of at most 4 (default 1, 2, 4).
     single: also time Engine.generate greedy (one request at a time) at batch 1.
     max_batch_tokens: passed to Engine.generate_batch (None: the engine's default).
     shared_thread_pool: passed to Engine.load (one process-wide ORT pool).
+    extra_mains: other exports of the same main (--dtype int8, int4): every strategy again on
+    each, labelled @folder name, with mismatches against its own greedy at batch 1.
     The machine is watched as in run_bench (bench.quiet); require_quiet raises NotQuietError
     before the timed runs if it never became quiet."""
     from tqdm.auto import tqdm
@@ -338,6 +352,12 @@ def run_batch_bench(
     workdir = out / "work"
     workdir.mkdir(parents=True, exist_ok=True)
     methods = [engine_batch_method(eng, s, max_new_tokens, max_batch_tokens) for s in strategies]
+    for extra in extra_mains:  # other exports of the main (int8, int4): labelled @folder name
+        e = Engine.load(extra, asst, provider=provider, threads=threads)
+        for s in strategies:
+            m = engine_batch_method(e, s, max_new_tokens, max_batch_tokens)
+            m.name += f"@{Path(extra).name}"
+            methods.append(m)
     if single:
         methods.append(single_method(eng, max_new_tokens))
     methods += peer_batch_methods(peers, hf_main, threads, max_new_tokens, workdir, log)
@@ -381,7 +401,7 @@ def run_batch_bench(
             "max_batch_tokens": max_batch_tokens,
             # what the sessions got (ORT may refuse a shared pool once its environment exists)
             "shared_thread_pool": shared_thread_pool and shared_pool_in_use(threads),
-            "single_request_path": single,
+            "generate_row": single,
             "mean_input_tokens": sum(map(len, ids)) / len(ids),
             "quiet_threshold": quiet_threshold,
             "quiet_load": quiet_load,

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--peers",
-        help="hf,optimum,ct2 or none (default all; batch mode: hf,ct2, the only batched ones)",
+        help="hf,optimum,ct2 or none (default all; batch mode: hf,ct2 and ct2-int8, the batched"
+        " ones)",
     )
     p.add_argument(
         "--batch-sizes",
@@ -42,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-single",
         action="store_true",
-        help="batch mode: leave out the single-request path (generate) at batch 1; the engine"
-        " then loads only the batched graphs, each weight once (big models)",
+        help="batch mode: leave out Engine.generate (one prompt at a time) at batch 1",
+    )
+    p.add_argument(
+        "--extra-mains",
+        metavar="DIR[,DIR]",
+        help="batch mode: other exports of the main (e.g. --dtype int8, int4), every strategy"
+        " again on each, with mismatches against its own greedy; peer ct2-int8 for CTranslate2"
+        " int8",
     )
     p.add_argument(
         "--shared-thread-pool",
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             ("--no-single", a.no_single),
             ("--shared-thread-pool", a.shared_thread_pool),
             ("--max-batch-tokens", a.max_batch_tokens is not None),
+            ("--extra-mains", a.extra_mains is not None),
         ):
             if on:
                 p.error(f"{flag} needs --batch-sizes (batch mode)")
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_batch_tokens=a.max_batch_tokens,
                 single=not a.no_single,
                 shared_thread_pool=a.shared_thread_pool,
+                extra_mains=a.extra_mains.split(",") if a.extra_mains else (),
             )
         else:
             res = run_bench(

@@ -320,10 +320,11 @@ def batch_markdown(res: dict) -> str:
             "Aggregate tok/s: all new tokens (EOS not counted) / summed batch wall time, the prompts"
             " split into batches of B, every method run on each batch in turn. A request's latency"
             " is its batch's wall time. Mismatches: prompts whose tokens differ from engine greedy"
-            " at batch 1 / HF greedy at batch 1. x CT2: tok/s over CTranslate2 float32"
-            " translate_batch at the same B. main calls: summed over requests (a call shared by"
+            " at batch 1 (the fp32 main) / from its own main's greedy at batch 1 (methods @NAME run"
+            " another export of the main) / HF greedy at batch 1. x CT2: tok/s over CTranslate2"
+            " float32 (int8) translate_batch at the same B. main calls: summed over requests (a call shared by"
             " n requests counts n times); rows/call: requests sharing a main call on average."
-            " stairs/greedy (generate): the single-request Engine.generate path, batch 1 only."
+            " stairs/greedy (generate): Engine.generate one prompt at a time, batch 1 only."
         ),
         "",
         "## Aggregate tokens/s",
@@ -352,24 +353,27 @@ def batch_markdown(res: dict) -> str:
         "## Per method and batch size",
         "",
         (
-            "| B | method | tok/s | x CT2 float32 | p50 ms | p90 ms | mismatches vs engine B1 |"
-            " mismatches vs HF B1 | failed prompts | main calls | rows/call | verify ms/call |"
-            " draft ms/call | encoder ms/request | others CPU/s |"
+            "| B | method | tok/s | x CT2 float32 | x CT2 int8 | p50 ms | p90 ms |"
+            " mismatches vs engine B1 | mismatches vs own greedy B1 | mismatches vs HF B1 |"
+            " failed prompts | main calls | rows/call | verify ms/call | draft ms/call |"
+            " encoder ms/request | others CPU/s |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in sizes:
         for r in (r for r in rows if r["batch_size"] == b):
             if "tokens_per_s" not in r:
                 lines.append(
-                    f"| {b} | {r['method']} | failed: {r.get('error', '')[:90]} |||||||||||||"
+                    f"| {b} | {r['method']} | failed: {r.get('error', '')[:90]} |||||||||||||||"
                 )
                 continue
             fp = r.get("failed_prompts", 0)
             lines.append(
                 f"| {b} | {r['method']} | {r['tokens_per_s']:.{0 if r['tokens_per_s'] >= 100 else 2}f} | "
-                f"{_f(r.get('x_ct2_float32'), '.2f')} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
-                f"{_mm(r, 'engine_greedy_b1')} | {_mm(r, 'hf_greedy_b1')} | "
+                f"{_f(r.get('x_ct2_float32'), '.2f')} | {_f(r.get('x_ct2_int8'), '.2f')} | "
+                f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+                f"{_mm(r, 'engine_greedy_b1')} | {_mm(r, 'own_greedy_b1')} | "
+                f"{_mm(r, 'hf_greedy_b1')} | "
                 f"{f'**{fp}**' if fp else '0'} | {_f(r.get('main_calls'), 'd')} | "
                 f"{_f(r.get('mean_batch_rows'), '.2f')} | {_f(r.get('verify_ms_per_call'), '.1f')} | "
                 f"{_f(r.get('draft_ms_per_call'), '.1f')} | "

@@ -112,11 +112,8 @@ def strategy_options(strategy: str, given: dict) -> dict:
     return opt.validate(strategy, given)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    from engine import Engine, EngineError
-    from engine.strategies import NEEDS_ASSISTANT
-
+def _generate_parser() -> _Parser:
+    """stairs-generate's flags."""
     p = _Parser(prog="stairs-generate", description=__doc__)
     p.add_argument("prompt", nargs="?", help="text prompt (or use --prompts)")
     p.add_argument("--main", required=True, help="exported main model folder")
@@ -125,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "--strategy",
         default="greedy",
         choices=opt.STRATEGY_NAMES,
-        help="auto: what stairs-tune measured fastest",
+        help="auto: assisted with the draft length stairs-tune measured per batch size",
     )
     add_option_flags(p)
     p.add_argument(
@@ -155,6 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         "--json", action="store_true", help="print strategy, options, ids, text, stats as JSON"
     )
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    from engine import Engine, EngineError
+    from engine.strategies import NEEDS_ASSISTANT
+
+    p = _generate_parser()
     a = p.parse_args(argv)
     if (a.prompt is None) == (a.prompts is None):
         p.error("give either a PROMPT or --prompts FILE")

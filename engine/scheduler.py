@@ -28,8 +28,9 @@ from .strategies.base import greedy
 DEFAULT_BATCH_TOKENS = 256
 MAX_BATCH_TOKENS = 65536
 # strategy="auto": draft tokens per request by the number of active requests (the largest key
-# <= N applies; 0 = speculation off). On 2 CPU cores it loses at most 2-4% at 8-16 requests on
-# the 48M pycode main but gains 29% at 8 on a t5-large shape (docs/benchmarks.md);
+# <= N applies; 0 = speculation off). Measured before the one-path redesign on 2 CPU cores: it lost
+# at most 2-4% at 8-16 requests on the 48M pycode main, gained 29% at 8 on a t5-large shape
+# (docs/benchmarks.md);
 # `stairs-tune --batch-sizes` measures the table for a pair.
 DEFAULT_AUTO_K = {1: 4, 4: 3}
 DEFAULT_AUTO_K_CUDA = {1: 4}  # H100: speculation paid at every batch size measured (1-16)
@@ -338,7 +339,7 @@ class Scheduler:
         self.main.keep(r, lo, [lo + j for j in path])  # the one rewind
         asst = CacheRow(self.asst, r) if self.asst is not None and r in self.asst.owners else None
         r.drafter.commit(len(r.seq) + n, path, asst, carry[1:])
-        drafted = (len(row) - 1) // r.drafter.branches
+        drafted = len(row) - 1 if parents is None else (len(row) - 1) // r.drafter.branches
         r.drafter.update(drafted, n)
         rc = r.counter
         rc.main_calls += 1

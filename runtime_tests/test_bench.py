@@ -174,7 +174,7 @@ def test_batch_table_shows_each_method_at_each_size_against_ct2():
 
     md = report.batch_markdown(batch_results())
     assert "| stairs/greedy | 150 (1.50x) | 300 (1.20x) |" in md  # the tok/s pivot
-    assert "| 4 | stairs/greedy | 300 | 1.20 | 800 | 900 | 0 | – |" in md
+    assert "| 4 | stairs/greedy | 300 | 1.20 | – | 800 | 900 | 0 | – | – |" in md
     assert "| 1 | hf/greedy | failed: ImportError: no torch" in md
     assert "B=4: stairs/greedy 300 tok/s = 1.20x CT2 float32 (250)" in md
     assert "| 4 | 950 | 320 |" in md  # peak RSS per size, the CT2 worker's own column
@@ -351,7 +351,7 @@ def test_batch_bench_end_to_end_on_a_tiny_model(tiny_models, tmp_path, monkeypat
     assert "| stairs/greedy |" in (out / "results.md").read_text()
     assert (out / "batch_throughput.png").stat().st_size > 1000
 
-    # --no-single: no generate() row, and the engine loads only the batched graphs
+    # --no-single: no generate() row
     out3 = tmp_path / "out3"
     args = [*common, "--batch-sizes", "1", "--peers", "none", "--out", str(out3), "--no-single"]
     assert main([*args, "--strategies", "greedy;tree:draft_tokens=2,branches=2"]) == 0
@@ -360,7 +360,7 @@ def test_batch_bench_end_to_end_on_a_tiny_model(tiny_models, tmp_path, monkeypat
         "stairs/greedy",
         "stairs/tree:draft_tokens=2,branches=2",
     ]
-    assert res["settings"]["single_request_path"] is False
+    assert res["settings"]["generate_row"] is False
     assert all(r["mismatches_vs_engine_greedy_b1"] == 0 for r in res["rows"])
     assert all(r["verify_ms_per_call"] > 0 and r["encoder_ms_per_request"] > 0 for r in res["rows"])
 

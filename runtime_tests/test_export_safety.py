@@ -434,19 +434,13 @@ def test_relative_output_with_dotdot_lands_beside_the_real_target(src, tmp_path,
 def test_one_definition_of_the_masked_files_and_opset_range(src, tmp_path):
     """export.core names the masked graphs as export.masked writes them and the engine loads
     them, and both exporters refuse an opset with the same message."""
-    import importlib
-
     import engine.model
     import export.core
     import export.masked
 
     names = [export.masked.DECODER_FILE, export.masked.CROSS_FILE]
     assert export.core.MASKED_FILES == names
-    # engine.model since every request runs on the masked graph (engine.batch before)
-    loader = engine.model
-    if not hasattr(loader, "MASKED_FILE"):
-        loader = importlib.import_module("engine.batch")
-    assert [loader.MASKED_FILE, loader.CROSS_FILE] == names
+    assert [engine.model.MASKED_FILE, engine.model.CROSS_FILE] == names
     model = export.core.load_torch_model(src["main"])
     with pytest.raises(OptionError) as masked_err:
         export.masked.export_masked_decoder(model, tmp_path / "m", opset=13)

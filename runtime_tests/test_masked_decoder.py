@@ -62,21 +62,22 @@ def _greedy(model, folder, prompts: list[list[int]], steps: int) -> list[list[in
     feed["encoder_attention_mask"] = enc_mask
     past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
     cfg = model.config
-    for n in past_names:
-        feed[n] = np.zeros((b, cfg.num_heads, 0, cfg.d_kv), np.float32)
-    feed["past_positions"] = np.zeros((b, 0), np.int64)
+    # one buffer: slot `step` is the new token's, written by the graph before it attends
+    buf = {n: np.zeros((b, cfg.num_heads, steps, cfg.d_kv), np.float32) for n in past_names}
     out = [[cfg.decoder_start_token_id] for _ in range(b)]
     for step in range(steps):
         feed["input_ids"] = np.array([[row[-1]] for row in out], np.int64)
         feed["positions"] = np.full((b, 1), step, np.int64)
+        feed["new_slots"] = feed["positions"]
+        feed["past_positions"] = np.tile(np.arange(step + 1), (b, 1))
         feed["attention_mask"] = np.ones((b, 1, step + 1), np.int64)
+        feed.update((n, a[:, :, : step + 1]) for n, a in buf.items())
         logits, *presents = dec.run(None, feed)
         assert np.isfinite(logits).all()
         for r, tok in enumerate(logits[:, -1].argmax(-1)):
             out[r].append(int(tok))
         for n, new in zip(past_names, presents):
-            feed[n] = np.concatenate([feed[n], new], axis=2)
-        feed["past_positions"] = np.concatenate([feed["past_positions"], feed["positions"]], 1)
+            buf[n][:, :, step] = new[:, :, 0]
     return out
 
 
@@ -100,9 +101,9 @@ def test_masked_decoder_matches_hf(tiny):
     sess = ort.InferenceSession(str(folder / DECODER_FILE), providers=["CPUExecutionProvider"])
     layers = model.config.num_decoder_layers
     names = [i.name for i in sess.get_inputs()]
-    assert names[:4] == ["input_ids", "positions", "past_positions", "attention_mask"]
+    assert names[:5] == ["input_ids", "positions", "past_positions", "attention_mask", "new_slots"]
     assert names[-1] == "encoder_attention_mask"
-    assert len(names) == 5 + 4 * layers
+    assert len(names) == 6 + 4 * layers
     outs = [o.name for o in sess.get_outputs()]
     assert outs[0] == "logits" and outs[-1] == f"present.{layers - 1}.decoder.value"
 

@@ -214,7 +214,6 @@ def build_app(config: ServeConfig) -> FastAPI:
         threads=config.threads,
         shared_thread_pool=config.shared_thread_pool,
         verify=config.verify,
-        single_request=False,
     )
     return create_app(eng, config)
 
