@@ -8,8 +8,7 @@ import sys
 from export.core import ASSISTANT_DTYPE, DTYPES
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stairs-export", description=__doc__)
     p.add_argument("model", help="hub name (t5-3b, google/flan-t5-large) or local HF folder")
     p.add_argument("-o", "--output", help="output folder (default models/<name>/)")
@@ -46,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         help="replace an output folder that is empty or a previous stairs export",
     )
     p.add_argument("-q", "--quiet", action="store_true")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    a = _parser().parse_args(argv)
     from export import ExportError, Terminated, export_model
 
     try:

@@ -622,7 +622,9 @@ def _absolute(path: Path) -> Path:
 def _export(
     model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype, optimum=False
 ):
-    """export_model's body: its arguments, already checked."""
+    """export_model's body: its arguments, already checked. One function over 60 lines on
+    purpose: refusals, temporary folders, exports, pairing and the swap read in the order they
+    happen, with one cleanup for all of them."""
     t0 = time.perf_counter()
     src, name = resolve_source(model)
     out = _absolute(Path(output) if output else MODELS_DIR / name)
