@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .masked import follow_umask
+
 # Ops that stay fp32: RMS layer norm pieces, residual adds, softmax.
 FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Div", "Add", "Softmax", "Reciprocal"]
 
@@ -66,6 +68,8 @@ def convert_file(path: Path) -> None:
         all_tensors_to_one_file=True,
         location=path.name + "_data",
     )
+    if (path.parent / (path.name + "_data")).is_file():
+        follow_umask(path.parent / (path.name + "_data"))
 
 
 def _restore_fp32_weights(graph, names: set[str]) -> None:

@@ -185,8 +185,16 @@ def _save(tmp_dir: Path, name: str, out_dir: Path) -> list[str]:
     else:
         src = tmp_dir
     for f in reversed(written):  # the data file first, so the graph never names a missing one
+        follow_umask(src / f)
         os.replace(src / f, out_dir / f)
     return written
+
+
+def follow_umask(path: Path) -> None:
+    """Give a written file the mode the umask allows (onnx writes external data 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> list[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .masked import EXTERNAL_BYTES  # graphs above it are written with external data
+from .masked import EXTERNAL_BYTES, follow_umask  # graphs above it: external data
 
 # A main's settings: the fastest 1- and 5-token masked decoder calls among those whose greedy
 # continuations are >= 80% the fp32 main's on 32, 64 and 128 prompts (int8: the feed-forward
@@ -77,6 +77,8 @@ def _save(model, path: Path) -> None:
         all_tensors_to_one_file=True,
         location=path.name + "_data",
     )
+    if (path.parent / (path.name + "_data")).is_file():
+        follow_umask(path.parent / (path.name + "_data"))
 
 
 def weight_only(

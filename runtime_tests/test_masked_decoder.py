@@ -3,6 +3,8 @@ Hugging Face: ragged rows, holes, tree branches and an empty past, and greedy de
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -179,3 +181,30 @@ def test_external_data_is_packed_into_one_file(tmp_path):
     sess = ort.InferenceSession(str(out / "g.onnx"), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": np.ones((1, 40), np.float32)})[0]
     assert np.allclose(y, 6.0)
+    # the files follow the umask (onnx writes external data 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {(p.stat().st_mode & 0o777) for p in out.iterdir()} == {0o666 & ~mask}
+
+
+def test_big_graphs_are_written_with_external_data(tmp_path, monkeypatch):
+    """Above EXTERNAL_BYTES a graph's weights go to one data file (held once while ORT loads)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export import masked
+
+    w = np.eye(40, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 40])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 40])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir(), out.mkdir()
+    onnx.save_model(helper.make_model(graph), str(tmp / "g.onnx"))  # weights inside
+    monkeypatch.setattr(masked, "EXTERNAL_BYTES", 1000)
+    assert masked._save(tmp, "g.onnx", out) == ["g.onnx", "g.onnx_data"]
+    assert (out / "g.onnx").stat().st_size < 1000 < (out / "g.onnx_data").stat().st_size
