@@ -449,6 +449,7 @@ class Engine:
                 self._worker = self._worker or Worker(sched)
         elif max_batch_tokens is not None:
             self._worker.scheduler.max_batch_tokens = _batch_tokens(max_batch_tokens)
+        self._worker.scheduler.memory_bytes = self.limits.memory_bytes  # eng.limits may change
         return self._worker.scheduler
 
     def start(self, *, max_batch_tokens: int | None = None) -> None:

@@ -6,6 +6,7 @@ Shapes: B rows, S encoder length, M d_model, H heads, D d_kv, V vocab.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .errors import ModelFileError
 from .stats import Counter
 from .tokenizer import Tokenizer
 
+log = logging.getLogger("stairs")
 ENCODER_FILE = "encoder_model.onnx"
 MASKED_FILE = "decoder_masked_model.onnx"
 CROSS_FILE = "cross_kv_model.onnx"
@@ -186,6 +188,12 @@ class T5Model:
         # in place: the new tokens' key/values go into their slots of one buffer in the graph
         # (stairs-export since the one-engine redesign); older folders concatenate them
         self.in_place = "new_slots" in ins
+        if not self.in_place:
+            log.warning(
+                "%s: exported before the decoder wrote into its slots; it runs, but its outputs"
+                " are not bit-identical by construction: export it again with stairs-export",
+                path,
+            )
         feeds = {*STEP_FEEDS, *self.self_names, *self.cross_names, *(["new_slots"] * self.in_place)}
         if set(ins) != feeds or outs != want_out:
             raise ModelFileError(

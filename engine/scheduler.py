@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .accept import accept_path
-from .cache import BatchCache
+from .cache import CHUNK, BatchCache
 from .errors import CancelledError, EngineError, InputError, NonFiniteLogitsError
-from .model import T5Model
+from .model import MIN_TOKENS, T5Model
 from .options import MEMORY_SAFETY, available_memory
 from .stats import Counter
 from .strategies import CacheRow, Drafter
@@ -109,6 +109,11 @@ def as_engine_error(exc: Exception) -> EngineError:
     return err
 
 
+def _width(r: Request, active: int) -> int:
+    """Tokens r's main-call row takes with `active` requests (at least MIN_TOKENS)."""
+    return max(MIN_TOKENS, r.drafter.width(r.drafter.draft_len(active)))
+
+
 def _pack(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded ids [N, T] and real lengths [N] of token lists."""
     counts = np.array([len(x) for x in rows], np.int64)
@@ -151,8 +156,8 @@ class Scheduler:
         return bool(self.waiting or self.active)
 
     def step(self) -> StepRecord:
-        """One scheduler step. A failure while admitting fails only the joining requests; one
-        inside a draft or verify call fails the requests that call served."""
+        """One scheduler step. A failure while admitting (or encoding for the assistant) fails
+        only those requests; one inside a shared draft or verify call fails every active one."""
         retired = self._retire()
         admitted = self._admit()
         rounds, shape = 0, (0, 0)
@@ -180,8 +185,12 @@ class Scheduler:
     def _fits(self, joining: list[Request], r: Request) -> bool:
         """Whether the caches' worst case (every request at its longest) fits with r joined."""
         reqs = [*self.active, *joining, r]
-        cap = max(q.max_length() for q in reqs)
-        enc = max(len(q.ids) for q in reqs)
+        # a call's capacity: the longest output plus the widest row; never below what the
+        # caches hold now (they keep their size until no request is active)
+        longest = max(q.max_new_tokens for q in reqs)
+        widest = max(q.max_length() - q.max_new_tokens for q in reqs)
+        cap = max(longest + widest + CHUNK, self.main.capacity)
+        enc = max(max(len(q.ids) for q in reqs), self.main.enc_len)
         rows = 1 << (len(reqs) - 1).bit_length()  # the caches double their rows
         need, now = self.main.nbytes(rows, cap, enc), self.main.nbytes()
         if self.asst is not None:
@@ -194,15 +203,18 @@ class Scheduler:
 
     def _admit(self) -> int:
         """Move waiting requests into the batch while the token budget and memory allow."""
+        for r in [r for r in self.waiting if r.cancelled]:  # not only the head of the queue
+            self.waiting.remove(r)
+            r.finish(CancelledError("cancelled before it started"))
         rows = len(self.active)
-        width = max((r.drafter.width(r.drafter.draft_len(rows)) for r in self.active), default=0)
+        width = max((_width(r, rows) for r in self.active), default=0)
         joining: list[Request] = []
         while self.waiting:
             r = self.waiting[0]
             if r.cancelled:
                 self.waiting.pop(0).finish(CancelledError("cancelled before it started"))
                 continue
-            w = max(width, r.drafter.width(r.drafter.draft_len(rows + 1)))
+            w = max(width, _width(r, rows + 1))
             alone = not rows and not joining
             if (rows + 1) * w > self.max_batch_tokens and not alone:
                 break
@@ -268,8 +280,11 @@ class Scheduler:
             for r in self.active
             if r.drafter.uses_assistant and r.drafter.want and r not in self.asst.owners
         ]
-        if late:  # auto turned speculation on for requests the assistant has not encoded
-            self._encode(self.asst, late)
+        for r in late:  # auto turned speculation on: encode them; a failure fails r alone
+            try:
+                self._encode(self.asst, [r])
+            except Exception as exc:  # noqa: BLE001
+                r.error = as_engine_error(exc)
         return self._assistant_rounds(list(self.asst.owners))
 
     def _assistant_rounds(self, rows: list[Request]) -> int:
@@ -314,23 +329,25 @@ class Scheduler:
         t, c = time.perf_counter(), Counter()
         logits = self.main.run(tokens, counts, c, tree if any(tree) else None)  # [N, T', V]
         dt = time.perf_counter() - t
-        self.calls.append(tokens.shape)
+        shape = logits.shape[:2]  # as run: rows x tokens, the MIN_TOKENS pad included
+        self.calls.append(shape)
         self.call_count += 1
         for i, r in enumerate(owners):
             if r.error is None:
                 self._accept(r, rows[i], props[i], logits[i, : counts[i]], dt, c.session_s)
         for r in owners:
             r.counter.batch_rows += len(owners) if r.error is None else 0
-        return tokens.shape
+        return shape
 
     def _accept(self, r: Request, row, parents, logits, dt: float, session_s: float) -> None:
         """Accept r's longest agreeing path, rewind both caches to it, emit its tokens."""
-        try:
-            targets = greedy(logits, "main", len(r.seq) - 1)  # [real]
+        targets = logits.argmax(-1)  # [real]
+        path = accept_path(row, parents, targets)
+        try:  # the one NaN check, on the logits the output rests on (the accepted path's)
+            greedy(logits[path], "main", len(r.seq) - 1)
         except NonFiniteLogitsError as exc:
             r.error = exc
             return
-        path = accept_path(row, parents, targets)
         # Only tokens in their own slots (row index = depth) were computed as a plain row
         # would be: the rest of a side path is re-proposed (carry), never emitted from here.
         exact = next((i for i, j in enumerate(path) if i != j), len(path))

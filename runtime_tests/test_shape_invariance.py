@@ -85,6 +85,22 @@ def check_model(folder, seed: int = 0, sizes=(1, 2, 5, 16)) -> int:
     return compared
 
 
+def check_long_neighbour(folder, seed: int = 3) -> None:
+    """Rows beside a long one (150-token history, 200-token prompt): the call's capacity and
+    encoder length grow from 32 and ~40 to 160+ and 201, every other row's bits stay."""
+    model = T5Model(folder, threads=2)
+    rng = np.random.default_rng(seed)
+    rows = [Row(rng, model.vocab_size, int(rng.integers(1, 7))) for _ in range(3)]
+    long = Row(rng, model.vocab_size, 3)
+    long.history = [0] + rng.integers(2, model.vocab_size, 150).tolist()
+    long.prompt = rng.integers(2, model.vocab_size, 200).tolist() + [1]
+    ref = [alone(model, r) for r in rows]
+    for chunk, holes in ((None, False), (3, True)):
+        got = together(model, [*rows, long], chunk, holes)
+        for i, (a, b) in enumerate(zip(ref, got)):
+            assert np.array_equal(a, b), f"{folder}: row {i} beside a long row (chunk {chunk})"
+
+
 def check_tree(folder, seed: int = 1) -> None:
     """A tree row (pending + two paths under a tree mask) beside a plain row: the first path
     sits in the slots a plain row would give it, so its logits equal that path fed alone, bit
@@ -113,11 +129,13 @@ def _with_new(row: Row, new: list[int]) -> Row:
 @pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
 def test_tiny_rows_bit_identical_in_any_call_shape(tiny_models, variant):
     assert check_model(tiny_models[variant]["main"]) == 3 * (1 + 2 + 5 + 16)
+    check_long_neighbour(tiny_models[variant]["main"])
     check_tree(tiny_models[variant]["main"])
 
 
 def test_pycode_rows_bit_identical_in_any_call_shape(pycode_pair):
     assert check_model(pycode_pair[0], sizes=(1, 5, 16)) == 3 * (1 + 5 + 16)
+    check_long_neighbour(pycode_pair[0])
     check_tree(pycode_pair[0])
 
 
@@ -130,6 +148,7 @@ def test_quantized_and_fp16_mains_bit_identical(tiny_models, tmp_path, dtype):
     hf = tiny_models["v1_1"]["hf"]
     res = export_model(str(hf), tmp_path / f"main-{dtype}", dtype=dtype, quiet=True)
     assert check_model(res.main, sizes=(1, 2, 5)) == 3 * (1 + 2 + 5)
+    check_long_neighbour(res.main)
     check_tree(res.main)
 
 
