@@ -152,8 +152,10 @@ class BatchCache:
         parent, new token i taking slot lengths[r] + i. A token then attends to the row's trunk
         and its own ancestors only, at position parent's + 1: a tree of drafts in one row. Its
         slots stay uncommitted until keep() (or rewind()) picks one path."""
-        if tokens.shape[1] < MIN_TOKENS:  # shape rule: every row carries >= 2 tokens
-            pad = np.full((len(tokens), MIN_TOKENS - tokens.shape[1]), self.model.pad_id)
+        # the shape rule: >= 2 tokens per row (older graphs), or per call (model.min_tokens)
+        want = MIN_TOKENS if tokens.size < MIN_TOKENS else self.model.min_tokens
+        if tokens.shape[1] < want:
+            pad = np.full((len(tokens), want - tokens.shape[1]), self.model.pad_id)
             tokens = np.concatenate([tokens, pad], axis=1)
         n, t = tokens.shape
         need = int((self.lengths[:n] + t).max())

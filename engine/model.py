@@ -33,9 +33,10 @@ STEP_FEEDS = (
     "attention_mask",
     "encoder_attention_mask",
 )
-# The fewest tokens (and encoder positions) any call carries: ORT's kernels take another path
-# for a single query row, so one-token calls would give other bits than the same row in a wider
-# call. With at least two, a row's logits are the same bits whatever shares its call.
+# The fewest tokens a call carries (and encoder positions): ORT's kernels take another path for
+# a single row, so a one-token call would give other bits than the same row in a wider call.
+# Graphs whose attention adds a query row of its own (stairs.attention_query_rows = 2) need it
+# for the call as a whole (its linear layers); older ones for every row (their attention).
 MIN_TOKENS = 2
 # config.json keys the engine uses -> smallest valid value (ints; bools refused).
 CONFIG_INTS = {
@@ -188,6 +189,10 @@ class T5Model:
         # in place: the new tokens' key/values go into their slots of one buffer in the graph
         # (stairs-export since the one-engine redesign); older folders concatenate them
         self.in_place = "new_slots" in ins
+        # graphs whose attention already runs >= 2 query rows need a pad only when a call has a
+        # single token in all (then the linear layers would run one row); older ones every row
+        meta = dec.get_modelmeta().custom_metadata_map
+        self.min_tokens = 1 if meta.get("stairs.attention_query_rows") == "2" else MIN_TOKENS
         if not self.in_place:
             log.warning(
                 "%s: exported before the decoder wrote into its slots; it runs, but its outputs"

@@ -19,7 +19,7 @@ import numpy as np
 from .accept import accept_path
 from .cache import CHUNK, BatchCache
 from .errors import CancelledError, EngineError, InputError, NonFiniteLogitsError
-from .model import MIN_TOKENS, T5Model
+from .model import T5Model
 from .options import MEMORY_SAFETY, available_memory
 from .stats import Counter
 from .strategies import CacheRow, Drafter
@@ -109,9 +109,9 @@ def as_engine_error(exc: Exception) -> EngineError:
     return err
 
 
-def _width(r: Request, active: int) -> int:
-    """Tokens r's main-call row takes with `active` requests (at least MIN_TOKENS)."""
-    return max(MIN_TOKENS, r.drafter.width(r.drafter.draft_len(active)))
+def _width(r: Request, active: int, floor: int) -> int:
+    """Tokens r's main-call row takes with `active` requests (at least floor: the pad)."""
+    return max(floor, r.drafter.width(r.drafter.draft_len(active)))
 
 
 def _pack(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -207,14 +207,15 @@ class Scheduler:
             self.waiting.remove(r)
             r.finish(CancelledError("cancelled before it started"))
         rows = len(self.active)
-        width = max((_width(r, rows) for r in self.active), default=0)
+        floor = self.main_model.min_tokens
+        width = max((_width(r, rows, floor) for r in self.active), default=0)
         joining: list[Request] = []
         while self.waiting:
             r = self.waiting[0]
             if r.cancelled:
                 self.waiting.pop(0).finish(CancelledError("cancelled before it started"))
                 continue
-            w = max(width, _width(r, rows + 1))
+            w = max(width, _width(r, rows + 1, floor))
             alone = not rows and not joining
             if (rows + 1) * w > self.max_batch_tokens and not alone:
                 break
@@ -329,7 +330,7 @@ class Scheduler:
         t, c = time.perf_counter(), Counter()
         logits = self.main.run(tokens, counts, c, tree if any(tree) else None)  # [N, T', V]
         dt = time.perf_counter() - t
-        shape = logits.shape[:2]  # as run: rows x tokens, the MIN_TOKENS pad included
+        shape = logits.shape[:2]  # as run: rows x tokens, a pad included
         self.calls.append(shape)
         self.call_count += 1
         for i, r in enumerate(owners):

@@ -35,6 +35,7 @@ DEFAULT_OPSET = 17
 # ONNX Runtime then holds its weights once (inside the protobuf they sit in memory twice while
 # it loads: 2.15 GB anonymous RSS for a 1.44 GB decoder), and protobuf's 2 GB cap never applies.
 EXTERNAL_BYTES = 256 << 20
+QUERY_ROWS_KEY = "stairs.attention_query_rows"  # metadata: the attention's fewest query rows
 
 
 def _io_names(layers: int) -> dict:
@@ -79,10 +80,16 @@ def _modules(model):
         return x.view(b, -1, heads, d_kv).transpose(1, 2)
 
     def attend(q, k, v, bias, o, b):
-        # T5: no 1/sqrt(d_kv) scaling; softmax in fp32 as HF.
+        # T5: no 1/sqrt(d_kv) scaling; softmax in fp32 as HF. One extra query row (a copy of
+        # the first, dropped after): ORT multiplies a single query row by another kernel path,
+        # so with >= 2 rows a token's attention is the same bits however many share its row.
+        t = q.shape[2]
+        q = torch.cat([q, q[:, :, :1]], dim=2)
+        if bias.shape[2] > 1:  # self attention: a bias row per query (cross: one, broadcast)
+            bias = torch.cat([bias, bias[:, :, :1]], dim=2)
         scores = torch.matmul(q, k.transpose(3, 2)) + bias
         weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(b, -1, heads * d_kv)
+        out = torch.matmul(weights, v)[:, :, :t].transpose(1, 2).reshape(b, -1, heads * d_kv)
         return o(out)
 
     class MaskedDecoder(nn.Module):
@@ -256,7 +263,20 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
             | {n: {0: "batch", 2: "source"} for n in names["cross"]},
         ),
     ]
-    return _export_jobs(jobs, out_dir, opset)
+    written = _export_jobs(jobs, out_dir, opset)
+    mark_query_rows(out_dir / DECODER_FILE)
+    return written
+
+
+def mark_query_rows(path: Path) -> None:
+    """Record in the graph's metadata that its attention runs >= 2 query rows (the engine then
+    pads only one-row, one-token calls to two tokens; older graphs get every row padded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    if not any(p.key == QUERY_ROWS_KEY for p in proto.metadata_props):
+        proto.metadata_props.add(key=QUERY_ROWS_KEY, value="2")
+        onnx.save_model(proto, str(path))
 
 
 def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
