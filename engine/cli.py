@@ -31,21 +31,6 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _count(ceiling: int):
-    """argparse type: an integer from 1 to ceiling."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not 1 <= value <= ceiling:
-            raise argparse.ArgumentTypeError(f"{value} is not from 1 to {ceiling}")
-        return value
-
-    return parse
-
-
 def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
     """The first n prompts of a JSONL file (each line an object with 'context', 'prompt' or
     'text'); InputError names the file and line of anything else. n=None: all of them."""
@@ -98,20 +83,6 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=o.type, metavar=name.upper(), help=help_)
 
 
-def strategy_options(strategy: str, given: dict) -> dict:
-    """The options given on the command line, checked against the strategy (InputError).
-
-    given: {option: value or None}; None means not given. An option the strategy does not take
-    is an error, not ignored; stairs takes --draft-tokens K as batch_size K + 1."""
-    given = {k: v for k, v in given.items() if v is not None}
-    if strategy == "stairs" and "draft_tokens" in given:
-        if "batch_size" in given:
-            raise InputError("stairs: give --batch-size or --draft-tokens, not both")
-        k = opt.OPTIONS["draft_tokens"].check(given.pop("draft_tokens"), strategy)
-        given["batch_size"] = k + 1
-    return opt.validate(strategy, given)
-
-
 def _generate_parser() -> _Parser:
     """stairs-generate's flags."""
     p = _Parser(prog="stairs-generate", description=__doc__)
@@ -127,23 +98,27 @@ def _generate_parser() -> _Parser:
     add_option_flags(p)
     p.add_argument(
         "--max-new-tokens",
-        type=_count(opt.MAX_NEW_TOKENS),
+        type=opt.count_type(opt.MAX_NEW_TOKENS),
         default=64,
         help=f"at most {opt.MAX_NEW_TOKENS}",
     )
     p.add_argument(
         "--max-input-tokens",
-        type=_count(opt.MAX_INPUT_TOKENS),
+        type=opt.count_type(opt.MAX_INPUT_TOKENS),
         help=f"input limit (default: the model's, at most {opt.MAX_INPUT_TOKENS})",
     )
     p.add_argument("--truncation", choices=["left", "right"], help="cut long inputs on this side")
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
-    p.add_argument("--threads", type=_count(1024), help="ORT threads (default: ORT's choice)")
+    p.add_argument(
+        "--threads", type=opt.count_type(1024), help="ORT threads (default: ORT's choice)"
+    )
     p.add_argument("--prompts", help="JSONL file; each line's 'context', 'prompt' or 'text'")
-    p.add_argument("-n", type=_count(MAX_PROMPTS), help="only the first N prompts of --prompts")
+    p.add_argument(
+        "-n", type=opt.count_type(MAX_PROMPTS), help="only the first N prompts of --prompts"
+    )
     p.add_argument(
         "--batch",
-        type=_count(1024),
+        type=opt.count_type(1024),
         default=1,
         help="generate this many prompts of --prompts together, sharing main calls (any "
         "strategy; --batch-size is stairs' rows)",
@@ -168,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("-n needs --prompts")
     try:
         # Everything that can be checked without the models is checked before loading them.
-        opts = strategy_options(a.strategy, {k: getattr(a, k) for k in opt.OPTIONS})
+        opts = opt.flag_options(a.strategy, {k: getattr(a, k) for k in opt.OPTIONS})
         if a.strategy in NEEDS_ASSISTANT and not a.assistant:
             raise InputError(f"strategy {a.strategy!r} needs --assistant DIR")
         prompts = read_prompts(a.prompts, a.n) if a.prompts else [a.prompt]
@@ -229,16 +204,18 @@ def tune_main(argv: list[str] | None = None) -> int:
     p.add_argument("--main", required=True, help="exported main model folder")
     p.add_argument("--assistant", help="exported assistant model folder")
     p.add_argument("--prompts", required=True, help="JSONL: 'context', 'prompt' or 'text'")
-    p.add_argument("-n", type=_count(MAX_PROMPTS), default=8, help="calibration prompts")
-    p.add_argument("--max-new-tokens", type=_count(opt.MAX_NEW_TOKENS), default=64)
+    p.add_argument("-n", type=opt.count_type(MAX_PROMPTS), default=8, help="calibration prompts")
+    p.add_argument("--max-new-tokens", type=opt.count_type(opt.MAX_NEW_TOKENS), default=64)
     p.add_argument(
         "--max-input-tokens",
-        type=_count(opt.MAX_INPUT_TOKENS),
+        type=opt.count_type(opt.MAX_INPUT_TOKENS),
         default=256,
         help="longer prompts keep their end",
     )
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
-    p.add_argument("--threads", type=_count(1024), help="ORT threads (default: ORT's choice)")
+    p.add_argument(
+        "--threads", type=opt.count_type(1024), help="ORT threads (default: ORT's choice)"
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     p.add_argument(
         "--batch-sizes",

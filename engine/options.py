@@ -174,6 +174,36 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name, validate(name, opts)
 
 
+def flag_options(strategy: str, given: dict) -> dict:
+    """Options given as command-line flags, checked against the strategy (InputError).
+
+    given: {option: value or None}; None means not given. An option the strategy does not take
+    is an error, not ignored; stairs takes --draft-tokens K as batch_size K + 1."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if strategy == "stairs" and "draft_tokens" in given:
+        if "batch_size" in given:
+            raise InputError("stairs: give --batch-size or --draft-tokens, not both")
+        k = OPTIONS["draft_tokens"].check(given.pop("draft_tokens"), strategy)
+        given["batch_size"] = k + 1
+    return validate(strategy, given)
+
+
+def count_type(ceiling: int):
+    """An argparse type: an integer from 1 to ceiling (the commands' count flags)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not 1 <= value <= ceiling:
+            raise argparse.ArgumentTypeError(f"{value} is not from 1 to {ceiling}")
+        return value
+
+    return parse
+
+
 def spec_of(strategy: str, options: dict) -> str:
     """The inverse of parse_spec: 'assisted:draft_tokens=4'."""
     return strategy + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")

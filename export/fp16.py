@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .masked import follow_umask
+from .masked import save_graph
 
 # Ops that stay fp32: RMS layer norm pieces, residual adds, softmax.
 FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Div", "Add", "Softmax", "Reciprocal"]
@@ -59,17 +59,7 @@ def convert_file(path: Path) -> None:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     OnnxModel(model16).topological_sort()
-    for old in path.parent.glob(path.name + "*data"):
-        old.unlink()
-    onnx.save_model(
-        model16,
-        str(path),
-        save_as_external_data=large,
-        all_tensors_to_one_file=True,
-        location=path.name + "_data",
-    )
-    if (path.parent / (path.name + "_data")).is_file():
-        follow_umask(path.parent / (path.name + "_data"))
+    save_graph(model16, path, large)
 
 
 def _restore_fp32_weights(graph, names: set[str]) -> None:

@@ -197,6 +197,25 @@ def _save(tmp_dir: Path, name: str, out_dir: Path) -> list[str]:
     return written
 
 
+def save_graph(model, path: Path, external: bool) -> None:
+    """Write an ONNX model over path (a previous data file of path removed first), its weights
+    in one `name`_data file beside it if external; every file follows the umask."""
+    import onnx
+
+    for old in path.parent.glob(path.name + "*data"):
+        old.unlink()
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=path.name + "_data",
+    )
+    for f in (path, path.parent / (path.name + "_data")):
+        if f.is_file():
+            follow_umask(f)
+
+
 def follow_umask(path: Path) -> None:
     """Give a written file the mode the umask allows (onnx writes external data 0600)."""
     mask = os.umask(0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .masked import EXTERNAL_BYTES, follow_umask  # graphs above it: external data
+from .masked import EXTERNAL_BYTES, save_graph  # graphs above it: external data
 
 # A main's settings: the fastest 1- and 5-token masked decoder calls among those whose greedy
 # continuations are >= 80% the fp32 main's on 32, 64 and 128 prompts (int8: the feed-forward
@@ -62,23 +62,9 @@ def _quiet_quantizer():
 
 
 def _save(model, path: Path) -> None:
-    """Write model to path, with one external data file beside it above EXTERNAL_BYTES (a
-    previous data file of path is removed first)."""
-    import onnx
-
+    """Write model to path, with one external data file beside it above EXTERNAL_BYTES."""
     size = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    for old in path.parent.glob(path.name + "*data"):
-        old.unlink()
-    large = size > EXTERNAL_BYTES
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=large,
-        all_tensors_to_one_file=True,
-        location=path.name + "_data",
-    )
-    if (path.parent / (path.name + "_data")).is_file():
-        follow_umask(path.parent / (path.name + "_data"))
+    save_graph(model, path, size > EXTERNAL_BYTES)
 
 
 def weight_only(

@@ -9,7 +9,7 @@ from engine import Engine
 
 N_PROMPTS = 50
 NEW = 64
-K_VALUES = [1, 2, 4, 7]
+K_VALUES = [1, 4]  # every row is bit-identical by construction (test_shape_invariance)
 
 # (strategy, options for draft length K)
 CASES = {

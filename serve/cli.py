@@ -18,6 +18,7 @@ from pathlib import Path
 
 from engine import EngineError, InputError
 from engine import options as opt
+from engine.cli import add_option_flags
 
 from . import config as c
 from .config import ServeConfig
@@ -31,21 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _count(ceiling: int):
-    """argparse type: an integer from 1 to ceiling."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not 1 <= value <= ceiling:
-            raise argparse.ArgumentTypeError(f"{value} is not from 1 to {ceiling}")
-        return value
-
-    return parse
 
 
 def _seconds(zero_ok: bool):
@@ -75,15 +61,10 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         help="what every request runs (auto: assisted, or lookup without an assistant, its"
         " draft length by the number of active requests)",
     )
-    for name, o in opt.OPTIONS.items():  # one flag per option of the engine's schema
-        flag = "--" + name.replace("_", "-")
-        if o.choices:
-            p.add_argument(flag, choices=o.choices, help=f"{o.help} (strategy option)")
-        else:
-            p.add_argument(
-                flag, type=o.type, metavar=name.upper(), help=f"{o.help}; {o.describe()}"
-            )
-    p.add_argument("--threads", type=_count(c.MAX_THREADS), help="ORT threads (default: ORT's)")
+    add_option_flags(p)  # one flag per option of the engine's schema
+    p.add_argument(
+        "--threads", type=opt.count_type(c.MAX_THREADS), help="ORT threads (default: ORT's)"
+    )
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
     p.add_argument(
         "--shared-thread-pool",
@@ -97,21 +78,21 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
-    p.add_argument("--port", type=_count(65535), default=8000, help="TCP port")
+    p.add_argument("--port", type=opt.count_type(65535), default=8000, help="TCP port")
     p.add_argument(
         "--max-batch-tokens",
-        type=_count(c.MAX_COUNT),
+        type=opt.count_type(c.MAX_COUNT),
         help="rows x padded tokens of one main call (default: the engine's)",
     )
     p.add_argument(
         "--max-queue",
-        type=_count(c.MAX_COUNT),
+        type=opt.count_type(c.MAX_COUNT),
         default=c.DEFAULT_MAX_QUEUE,
         help="prompts in the server at once (waiting or generating); beyond it 429",
     )
     p.add_argument(
         "--max-active",
-        type=_count(c.MAX_COUNT),
+        type=opt.count_type(c.MAX_COUNT),
         help="prompts generating at once (1: one at a time)",
     )
     p.add_argument(
@@ -128,7 +109,7 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-connections",
-        type=_count(c.MAX_COUNT),
+        type=opt.count_type(c.MAX_COUNT),
         default=c.DEFAULT_MAX_CONNECTIONS,
         help="open connections served at once; beyond it 503",
     )
@@ -143,23 +124,13 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
         "--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${c.API_KEY_ENV} if set)"
     )
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment")
-    p.add_argument("--replicas", type=_count(c.MAX_THREADS), default=1, help="--ray: replicas")
+    p.add_argument(
+        "--replicas", type=opt.count_type(c.MAX_THREADS), default=1, help="--ray: replicas"
+    )
     p.add_argument(
         "--ray-address",
         help="--ray: the cluster to join ('auto': the local one; default: start one)",
     )
-
-
-def strategy_options(strategy: str, given: dict) -> dict:
-    """The option flags given (None: not given) for strategy; stairs takes --draft-tokens K as
-    batch_size K + 1. InputError for an option the strategy does not take."""
-    given = {k: v for k, v in given.items() if v is not None}
-    if strategy == "stairs" and "draft_tokens" in given:
-        if "batch_size" in given:
-            raise InputError("stairs: give --batch-size or --draft-tokens, not both")
-        given["batch_size"] = opt.OPTIONS["draft_tokens"].check(given.pop("draft_tokens"), strategy)
-        given["batch_size"] += 1
-    return opt.validate(strategy, given)
 
 
 def parse_args(argv: list[str] | None = None) -> ServeConfig:
@@ -170,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     a = vars(p.parse_args(argv))
     given = {k: a.pop(k) for k in opt.OPTIONS}
     try:
-        options = strategy_options(a["strategy"], given)
+        options = opt.flag_options(a["strategy"], given)
         cfg = ServeConfig(verify=not a.pop("no_verify"), options=options, **a)
     except InputError as exc:
         p.error(str(exc))
