@@ -91,8 +91,9 @@ def test_tiny_self_and_random_assistant(tiny_models, variant, strategy):
                 assert b.stats.main_calls == len(ref)  # nothing skipped: one call per token
 
 
-def test_tree_second_branch_is_used(pycode_engine, pycode_prompts, greedy_ref):
-    """With 3 branches the tree accepts more per main call than its own first branch alone."""
+def test_tree_side_paths_stay_exact(pycode_engine, pycode_prompts, greedy_ref):
+    """With 3 branches a winning side path emits only its slot-exact first token and is
+    re-proposed as a chain: exact, and never fewer tokens per main call than one branch."""
     tree = linear = None
     for prompt, ref in zip(pycode_prompts[:10], greedy_ref):
         a = pycode_engine.generate(
@@ -104,7 +105,7 @@ def test_tree_second_branch_is_used(pycode_engine, pycode_prompts, greedy_ref):
         assert a.token_ids == ref and b.token_ids == ref
         tree = a.stats if tree is None else tree + a.stats
         linear = b.stats if linear is None else linear + b.stats
-    assert tree.tokens_per_main_call > linear.tokens_per_main_call
+    assert tree.tokens_per_main_call >= linear.tokens_per_main_call
 
 
 def test_auto_calibrates_stores_and_stays_exact(pycode_pair, pycode_prompts, greedy_ref, tmp_path):

@@ -32,11 +32,15 @@ class TreeDrafter(Drafter):
     def begin(self, seq: list[int], want: int) -> None:
         super().begin(seq, want)
         self.paths, self.fed = [], []
-        if self.carry:  # a side path won: check the rest of it as a plain chain first
-            self.tokens, self.carry = self.carry[:want], []
+        if self.carry:  # a side path won: the rest of it, then the assistant's continuation,
+            self.tokens, self.carry = self.carry[:want], []  # as a plain chain
 
     def feed(self, seen: int) -> tuple[list[int], list[int] | None]:
-        if not self.want or self.tokens:
+        if self.tokens:  # a carried side path: continue it linearly up to want
+            if len(self.tokens) >= self.want:
+                return [], None
+            return (self.seq + self.tokens)[seen:], None
+        if not self.want:
             return [], None
         if not self.paths:  # depth 0: what the assistant has not seen (1 or 2 tokens)
             return self.seq[seen:], None
@@ -49,6 +53,9 @@ class TreeDrafter(Drafter):
         return [p[-1] for p in self.paths], parents
 
     def take(self, logits: np.ndarray, row: CacheRow, step: int) -> None:
+        if self.tokens:  # continuing a carried side path
+            self.tokens.append(int(greedy(logits[-1:], "assistant", step)[0]))
+            return
         if not self.paths:  # depth 0: the top-b tokens start the paths, best first
             last = logits[-1]
             greedy(last[None], "assistant", step)
