@@ -350,13 +350,14 @@ class Scheduler:
             r.error = exc
             return
         # Only tokens in their own slots (row index = depth) were computed as a plain row
-        # would be: the rest of a side path is re-proposed (carry), never emitted from here.
+        # would be: a side path emits only its first token (the next step's tree, drafted after
+        # it, holds the rest of that path as its first path).
         exact = next((i for i, j in enumerate(path) if i != j), len(path))
-        path, carry = path[:exact], [row[j] for j in path[exact:]]
+        path = path[:exact]
         n, lo = len(path) - 1, self.main.length(r) - len(row)
         self.main.keep(r, lo, [lo + j for j in path])  # the one rewind
         asst = CacheRow(self.asst, r) if self.asst is not None and r in self.asst.owners else None
-        r.drafter.commit(len(r.seq) + n, path, asst, carry[1:])
+        r.drafter.commit(len(r.seq) + n, path, asst)
         drafted = len(row) - 1 if parents is None else (len(row) - 1) // r.drafter.branches
         r.drafter.update(drafted, n)
         rc = r.counter

@@ -99,11 +99,8 @@ class Drafter:
         an index into [pending, *tokens] (None: a chain)."""
         return self.tokens, None
 
-    def commit(
-        self, length: int, path: list[int], row: CacheRow | None, carry: list[int] = ()
-    ) -> None:
+    def commit(self, length: int, path: list[int], row: CacheRow | None) -> None:
         """After the main call: seq[:length] is right; path holds the accepted row indices.
-        carry: agreed tokens of a side path after the emitted ones (a tree), to propose again.
         Assistant drafters rewind their row here."""
         if row is not None:
             row.rewind(min(row.length(), length))

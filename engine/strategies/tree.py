@@ -4,9 +4,9 @@ is verified in one main row under a tree mask, and the longest agreeing path win
 The assistant drafts the tree in one row too: depth 0 gives the top-b tokens, then each round
 feeds every path's last token after its own path. A side path sits in other slots than a plain
 row would give it, so the main call only emits its first token (computed from the pending
-token's own slot); the rest of it is proposed again next step as a plain chain, so every
-emitted token comes from a computation a plain row would repeat bit for bit. Shapes: B
-branches, K depth.
+token's own slot); the next step's tree, drafted after that token, holds the rest of that path
+as its first path, so every emitted token comes from a computation a plain row would repeat
+bit for bit. Shapes: B branches, K depth.
 """
 
 from __future__ import annotations
@@ -27,19 +27,12 @@ class TreeDrafter(Drafter):
         self.paths: list[list[int]] = []
         self.fed: list[list[int]] = []  # each path's assistant slots
         self.start = 0  # the assistant row's committed length once depth 0 ran
-        self.carry: list[int] = []  # a winning side path's tokens, proposed again next step
 
     def begin(self, seq: list[int], want: int) -> None:
         super().begin(seq, want)
         self.paths, self.fed = [], []
-        if self.carry:  # a side path won: the rest of it, then the assistant's continuation,
-            self.tokens, self.carry = self.carry[:want], []  # as a plain chain
 
     def feed(self, seen: int) -> tuple[list[int], list[int] | None]:
-        if self.tokens:  # a carried side path: continue it linearly up to want
-            if len(self.tokens) >= self.want:
-                return [], None
-            return (self.seq + self.tokens)[seen:], None
         if not self.want:
             return [], None
         if not self.paths:  # depth 0: what the assistant has not seen (1 or 2 tokens)
@@ -53,9 +46,6 @@ class TreeDrafter(Drafter):
         return [p[-1] for p in self.paths], parents
 
     def take(self, logits: np.ndarray, row: CacheRow, step: int) -> None:
-        if self.tokens:  # continuing a carried side path
-            self.tokens.append(int(greedy(logits[-1:], "assistant", step)[0]))
-            return
         if not self.paths:  # depth 0: the top-b tokens start the paths, best first
             last = logits[-1]
             greedy(last[None], "assistant", step)
@@ -69,23 +59,20 @@ class TreeDrafter(Drafter):
 
     def proposal(self) -> tuple[list[int], list[int] | None]:
         if not self.paths:
-            return self.tokens, None
+            return [], None
         k = len(self.paths[0])
         # path b's token t sits at row index 1 + b*K + t; its parent is the entry before it
         parents = [0 if t == 0 else 1 + b * k + t - 1 for b in range(len(self.paths))
                    for t in range(k)]  # fmt: skip
         return [x for p in self.paths for x in p], parents
 
-    def commit(
-        self, length: int, path: list[int], row: CacheRow | None, carry: list[int] = ()
-    ) -> None:
-        self.carry = list(carry)
+    def commit(self, length: int, path: list[int], row: CacheRow | None) -> None:
         if row is None:
             return
         if not self.paths or len(path) < 2:  # a chain, or nothing past the pending token kept
             row.rewind(min(row.length(), length))
             return
-        # the main call kept path 0's first n tokens (a side path is never kept: see carry)
+        # the main call kept path 0's first n tokens (a side path emits only its first token)
         row.keep(self.start, self.fed[0][: len(path) - 1])
 
 
