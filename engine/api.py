@@ -18,6 +18,7 @@ from .model import T5Model
 from .stats import Stats
 from .strategies import NEEDS_ASSISTANT, STRATEGIES
 from .tokenizer import text_pieces
+from .weights import WeightsCache
 
 PAIR_KEYS = ["vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"]
 MAX_THREADS = 1024  # a bound on thread counts (ORT would try to start them all)
@@ -141,6 +142,7 @@ class Engine:
         io_binding: bool = False,
         limits: opt.Limits | None = None,
         verify: bool = True,
+        weights_cache: bool | str | Path = True,
     ) -> Engine:
         """Load exported folders (encoder, masked decoder, cross key/values: each weight once);
         provider is cpu, cuda, coreml or auto (the assistant's may differ).
@@ -152,6 +154,9 @@ class Engine:
         measured for this pair, else threads; with shared_thread_pool the pool serves both).
         io_binding: run through ORT IO binding (outputs allocated on the provider's device).
         limits: ceilings for generate (engine.options.Limits). verify: check file hashes.
+        weights_cache: where each graph's optimized, prepacked form is written once and then
+        memory-mapped by every load and process (True: $STAIRS_CACHE_DIR or ~/.cache/stairs; a
+        path; False: plain sessions, every hash computed at each load). See engine.weights.
         """
         flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         flags["verify"] = verify
@@ -165,9 +170,14 @@ class Engine:
             assistant_threads,
             flags,
         )
+        if not isinstance(weights_cache, (bool, str, Path)) or weights_cache == "":
+            raise InputError(
+                f"weights_cache must be True, False or a folder path, not {weights_cache!r}"
+            )
         if limits is not None and not isinstance(limits, opt.Limits):
             raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
         common = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
+        common["weights_cache"] = WeightsCache.of(weights_cache)
         m = T5Model(main, provider, threads, provider_options, "main", verify=verify, **common)
         a = None
         if assistant is not None:

@@ -6,6 +6,7 @@ Shapes: B rows, S encoder length, M d_model, H heads, D d_kv, V vocab.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -15,9 +16,11 @@ import onnxruntime as ort
 
 from . import providers as prov
 from . import verify as checked
+from . import weights
 from .errors import ModelFileError
 from .stats import Counter
 from .tokenizer import Tokenizer
+from .weights import WeightsCache
 
 log = logging.getLogger("stairs")
 ENCODER_FILE = "encoder_model.onnx"
@@ -97,9 +100,12 @@ class T5Model:
         shared_thread_pool: bool = False,
         io_binding: bool = False,
         verify: bool = True,
+        weights_cache: WeightsCache | None = None,
     ):
         """verify: check every file stairs.json lists against its sha256 (sizes are always
-        checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders."""
+        checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders.
+        weights_cache: map each graph's prepacked form from there (engine.weights), and hash
+        only files changed since their hash was remembered; None: plain sessions."""
         self.folder = Path(folder)
         self.name = name or self.folder.name
         self.threads = threads
@@ -113,7 +119,9 @@ class T5Model:
         config_path = self.folder / "config.json"
         self.config = checked.read_json(config_path, dict)
         _check_config(config_path, self.config)
-        self.manifest = checked.verify_folder(self.folder, checked.verify_enabled(verify))
+        self.weights_cache = weights_cache
+        hasher = weights_cache.sha256 if weights_cache else None
+        self.manifest = checked.verify_folder(self.folder, checked.verify_enabled(verify), hasher)
         c = self.config
         self.vocab_size = c["vocab_size"]
         self.pad_id, self.eos_id = c["pad_token_id"], c["eos_token_id"]
@@ -130,13 +138,13 @@ class T5Model:
         )
         explicit = provider.lower() != "auto"
         self.provider = prov.resolve(provider)
-        so = prov.session_options(threads, shared_thread_pool)
         plist = prov.provider_list(self.provider, provider_options)
         # IO binding: inputs bound from numpy, outputs allocated by ORT on the provider's device.
         self.io_binding = io_binding
         self.device = {"cuda": "cuda"}.get(self.provider, "cpu")
         self.device_id = int((provider_options or {}).get("device_id", 0))
-        self._session_args = (so, plist, explicit)
+        make_options = functools.partial(prov.session_options, threads, shared_thread_pool)
+        self._session_args = (make_options, plist, explicit)
         layers = range(self.num_decoder_layers)
         self.self_names = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in KV]
         self.cross_names = [f"cross_key_values.{i}.{kv}" for i in layers for kv in KV]
@@ -154,9 +162,17 @@ class T5Model:
         path = checked.inside(self.folder, fname)
         if not path.is_file():
             raise ModelFileError(f"{path}: missing (export the folder again with stairs-export)")
-        so, plist, explicit = self._session_args
+        make_options, plist, explicit = self._session_args
         try:
-            sess = ort.InferenceSession(str(path), so, providers=plist)
+            sess = None
+            if self.weights_cache is not None:
+                hasher = self.weights_cache.sha256
+                sha = weights.sources(self.folder, fname, self.manifest, hasher)
+                sess = self.weights_cache.session(path, sha, self.provider, make_options, plist)
+            if sess is None:
+                sess = ort.InferenceSession(str(path), make_options(), providers=plist)
+        except ModelFileError:
+            raise
         except Exception as exc:
             raise ModelFileError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
         prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)

@@ -123,9 +123,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_files(folder: str | Path, manifest: dict, hashes: bool = True):
+def check_files(folder: str | Path, manifest: dict, hashes: bool = True, hasher=None):
     """Yield (name, problem or None) for each file the manifest lists: present, same size,
-    and (if hashes) same sha256. Sizes come first so a truncated file is named cheaply."""
+    and (if hashes) same sha256 by hasher (default sha256_file). Sizes come first so a
+    truncated file is named cheaply."""
+    hasher = hasher or sha256_file
     folder = Path(folder)
     for name, info in manifest["files"].items():
         path = inside(folder, name)
@@ -136,7 +138,7 @@ def check_files(folder: str | Path, manifest: dict, hashes: bool = True):
             size = path.stat().st_size
             if size != info["bytes"]:
                 problem = f"{size} bytes, manifest says {info['bytes']} (truncated or replaced)"
-            elif hashes and sha256_file(path) != info["sha256"]:
+            elif hashes and hasher(path) != info["sha256"]:
                 problem = "sha256 differs from the manifest (modified or damaged)"
             else:
                 problem = None
@@ -145,12 +147,12 @@ def check_files(folder: str | Path, manifest: dict, hashes: bool = True):
         yield name, problem
 
 
-def verify_folder(folder: str | Path, hashes: bool = True) -> dict | None:
+def verify_folder(folder: str | Path, hashes: bool = True, hasher=None) -> dict | None:
     """The folder's checked manifest (None if it has none); ModelFileError naming the first
-    listed file that is missing, resized or (if hashes) altered."""
+    listed file that is missing, resized or (if hashes) altered (hasher: see check_files)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    for name, problem in check_files(folder, manifest, hashes) if manifest else ():
+    for name, problem in check_files(folder, manifest, hashes, hasher) if manifest else ():
         if problem:
             raise ModelFileError(f"{folder / name}: {problem}; export the folder again")
     return manifest

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,20 @@ VARIANTS = {
         "spiece": PYCODE_MAIN / "spiece.model",
     },
 }
+
+
+def pytest_configure(config):
+    """Every load in the tests (and their subprocesses) uses a weights cache of its own, never
+    the user's ~/.cache/stairs."""
+    if not os.environ.get("STAIRS_TEST_CACHE_DIR"):
+        path = tempfile.mkdtemp(prefix="stairs-test-cache-")
+        os.environ["STAIRS_TEST_CACHE_DIR"] = os.environ["STAIRS_CACHE_DIR"] = path
+
+
+def pytest_unconfigure(config):
+    path = os.environ.pop("STAIRS_TEST_CACHE_DIR", None)
+    if path and Path(path).name.startswith("stairs-test-cache-"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def need_shared():

@@ -1,0 +1,260 @@
+"""Weights written once per machine, then memory-mapped: a cold start in about a second and
+one copy of each weight per machine, whatever the number of processes.
+
+ONNX Runtime can save a graph after its optimizations, with the weights its kernels prepacked
+(`session.save_external_prepacked_constant_initializers`) in an external file; a session made
+from that file with optimizations off maps the file instead of copying and repacking every
+weight. Those layouts belong to one ORT build and one CPU, so each entry is keyed by the ORT
+version, the provider, the CPU's instruction set, the optimization level and the source files'
+sha256: a key that does not match builds a new entry, never runs a wrong layout.
+
+The cache also remembers completed sha256 hashes, keyed by a file's device, inode, size,
+mtime and ctime (any write changes ctime), so a start checks gigabytes of weights by stat alone
+while a modified file is still hashed again and caught. `stairs-verify` always hashes.
+
+Layout under the cache root ($STAIRS_CACHE_DIR, else $XDG_CACHE_HOME/stairs, else
+~/.cache/stairs): graphs/<stem>-<key>/ {model.onnx, model.onnx.data, entry.json},
+hashes/<stat key>.json, locks/<entry>.lock. Everything is written to a temporary name and
+renamed when complete; two processes building one entry take turns on its lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+from . import verify as checked
+from .errors import ModelFileError
+
+log = logging.getLogger("stairs")
+
+CACHE_ENV = "STAIRS_CACHE_DIR"
+FORMAT = 1  # bump when the layout of an entry changes
+MODEL = "model.onnx"
+DATA = "model.onnx.data"
+ENTRY = "entry.json"
+# A hash is remembered only for a file whose last change is this old: a write in the same
+# timestamp tick as the stat could otherwise leave size, mtime and ctime unchanged (racy git).
+RACY_S = 1.0
+MIN_EXTERNAL_BYTES = 1024  # initializers at least this large go to the mapped data file
+
+
+class StaleEntry(Exception):
+    """A cache entry that is incomplete, altered or for another key: built again."""
+
+
+def default_root() -> Path:
+    """$STAIRS_CACHE_DIR, else $XDG_CACHE_HOME/stairs, else ~/.cache/stairs."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "stairs"
+
+
+def cpu_signature() -> str:
+    """What prepacked layouts depend on: the architecture and the instruction-set flags."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.split(":")[0].strip() in ("flags", "Features"):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    raw = f"{platform.machine()}|{flags or platform.processor() or platform.platform()}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _stat_key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write JSON to a temporary file beside path, then rename it over path."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(value, f, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class WeightsCache:
+    """Prepacked graphs and remembered hashes under one root directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def of(cls, setting) -> WeightsCache | None:
+        """Engine.load's weights_cache: True = the default root, a path = that root,
+        False = none (plain sessions, every hash computed)."""
+        if setting is False or setting is None:
+            return None
+        return cls(default_root() if setting is True else setting)
+
+    # -- hashes ------------------------------------------------------------------------------
+
+    def sha256(self, path: str | Path) -> str:
+        """sha256 of a file; remembered by stat key, so an unchanged file is not read again
+        (any write changes its ctime, so a modified file is always hashed again)."""
+        path = Path(path)
+        before = os.stat(path)
+        memo = self.root / "hashes" / (hashlib.sha256(_stat_key(before).encode()).hexdigest()[:32])
+        memo = memo.with_suffix(".json")
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            rec = json.loads(memo.read_text())
+            if rec["stat"] == _stat_key(before) and checked._SHA256.fullmatch(rec["sha256"]):
+                return rec["sha256"]
+        digest = checked.sha256_file(path)
+        after = os.stat(path)
+        settled = time.time() - after.st_ctime_ns / 1e9 >= RACY_S
+        if _stat_key(after) == _stat_key(before) and settled:
+            try:  # best effort: a read-only or full cache only costs the next start a hash
+                memo.parent.mkdir(parents=True, exist_ok=True)
+                _write_json(memo, {"stat": _stat_key(before), "sha256": digest, "path": str(path)})
+            except OSError:
+                pass
+        return digest
+
+    # -- prepacked graphs --------------------------------------------------------------------
+
+    def key(self, graph: Path, sha: dict[str, str], provider: str) -> dict:
+        """Everything that makes a prepacked graph valid for this process."""
+        return {
+            "format": FORMAT,
+            "onnxruntime": ort.__version__,
+            "provider": provider,
+            "cpu": cpu_signature(),
+            "optimization": "ORT_ENABLE_ALL",
+            "graph": graph.name,
+            "sources": sha,
+        }
+
+    def session(self, graph: Path, sha: dict[str, str], provider: str, make_options, providers):
+        """A session on graph's prepacked form (built first if missing or stale), or None when
+        the cache cannot be used here (read-only, full, provider without prepacking): the caller
+        then opens the plain graph. make_options() gives fresh SessionOptions."""
+        if provider != "cpu":  # prepacking is the CPU provider's; others keep the plain path
+            return None
+        key = self.key(graph, sha, provider)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        entry = self.root / "graphs" / f"{graph.stem}-{digest}"
+        with contextlib.suppress(StaleEntry):
+            return self._open(entry, key, make_options, providers)
+        try:
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+            with _locked(self.root / "locks" / f"{entry.name}.lock"):
+                with contextlib.suppress(StaleEntry):  # another process built it meanwhile
+                    return self._open(entry, key, make_options, providers)
+                self._build(graph, entry, key, make_options, providers)
+            return self._open(entry, key, make_options, providers)
+        except Exception as exc:  # noqa: BLE001 - OSError, ORT's own errors: the plain path
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            log.warning(
+                "%s: weights cache %s not usable (%s); loading the plain graph",
+                graph,
+                self.root,
+                " ".join(str(reason).split())[:200],
+            )
+            return None
+
+    def _open(self, entry: Path, key: dict, make_options, providers):
+        """A session on a complete entry for key; StaleEntry if it is missing or damaged."""
+        try:
+            meta = json.loads((entry / ENTRY).read_text())
+        except (OSError, ValueError) as exc:
+            raise StaleEntry(f"{entry}: no complete entry") from exc
+        if not isinstance(meta, dict) or meta.get("key") != key:
+            raise StaleEntry(f"{entry}: written for another key")
+        for name in (MODEL, DATA):
+            info = (meta.get("files") or {}).get(name) or {}
+            path = entry / name
+            try:
+                ok = path.stat().st_size == info.get("bytes") and self.sha256(path) == info.get(
+                    "sha256"
+                )
+            except OSError:
+                ok = False
+            if not ok:
+                raise StaleEntry(f"{path}: truncated, altered or missing")
+        so = make_options()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(entry / MODEL), so, providers=providers)
+
+    def _build(self, graph: Path, entry: Path, key: dict, make_options, providers) -> None:
+        """Optimize graph once with prepacked weights saved beside it, into a temporary folder
+        renamed to entry when complete (a stale entry is moved aside and removed first)."""
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.tmp-"))
+        try:
+            t0 = time.perf_counter()
+            so = make_options()
+            so.optimized_model_filepath = str(tmp / MODEL)
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", DATA
+            )
+            so.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes",
+                str(MIN_EXTERNAL_BYTES),
+            )
+            so.add_session_config_entry(
+                "session.save_external_prepacked_constant_initializers", "1"
+            )
+            ort.InferenceSession(str(graph), so, providers=providers)  # writes tmp, then freed
+            if not (tmp / DATA).is_file():  # a graph without large weights: an empty data file
+                (tmp / DATA).touch()
+            files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": self.sha256(tmp / n)}
+                     for n in (MODEL, DATA)}  # fmt: skip
+            _write_json(tmp / ENTRY, {"key": key, "files": files})
+            if entry.exists():  # stale: ours (the cache's own folder), replaced as a whole
+                aside = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old-"))
+                os.replace(entry, aside / "entry")
+                shutil.rmtree(aside, ignore_errors=True)
+            os.replace(tmp, entry)
+            log.info("%s: prepacked into %s in %.1f s", graph, entry, time.perf_counter() - t0)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on path for the block (waits for another holder)."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sources(folder: Path, fname: str, manifest: dict | None, hasher) -> dict[str, str]:
+    """sha256 of a graph file and its external data files (fname*data): from the checked
+    manifest when it lists them, else computed (remembered) by hasher."""
+    names = [fname] + sorted(
+        p.name for p in folder.glob(fname + "*") if p.name != fname and p.name.endswith("data")
+    )
+    listed = (manifest or {}).get("files", {})
+    out = {}
+    for name in names:
+        if name in listed:
+            out[name] = listed[name]["sha256"]
+        else:
+            try:
+                out[name] = hasher(folder / name)
+            except OSError as exc:
+                raise ModelFileError(f"{folder / name}: cannot read ({exc.strerror})") from exc
+    return out

@@ -1,0 +1,258 @@
+"""The weights cache (engine.weights): prepacked graphs written once and mapped by every later
+load, remembered hashes, and the bad cases: a stale key, a damaged entry, a cache that cannot
+be written, two builders at once, a model file changed after its hash was remembered."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import Engine, InputError, ModelFileError, weights
+from engine import verify as checked
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("greedy", "assisted", "stairs", "lookup")
+
+
+@pytest.fixture
+def folder(tiny_models, tmp_path):
+    """A private copy of the tiny v1.1 main (tests modify files) and its random assistant."""
+    main = shutil.copytree(tiny_models["v1_1"]["main"], tmp_path / "main")
+    return main, tiny_models["v1_1"]["random"]
+
+
+def _tokens(eng, prompts, strategy="greedy"):
+    return [eng.generate(p, max_new_tokens=12, strategy=strategy).token_ids for p in prompts]
+
+
+def _entries(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "graphs").iterdir()) if (root / "graphs").is_dir() else []
+
+
+def _mapped(eng) -> bool:
+    """Every session of the main runs a graph from the cache."""
+    root = eng.main.weights_cache.root.resolve()
+    return all(
+        Path(s._model_path).resolve().is_relative_to(root) for s in eng.main.sessions.values()
+    )
+
+
+def test_second_load_maps_the_prepacked_graphs_same_logits(pycode_pair, pycode_prompts, tmp_path):
+    """First load builds one entry per graph, the second maps them: every strategy's tokens
+    and the decoder's logits are the plain sessions' bits."""
+    main, draft = pycode_pair
+    cache = tmp_path / "cache"
+    plain = Engine.load(main, assistant=draft, threads=2, weights_cache=False)
+    first = Engine.load(main, assistant=draft, threads=2, weights_cache=cache)
+    assert len(_entries(cache)) == 6 and _mapped(first)  # 3 graphs x main and assistant
+    second = Engine.load(main, assistant=draft, threads=2, weights_cache=cache)
+    assert len(_entries(cache)) == 6 and _mapped(second)
+    prompts = pycode_prompts[:4]
+    for s in STRATEGIES:
+        assert _tokens(second, prompts, s) == _tokens(plain, prompts, s), s
+    feed = _decoder_feed(plain, prompts[0])
+    assert feed["input_ids"].shape[1] > 2
+    a = plain.main.sessions["decoder"].run(["logits"], feed)[0]
+    b = second.main.sessions["decoder"].run(["logits"], feed)[0]
+    assert np.array_equal(a, b)
+
+
+def _decoder_feed(eng, prompt) -> dict:
+    """The feed of the widest decoder call a generation makes (captured at the call site)."""
+    seen, run = [], eng.main.run
+
+    def capture(role, feed, counter=None):
+        if role == "decoder":
+            seen.append({k: np.array(v) for k, v in feed.items()})
+        return run(role, feed, counter)
+
+    eng.main.run = capture
+    try:
+        eng.generate(prompt, max_new_tokens=12, strategy="assisted")
+    finally:
+        del eng.main.run
+    return max(seen, key=lambda f: f["input_ids"].size)
+
+
+def test_remembered_hashes_skip_the_reading(folder, tmp_path, monkeypatch):
+    """A second load reads no file to hash it: sizes and stat keys only."""
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    cache = tmp_path / "cache"
+    Engine.load(folder[0], weights_cache=cache)
+    calls = []
+    real = checked.sha256_file
+    monkeypatch.setattr(checked, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    Engine.load(folder[0], weights_cache=cache)
+    assert calls == []
+    Engine.load(folder[0], weights_cache=False)  # without the cache: every listed file hashed
+    assert len(calls) >= 5
+
+
+def test_model_file_modified_after_its_hash_was_remembered_is_refused(
+    folder, tmp_path, monkeypatch
+):
+    """One byte changed in place, the size and mtime put back: ctime moved, so the file is
+    hashed again and refused."""
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    cache = tmp_path / "cache"
+    Engine.load(folder[0], weights_cache=cache)
+    path = folder[0] / "decoder_masked_model.onnx"
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(st.st_size // 2)
+        byte = f.read(1)
+        f.seek(st.st_size // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ModelFileError, match="sha256 differs"):
+        Engine.load(folder[0], weights_cache=cache)
+
+
+def test_stale_key_builds_a_new_entry(folder, tmp_path, monkeypatch):
+    """Another ORT version (or CPU) is another key: a new entry, the old one never mapped."""
+    cache = tmp_path / "cache"
+    prompts = [[5, 6, 7, 1], [9, 1]]
+    want = _tokens(Engine.load(folder[0], weights_cache=False), prompts)
+    Engine.load(folder[0], weights_cache=cache)
+    before = _entries(cache)
+    monkeypatch.setattr(weights.ort, "__version__", "99.0.0")
+    eng = Engine.load(folder[0], weights_cache=cache)
+    after = _entries(cache)
+    assert len(after) == 2 * len(before) and set(before) < set(after) and _mapped(eng)
+    assert _tokens(eng, prompts) == want
+    # an entry whose entry.json names another key is not mapped either: rebuilt in place
+    monkeypatch.undo()
+    entry = cache / "graphs" / before[0]
+    meta = json.loads((entry / "entry.json").read_text())
+    meta["key"]["onnxruntime"] = "0.0.1"
+    (entry / "entry.json").write_text(json.dumps(meta))
+    eng = Engine.load(folder[0], weights_cache=cache)
+    assert json.loads((entry / "entry.json").read_text())["key"]["onnxruntime"] != "0.0.1"
+    assert _tokens(eng, prompts) == want and _entries(cache) == after
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_damaged_entry_is_rebuilt(folder, tmp_path, monkeypatch, damage):
+    """A data file cut short, or one byte changed at the same size: built again, same tokens."""
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    cache = tmp_path / "cache"
+    prompts = [[5, 6, 7, 1], [9, 1]]
+    want = _tokens(Engine.load(folder[0], weights_cache=cache), prompts)
+    data = next(p for p in (cache / "graphs").glob("decoder_masked_model-*/model.onnx.data"))
+    size = data.stat().st_size
+    if damage == "truncate":
+        os.truncate(data, size // 2)
+    else:
+        with open(data, "r+b") as f:
+            f.seek(size // 3)
+            b = f.read(1)
+            f.seek(size // 3)
+            f.write(bytes([b[0] ^ 0xFF]))
+    eng = Engine.load(folder[0], weights_cache=cache)
+    assert data.stat().st_size == size and _mapped(eng)
+    assert _tokens(eng, prompts) == want
+    assert not [p for p in (cache / "graphs").iterdir() if p.name.startswith(".")]
+
+
+LOAD = """
+import json, os, resource, signal, subprocess, sys
+from pathlib import Path
+folder, cache, mode = sys.argv[1:4]
+if mode == "read-only":  # a read-only file system over the cache folder (own mount namespace)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", cache], check=True)
+elif mode == "full":  # 256 KiB of room: the first large weight does not fit
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", cache], check=True)
+elif mode == "file-size-limit":  # the same, without root: writes past 256 KiB fail
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+from engine import Engine
+eng = Engine.load(folder, weights_cache=cache)
+tokens = [eng.generate(p, max_new_tokens=12).token_ids for p in ([5, 6, 7, 1], [9, 1])]
+left = sorted(str(p.relative_to(cache)) for p in Path(cache).rglob("*"))
+paths = [s._model_path for s in eng.main.sessions.values()]
+print(json.dumps({"tokens": tokens, "left": left, "paths": paths}))
+"""
+
+
+def _load_in_subprocess(folder, cache, mode, unshare=False):
+    cmd = [sys.executable, "-c", LOAD, str(folder), str(cache), mode]
+    done = subprocess.run(
+        ["unshare", "-m", *cmd] if unshare else cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1]), done.stderr
+
+
+def _unshare_works() -> bool:
+    try:
+        done = subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True)
+        return done.returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["read-only", "full"])
+def test_cache_that_cannot_be_written_falls_back_to_the_plain_graph(folder, tmp_path, mode):
+    """A read-only or full cache folder: one warning line, the plain sessions, the same tokens,
+    nothing half-written left behind."""
+    want = _tokens(Engine.load(folder[0], weights_cache=False), [[5, 6, 7, 1], [9, 1]])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    root = os.geteuid() == 0
+    if root and _unshare_works():
+        out, err = _load_in_subprocess(folder[0], cache, mode, unshare=True)
+    elif mode == "full":
+        out, err = _load_in_subprocess(folder[0], cache, "file-size-limit")
+    elif not root:
+        cache.chmod(0o555)
+        try:
+            out, err = _load_in_subprocess(folder[0], cache, "plain")
+        finally:
+            cache.chmod(0o755)
+    else:
+        pytest.skip("root here without a private mount namespace: cannot make a read-only cache")
+    assert out["tokens"] == want
+    assert "weights cache" in err and "loading the plain graph" in err
+    # the decoder's weights do not fit: plain (a small graph may have fit, then it is whole)
+    assert not Path(out["paths"][1]).is_relative_to(cache)
+    assert not [p for p in out["left"] if ".tmp-" in p or ".old-" in p], out["left"]
+    entries = {p.split("/")[1] for p in out["left"] if p.count("/") == 1 and "graphs/" in p}
+    assert all(f"graphs/{e}/entry.json" in out["left"] for e in entries), out["left"]
+
+
+def test_two_processes_building_one_cache_at_once(folder, tmp_path):
+    """Two cold loads started together: both run the same tokens, one entry per graph, no
+    temporary left."""
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-c", LOAD, str(folder[0]), str(cache), "plain"]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr[-3000:]
+        outs.append(json.loads(stdout.splitlines()[-1]))
+    assert outs[0]["tokens"] == outs[1]["tokens"]
+    assert outs[0]["paths"] == outs[1]["paths"]
+    assert len(_entries(cache)) == 3
+    assert not [p for p in (cache / "graphs").iterdir() if p.name.startswith(".")]
+
+
+def test_weights_cache_argument_is_checked(folder):
+    for bad in (1, "", 0.5, ["x"]):
+        with pytest.raises(InputError, match="weights_cache"):
+            Engine.load(folder[0], weights_cache=bad)
