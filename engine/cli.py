@@ -83,6 +83,29 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=o.type, metavar=name.upper(), help=help_)
 
 
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    """--no-verify, --weights-cache DIR and --no-weights-cache: how Engine.load checks and maps
+    the files (the same flags on every command that loads a pair)."""
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    p.add_argument(
+        "--weights-cache",
+        metavar="DIR",
+        help="where prepacked weights are written once and memory-mapped (default:"
+        " $STAIRS_CACHE_DIR or ~/.cache/stairs)",
+    )
+    p.add_argument(
+        "--no-weights-cache",
+        action="store_true",
+        help="plain sessions: every weight copied and repacked, every file hashed, at each load",
+    )
+
+
+def load_args(a: argparse.Namespace) -> dict:
+    """Engine.load's verify and weights_cache from add_load_flags' flags."""
+    cache = False if a.no_weights_cache else (a.weights_cache or True)
+    return {"verify": not a.no_verify, "weights_cache": cache}
+
+
 def _generate_parser() -> _Parser:
     """stairs-generate's flags."""
     p = _Parser(prog="stairs-generate", description=__doc__)
@@ -126,7 +149,7 @@ def _generate_parser() -> _Parser:
     p.add_argument(
         "--json", action="store_true", help="print strategy, options, ids, text, stats as JSON"
     )
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    add_load_flags(p)
     return p
 
 
@@ -152,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             a.assistant,
             provider=a.provider,
             threads=a.threads,
-            verify=not a.no_verify,
+            **load_args(a),
         )
         # ...and every prompt before the first generation (--batch: as the scheduler runs it,
         # e.g. stairs and tree in one row, auto as adaptive speculation)
@@ -216,7 +239,7 @@ def tune_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=opt.count_type(1024), help="ORT threads (default: ORT's choice)"
     )
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    add_load_flags(p)
     p.add_argument(
         "--batch-sizes",
         metavar="B,B,...",
@@ -232,7 +255,7 @@ def tune_main(argv: list[str] | None = None) -> int:
     try:
         texts = read_prompts(a.prompts, a.n)
         eng = Engine.load(
-            a.main, a.assistant, provider=a.provider, threads=a.threads, verify=not a.no_verify
+            a.main, a.assistant, provider=a.provider, threads=a.threads, **load_args(a)
         )
         ids = [eng.encode(t, a.max_input_tokens, "left")[0].tolist() for t in texts]
         res = eng.calibrate(ids, a.max_new_tokens, batch_sizes=sizes)

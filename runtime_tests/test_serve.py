@@ -4,6 +4,7 @@ recovers from bad requests, overload, timeouts, failures, disconnects and SIGTER
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -556,7 +557,7 @@ def test_sigterm_drains_with_a_grace_then_exits(pycode_pair, ref):
         assert "Traceback" not in log, log
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.kill()  # the workers die with it (parent-death signal)
             proc.wait()
 
 
@@ -765,3 +766,66 @@ def test_import_engine_does_not_import_fastapi():
         "import sys, engine; assert 'fastapi' not in sys.modules and 'uvicorn' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ})
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _smaps_kb(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def test_workers_share_the_port_and_the_weights(pycode_pair, ref):
+    """--workers 2: two engines behind one port give the exact tokens; their weights are pages
+    of the one mapped weights cache (shared, not copied); SIGTERM stops all, exit 0."""
+    proc, url = start_process(pycode_pair, "--workers", "2", "--drain-grace", "0")
+    try:
+        kids = _children(proc.pid)
+        assert len(kids) == 2, kids
+        name = Path(pycode_pair[0]).name
+        bodies = [{"model": name, "prompt": t, "max_tokens": 24} for t in TEXTS[:3]] * 2
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(lambda b: httpx.post(url + "/v1/completions", json=b,
+                                                     timeout=HANG_S), bodies))  # fmt: skip
+        for b, r in zip(bodies, got, strict=True):
+            assert (
+                r.status_code == 200 and r.json()["choices"][0]["text"] == ref(b["prompt"], 24).text
+            )
+        # the pycode pair's prepacked weights (~290 MB on disk) are file pages both map
+        # (dirty while the page cache has not yet written back the entries just built)
+        shared_mb = [(_smaps_kb(k, "Shared_Clean") + _smaps_kb(k, "Shared_Dirty")) / 1024
+                     for k in kids]  # fmt: skip
+        anon_mb = [_smaps_kb(k, "Anonymous") / 1024 for k in kids]
+        assert min(shared_mb) > 150, (shared_mb, anon_mb)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(HANG_S) == 0
+        assert not [k for k in kids if Path(f"/proc/{k}").exists()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the workers die with it (parent-death signal)
+            proc.wait()
+
+
+def test_workers_die_with_a_killed_parent(pycode_pair):
+    """SIGKILL to the parent of --workers leaves no orphan worker holding the port."""
+    proc, url = start_process(pycode_pair, "--workers", "2", "--drain-grace", "0")
+    kids = _children(proc.pid)
+    assert len(kids) == 2
+    proc.kill()
+    proc.wait()
+    end = time.monotonic() + HANG_S
+    while [k for k in kids if Path(f"/proc/{k}").exists()] and time.monotonic() < end:
+        time.sleep(0.1)
+    assert not [k for k in kids if Path(f"/proc/{k}").exists()]

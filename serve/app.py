@@ -214,6 +214,7 @@ def build_app(config: ServeConfig) -> FastAPI:
         threads=config.threads,
         shared_thread_pool=config.shared_thread_pool,
         verify=config.verify,
+        weights_cache=config.weights_cache,
     )
     return create_app(eng, config)
 

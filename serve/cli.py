@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine import EngineError, InputError
 from engine import options as opt
-from engine.cli import add_option_flags
+from engine.cli import add_load_flags, add_option_flags, load_args
 
 from . import config as c
 from .config import ServeConfig
@@ -73,7 +73,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         " faster for one request at a time, slower at 4+; the server must be the process's"
         " only ORT user)",
     )
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    add_load_flags(p)
 
 
 def _add_serving_flags(p: argparse.ArgumentParser) -> None:
@@ -123,6 +123,14 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${c.API_KEY_ENV} if set)"
     )
+    p.add_argument(
+        "--workers",
+        type=opt.count_type(c.MAX_WORKERS),
+        default=1,
+        help="server processes sharing the port, each with its own engine; their weights are"
+        " mapped from one weights cache (one copy per machine)",
+    )
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's socket
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment")
     p.add_argument(
         "--replicas", type=opt.count_type(c.MAX_THREADS), default=1, help="--ray: replicas"
@@ -138,14 +146,69 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p = _Parser(prog="stairs-serve", description=__doc__.split("\n\n")[0])
     _add_model_flags(p)
     _add_serving_flags(p)
-    a = vars(p.parse_args(argv))
+    ns = p.parse_args(argv)
+    loading = load_args(ns)
+    a = vars(ns)
+    for k in ("no_verify", "no_weights_cache", "listen_fd"):
+        a.pop(k)
     given = {k: a.pop(k) for k in opt.OPTIONS}
     try:
         options = opt.flag_options(a["strategy"], given)
-        cfg = ServeConfig(verify=not a.pop("no_verify"), options=options, **a)
+        cfg = ServeConfig(options=options, **{**a, **loading})
     except InputError as exc:
         p.error(str(exc))
+    if cfg.workers > 1 and cfg.ray:
+        p.error("--workers is for uvicorn processes; with --ray use --replicas")
     return cfg.with_env()
+
+
+def _die_with_parent() -> None:
+    """In a worker before exec: SIGTERM when the parent dies, even by SIGKILL (Linux). The
+    parent runs no thread yet when it forks, so preexec_fn is safe here."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _run_workers(cfg: ServeConfig, argv: list[str]) -> int:
+    """--workers N: bind the port here, start N `stairs-serve` processes that accept on it
+    (the kernel spreads connections), forward SIGTERM/SIGINT to them and wait. A worker that
+    exits on its own stops the rest; the exit status is the first non-zero one."""
+    import socket
+    import subprocess
+
+    sock = socket.create_server((cfg.host, cfg.port), backlog=2048)
+    sock.set_inheritable(True)
+    fd = sock.fileno()
+    cmd = [sys.executable, "-m", "serve", *argv, "--workers", "1", "--listen-fd", str(fd)]
+    procs = [
+        subprocess.Popen(cmd, pass_fds=(fd,), preexec_fn=_die_with_parent)  # noqa: PLW1509
+        for _ in range(cfg.workers)
+    ]
+    print(
+        f"stairs-serve: {cfg.workers} workers (pids {', '.join(str(p.pid) for p in procs)}) on"
+        f" http://{cfg.host}:{cfg.port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stopping = []
+
+    def forward(sig, frame):
+        stopping.append(sig)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while any(proc.poll() is None for proc in procs):
+        if not stopping and any(proc.poll() is not None for proc in procs):
+            forward(signal.SIGTERM, None)  # one died: the port must not stay half-served
+        time.sleep(0.2)
+    sock.close()
+    codes = [proc.returncode for proc in procs]
+    return 0 if stopping and all(rc == 0 for rc in codes) else next((rc for rc in codes if rc), 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,10 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     from .app import build_app
     from .server import Server
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
+    fd = _Parser(prog="stairs-serve", add_help=False)
+    fd.add_argument("--listen-fd", type=int)
+    listen_fd = fd.parse_known_args(argv)[0].listen_fd
     try:
         if cfg.ray:
             return _run_ray(cfg)
+        if cfg.workers > 1:
+            return _run_workers(cfg, argv)
         app = build_app(cfg)
     except (EngineError, OSError) as exc:
         print(f"stairs-serve: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -168,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    Server(app, log_level="info").run()
+    Server(app, log_level="info", **({"fd": listen_fd} if listen_fd is not None else {})).run()
     return 0
 
 

@@ -25,15 +25,19 @@ DEFAULT_DRAIN_GRACE_S = 5.0
 DRAIN_TIMEOUT_S = 60.0  # after the grace: how long open requests may take to finish
 MAX_COUNT = 1 << 20
 MAX_THREADS = 1024
+MAX_WORKERS = 256
 # settings of the uvicorn process itself: under Ray its proxy serves HTTP, so Ray args refuse them
-SERVER_ONLY = ("host", "port", "max_connections", "drain_grace", "ray", "ray_address")
+SERVER_ONLY = (
+    "host", "port", "max_connections", "drain_grace", "ray", "ray_address", "workers"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ServeConfig:
     """What stairs-serve loads and how it serves.
 
-    main/assistant/provider/threads/shared_thread_pool/verify: the pair (build_app loads it).
+    main/assistant/provider/threads/shared_thread_pool/verify/weights_cache: the pair (build_app
+    loads it; weights_cache: True, a folder or False, as Engine.load).
     strategy/options: what every request runs (any strategy; auto: draft length by load).
     model_name: the id clients send (None: the main folder's name).
     max_batch_tokens: rows x padded tokens of one main call (None: the engine's default).
@@ -42,7 +46,8 @@ class ServeConfig:
     504. body_timeout: seconds to receive a request body, then 408. api_key: required bearer key.
     host/port/max_connections (beyond it uvicorn answers 503)/drain_grace (seconds /ready is 503
     after SIGTERM before the listener closes): the uvicorn process. ray/replicas/ray_address:
-    serve as a Ray Serve deployment.
+    serve as a Ray Serve deployment. workers: uvicorn processes sharing the listening socket,
+    each with its own engine (their weights mapped from one weights cache: one copy per machine).
     """
 
     main: str | None = None
@@ -51,6 +56,7 @@ class ServeConfig:
     threads: int | None = None
     shared_thread_pool: bool = False
     verify: bool = True
+    weights_cache: bool | str = True
     strategy: str = "auto"
     options: dict = field(default_factory=dict)
     model_name: str | None = None
@@ -67,6 +73,7 @@ class ServeConfig:
     ray: bool = False
     replicas: int = 1
     ray_address: str | None = None
+    workers: int = 1
 
     def __post_init__(self):
         for name in ("main", "assistant"):
@@ -81,6 +88,12 @@ class ServeConfig:
         for name in ("shared_thread_pool", "verify", "ray"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if isinstance(self.weights_cache, Path):
+            object.__setattr__(self, "weights_cache", str(self.weights_cache))
+        if not isinstance(self.weights_cache, (bool, str)) or self.weights_cache == "":
+            raise InputError(
+                f"weights_cache must be True, False or a folder path, not {self.weights_cache!r}"
+            )
         opt.check_strategy(self.strategy)
         object.__setattr__(self, "options", opt.validate(self.strategy, self.options or {}))
         self._check_counts()
@@ -99,6 +112,7 @@ class ServeConfig:
             "port": (65535, False),
             "max_connections": (MAX_COUNT, False),
             "replicas": (MAX_THREADS, False),
+            "workers": (MAX_WORKERS, False),
         }
         for name, (ceiling, none_ok) in counts.items():
             v = getattr(self, name)
