@@ -94,8 +94,11 @@ def _check_load_args(
     if provider_options is not None and not isinstance(provider_options, dict):
         raise InputError(f"provider_options must be a dict or None, not {provider_options!r}")
     for name, v in flags.items():
+        if name == "weights_cache" and isinstance(v, (str, Path)) and str(v):
+            continue
         if not isinstance(v, bool):
-            raise InputError(f"{name} must be True or False, not {v!r}")
+            what = " or a folder path" if name == "weights_cache" else ""
+            raise InputError(f"{name} must be True or False{what}, not {v!r}")
 
 
 class Engine:
@@ -159,7 +162,7 @@ class Engine:
         path; False: plain sessions, every hash computed at each load). See engine.weights.
         """
         flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
-        flags["verify"] = verify
+        flags["verify"], flags["weights_cache"] = verify, weights_cache
         _check_load_args(
             main,
             assistant,
@@ -170,10 +173,6 @@ class Engine:
             assistant_threads,
             flags,
         )
-        if not isinstance(weights_cache, (bool, str, Path)) or weights_cache == "":
-            raise InputError(
-                f"weights_cache must be True, False or a folder path, not {weights_cache!r}"
-            )
         if limits is not None and not isinstance(limits, opt.Limits):
             raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
         common = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}

@@ -87,16 +87,18 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
     """--no-verify, --weights-cache DIR and --no-weights-cache: how Engine.load checks and maps
     the files (the same flags on every command that loads a pair)."""
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
-    p.add_argument(
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
         "--weights-cache",
         metavar="DIR",
         help="where prepacked weights are written once and memory-mapped (default:"
         " $STAIRS_CACHE_DIR or ~/.cache/stairs)",
     )
-    p.add_argument(
+    g.add_argument(
         "--no-weights-cache",
         action="store_true",
-        help="plain sessions: every weight copied and repacked, every file hashed, at each load",
+        help="plain sessions: every weight copied and repacked at each load, and no hash"
+        " remembered",
     )
 
 

@@ -45,7 +45,7 @@ DATA = "model.onnx.data"
 ENTRY = "entry.json"
 # A hash is remembered only for a file whose last change is this old: a write in the same
 # timestamp tick as the stat could otherwise leave size, mtime and ctime unchanged (racy git).
-RACY_S = 1.0
+RACY_S = 3.0  # FAT keeps mtime in 2 s steps; ext4/xfs/btrfs in ns
 MIN_EXTERNAL_BYTES = 1024  # initializers at least this large go to the mapped data file
 
 
@@ -71,6 +71,15 @@ def cpu_signature() -> str:
                 break
     raw = f"{platform.machine()}|{flags or platform.processor() or platform.platform()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _build_info() -> str:
+    """The ORT build (same version, other build flags: other kernels), where it says."""
+    try:
+        return str(ort.get_build_info())
+    except Exception:  # noqa: BLE001 - an ORT without it: its module file's size and mtime
+        st = os.stat(ort.__file__)
+        return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def _stat_key(st: os.stat_result) -> str:
@@ -106,9 +115,10 @@ class WeightsCache:
 
     # -- hashes ------------------------------------------------------------------------------
 
-    def sha256(self, path: str | Path) -> str:
+    def sha256(self, path: str | Path, ours: bool = False) -> str:
         """sha256 of a file; remembered by stat key, so an unchanged file is not read again
-        (any write changes its ctime, so a modified file is always hashed again)."""
+        (any write changes its ctime, so a modified file is always hashed again). ours: a file
+        this process just wrote in its private temporary folder, remembered at once."""
         path = Path(path)
         before = os.stat(path)
         memo = self.root / "hashes" / (hashlib.sha256(_stat_key(before).encode()).hexdigest()[:32])
@@ -119,7 +129,7 @@ class WeightsCache:
                 return rec["sha256"]
         digest = checked.sha256_file(path)
         after = os.stat(path)
-        settled = time.time() - after.st_ctime_ns / 1e9 >= RACY_S
+        settled = ours or time.time() - after.st_ctime_ns / 1e9 >= RACY_S
         if _stat_key(after) == _stat_key(before) and settled:
             try:  # best effort: a read-only or full cache only costs the next start a hash
                 memo.parent.mkdir(parents=True, exist_ok=True)
@@ -135,6 +145,7 @@ class WeightsCache:
         return {
             "format": FORMAT,
             "onnxruntime": ort.__version__,
+            "build": _build_info(),
             "provider": provider,
             "cpu": cpu_signature(),
             "optimization": "ORT_ENABLE_ALL",
@@ -142,21 +153,35 @@ class WeightsCache:
             "sources": sha,
         }
 
+    def _entry(self, graph: Path, sha: dict[str, str], provider: str) -> tuple[Path, dict]:
+        key = self.key(graph, sha, provider)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.root / "graphs" / f"{graph.stem}-{digest}", key
+
+    def mapped(self, graph: Path, sha: dict[str, str], provider: str, make_options, providers):
+        """A session on graph's complete prepacked entry, or None (missing, stale, not usable):
+        never builds, so many graphs can be opened at once (page faults in parallel)."""
+        if provider != "cpu":
+            return None
+        entry, key = self._entry(graph, sha, provider)
+        try:
+            return self._open(entry, key, make_options, providers)
+        except Exception:  # noqa: BLE001 - session() then builds it, or says why not
+            return None
+
     def session(self, graph: Path, sha: dict[str, str], provider: str, make_options, providers):
         """A session on graph's prepacked form (built first if missing or stale), or None when
         the cache cannot be used here (read-only, full, provider without prepacking): the caller
         then opens the plain graph. make_options() gives fresh SessionOptions."""
         if provider != "cpu":  # prepacking is the CPU provider's; others keep the plain path
             return None
-        key = self.key(graph, sha, provider)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        entry = self.root / "graphs" / f"{graph.stem}-{digest}"
-        with contextlib.suppress(StaleEntry):
+        entry, key = self._entry(graph, sha, provider)
+        with contextlib.suppress(Exception):  # any failure: built again below, once
             return self._open(entry, key, make_options, providers)
         try:
             (self.root / "locks").mkdir(parents=True, exist_ok=True)
             with _locked(self.root / "locks" / f"{entry.name}.lock"):
-                with contextlib.suppress(StaleEntry):  # another process built it meanwhile
+                with contextlib.suppress(Exception):  # another process built it meanwhile
                     return self._open(entry, key, make_options, providers)
                 self._build(graph, entry, key, make_options, providers)
             return self._open(entry, key, make_options, providers)
@@ -178,8 +203,10 @@ class WeightsCache:
             raise StaleEntry(f"{entry}: no complete entry") from exc
         if not isinstance(meta, dict) or meta.get("key") != key:
             raise StaleEntry(f"{entry}: written for another key")
+        files = meta.get("files")
         for name in (MODEL, DATA):
-            info = (meta.get("files") or {}).get(name) or {}
+            info = files.get(name) if isinstance(files, dict) else None
+            info = info if isinstance(info, dict) else {}
             path = entry / name
             try:
                 ok = path.stat().st_size == info.get("bytes") and self.sha256(path) == info.get(
@@ -195,7 +222,8 @@ class WeightsCache:
 
     def _build(self, graph: Path, entry: Path, key: dict, make_options, providers) -> None:
         """Optimize graph once with prepacked weights saved beside it, into a temporary folder
-        renamed to entry when complete (a stale entry is moved aside and removed first)."""
+        renamed to entry when complete (a stale entry is moved aside and removed just before);
+        a graph changed while it was read is not kept."""
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.tmp-"))
         try:
@@ -212,10 +240,13 @@ class WeightsCache:
             so.add_session_config_entry(
                 "session.save_external_prepacked_constant_initializers", "1"
             )
+            sources_before = _source_stats(graph)
             ort.InferenceSession(str(graph), so, providers=providers)  # writes tmp, then freed
+            if _source_stats(graph) != sources_before:  # changed under the build: never keep it
+                raise StaleEntry(f"{graph} changed while it was prepacked")
             if not (tmp / DATA).is_file():  # a graph without large weights: an empty data file
                 (tmp / DATA).touch()
-            files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": self.sha256(tmp / n)}
+            files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": self.sha256(tmp / n, True)}
                      for n in (MODEL, DATA)}  # fmt: skip
             _write_json(tmp / ENTRY, {"key": key, "files": files})
             if entry.exists():  # stale: ours (the cache's own folder), replaced as a whole
@@ -228,33 +259,45 @@ class WeightsCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _source_stats(graph: Path) -> list[str]:
+    """Stat keys of a graph and its external data files (fname*data)."""
+    return [_stat_key(p.stat()) for p in sorted(graph.parent.glob(graph.name + "*"))]
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive advisory lock on path for the block (waits for another holder)."""
+    """An exclusive advisory lock on path for the block (waits for another holder); the lock
+    file is never followed through a symlink."""
     import fcntl
 
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
-def sources(folder: Path, fname: str, manifest: dict | None, hasher) -> dict[str, str]:
-    """sha256 of a graph file and its external data files (fname*data): from the checked
-    manifest when it lists them, else computed (remembered) by hasher."""
+def sources(
+    folder: Path, fname: str, manifest: dict | None, hasher, verified: bool
+) -> dict[str, str]:
+    """sha256 of a graph file and its external data files (fname*data, as stairs-export names
+    them): from the manifest when its hashes were checked at this load, else computed
+    (remembered) by hasher, so an unverified load never maps an entry of an older file."""
     names = [fname] + sorted(
         p.name for p in folder.glob(fname + "*") if p.name != fname and p.name.endswith("data")
     )
-    listed = (manifest or {}).get("files", {})
+    listed = (manifest or {}).get("files", {}) if verified else {}
     out = {}
     for name in names:
+        path = checked.inside(folder, name)
         if name in listed:
             out[name] = listed[name]["sha256"]
-        else:
-            try:
-                out[name] = hasher(folder / name)
-            except OSError as exc:
-                raise ModelFileError(f"{folder / name}: cannot read ({exc.strerror})") from exc
+            continue
+        if not path.is_file():  # a FIFO or device would hang the hash
+            raise ModelFileError(f"{path}: not a regular file")
+        try:
+            out[name] = hasher(path)
+        except OSError as exc:
+            raise ModelFileError(f"{path}: cannot read ({exc.strerror})") from exc
     return out

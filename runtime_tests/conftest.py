@@ -35,17 +35,21 @@ VARIANTS = {
 }
 
 
+_CREATED_CACHE: list[str] = []  # the weights cache this process made (and only it removes)
+
+
 def pytest_configure(config):
     """Every load in the tests (and their subprocesses) uses a weights cache of its own, never
     the user's ~/.cache/stairs."""
     if not os.environ.get("STAIRS_TEST_CACHE_DIR"):
         path = tempfile.mkdtemp(prefix="stairs-test-cache-")
-        os.environ["STAIRS_TEST_CACHE_DIR"] = os.environ["STAIRS_CACHE_DIR"] = path
+        _CREATED_CACHE.append(path)
+        os.environ["STAIRS_TEST_CACHE_DIR"] = path
+    os.environ["STAIRS_CACHE_DIR"] = os.environ["STAIRS_TEST_CACHE_DIR"]
 
 
 def pytest_unconfigure(config):
-    path = os.environ.pop("STAIRS_TEST_CACHE_DIR", None)
-    if path and Path(path).name.startswith("stairs-test-cache-"):
+    for path in _CREATED_CACHE:
         shutil.rmtree(path, ignore_errors=True)
 
 

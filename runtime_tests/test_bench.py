@@ -433,3 +433,22 @@ def test_load_bench_records_whether_the_machine_was_quiet(
     with pytest.raises(SystemExit) as e:
         load.main([*argv, "--wait-quiet", "-1", "--out", str(tmp_path / "never")])
     assert e.value.code == 2 and "--wait-quiet" in capsys.readouterr().err
+
+
+def test_coldstart_bench_on_a_tiny_model(tiny_models, tmp_path):
+    """bench.coldstart end to end (warm runs only: a cold run drops the machine's page cache):
+    every mode measured in its own process, the same text from each, the cache's entries built
+    under --out, and a report naming the modes."""
+    from bench import coldstart
+
+    main = tiny_models["v1_1"]["main"]
+    out = tmp_path / "cs"
+    argv = ["--model", f"tiny={main}", "--repeat", "1", "--cold-repeat", "0", "--new", "6"]
+    assert coldstart.main([*argv, "--wait-quiet", "0", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    (m,) = res["models"]
+    assert set(m["modes"]) == {"plain warm", "build warm", "cache warm"}
+    assert m["tokens_identical"] and m["text"]
+    assert all(r["load_s"] > 0 and r["mem_done_Pss"] > 0 for r in m["modes"].values())
+    assert len(list((out / "work" / "cache-tiny" / "graphs").iterdir())) == 3
+    assert "| tiny |" in (out / "results.md").read_text()

@@ -820,7 +820,7 @@ def test_workers_share_the_port_and_the_weights(pycode_pair, ref):
 
 def test_workers_die_with_a_killed_parent(pycode_pair):
     """SIGKILL to the parent of --workers leaves no orphan worker holding the port."""
-    proc, url = start_process(pycode_pair, "--workers", "2", "--drain-grace", "0")
+    proc, _url = start_process(pycode_pair, "--workers", "2", "--drain-grace", "0")
     kids = _children(proc.pid)
     assert len(kids) == 2
     proc.kill()

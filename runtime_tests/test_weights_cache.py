@@ -52,8 +52,10 @@ def test_second_load_maps_the_prepacked_graphs_same_logits(pycode_pair, pycode_p
     plain = Engine.load(main, assistant=draft, threads=2, weights_cache=False)
     first = Engine.load(main, assistant=draft, threads=2, weights_cache=cache)
     assert len(_entries(cache)) == 6 and _mapped(first)  # 3 graphs x main and assistant
+    built = {p: p.stat().st_ino for p in (cache / "graphs").glob("*/entry.json")}
     second = Engine.load(main, assistant=draft, threads=2, weights_cache=cache)
     assert len(_entries(cache)) == 6 and _mapped(second)
+    assert {p: p.stat().st_ino for p in (cache / "graphs").glob("*/entry.json")} == built
     prompts = pycode_prompts[:4]
     for s in STRATEGIES:
         assert _tokens(second, prompts, s) == _tokens(plain, prompts, s), s
@@ -256,3 +258,50 @@ def test_weights_cache_argument_is_checked(folder):
     for bad in (1, "", 0.5, ["x"]):
         with pytest.raises(InputError, match="weights_cache"):
             Engine.load(folder[0], weights_cache=bad)
+
+
+def test_a_file_changed_just_now_is_not_remembered(tmp_path, monkeypatch):
+    """A file whose last change is younger than RACY_S is hashed again at every look: a write
+    in the same timestamp tick could otherwise leave its stat key unchanged."""
+    cache = weights.WeightsCache(tmp_path / "cache")
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 1000)
+    calls = []
+    real = checked.sha256_file
+    monkeypatch.setattr(checked, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    assert cache.sha256(path) == cache.sha256(path) == real(path)
+    assert len(calls) == 2  # not remembered: changed under RACY_S ago
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    cache.sha256(path)
+    cache.sha256(path)
+    assert len(calls) == 3  # remembered once settled
+
+
+def test_unverified_load_keys_the_cache_by_the_files_not_the_manifest(folder, tmp_path):
+    """verify=False: the manifest's hashes are not checked, so they never name the entry (a
+    file edited in place would otherwise map the old weights)."""
+    manifest = checked.read_manifest(folder[0])
+    fake = {"files": {k: {**v, "sha256": "0" * 64} for k, v in manifest["files"].items()}}
+    hasher = weights.WeightsCache(tmp_path / "cache").sha256
+    real = checked.sha256_file(folder[0] / "decoder_masked_model.onnx")
+    got = weights.sources(folder[0], "decoder_masked_model.onnx", fake, hasher, verified=False)
+    assert got == {"decoder_masked_model.onnx": real}
+    got = weights.sources(folder[0], "decoder_masked_model.onnx", fake, hasher, verified=True)
+    assert got == {"decoder_masked_model.onnx": "0" * 64}
+
+
+def test_entry_that_onnx_runtime_rejects_is_rebuilt(folder, tmp_path, monkeypatch):
+    """An entry whose files match its entry.json but that ORT cannot load (another build, a
+    damaged graph with its hash rewritten): built again, the same tokens, no error."""
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    cache = tmp_path / "cache"
+    prompts = [[5, 6, 7, 1], [9, 1]]
+    want = _tokens(Engine.load(folder[0], weights_cache=cache), prompts)
+    entry = next((cache / "graphs").glob("decoder_masked_model-*"))
+    (entry / "model.onnx").write_bytes(b"not an onnx graph")
+    meta = json.loads((entry / "entry.json").read_text())
+    meta["files"]["model.onnx"] = {"bytes": 17, "sha256": checked.sha256_file(entry / "model.onnx")}
+    (entry / "entry.json").write_text(json.dumps(meta))
+    eng = Engine.load(folder[0], weights_cache=cache)
+    assert _mapped(eng) and _tokens(eng, prompts) == want
+    assert (entry / "model.onnx").stat().st_size > 17

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import signal
 import sys
 import time
@@ -123,12 +124,16 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${c.API_KEY_ENV} if set)"
     )
+
+
+def _add_process_flags(p: argparse.ArgumentParser) -> None:
+    """How many processes serve: uvicorn workers on one port, or Ray Serve replicas."""
     p.add_argument(
         "--workers",
         type=opt.count_type(c.MAX_WORKERS),
         default=1,
         help="server processes sharing the port, each with its own engine; their weights are"
-        " mapped from one weights cache (one copy per machine)",
+        " mapped from one weights cache (one copy per machine and user)",
     )
     p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a worker's socket
     p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment")
@@ -146,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p = _Parser(prog="stairs-serve", description=__doc__.split("\n\n")[0])
     _add_model_flags(p)
     _add_serving_flags(p)
+    _add_process_flags(p)
     ns = p.parse_args(argv)
     loading = load_args(ns)
     a = vars(ns)
@@ -162,37 +168,68 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     return cfg.with_env()
 
 
-def _die_with_parent() -> None:
-    """In a worker before exec: SIGTERM when the parent dies, even by SIGKILL (Linux). The
-    parent runs no thread yet when it forks, so preexec_fn is safe here."""
-    with contextlib.suppress(Exception):
-        import ctypes
+def _parent_death_signal():
+    """A preexec_fn for a worker: SIGTERM when the parent dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), and exit at once if it is already gone. prctl is looked up here, in the
+    parent, so the forked child only calls it (no dlopen between fork and exec)."""
+    import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: workers outlive a killed parent
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def _exit_status(rc: int) -> int:
+    """A worker's return code as a shell would report it (killed by signal s: 128 + s)."""
+    return 128 - rc if rc < 0 else rc
 
 
 def _run_workers(cfg: ServeConfig, argv: list[str]) -> int:
     """--workers N: bind the port here, start N `stairs-serve` processes that accept on it
-    (the kernel spreads connections), forward SIGTERM/SIGINT to them and wait. A worker that
-    exits on its own stops the rest; the exit status is the first non-zero one."""
+    (the kernel spreads connections), forward SIGTERM/SIGINT to them and wait. The workers run
+    in their own session, so a terminal's Ctrl-C reaches them once, through here. A worker
+    that exits unasked stops the rest; the status is then that worker's, else 0 when every
+    worker stopped cleanly after a signal."""
     import socket
     import subprocess
 
     sock = socket.create_server((cfg.host, cfg.port), backlog=2048)
     sock.set_inheritable(True)
-    fd = sock.fileno()
-    cmd = [sys.executable, "-m", "serve", *argv, "--workers", "1", "--listen-fd", str(fd)]
-    procs = [
-        subprocess.Popen(cmd, pass_fds=(fd,), preexec_fn=_die_with_parent)  # noqa: PLW1509
-        for _ in range(cfg.workers)
-    ]
+    cmd = [sys.executable, "-m", "serve", *argv, "--workers", "1", "--listen-fd"]
+    cmd.append(str(sock.fileno()))
+    preexec = _parent_death_signal()  # prctl only, in the child: no lock, no allocation
+    procs = []
+    for _ in range(cfg.workers):
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                pass_fds=(sock.fileno(),),
+                preexec_fn=preexec,  # noqa: PLW1509 - see _parent_death_signal
+                start_new_session=True,
+            )
+        )
+    sock.close()  # the workers hold it: once they stop accepting, new clients are refused
     print(
         f"stairs-serve: {cfg.workers} workers (pids {', '.join(str(p.pid) for p in procs)}) on"
         f" http://{cfg.host}:{cfg.port}",
         file=sys.stderr,
         flush=True,
     )
-    stopping = []
+    return _supervise(procs)
+
+
+def _supervise(procs: list) -> int:
+    """Forward SIGTERM/SIGINT to the workers and wait for all; see _run_workers."""
+    stopping, unasked = [], []
 
     def forward(sig, frame):
         stopping.append(sig)
@@ -203,12 +240,13 @@ def _run_workers(cfg: ServeConfig, argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while any(proc.poll() is None for proc in procs):
-        if not stopping and any(proc.poll() is not None for proc in procs):
-            forward(signal.SIGTERM, None)  # one died: the port must not stay half-served
+        if not stopping and (dead := [p for p in procs if p.poll() is not None]):
+            unasked.append(dead[0])
+            forward(signal.SIGTERM, None)  # the port must not stay half-served
         time.sleep(0.2)
-    sock.close()
-    codes = [proc.returncode for proc in procs]
-    return 0 if stopping and all(rc == 0 for rc in codes) else next((rc for rc in codes if rc), 0)
+    if unasked:
+        return _exit_status(unasked[0].returncode) or 1
+    return next((_exit_status(p.returncode) for p in procs if p.returncode), 0)
 
 
 def main(argv: list[str] | None = None) -> int:
