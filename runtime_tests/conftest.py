@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     for path in _CREATED_CACHE:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def unshare_works() -> bool:
+    """Whether this process may make a private mount namespace (`unshare -m`): how tests run
+    as root (who ignores mode bits) get a read-only or full file system of their own."""
+    try:
+        done = subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True)
+        return done.returncode == 0
+    except OSError:
+        return False
 
 
 def need_shared():

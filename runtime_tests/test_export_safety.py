@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_tiny_t5
+from conftest import ROOT, make_tiny_t5, unshare_works
 
 from export import (
     CheckpointError,
@@ -303,14 +303,6 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _unshare_works() -> bool:
-    try:
-        done = subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True)
-        return done.returncode == 0
-    except OSError:
-        return False
-
-
 def test_read_only_output_parent(src, tmp_path, capsys):
     """An output whose parent cannot be written: one line, exit 2, nothing written. A 0o555
     folder for an ordinary user; as root (who ignores mode bits: CI) a read-only file system
@@ -325,7 +317,7 @@ def test_read_only_output_parent(src, tmp_path, capsys):
         finally:
             parent.chmod(0o755)
         assert rc == 2 and "permission denied" in one_error_line(lines)
-    elif _unshare_works():
+    elif unshare_works():
         proc = subprocess.run(
             ["unshare", "-m", sys.executable, "-c", READ_ONLY_CLI, parent, *argv, "-q"],
             check=False,

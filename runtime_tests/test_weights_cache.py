@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import unshare_works
 
 from engine import Engine, InputError, ModelFileError, weights
 from engine import verify as checked
@@ -197,14 +198,6 @@ def _load_in_subprocess(folder, cache, mode, unshare=False):
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
-def _unshare_works() -> bool:
-    try:
-        done = subprocess.run(["unshare", "-m", "true"], check=False, capture_output=True)
-        return done.returncode == 0
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("mode", ["read-only", "full"])
 def test_cache_that_cannot_be_written_falls_back_to_the_plain_graph(folder, tmp_path, mode):
     """A read-only or full cache folder: one warning line, the plain sessions, the same tokens,
@@ -213,7 +206,7 @@ def test_cache_that_cannot_be_written_falls_back_to_the_plain_graph(folder, tmp_
     cache = tmp_path / "cache"
     cache.mkdir()
     root = os.geteuid() == 0
-    if root and _unshare_works():
+    if root and unshare_works():
         out, err = _load_in_subprocess(folder[0], cache, mode, unshare=True)
     elif mode == "full":
         out, err = _load_in_subprocess(folder[0], cache, "file-size-limit")
