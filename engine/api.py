@@ -146,6 +146,7 @@ class Engine:
         limits: opt.Limits | None = None,
         verify: bool = True,
         weights_cache: bool | str | Path = True,
+        kv_cache: str = "auto",
     ) -> Engine:
         """Load exported folders (encoder, masked decoder, cross key/values: each weight once);
         provider is cpu, cuda, coreml or auto (the assistant's may differ).
@@ -160,6 +161,9 @@ class Engine:
         weights_cache: where each graph's optimized, prepacked form is written once and then
         memory-mapped by every load and process (True: $STAIRS_CACHE_DIR or ~/.cache/stairs; a
         path; False: plain sessions, every hash computed at each load). See engine.weights.
+        kv_cache: where decoder key/values live: "numpy" (host arrays), "device" (OrtValues on
+        the provider's device, updated in place by the graph; engine.device_cache) or "auto"
+        (device on CUDA, numpy on the CPU, where it measured faster).
         """
         flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         flags["verify"], flags["weights_cache"] = verify, weights_cache
@@ -173,10 +177,15 @@ class Engine:
             assistant_threads,
             flags,
         )
+        if kv_cache not in opt.KV_CACHES:
+            raise InputError(
+                f"kv_cache must be one of {', '.join(opt.KV_CACHES)}, not {kv_cache!r}"
+            )
         if limits is not None and not isinstance(limits, opt.Limits):
             raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
         common = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         common["weights_cache"] = WeightsCache.of(weights_cache)
+        common["kv_cache"] = kv_cache
         m = T5Model(main, provider, threads, provider_options, "main", verify=verify, **common)
         a = None
         if assistant is not None:

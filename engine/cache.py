@@ -22,8 +22,11 @@ class BatchCache:
     Active rows are packed at the front (row r belongs to owners[r]), so every feed is a
     contiguous view arr[:N] of preallocated arrays: no past is copied between calls, and a
     rewind sets a row's length. Self key/values [R, H, C, D] per layer, cross key/values
-    [R, H, S, D] with enc_mask [R, S]. A device back end would keep these methods on OrtValues.
+    [R, H, S, D] with enc_mask [R, S]. engine.device_cache.DeviceCache keeps them on the
+    decoder's device instead (its _storage methods).
     """
+
+    on_device = False  # key/values as host numpy arrays
 
     def __init__(self, model: T5Model, rows: int = 1):
         self.model, self.h, self.d = model, model.num_heads, model.d_kv
@@ -33,27 +36,80 @@ class BatchCache:
 
     def _alloc(self, rows: int, cap: int, enc_len: int) -> None:
         """(Re)allocate rows x cap slots x enc_len, keeping the active rows' contents."""
-        n, old = len(self.owners), self.self_kv  # [] after shrink(): nothing to keep
-        kv = [np.zeros((rows, self.h, cap, self.d), np.float32) for _ in self.model.self_names]
-        cross = [
-            np.zeros((rows, self.h, enc_len, self.d), np.float32) for _ in self.model.cross_names
-        ]
+        n = len(self.owners)
+        self._new_storage(rows, cap, enc_len)
         enc_mask = np.zeros((rows, enc_len), np.int64)
         lengths, trunk = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
         pos = np.tile(np.arange(cap), (rows, 1))  # [R, C], writable (tree rows set their own)
         parent = pos - 1  # [R, C]: a plain sequence, each slot's parent the slot before
         if n:
             c = self.capacity
-            for a, b in zip(kv, old):
-                a[:n, :, :c] = b[:n]
-            for a, b in zip(cross, self.cross):
-                a[:n, :, : self.enc_len] = b[:n]
             enc_mask[:n, : self.enc_len] = self.enc_mask[:n]
             lengths[:n], trunk[:n] = self.lengths[:n], self.trunk[:n]
             pos[:n, :c], parent[:n, :c] = self.pos[:n], self.parent[:n]
-        self.self_kv, self.cross, self.enc_mask = kv, cross, enc_mask
-        self.lengths, self.trunk, self.pos, self.parent = lengths, trunk, pos, parent
+        self.enc_mask, self.lengths, self.trunk, self.pos, self.parent = (
+            enc_mask,
+            lengths,
+            trunk,
+            pos,
+            parent,
+        )
         self.capacity, self.enc_len = cap, enc_len
+
+    # -- storage: numpy arrays here; engine.device_cache.DeviceCache overrides these ------------
+
+    def _new_storage(self, rows: int, cap: int, enc_len: int) -> None:
+        """Fresh key/value arrays; the active rows keep their contents (none after shrink())."""
+        n, old = len(self.owners), self.self_kv
+        kv = [np.zeros((rows, self.h, cap, self.d), np.float32) for _ in self.model.self_names]
+        cross = [
+            np.zeros((rows, self.h, enc_len, self.d), np.float32) for _ in self.model.cross_names
+        ]
+        if n:
+            for a, b in zip(kv, old):
+                a[:n, :, : self.capacity] = b[:n]
+            for a, b in zip(cross, self.cross):
+                a[:n, :, : self.enc_len] = b[:n]
+        self.self_kv, self.cross = kv, cross
+
+    def _put_row(self, n: int, cross: list, s: int) -> None:
+        """Row n takes these cross key/values ([H, s, D] each) and an empty self cache."""
+        for a, b in zip(self.cross, cross):
+            a[n, :, :s] = b
+            a[n, :, s:] = 0.0
+        for a in self.self_kv:  # a masked slot must hold finite numbers: the mask is additive
+            a[n] = 0.0
+
+    def _move_row(self, src: int, dst: int) -> None:
+        """Row src's key/values into row dst."""
+        for a in (*self.self_kv, *self.cross):
+            a[dst] = a[src]
+
+    def _move_slots(self, r: int, src: list[int], dst: list[int]) -> None:
+        """Row r's self key/values in slots src into slots dst (ascending; dst[j] <= src[j])."""
+        for s, d in zip(src, dst):
+            for a in self.self_kv:
+                a[r, :, d] = a[r, :, s]
+
+    def _clear(self, r: int, lo: int, hi: int) -> None:
+        """Slots lo..hi of row r no longer hold anything: zeroed."""
+        for a in self.self_kv:
+            a[r, :, lo:hi] = 0.0
+
+    def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter) -> np.ndarray:
+        """The decoder on feed (host arrays) and the first N rows' key/values; the real new
+        tokens' key/values go into their slots ([H, T_r, D] per row and layer). Logits."""
+        n = len(lengths)
+        feed.update((k, a[:n]) for k, a in zip(self.model.self_names, self.self_kv))
+        feed.update((k, a[:n]) for k, a in zip(self.model.cross_names, self.cross))
+        out = self.model.run("decoder", feed, counter)
+        for r in range(n):
+            lo, k = int(lengths[r]), int(counts[r])
+            for a, p in zip(self.self_kv, out[1:]):
+                a[r, :, lo : lo + k] = p[r, :, :k]
+        return out[0]
+
+    # -- rows ---------------------------------------------------------------------------------
 
     def reserve(self, rows: int, enc_len: int) -> None:
         """Room for `rows` active rows and encoder length enc_len, in one reallocation (rows
@@ -68,11 +124,7 @@ class BatchCache:
         rows = len(self.lengths) * (2 if n == len(self.lengths) else 1)
         if rows > len(self.lengths) or s > self.enc_len:
             self._alloc(rows, self.capacity, max(s, self.enc_len))
-        for a, b in zip(self.cross, cross):
-            a[n, :, :s] = b
-            a[n, :, s:] = 0.0
-        for a in self.self_kv:  # a masked slot must hold finite numbers: the mask is additive
-            a[n] = 0.0
+        self._put_row(n, cross, s)
         self.enc_mask[n] = 0
         self.enc_mask[n, :s] = enc_mask
         self.lengths[n] = self.trunk[n] = 0
@@ -85,8 +137,7 @@ class BatchCache:
         """Free owner's row: the last active row moves into it (one row copied)."""
         r, last = self.owners.index(owner), len(self.owners) - 1
         if r != last:
-            for a in (*self.self_kv, *self.cross):
-                a[r] = a[last]
+            self._move_row(last, r)
             for a in (self.enc_mask, self.lengths, self.trunk, self.pos, self.parent):
                 a[r] = a[last]
             self.owners[r] = self.owners[last]
@@ -107,17 +158,15 @@ class BatchCache:
         each the child of the one before) moved down to follow them; everything else is
         dropped. A plain continuation (slots start, start+1, ...) moves nothing: a rewind."""
         r = self.owners.index(owner)
-        for j, s in enumerate(slots):
-            if s != start + j:
-                for a in self.self_kv:
-                    a[r, :, start + j] = a[r, :, s]
+        moved = [(s, start + j) for j, s in enumerate(slots) if s != start + j]
+        if moved:
+            self._move_slots(r, *map(list, zip(*moved)))
         self._cut(r, start + len(slots))
 
     def _cut(self, r: int, length: int) -> None:
         """Row r becomes a plain sequence of `length` slots; slots past it are zeroed."""
         old = int(self.lengths[r])
-        for a in self.self_kv:
-            a[r, :, length:old] = 0.0
+        self._clear(r, length, old)
         lo = min(int(self.trunk[r]), length)
         self.pos[r, lo:old] = np.arange(lo, old)
         self.parent[r, lo:old] = np.arange(lo - 1, old - 1)
@@ -177,14 +226,9 @@ class BatchCache:
         }
         if self.model.in_place:
             feed["new_slots"] = slots
-        feed.update((k, a[:n]) for k, a in zip(self.model.self_names, self.self_kv))
-        feed.update((k, a[:n]) for k, a in zip(self.model.cross_names, self.cross))
-        out = self.model.run("decoder", feed, counter)
-        # the real new tokens' key/values go into their slots: [H, T_r, D] per row and layer
+        logits = self._call(feed, lengths, counts, counter)
         for r in range(n):
             lo, k = int(lengths[r]), int(counts[r])
-            for a, p in zip(self.self_kv, out[1:]):
-                a[r, :, lo : lo + k] = p[r, :, :k]
             if parents is None or parents[r] is None:
                 if self.trunk[r] == lo:  # a plain sequence stays one
                     self.trunk[r] = lo + k
@@ -192,7 +236,7 @@ class BatchCache:
                 self.pos[r, lo : lo + k] = positions[r, :k]
                 self.parent[r, lo : lo + k] = parents[r]
         self.lengths[:n] += counts
-        return out[0]
+        return logits
 
     def _mask(self, lengths: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
         """Attention mask of a plain call and the mask column of each new token [N, T]: each

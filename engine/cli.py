@@ -84,9 +84,17 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_flags(p: argparse.ArgumentParser) -> None:
-    """--no-verify, --weights-cache DIR and --no-weights-cache: how Engine.load checks and maps
-    the files (the same flags on every command that loads a pair)."""
+    """--no-verify, --weights-cache DIR, --no-weights-cache and --kv-cache: how Engine.load
+    checks and maps the files, and where key/values live (the same flags on every command that
+    loads a pair)."""
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    p.add_argument(
+        "--kv-cache",
+        choices=opt.KV_CACHES,
+        default="auto",
+        help="where decoder key/values live: numpy (host), device (OrtValues on the provider's"
+        " device, updated in place) or auto (device on CUDA; default)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
         "--weights-cache",
@@ -103,9 +111,9 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_args(a: argparse.Namespace) -> dict:
-    """Engine.load's verify and weights_cache from add_load_flags' flags."""
+    """Engine.load's verify, weights_cache and kv_cache from add_load_flags' flags."""
     cache = False if a.no_weights_cache else (a.weights_cache or True)
-    return {"verify": not a.no_verify, "weights_cache": cache}
+    return {"verify": not a.no_verify, "weights_cache": cache, "kv_cache": a.kv_cache}
 
 
 def _generate_parser() -> _Parser:

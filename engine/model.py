@@ -18,7 +18,8 @@ import onnxruntime as ort
 from . import providers as prov
 from . import verify as checked
 from . import weights
-from .errors import ModelFileError
+from .errors import InputError, ModelFileError
+from .options import KV_CACHES
 from .stats import Counter
 from .tokenizer import Tokenizer
 from .weights import WeightsCache
@@ -102,11 +103,15 @@ class T5Model:
         io_binding: bool = False,
         verify: bool = True,
         weights_cache: WeightsCache | None = None,
+        kv_cache: str = "auto",
     ):
         """verify: check every file stairs.json lists against its sha256 (sizes are always
         checked); verify=False or STAIRS_VERIFY=0 skips the hashing for huge folders.
         weights_cache: map each graph's prepacked form from there (engine.weights), and hash
-        only files changed since their hash was remembered; None: plain sessions."""
+        only files changed since their hash was remembered; None: plain sessions.
+        kv_cache: where the decoder key/values live: numpy (host arrays), device (OrtValues on
+        the provider's device, engine.device_cache; needs a graph with kv_cache outputs) or
+        auto (device on CUDA when the graph allows it, else numpy)."""
         self.folder = Path(folder)
         self.name = name or self.folder.name
         self.threads = threads
@@ -147,6 +152,21 @@ class T5Model:
         self.sessions = self._open_sessions()
         self._check_encoder()
         self._check_decoder()
+        self.kv_cache = self._pick_kv_cache(kv_cache)
+        self.kvops = None  # engine.device_cache.KVOps, opened by the first device cache
+
+    def _pick_kv_cache(self, want: str) -> str:
+        """numpy or device, from kv_cache's value and what the graph and provider allow."""
+        if want not in KV_CACHES:
+            raise InputError(f"kv_cache must be one of {', '.join(KV_CACHES)}, not {want!r}")
+        if want == "device" and not self.has_full:
+            raise ModelFileError(
+                f"{self.folder / MASKED_FILE}: exported before the device cache (no kv_cache"
+                " outputs); export it again with stairs-export, or use kv_cache='numpy'"
+            )
+        if want == "auto":
+            return "device" if self.provider == "cuda" and self.has_full else "numpy"
+        return want
 
     def _read_dimensions(self, c: dict) -> None:
         """Special ids and sizes from a checked config.json."""
@@ -233,7 +253,12 @@ class T5Model:
         dec, path = self.sessions["decoder"], self.folder / MASKED_FILE
         ins = {i.name: i for i in dec.get_inputs()}
         outs = [o.name for o in dec.get_outputs()]
-        want_out = ["logits", *(n.replace("past_key_values", "present") for n in self.self_names)]
+        presents = [n.replace("past_key_values", "present") for n in self.self_names]
+        want_out = ["logits", *presents]
+        # graphs since the device cache also output each whole buffer after the new tokens'
+        # writes (kv_cache.*): bound to the past inputs, the graph updates the cache in place
+        self.full_names = [n.replace("past_key_values", "kv_cache") for n in self.self_names]
+        self.output_names = {"decoder": want_out}
         # in place: the new tokens' key/values go into their slots of one buffer in the graph
         # (stairs-export since the one-engine redesign); older folders concatenate them
         self.in_place = "new_slots" in ins
@@ -248,7 +273,8 @@ class T5Model:
                 path,
             )
         feeds = {*STEP_FEEDS, *self.self_names, *self.cross_names, *(["new_slots"] * self.in_place)}
-        if set(ins) != feeds or outs != want_out:
+        self.has_full = outs == want_out + self.full_names
+        if set(ins) != feeds or outs not in (want_out, want_out + self.full_names):
             raise ModelFileError(
                 f"{path}: not this engine's masked decoder for {self.num_decoder_layers} layers"
                 " (inputs or outputs differ)"
@@ -271,31 +297,61 @@ class T5Model:
             ins["attention_mask"].type, np.int64
         )
 
-    def run(self, role: str, feed: dict, counter: Counter) -> list[np.ndarray]:
-        """The one call site of a graph (encoder, decoder or cross); counts its seconds."""
+    def run(
+        self, role: str, feed: dict, counter: Counter, outputs: dict | None = None, binding=None
+    ) -> list:
+        """The one call site of a graph (encoder, decoder or cross); counts its seconds.
+
+        feed values: numpy arrays, OrtValues, or engine.device_cache.Slab (rows of a device
+        buffer, bound by address). outputs (IO binding): name -> a Slab to write into, or None
+        to leave it on the device; returns the bound outputs' OrtValues. binding: an IO binding
+        of this graph to bind into and run (what it already holds stays bound). Without
+        outputs: numpy arrays of the graph's outputs (the decoder's logits and new key/values)."""
         t = time.perf_counter()
         sess = self.sessions[role]
-        if self.io_binding:
-            bind = sess.io_binding()
-            for name, value in feed.items():
-                bind.bind_cpu_input(name, np.ascontiguousarray(value))
-            for o in sess.get_outputs():
-                bind.bind_output(o.name, self.device, self.device_id)
-            sess.run_with_iobinding(bind)
-            out = bind.copy_outputs_to_cpu()
+        if outputs is not None or self.io_binding:
+            out = self._run_bound(sess, role, feed, outputs, binding)
         else:
-            out = sess.run(None, feed)
+            out = sess.run(self.output_names.get(role), feed)
         counter.session_s += time.perf_counter() - t
         return out
 
-    def encode(self, ids: list[int], counter: Counter) -> tuple[list[np.ndarray], np.ndarray]:
+    def _run_bound(self, sess, role: str, feed: dict, outputs: dict | None, binding) -> list:
+        """run() through IO binding (outputs None: the usual outputs, copied to numpy)."""
+        bind = sess.io_binding() if binding is None else binding
+        for name, value in feed.items():
+            if isinstance(value, np.ndarray):
+                bind.bind_cpu_input(name, np.ascontiguousarray(value))
+            elif isinstance(value, ort.OrtValue):
+                bind.bind_ortvalue_input(name, value)
+            else:
+                value.bind(bind, name)
+        names = self.output_names.get(role) or [o.name for o in sess.get_outputs()]
+        for name in names if outputs is None else outputs:
+            target = None if outputs is None else outputs[name]
+            if target is None:
+                bind.bind_output(name, self.device, self.device_id)
+            else:
+                target.bind(bind, name, output=True)
+        sess.run_with_iobinding(bind)
+        return bind.copy_outputs_to_cpu() if outputs is None else bind.get_outputs()
+
+    def encode(
+        self, ids: list[int], counter: Counter, device: bool = False
+    ) -> tuple[list, np.ndarray]:
         """One prompt alone at its own length (at least MIN_TOKENS, a masked pad after a
-        one-token prompt): its cross key/values (2 per layer, [H, S, D]) and mask [S]. Alone,
-        so a prompt's states never depend on which prompts joined with it."""
+        one-token prompt): its cross key/values (2 per layer, [H, S, D]; device=True: OrtValues
+        [1, H, S, D] left on the session's device) and mask [S]. Alone, so a prompt's states
+        never depend on which prompts joined with it."""
         s = max(len(ids), MIN_TOKENS)
         x = np.full((1, s), self.pad_id, np.int64)
         mask = np.zeros((1, s), np.int64)
         x[0, : len(ids)], mask[0, : len(ids)] = ids, 1
-        enc = self.run("encoder", {"input_ids": x, "attention_mask": mask}, counter)[0]
+        feed = {"input_ids": x, "attention_mask": mask}
+        if device:
+            enc = self.run("encoder", feed, counter, {"last_hidden_state": None})[0]
+            outs = dict.fromkeys(self.cross_names)
+            return self.run("cross", {"encoder_hidden_states": enc}, counter, outs), mask[0]
+        enc = self.run("encoder", feed, counter)[0]
         cross = self.run("cross", {"encoder_hidden_states": enc}, counter)
         return [a[0] for a in cross], mask[0]

@@ -23,6 +23,8 @@ MAX_INPUT_TOKENS = 8192
 # An estimate of a generation's working memory is multiplied by this before it is compared with
 # what the machine has: ORT's arena and numpy temporaries come on top of the tensors counted.
 MEMORY_SAFETY = 1.5
+# Engine.load(kv_cache=...): where decoder key/values live (engine.cache, engine.device_cache).
+KV_CACHES = ("auto", "numpy", "device")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .accept import accept_path
 from .cache import CHUNK, BatchCache
+from .device_cache import make_cache
 from .errors import CancelledError, EngineError, InputError, NonFiniteLogitsError
 from .model import T5Model
 from .options import MEMORY_SAFETY, available_memory
@@ -137,8 +138,8 @@ class Scheduler:
         memory_bytes: int | None = None,
     ):
         self.main_model, self.asst_model = main, assistant
-        self.main = BatchCache(main)
-        self.asst = BatchCache(assistant) if assistant is not None else None
+        self.main = make_cache(main)
+        self.asst = make_cache(assistant) if assistant is not None else None
         self.max_batch_tokens, self.memory_bytes = max_batch_tokens, memory_bytes
         self.waiting: list[Request] = []
         self.active: list[Request] = []
@@ -259,7 +260,7 @@ class Scheduler:
         cache.reserve(len(cache.owners) + len(reqs), max(len(r.ids) for r in reqs))
         for r in reqs:
             t, c = time.perf_counter(), Counter()
-            cross, mask = cache.model.encode(r.ids, c)
+            cross, mask = cache.model.encode(r.ids, c, device=cache.on_device)
             cache.add(r, cross, mask)
             r.counter.encoder_s += time.perf_counter() - t
             r.counter.session_s += c.session_s

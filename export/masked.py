@@ -43,7 +43,10 @@ def _io_names(layers: int) -> dict:
     past = [f"past_key_values.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
     present = [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
     cross = [f"cross_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return {"past": past, "present": present, "cross": cross}
+    # the whole buffer after the new tokens' writes: a device cache binds it to its past input,
+    # so the graph updates the cache in place (engine.device_cache)
+    full = [f"kv_cache.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
+    return {"past": past, "present": present, "cross": cross, "full": full}
 
 
 def _bucket_table(attn):
@@ -126,7 +129,7 @@ def _modules(model):
             keep = attention_mask[:, None, :, :].to(torch.float32)
             self_bias = bias + (1.0 - keep) * min_value
             cross_bias = (1.0 - enc_mask[:, None, None, :].to(torch.float32)) * min_value
-            presents = []
+            presents, full = [], []
             for i, block in enumerate(dec.block):
                 sa = block.layer[0]
                 x = sa.layer_norm(h)
@@ -135,6 +138,7 @@ def _modules(model):
                 presents += [k_new, v_new]
                 k = past[2 * i].scatter(2, slot_idx, k_new)
                 v = past[2 * i + 1].scatter(2, slot_idx, v_new)
+                full += [k, v]
                 q = split(sa.SelfAttention.q(x), b)
                 h = h + attend(q, k, v, self_bias, sa.SelfAttention.o, b)
                 ca = block.layer[1]
@@ -147,7 +151,7 @@ def _modules(model):
             if cfg.tie_word_embeddings:
                 h = h * (cfg.d_model**-0.5)
             logits = torch.matmul(h, wt) if self.tied else self.lm_head(h)
-            return (logits, *presents)
+            return (logits, *presents, *full)
 
     class CrossKV(nn.Module):
         def __init__(self):
@@ -257,7 +261,7 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     )
     dec_in = ["input_ids", "positions", "past_positions", "attention_mask", "new_slots"]
     dec_in += names["past"] + names["cross"] + ["encoder_attention_mask"]
-    dec_out = ["logits"] + names["present"]
+    dec_out = ["logits"] + names["present"] + names["full"]
     axes = {
         "input_ids": {0: "batch", 1: "tokens"},
         "positions": {0: "batch", 1: "tokens"},
@@ -270,6 +274,7 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     axes.update({n: {0: "batch", 2: "past"} for n in names["past"]})
     axes.update({n: {0: "batch", 2: "source"} for n in names["cross"]})
     axes.update({n: {0: "batch", 2: "tokens"} for n in names["present"]})
+    axes.update({n: {0: "batch", 2: "past"} for n in names["full"]})
     jobs = [
         (DECODER_FILE, decoder, dec_args, dec_in, dec_out, axes),
         (
@@ -419,7 +424,7 @@ class _Graphs:
             **{k: np.concatenate([v, room], axis=2) for k, v in past.items()},
             **cross,
         }
-        logits, *presents = self.dec.run(None, feed)
+        logits, *presents = self.dec.run(["logits", *self.names["present"]], feed)
         grown = {
             p: np.concatenate([past[p], new], axis=2)
             for p, new in zip(self.names["past"], presents)

@@ -452,3 +452,27 @@ def test_coldstart_bench_on_a_tiny_model(tiny_models, tmp_path):
     assert all(r["load_s"] > 0 and r["mem_done_Pss"] > 0 for r in m["modes"].values())
     assert len(list((out / "work" / "cache-tiny" / "graphs").iterdir())) == 3
     assert "| tiny |" in (out / "results.md").read_text()
+
+
+def test_gpu_bench_runs_every_section_on_the_cpu(tiny_models, tmp_path):
+    """bench.gpu (the device cache's tables) end to end on the CPU provider: both back ends
+    exact (0 mismatches against their own and the CPU's greedy), logits bit-identical across
+    call shapes, and a step-cost and a throughput row per back end."""
+    from conftest import PROMPTS
+
+    from bench import gpu
+
+    m = tiny_models["v1_1"]
+    pair = f"tiny={m['main']},{m['random']}"
+    argv = ["--pair", pair, "--prompts", str(PROMPTS), "--provider", "cpu", "-n", "3"]
+    argv += ["--max-new-tokens", "6", "--reps", "1", "--wait-quiet", "0", "--budget-s", "0"]
+    assert gpu.main([*argv, "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())["pairs"]["tiny"]
+    assert {c["kv_cache"] for c in res["exact"]["cells"]} == {"device", "numpy"}
+    assert all(c["vs_own_greedy"] == c["vs_cpu_greedy"] == 0 for c in res["exact"]["cells"])
+    inv = res["exact"]["invariance"]
+    assert all(i["bit_identical"] == i["rows_compared"] > 0 for i in inv)
+    assert all(isinstance(p["device_ms"], float) for p in res["cost"]["points"])
+    assert all(isinstance(p["resident_ms"], float) for p in res["cost"]["points"])
+    assert {c["kv_cache"] for c in res["speed"]["cells"]} == {"device", "numpy"}
+    assert "tokens/s" in (tmp_path / "results.md").read_text()

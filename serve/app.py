@@ -215,6 +215,7 @@ def build_app(config: ServeConfig) -> FastAPI:
         shared_thread_pool=config.shared_thread_pool,
         verify=config.verify,
         weights_cache=config.weights_cache,
+        kv_cache=config.kv_cache,
     )
     return create_app(eng, config)
 

@@ -36,8 +36,9 @@ SERVER_ONLY = (
 class ServeConfig:
     """What stairs-serve loads and how it serves.
 
-    main/assistant/provider/threads/shared_thread_pool/verify/weights_cache: the pair (build_app
-    loads it; weights_cache: True, a folder or False, as Engine.load).
+    main/assistant/provider/threads/shared_thread_pool/verify/weights_cache/kv_cache: the pair
+    (build_app loads it; weights_cache: True, a folder or False; kv_cache: auto, numpy or
+    device; as Engine.load).
     strategy/options: what every request runs (any strategy; auto: draft length by load).
     model_name: the id clients send (None: the main folder's name).
     max_batch_tokens: rows x padded tokens of one main call (None: the engine's default).
@@ -57,6 +58,7 @@ class ServeConfig:
     shared_thread_pool: bool = False
     verify: bool = True
     weights_cache: bool | str = True
+    kv_cache: str = "auto"
     strategy: str = "auto"
     options: dict = field(default_factory=dict)
     model_name: str | None = None
@@ -94,6 +96,9 @@ class ServeConfig:
             raise InputError(
                 f"weights_cache must be True, False or a folder path, not {self.weights_cache!r}"
             )
+        if self.kv_cache not in opt.KV_CACHES:
+            choices = ", ".join(opt.KV_CACHES)
+            raise InputError(f"kv_cache must be one of {choices}, not {self.kv_cache!r}")
         opt.check_strategy(self.strategy)
         object.__setattr__(self, "options", opt.validate(self.strategy, self.options or {}))
         self._check_counts()

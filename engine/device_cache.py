@@ -1,0 +1,188 @@
+"""The device back end of the cache interface: key/values as ORT OrtValues on the decoder
+session's device (CUDA, or the CPU provider, where the whole path is tested).
+
+Buffers are preallocated (rows x capacity, as the numpy back end) and never leave the device:
+the decoder binds each layer's buffer both as its past input and as its `kv_cache.*` output, so
+the graph's own scatter writes the new tokens into their slots in place; moves (a row leaving,
+a tree path kept), zeroing and growth run as small graphs on the same device (engine/kvops,
+written by export.kvops). Only the logits come back to the host. A rewind is a length: slots
+past it keep finite numbers behind the additive mask (a row is zeroed when a request takes it,
+so nothing non-finite from an earlier owner lingers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .cache import BatchCache
+from .model import T5Model
+
+KVOPS = Path(__file__).parent / "kvops"
+
+
+class Buffer:
+    """A float32 OrtValue [R, ...] on a device, with what binding its rows needs (worked out
+    once: a step binds every layer's buffer, and ORT's accessors cost microseconds each)."""
+
+    __slots__ = ("device", "device_id", "ptr", "row", "tail", "value")
+
+    def __init__(self, value: ort.OrtValue, device_id: int = 0):
+        # ORT's python API names an OrtValue's device type, not its id
+        self.value, self.device, self.device_id = value, value.device_name().lower(), device_id
+        self.tail = list(value.shape()[1:])
+        self.ptr = value.data_ptr()
+        self.row = int(np.prod(self.tail, dtype=np.int64)) * 4
+
+    def rows(self, lo: int, hi: int) -> Slab:
+        """Rows lo..hi, to bind."""
+        return Slab(self, lo, hi)
+
+    def numpy(self) -> np.ndarray:
+        """A host copy."""
+        return self.value.numpy()
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Rows lo..hi of a Buffer, bound by address: no copy."""
+
+    buf: Buffer
+    lo: int
+    hi: int
+
+    def bind(self, binding, name: str, output: bool = False) -> None:
+        """Bind these rows as input (or output) `name` of an IO binding."""
+        b = self.buf
+        shape = [self.hi - self.lo, *b.tail]
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, b.device, b.device_id, np.float32, shape, b.ptr + self.lo * b.row)
+
+
+class KVOps:
+    """The moves, zeroing and padded copies of one model's buffers, as sessions on its device
+    (opened once per model: model.kvops)."""
+
+    def __init__(self, model: T5Model):
+        make_options, plist, _ = model._session_args
+        self.model = model
+        for name in ("move", "zero", "pad"):
+            path = str(KVOPS / f"{name}.onnx")
+            model.sessions[f"kvops.{name}"] = ort.InferenceSession(
+                path, make_options(), providers=plist
+            )
+
+    @classmethod
+    def of(cls, model: T5Model) -> KVOps:
+        """The model's KVOps, opened on first use."""
+        if model.kvops is None:
+            model.kvops = cls(model)
+        return model.kvops
+
+    def run(self, name: str, data: Slab, out: Slab, **host) -> None:
+        """Op `name` on data with host index arrays, its result written into out."""
+        self.model.run(f"kvops.{name}", {"data": data, **host}, _NO_COUNT, {"out": out})
+
+    def alloc(self, shape: tuple) -> Buffer:
+        """An uninitialized float32 buffer on the model's device."""
+        m = self.model
+        value = ort.OrtValue.ortvalue_from_shape_and_type(
+            list(shape), np.float32, m.device, m.device_id
+        )
+        return Buffer(value, m.device_id)
+
+
+class _NoCount:
+    session_s = 0.0
+
+
+_NO_COUNT = _NoCount()
+
+
+class DeviceCache(BatchCache):
+    """BatchCache whose key/values live on the decoder's device (see the module docstring)."""
+
+    on_device = True
+
+    def __init__(self, model: T5Model, rows: int = 1):
+        if not model.has_full:
+            raise ValueError(f"{model.folder}: its decoder graph has no kv_cache outputs")
+        self.ops = KVOps.of(model)
+        super().__init__(model, rows)
+
+    def _new_storage(self, rows: int, cap: int, enc_len: int) -> None:
+        """New buffers; the active rows' contents padded into them on the device."""
+        n, old_kv, old_cross = len(self.owners), self.self_kv, getattr(self, "cross", [])
+        self._binding = None  # bound to the old buffers
+        kv = [self.ops.alloc((rows, self.h, cap, self.d)) for _ in self.model.self_names]
+        cross = [self.ops.alloc((rows, self.h, enc_len, self.d)) for _ in self.model.cross_names]
+        if n:
+            for new, old, grow in (
+                *((a, b, cap - self.capacity) for a, b in zip(kv, old_kv)),
+                *((a, b, enc_len - self.enc_len) for a, b in zip(cross, old_cross)),
+            ):
+                pads = np.array([0, 0, 0, 0, 0, 0, grow, 0], np.int64)
+                self.ops.run("pad", old.rows(0, n), new.rows(0, n), pads=pads)
+        self.self_kv, self.cross = kv, cross
+
+    def _put_row(self, n: int, cross: list, s: int) -> None:
+        """Row n: the cross key/values ([1, H, s, D] OrtValues) padded to the buffer's length,
+        and its self key/values zeroed."""
+        pads = np.array([0, 0, 0, 0, 0, 0, self.enc_len - s, 0], np.int64)
+        for a, b in zip(self.cross, cross):
+            b = Buffer(b, self.model.device_id)
+            self.ops.run("pad", b.rows(0, 1), a.rows(n, n + 1), pads=pads)
+        idx = np.array([[n]], np.int64)
+        for a in self.self_kv:
+            self.ops.run("zero", a.rows(0, n + 1), a.rows(0, n + 1), idx=idx)
+
+    def _move_row(self, src: int, dst: int) -> None:
+        """Row src into row dst, in place."""
+        hi = max(src, dst) + 1
+        s, d = np.array([[src]], np.int64), np.array([[dst]], np.int64)
+        for a in (*self.self_kv, *self.cross):
+            self.ops.run("move", a.rows(0, hi), a.rows(0, hi), src=s, dst=d)
+
+    def _move_slots(self, r: int, src: list[int], dst: list[int]) -> None:
+        """Row r's slots src into slots dst, every head, in place."""
+        heads = np.repeat(np.arange(self.h), len(src))
+        zeros = np.zeros_like(heads)
+        s = np.stack([zeros, heads, np.tile(src, self.h)], 1).astype(np.int64)
+        d = np.stack([zeros, heads, np.tile(dst, self.h)], 1).astype(np.int64)
+        for a in self.self_kv:
+            self.ops.run("move", a.rows(r, r + 1), a.rows(r, r + 1), src=s, dst=d)
+
+    def _clear(self, r: int, lo: int, hi: int) -> None:
+        """Nothing to do: the length is the rewind (the mask hides the slots past it)."""
+
+    def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter) -> np.ndarray:
+        """The decoder with each layer's buffer bound as past input and kv_cache output (the
+        graph writes every new token, pads included, into its slot); logits to the host."""
+        n = len(lengths)
+        if self._binding is None or self._binding_rows != n:  # buffers or rows changed
+            feed, outputs = self._bound(feed, n)
+            self._binding = self.model.sessions["decoder"].io_binding()
+            self._binding_rows = n
+        else:  # the buffers stay bound: only the host inputs and a fresh logits output
+            outputs = {"logits": None}
+        return self.model.run("decoder", feed, counter, outputs, self._binding)[0].numpy()
+
+    def _bound(self, feed: dict, n: int) -> tuple[dict, dict]:
+        """feed with the first n rows' buffers added, and the outputs: logits left on the
+        device, kv_cache.* written into the buffers they came from."""
+        m = self.model
+        for name, a in zip(m.self_names, self.self_kv):
+            feed[name] = a.rows(0, n)
+        for name, a in zip(m.cross_names, self.cross):
+            feed[name] = a.rows(0, n)
+        outputs = {"logits": None}
+        outputs.update((k, a.rows(0, n)) for k, a in zip(m.full_names, self.self_kv))
+        return feed, outputs
+
+
+def make_cache(model: T5Model) -> BatchCache:
+    """The cache back end the model was loaded with (model.kv_cache: numpy or device)."""
+    return DeviceCache(model) if model.kv_cache == "device" else BatchCache(model)

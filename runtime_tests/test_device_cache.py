@@ -1,0 +1,225 @@
+"""The device cache back end (engine.device_cache) on the CPU provider: key/values as ORT
+OrtValues updated in place by the decoder graph, moved by the kvops graphs. It must give the
+numpy back end's logits bit for bit and every strategy's greedy tokens."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from engine import Engine, InputError, ModelFileError
+from engine.cache import BatchCache
+from engine.device_cache import KVOPS, DeviceCache
+from engine.stats import Counter
+
+NEW = 32
+SIZES = [1, 2, 5, 8]
+STRATEGIES = [
+    ("greedy", {}),
+    ("assisted", {"draft_tokens": 4}),
+    ("assisted", {"draft_tokens": 5, "schedule": "heuristic"}),
+    ("stairs", {"batch_size": 5, "threshold": 0.5}),
+    ("tree", {"draft_tokens": 3, "branches": 2}),
+    ("lookup", {}),
+    ("staged", {}),
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(pycode_prompts):
+    rng = np.random.default_rng(7)  # mixed lengths: rows of 4-129 encoder tokens share calls
+    order, keep = rng.permutation(len(pycode_prompts))[:16], rng.integers(4, 130, 16)
+    return [pycode_prompts[i][-int(k) :] for i, k in zip(order, keep)]
+
+
+@pytest.fixture(scope="module")
+def dev(pycode_pair):
+    main, draft = pycode_pair
+    return Engine.load(main, assistant=draft, threads=2, kv_cache="device")
+
+
+@pytest.fixture(scope="module")
+def ref(eng, prompts):
+    """Each prompt's greedy tokens on the numpy back end."""
+    return [eng.generate(p, max_new_tokens=NEW).token_ids for p in prompts]
+
+
+def test_kvops_graphs_are_what_export_writes():
+    from export.kvops import graphs
+
+    for name, data in graphs().items():
+        assert (KVOPS / name).read_bytes() == data, f"{name}: run python -m export.kvops"
+
+
+def test_device_back_end_is_chosen_and_the_caches_are_ort_values(dev, eng):
+    assert dev.main.kv_cache == dev.assistant.kv_cache == "device"
+    assert eng.main.kv_cache == "numpy"  # auto on the CPU
+    sched = dev._scheduler()
+    assert isinstance(sched.main, DeviceCache) and isinstance(sched.asst, DeviceCache)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("strategy, options", STRATEGIES)
+def test_every_strategy_and_batch_size_equals_numpy_greedy(dev, prompts, ref, size, strategy,
+                                                          options):  # fmt: skip
+    """A small token budget makes later requests join while earlier ones run (and rows leave
+    as each request ends): joins, removals and row moves on the device."""
+    out = []
+    for i in range(0, len(prompts), size):
+        out += dev.generate_batch(
+            prompts[i : i + size],
+            strategy=strategy,
+            max_new_tokens=NEW,
+            max_batch_tokens=max(8, 3 * size),
+            **options,
+        )
+    assert [r.token_ids for r in out] == ref
+
+
+def test_joins_and_cancels_mid_flight(dev, prompts, ref):
+    first = [dev.submit(p, strategy="tree", max_new_tokens=NEW) for p in prompts[:4]]
+    victim = dev.submit(prompts[4], strategy="assisted", max_new_tokens=NEW)
+    pieces = iter(victim.tokens())
+    next(pieces)
+    victim.cancel()
+    late = []
+    for _ in first[0].tokens():
+        if not late:
+            late = [dev.submit(p, strategy="staged", max_new_tokens=NEW) for p in prompts[5:9]]
+    results = [h.result(timeout=120) for h in first + late]
+    assert [r.token_ids for r in results] == ref[:4] + ref[5:9]
+    assert victim.done and not dev._worker.scheduler.active
+
+
+@pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
+def test_tiny_models_device_equals_numpy(tiny_models, variant):
+    m = tiny_models[variant]
+    host = Engine.load(m["main"], assistant=m["random"], weights_cache=False)
+    dev = Engine.load(m["main"], assistant=m["random"], weights_cache=False, kv_cache="device")
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 300, int(n)).tolist() + [1] for n in rng.integers(1, 40, 8)]
+    ref = [host.generate(p, max_new_tokens=20).token_ids for p in prompts]
+    for strategy, options in STRATEGIES:
+        for size in SIZES:
+            out = []
+            for i in range(0, len(prompts), size):
+                out += dev.generate_batch(
+                    prompts[i : i + size], strategy=strategy, max_new_tokens=20, **options
+                )
+            assert [r.token_ids for r in out] == ref, (strategy, size)
+
+
+def _both(eng):
+    m = eng.main
+    return BatchCache(m), DeviceCache(m)
+
+
+def test_logits_and_key_values_bit_identical_through_every_cache_operation(eng, prompts):
+    """One script of adds, ragged and tree calls, keeps, rewinds, removals, row reuse and
+    growth on both back ends: every call's logits np.array_equal, and every row's used slots
+    hold the same key/values."""
+    host, dev = _both(eng)
+    rng, c = np.random.default_rng(11), Counter()
+
+    def add(owner, ids):
+        for cache in (host, dev):
+            cross, mask = cache.model.encode(ids, c, device=cache.on_device)
+            cache.add(owner, cross, mask)
+
+    def run(tokens, counts, parents=None):
+        a = host.run(tokens, counts, c, parents)
+        b = dev.run(tokens, counts, c, parents)
+        assert np.array_equal(a, b)
+        return a
+
+    def check():
+        assert host.owners == dev.owners
+        for i, o in enumerate(host.owners):
+            n = host.length(o)
+            assert n == dev.length(o)
+            for a, b in zip(host.self_kv, dev.self_kv):
+                assert np.array_equal(a[i, :, :n], b.numpy()[i, :, :n])
+
+    for o in range(3):
+        add(o, prompts[o])
+    run(rng.integers(3, 8000, (3, 1)) * 0, np.array([1, 1, 1]))  # decoder start
+    for _ in range(20):  # ragged rows: 1-4 real tokens, then rewinds to a random length
+        counts = rng.integers(1, 5, 3)
+        run(rng.integers(3, 8000, (3, 4)), counts)
+        for o in range(3):
+            keep = int(rng.integers(max(1, host.length(o) - 3), host.length(o) + 1))
+            host.rewind(o, keep)
+            dev.rewind(o, keep)
+    check()
+    lo = [host.length(o) for o in range(3)]  # a tree in row 1: two paths of two tokens
+    tree = [None, [lo[1] - 1, lo[1], lo[1], lo[1] + 1, lo[1] + 2], None]
+    run(rng.integers(3, 8000, (3, 5)), np.array([2, 5, 3]), tree)
+    for cache in (host, dev):
+        cache.keep(1, lo[1], [lo[1], lo[1] + 2, lo[1] + 4])  # the second path: slots move
+        cache.rewind(0, lo[0] + 1)
+    check()
+    for cache in (host, dev):
+        cache.remove(0)  # the last row moves into row 0
+    add(3, prompts[3])  # takes the freed row at the back
+    add(4, prompts[9])  # rows double: storage grows on the device
+    run(rng.integers(3, 8000, (4, 2)), np.array([1, 2, 2, 1]))
+    for _ in range(12):  # past the first capacity (32 slots): growth keeps every row
+        run(rng.integers(3, 8000, (4, 6)), np.array([6, 5, 6, 4]))
+    assert host.capacity == dev.capacity > 64
+    check()
+    i = dev.owners.index(4)
+    assert dev.lengths[i] > 0
+    for cache in (host, dev):
+        cache.remove(4)
+    add(5, prompts[5])  # a reused row starts empty: its self key/values zeroed on the device
+    r = dev.owners.index(5)
+    assert all(not a.numpy()[r].any() for a in dev.self_kv)
+    run(rng.integers(3, 8000, (4, 3)), np.array([3, 1, 2, 3]))
+    check()
+
+
+def test_bad_kv_cache_values_are_refused_before_loading(pycode_pair):
+    main, _draft = pycode_pair
+    with pytest.raises(InputError, match="kv_cache must be one of auto, numpy, device"):
+        Engine.load(main, kv_cache="gpu")
+    from serve.config import ServeConfig
+
+    with pytest.raises(InputError, match="kv_cache"):
+        ServeConfig(main=str(main), kv_cache="host")
+
+
+def test_a_graph_without_kv_cache_outputs_keeps_numpy(tiny_models, tmp_path):
+    """Folders exported before the device cache load as before (numpy back end); asking for the
+    device cache on them says what to do in one line."""
+    import onnx
+
+    folder = shutil.copytree(tiny_models["v1_1"]["main"], tmp_path / "old")
+    path = folder / "decoder_masked_model.onnx"
+    proto = onnx.load(str(path))
+    keep = [o for o in proto.graph.output if not o.name.startswith("kv_cache.")]
+    del proto.graph.output[:]
+    proto.graph.output.extend(keep)
+    onnx.save(proto, str(path))
+    manifest = json.loads((folder / "stairs.json").read_text())
+    del manifest["files"]["decoder_masked_model.onnx"]
+    (folder / "stairs.json").write_text(json.dumps(manifest))
+    eng = Engine.load(folder, weights_cache=False)
+    assert eng.main.kv_cache == "numpy" and not eng.main.has_full
+    assert len(eng.generate([5, 6, 7, 1], max_new_tokens=4).token_ids) >= 1
+    with pytest.raises(ModelFileError, match="no kv_cache outputs.*stairs-export"):
+        Engine.load(folder, weights_cache=False, kv_cache="device")
+
+
+def test_cli_kv_cache_flag(pycode_pair, capsys):
+    from engine.cli import main as cli
+
+    m, d = pycode_pair
+    args = ["--main", str(m), "--assistant", str(d), "--json", "--max-new-tokens", "16"]
+    out = {}
+    for kv in ("numpy", "device"):
+        assert cli([*args, "--strategy", "assisted", "--kv-cache", kv, "def f(x):\n"]) == 0
+        out[kv] = json.loads(capsys.readouterr().out)["token_ids"]
+    assert out["numpy"] == out["device"] and out["numpy"]
