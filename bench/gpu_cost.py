@@ -73,9 +73,9 @@ def _resident_binding(model, sess, rows: int, tokens: int, rng):
     from engine.stats import Counter
 
     class Capture(DeviceCache):  # keeps what one step binds
-        def _call(self, feed, lengths, counts, counter):
+        def _call(self, feed, lengths, counts, counter, reduce):
             self.bound = self._bound(dict(feed), len(lengths))
-            return super()._call(feed, lengths, counts, counter)
+            return super()._call(feed, lengths, counts, counter, reduce)
 
     cache = _cache(model, Capture, rows, rng)
     cache.run(rng.integers(3, model.vocab_size, (rows, tokens)), np.full(rows, tokens), Counter())
@@ -103,25 +103,37 @@ def _resident_binding(model, sess, rows: int, tokens: int, rng):
     return bind, keep, cache
 
 
-def resident_ms(model, rows: int, tokens: int, reps: int, rng, graph: bool = False):
-    """Median ms of the resident call (graph=True: a CUDA graph captured and replayed, in a
-    session with enable_cuda_graph); a string saying why when ORT refuses."""
+def graph_session(model):
+    """A session of the main decoder with ORT's CUDA graphs on (enable_cuda_graph), or a
+    string saying why ORT refused (it captures only graphs whose every node runs on CUDA)."""
     import onnxruntime as ort
 
-    sess = model.sessions["decoder"]
-    if graph:
-        try:
-            opts = {"device_id": str(model.device_id), "enable_cuda_graph": "1"}
-            make_options, _, _ = model._session_args
-            path = str(Path(model.folder) / "decoder_masked_model.onnx")
-            sess = ort.InferenceSession(
-                path, make_options(), providers=[("CUDAExecutionProvider", opts)]
-            )
-        except Exception as exc:  # noqa: BLE001 - the refusal is the finding
-            return f"{type(exc).__name__}: {str(exc)[:200]}"
+    try:
+        opts = {"device_id": str(model.device_id), "enable_cuda_graph": "1"}
+        make_options, _, _ = model._session_args
+        path = str(Path(model.folder) / "decoder_masked_model.onnx")
+        return ort.InferenceSession(
+            path, make_options(), providers=[("CUDAExecutionProvider", opts)]
+        )
+    except Exception as exc:  # noqa: BLE001 - the refusal is the finding
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def resident_ms(model, rows: int, tokens: int, reps: int, rng, sess=None, graph_id=None):
+    """Median ms of the resident call on sess (default: the engine's decoder session);
+    graph_id: replayed as CUDA graph graph_id of a graph_session (captured on its first run).
+    A string saying why when ORT refuses."""
+    import onnxruntime as ort
+
+    if isinstance(sess, str):
+        return sess
+    sess = sess or model.sessions["decoder"]
+    ro = ort.RunOptions()
+    if graph_id is not None:
+        ro.add_run_config_entry("gpu_graph_id", str(graph_id))
     bind, _alive, _cache_alive = _resident_binding(model, sess, rows, tokens, rng)  # kept alive
     try:
-        return _median_ms(lambda: sess.run_with_iobinding(bind), reps)
+        return _median_ms(lambda: sess.run_with_iobinding(bind, ro), reps)
     except Exception as exc:  # noqa: BLE001
         return f"{type(exc).__name__}: {str(exc)[:200]}"
 
@@ -132,19 +144,26 @@ def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("decoder_masked_model.onnx*"))
 
 
-def cost_table(model, rows_list, tokens_list, reps: int, bandwidth: float, cuda: bool) -> dict:
-    """Every (rows, tokens) point: numpy and device back ends, resident bound, CUDA graph."""
+def cost_table(
+    model, rows_list, tokens_list, reps: int, bandwidth: float, cuda: bool, deadline: float
+) -> dict:
+    """Every (rows, tokens) point: numpy and device back ends, resident bound, CUDA graph
+    (points after the deadline are left out)."""
     rng = np.random.default_rng(0)
     floor = weight_bytes(model.folder) / bandwidth * 1e3
+    graphs = graph_session(model) if cuda else None
     points = []
     for rows in rows_list:
         for tokens in tokens_list:
+            if time.perf_counter() > deadline:
+                break
             pt = {"rows": rows, "tokens": tokens, "floor_ms": floor}
             pt["numpy_ms"] = step_ms(model, "numpy", rows, tokens, reps, rng)
             pt["device_ms"] = step_ms(model, "device", rows, tokens, reps, rng)
             pt["resident_ms"] = resident_ms(model, rows, tokens, reps, rng)
             if cuda:
-                pt["cuda_graph_ms"] = resident_ms(model, rows, tokens, reps, rng, graph=True)
+                gid = len(points) + 1  # one captured graph per shape
+                pt["cuda_graph_ms"] = resident_ms(model, rows, tokens, reps, rng, graphs, gid)
             points.append(pt)
     return {"past": PAST, "encoder": ENC, "weight_bytes": weight_bytes(model.folder),
             "bandwidth": bandwidth, "points": points}  # fmt: skip

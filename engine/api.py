@@ -73,8 +73,14 @@ def _check_load_args(
     assistant_provider,
     assistant_threads,
     flags: dict,
+    kv_cache=None,
+    limits=None,
 ) -> None:
     """Types of Engine.load's arguments, before any file is read or session created."""
+    if kv_cache not in opt.KV_CACHES:
+        raise InputError(f"kv_cache must be one of {', '.join(opt.KV_CACHES)}, not {kv_cache!r}")
+    if limits is not None and not isinstance(limits, opt.Limits):
+        raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
     for name, v, none_ok in (("main", main, False), ("assistant", assistant, True)):
         if not (isinstance(v, (str, Path)) or (v is None and none_ok)):
             raise InputError(f"{name} must be a folder path (str or Path), not {v!r}")
@@ -167,22 +173,8 @@ class Engine:
         """
         flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         flags["verify"], flags["weights_cache"] = verify, weights_cache
-        _check_load_args(
-            main,
-            assistant,
-            provider,
-            threads,
-            provider_options,
-            assistant_provider,
-            assistant_threads,
-            flags,
-        )
-        if kv_cache not in opt.KV_CACHES:
-            raise InputError(
-                f"kv_cache must be one of {', '.join(opt.KV_CACHES)}, not {kv_cache!r}"
-            )
-        if limits is not None and not isinstance(limits, opt.Limits):
-            raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
+        args = (main, assistant, provider, threads, provider_options, assistant_provider)
+        _check_load_args(*args, assistant_threads, flags, kv_cache, limits)
         common = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
         common["weights_cache"] = WeightsCache.of(weights_cache)
         common["kv_cache"] = kv_cache

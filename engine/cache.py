@@ -12,6 +12,7 @@ import numpy as np
 
 from .model import MIN_TOKENS, T5Model
 from .stats import Counter
+from .strategies.base import pick
 
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
 
@@ -27,6 +28,7 @@ class BatchCache:
     """
 
     on_device = False  # key/values as host numpy arrays
+    device_memory = False  # whether they take device (not host) memory
 
     def __init__(self, model: T5Model, rows: int = 1):
         self.model, self.h, self.d = model, model.num_heads, model.d_kv
@@ -96,9 +98,10 @@ class BatchCache:
         for a in self.self_kv:
             a[r, :, lo:hi] = 0.0
 
-    def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter) -> np.ndarray:
+    def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter, reduce: bool):
         """The decoder on feed (host arrays) and the first N rows' key/values; the real new
-        tokens' key/values go into their slots ([H, T_r, D] per row and layer). Logits."""
+        tokens' key/values go into their slots ([H, T_r, D] per row and layer). Logits, or
+        with reduce their greedy picks (see run)."""
         n = len(lengths)
         feed.update((k, a[:n]) for k, a in zip(self.model.self_names, self.self_kv))
         feed.update((k, a[:n]) for k, a in zip(self.model.cross_names, self.cross))
@@ -107,7 +110,7 @@ class BatchCache:
             lo, k = int(lengths[r]), int(counts[r])
             for a, p in zip(self.self_kv, out[1:]):
                 a[r, :, lo : lo + k] = p[r, :, :k]
-        return out[0]
+        return pick(out[0]) if reduce else out[0]
 
     # -- rows ---------------------------------------------------------------------------------
 
@@ -149,7 +152,7 @@ class BatchCache:
 
     def rewind(self, owner, length: int) -> None:
         """Keep owner's first `length` slots (a plain sequence): rejected drafts are dropped by
-        the length (their slots zeroed, so nothing non-finite lingers behind the mask)."""
+        the length (_clear: zeroed here, so nothing non-finite lingers behind the mask)."""
         r = self.owners.index(owner)
         self._cut(r, min(length, int(self.lengths[r])))
 
@@ -164,7 +167,7 @@ class BatchCache:
         self._cut(r, start + len(slots))
 
     def _cut(self, r: int, length: int) -> None:
-        """Row r becomes a plain sequence of `length` slots; slots past it are zeroed."""
+        """Row r becomes a plain sequence of `length` slots; slots past it are cleared."""
         old = int(self.lengths[r])
         self._clear(r, length, old)
         lo = min(int(self.trunk[r]), length)
@@ -180,12 +183,17 @@ class BatchCache:
         layers = len(self.model.self_names)  # 2 per layer, as cross
         return rows * layers * self.h * self.d * 4 * (cap + enc)
 
+    def reset(self) -> None:
+        """Forget every row and start over small (after a failed operation; nothing kept)."""
+        self.owners = []
+        self.self_kv = []
+        self._alloc(1, CHUNK, 1)
+
     def shrink(self) -> None:
         """Back to a small allocation once no row is active (memory goes back, and later calls
         stop attending over a long request's capacity)."""
         if not self.owners and (self.capacity > CHUNK or len(self.lengths) > 1):
-            self.self_kv = []
-            self._alloc(1, CHUNK, 1)
+            self.reset()
 
     def run(
         self,
@@ -193,9 +201,12 @@ class BatchCache:
         counts: np.ndarray,
         counter: Counter,
         parents: list | None = None,
-    ) -> np.ndarray:
+        reduce: bool = False,
+    ):
         """Decoder on tokens [N, T] after each row's cached slots; row r's first counts[r]
-        tokens are real, the rest padding (never cached). Returns logits [N, T, V].
+        tokens are real, the rest padding (never kept: past the row's length). Returns logits [N, T, V]; with
+        reduce, what accepting needs: greedy ids [N, T] and whether each pick is NaN/inf
+        (a device back end then copies [N, T] instead of the logits).
 
         parents[r] (optional, None = a plain continuation): the slot of each real token's
         parent, new token i taking slot lengths[r] + i. A token then attends to the row's trunk
@@ -226,7 +237,7 @@ class BatchCache:
         }
         if self.model.in_place:
             feed["new_slots"] = slots
-        logits = self._call(feed, lengths, counts, counter)
+        logits = self._call(feed, lengths, counts, counter, reduce)
         for r in range(n):
             lo, k = int(lengths[r]), int(counts[r])
             if parents is None or parents[r] is None:

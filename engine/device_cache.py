@@ -5,13 +5,20 @@ Buffers are preallocated (rows x capacity, as the numpy back end) and never leav
 the decoder binds each layer's buffer both as its past input and as its `kv_cache.*` output, so
 the graph's own scatter writes the new tokens into their slots in place; moves (a row leaving,
 a tree path kept), zeroing and growth run as small graphs on the same device (engine/kvops,
-written by export.kvops). Only the logits come back to the host. A rewind is a length: slots
-past it keep finite numbers behind the additive mask (a row is zeroed when a request takes it,
-so nothing non-finite from an earlier owner lingers).
+written by export.kvops). Only the main's greedy picks come back to the host (the assistant's
+logits, which drafters read, do too). A rewind is a length: rejected drafts and pads stay in the
+slots past it, behind the additive mask, where finite numbers weigh exactly 0 (a row is zeroed
+when a request takes it, so nothing from an earlier owner lingers). They are the model's own key/
+values for plausible tokens, as finite as the live ones; an fp16 main whose stale key overflowed
+would give NaN where the numpy back end (which zeroes them) would not: then the request fails
+with NonFiniteLogitsError, never with other tokens. Every ORT run ends with a stream
+synchronize (ORT's default), which orders the kvops and decoder sessions on CUDA.
 """
 
 from __future__ import annotations
 
+import ctypes
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +26,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .cache import BatchCache
+from .errors import ModelFileError
 from .model import T5Model
+from .strategies.base import pick
 
 KVOPS = Path(__file__).parent / "kvops"
 
@@ -69,7 +78,7 @@ class KVOps:
     def __init__(self, model: T5Model):
         make_options, plist, _ = model._session_args
         self.model = model
-        for name in ("move", "zero", "pad"):
+        for name in ("move", "zero", "pad", "greedy"):
             path = str(KVOPS / f"{name}.onnx")
             model.sessions[f"kvops.{name}"] = ort.InferenceSession(
                 path, make_options(), providers=plist
@@ -77,9 +86,11 @@ class KVOps:
 
     @classmethod
     def of(cls, model: T5Model) -> KVOps:
-        """The model's KVOps, opened on first use."""
-        if model.kvops is None:
-            model.kvops = cls(model)
+        """The model's KVOps, opened on first use (once: the worker and a caller's generate may
+        make their first device cache at the same time)."""
+        with _OPEN_LOCK:
+            if model.kvops is None:
+                model.kvops = cls(model)
         return model.kvops
 
     def run(self, name: str, data: Slab, out: Slab, **host) -> None:
@@ -93,6 +104,9 @@ class KVOps:
             list(shape), np.float32, m.device, m.device_id
         )
         return Buffer(value, m.device_id)
+
+
+_OPEN_LOCK = threading.Lock()
 
 
 class _NoCount:
@@ -109,8 +123,9 @@ class DeviceCache(BatchCache):
 
     def __init__(self, model: T5Model, rows: int = 1):
         if not model.has_full:
-            raise ValueError(f"{model.folder}: its decoder graph has no kv_cache outputs")
+            raise ModelFileError(f"{model.folder}: its decoder graph has no kv_cache outputs")
         self.ops = KVOps.of(model)
+        self.device_memory = model.device != "cpu"
         super().__init__(model, rows)
 
     def _new_storage(self, rows: int, cap: int, enc_len: int) -> None:
@@ -158,17 +173,31 @@ class DeviceCache(BatchCache):
     def _clear(self, r: int, lo: int, hi: int) -> None:
         """Nothing to do: the length is the rewind (the mask hides the slots past it)."""
 
-    def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter) -> np.ndarray:
+    def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter, reduce: bool):
         """The decoder with each layer's buffer bound as past input and kv_cache output (the
-        graph writes every new token, pads included, into its slot); logits to the host."""
-        n = len(lengths)
-        if self._binding is None or self._binding_rows != n:  # buffers or rows changed
+        graph writes every new token, pads included, into its slot); logits to the host, or
+        with reduce only the greedy picks (see _picks)."""
+        n, binding = len(lengths), self._binding
+        if binding is None or self._binding_rows != n:  # buffers or rows changed
             feed, outputs = self._bound(feed, n)
-            self._binding = self.model.sessions["decoder"].io_binding()
-            self._binding_rows = n
+            binding, self._binding = self.model.sessions["decoder"].io_binding(), None
         else:  # the buffers stay bound: only the host inputs and a fresh logits output
             outputs = {"logits": None}
-        return self.model.run("decoder", feed, counter, outputs, self._binding)[0].numpy()
+        logits = self.model.run("decoder", feed, counter, outputs, binding)[0]
+        self._binding, self._binding_rows = binding, n  # complete: reused while n stays
+        return self._picks(logits, counts, counter) if reduce else logits.numpy()
+
+    def _picks(self, logits: ort.OrtValue, counts: np.ndarray, counter):
+        """Greedy ids [N, T] and bad picks, reduced on the device (kvops greedy graph: ArgMax,
+        and a flag for a NaN/+inf or a tied maximum). A flag on any real token copies the
+        logits to the host instead, so ties and NaN resolve exactly as numpy's argmax does."""
+        out = {"ids": None, "flag": None}
+        ids, flag = self.model.run("kvops.greedy", {"logits": logits}, counter, out)
+        ids, flag = ids.numpy(), flag.numpy()
+        real = np.arange(flag.shape[1]) < counts[:, None]
+        if (flag & real).any():
+            return pick(logits.numpy())
+        return ids, np.zeros(ids.shape, bool)
 
     def _bound(self, feed: dict, n: int) -> tuple[dict, dict]:
         """feed with the first n rows' buffers added, and the outputs: logits left on the
@@ -181,6 +210,26 @@ class DeviceCache(BatchCache):
         outputs = {"logits": None}
         outputs.update((k, a.rows(0, n)) for k, a in zip(m.full_names, self.self_kv))
         return feed, outputs
+
+
+def device_free_bytes(model: T5Model) -> int | None:
+    """Free memory on a CUDA model's device (cudaMemGetInfo through the CUDA runtime ORT
+    loaded), or None when it cannot be read: then only Limits.memory_bytes bounds the device
+    caches. ORT's arena keeps what it freed, so this errs on the side of refusing."""
+    if model.device != "cuda":
+        return None
+    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        free, total, prev = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_int()
+        if lib.cudaGetDevice(ctypes.byref(prev)) or lib.cudaSetDevice(model.device_id):
+            return None
+        rc = lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total))
+        lib.cudaSetDevice(prev.value)
+        return free.value if rc == 0 else None
+    return None
 
 
 def make_cache(model: T5Model) -> BatchCache:

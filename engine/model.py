@@ -115,13 +115,7 @@ class T5Model:
         self.folder = Path(folder)
         self.name = name or self.folder.name
         self.threads = threads
-        # Every file the engine (or ORT, for external data) opens must stay inside the folder;
-        # checked first so that nothing is said about a file outside it, not even if it exists.
-        if self.folder.is_dir():
-            data_files = [p.name for p in self.folder.glob("*.onnx_data")]
-            for f in [*REQUIRED, "tokenizer_config.json", *data_files]:
-                checked.inside(self.folder, f)
-        check_folder(self.folder)
+        self._check_paths()
         config_path = self.folder / "config.json"
         self.config = checked.read_json(config_path, dict)
         _check_config(config_path, self.config)
@@ -154,6 +148,16 @@ class T5Model:
         self._check_decoder()
         self.kv_cache = self._pick_kv_cache(kv_cache)
         self.kvops = None  # engine.device_cache.KVOps, opened by the first device cache
+
+    def _check_paths(self) -> None:
+        """Every file the engine (or ORT, for external data) opens stays inside the folder
+        (checked first, so nothing is said about a file outside it, not even if it exists),
+        and the folder has them all."""
+        if self.folder.is_dir():
+            data_files = [p.name for p in self.folder.glob("*.onnx_data")]
+            for f in [*REQUIRED, "tokenizer_config.json", *data_files]:
+                checked.inside(self.folder, f)
+        check_folder(self.folder)
 
     def _pick_kv_cache(self, want: str) -> str:
         """numpy or device, from kv_cache's value and what the graph and provider allow."""
@@ -326,7 +330,8 @@ class T5Model:
                 bind.bind_ortvalue_input(name, value)
             else:
                 value.bind(bind, name)
-        names = self.output_names.get(role) or [o.name for o in sess.get_outputs()]
+        if outputs is None:
+            names = self.output_names.get(role) or [o.name for o in sess.get_outputs()]
         for name in names if outputs is None else outputs:
             target = None if outputs is None else outputs[name]
             if target is None:

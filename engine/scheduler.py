@@ -18,13 +18,13 @@ import numpy as np
 
 from .accept import accept_path
 from .cache import CHUNK, BatchCache
-from .device_cache import make_cache
+from .device_cache import device_free_bytes, make_cache
 from .errors import CancelledError, EngineError, InputError, NonFiniteLogitsError
 from .model import T5Model
 from .options import MEMORY_SAFETY, available_memory
 from .stats import Counter
 from .strategies import CacheRow, Drafter
-from .strategies.base import greedy
+from .strategies.base import check_finite
 
 DEFAULT_BATCH_TOKENS = 256
 MAX_BATCH_TOKENS = 65536
@@ -173,13 +173,16 @@ class Scheduler:
         return StepRecord(admitted, retired, rounds, *shape)
 
     def fail_all(self, exc: Exception) -> None:
-        """End every waiting and active request with exc (the worker's last resort)."""
+        """End every waiting and active request with exc (the worker's last resort); the
+        caches start over, so nothing they hold can fail this again."""
         for r in [*self.waiting, *self.active]:
             r.error = r.error or as_engine_error(exc)
-        for r in self.waiting:
             r.finish()
         self.waiting.clear()
-        self._retire()
+        self.active.clear()
+        for cache in (self.main, self.asst):
+            if cache is not None:
+                cache.reset()
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -193,14 +196,20 @@ class Scheduler:
         cap = max(longest + widest + CHUNK, self.main.capacity)
         enc = max(max(len(q.ids) for q in reqs), self.main.enc_len)
         rows = 1 << (len(reqs) - 1).bit_length()  # the caches double their rows
-        need, now = self.main.nbytes(rows, cap, enc), self.main.nbytes()
-        if self.asst is not None:
-            need += self.asst.nbytes(rows, cap, enc)
-            now += self.asst.nbytes()
+        need, now = {"host": 0, "device": 0}, {"host": 0, "device": 0}
+        for cache in (self.main, self.asst):
+            if cache is not None:
+                where = "device" if cache.device_memory else "host"
+                need[where] += cache.nbytes(rows, cap, enc)
+                now[where] += cache.nbytes()
         logits = rows * (1 + max(q.max_length() - q.max_new_tokens for q in reqs))
-        need += logits * self.main_model.vocab_size * 4
-        budget = self.memory_bytes or ((available_memory() or 1 << 62) + now)
-        return need * MEMORY_SAFETY <= budget
+        need["host"] += logits * self.main_model.vocab_size * 4
+        if self.memory_bytes:  # one budget for all of it
+            return (need["host"] + need["device"]) * MEMORY_SAFETY <= self.memory_bytes
+        host = (available_memory() or 1 << 62) + now["host"]
+        free = device_free_bytes(self.main_model) if need["device"] else None
+        device = 1 << 62 if free is None else free + now["device"]
+        return need["host"] * MEMORY_SAFETY <= host and need["device"] * MEMORY_SAFETY <= device
 
     def _admit(self) -> int:
         """Move waiting requests into the batch while the token budget and memory allow."""
@@ -248,9 +257,7 @@ class Scheduler:
                 self._encode(self.asst, drafting)
         except Exception as exc:  # noqa: BLE001 - only the joining requests fail
             for r in joining:
-                for cache in (self.main, self.asst):
-                    if cache is not None and r in cache.owners:
-                        cache.remove(r)
+                self._release(r)
                 r.finish(as_engine_error(exc))
             return
         self.active.extend(joining)
@@ -329,24 +336,25 @@ class Scheduler:
             props.append(parents)
         tokens, counts = _pack(rows, self.main_model.pad_id)  # [N, T], [N]
         t, c = time.perf_counter(), Counter()
-        logits = self.main.run(tokens, counts, c, tree if any(tree) else None)  # [N, T', V]
+        # each token's greedy id and whether its logits pick NaN/inf: [N, T'] each
+        ids, bad = self.main.run(tokens, counts, c, tree if any(tree) else None, reduce=True)
         dt = time.perf_counter() - t
-        shape = logits.shape[:2]  # as run: rows x tokens, a pad included
+        shape = ids.shape  # as run: rows x tokens, a pad included
         self.calls.append(shape)
         self.call_count += 1
         for i, r in enumerate(owners):
             if r.error is None:
-                self._accept(r, rows[i], props[i], logits[i, : counts[i]], dt, c.session_s)
+                k = counts[i]
+                self._accept(r, rows[i], props[i], ids[i, :k], bad[i, :k], dt, c.session_s)
         for r in owners:
             r.counter.batch_rows += len(owners) if r.error is None else 0
         return shape
 
-    def _accept(self, r: Request, row, parents, logits, dt: float, session_s: float) -> None:
+    def _accept(self, r: Request, row, parents, targets, bad, dt: float, session_s: float) -> None:
         """Accept r's longest agreeing path, rewind both caches to it, emit its tokens."""
-        targets = logits.argmax(-1)  # [real]
         path = accept_path(row, parents, targets)
-        try:  # the one NaN check, on the logits the output rests on (the accepted path's)
-            greedy(logits[path], "main", len(r.seq) - 1)
+        try:  # the one NaN check, on the picks the output rests on (the accepted path's)
+            check_finite(bad[path], "main", len(r.seq) - 1)
         except NonFiniteLogitsError as exc:
             r.error = exc
             return
@@ -379,12 +387,28 @@ class Scheduler:
         gone = [r for r in self.active if r.done or r.cancelled or r.error is not None]
         for r in gone:
             self.active.remove(r)
-            for cache in (self.main, self.asst):
-                if cache is not None and r in cache.owners:
-                    cache.remove(r)
+            self._release(r)
             r.finish(CancelledError("cancelled") if r.cancelled and not r.done else None)
         if not self.active:
             for cache in (self.main, self.asst):
                 if cache is not None:
-                    cache.shrink()
+                    self._guard(cache, cache.shrink)
         return len(gone)
+
+    def _release(self, r: Request) -> None:
+        """Free r's rows in both caches."""
+        for cache in (self.main, self.asst):
+            if cache is not None and r in cache.owners:
+                self._guard(cache, cache.remove, r)
+
+    def _guard(self, cache: BatchCache, op, *args) -> None:
+        """Run a cache operation; if it fails (a device back end runs graphs: out of device
+        memory), the cache's state is unknown: every request in it fails and it starts over."""
+        try:
+            op(*args)
+        except Exception as exc:  # noqa: BLE001 - a broken cache must not hang its callers
+            err = as_engine_error(exc)
+            for r in cache.owners:
+                if not r.done:  # a finished request keeps its result
+                    r.error = r.error or err
+            cache.reset()

@@ -174,7 +174,7 @@ def _export_one(
     an assistant's settings) and its differences recorded."""
     from tqdm.auto import tqdm
 
-    from .masked import check_masked_decoder, masked_reference
+    from .masked import check_in_place, check_masked_decoder, masked_reference
     from .quantize import quantize_file, settings
     from .validate import check_onnx, torch_reference, validate_folder
 
@@ -214,6 +214,7 @@ def _export_one(
         validation[dtype] = validate_folder(ref, tmp, dtype, strict=False, decoders=optimum)
         _add_masked(validation[dtype], check_masked_decoder(masked_ref, tmp, None))
         steps.update()
+    check_in_place(tmp / DECODER_FILE)  # the graph as written, after any rewrite
     steps.set_postfix_str("manifest")
     manifest = _write_manifest(src, tmp, cfg, dtype, opset, files, validation, quant)
     steps.update()

@@ -47,14 +47,46 @@ def graphs() -> dict[str, bytes]:
             [f32("data"), i64("pads")],
         ),
     }
+    specs["greedy.onnx"] = _greedy(helper, TensorProto)
     out = {}
-    for name, (nodes, inputs) in specs.items():
-        graph = helper.make_graph(nodes, name.split(".")[0], inputs, [f32("out")])
+    for name, (nodes, inputs, *outputs) in specs.items():
+        outs = outputs[0] if outputs else [f32("out")]
+        graph = helper.make_graph(nodes, name.split(".")[0], inputs, outs)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
         )
         out[name] = model.SerializeToString()
     return out
+
+
+def _greedy(helper, tp) -> tuple:
+    """ids = ArgMax(logits) over the vocabulary [N, T]; flag [N, T]: the logits hold NaN or
+    +inf, or their maximum is tied (the engine then decides on the host, as numpy would)."""
+    one = helper.make_tensor("one", tp.FLOAT, [], [1.0])
+    last = helper.make_tensor("last", tp.INT64, [1], [-1])
+    nodes = [
+        helper.make_node("ArgMax", ["logits"], ["ids"], axis=-1, keepdims=0),
+        helper.make_node("ReduceMax", ["logits"], ["top"], axes=[-1], keepdims=1),
+        helper.make_node("Equal", ["logits", "top"], ["at_top"]),
+        helper.make_node("Cast", ["at_top"], ["at_top_f"], to=tp.FLOAT),
+        helper.make_node("Constant", [], ["axis"], value=last),
+        helper.make_node("ReduceSum", ["at_top_f", "axis"], ["tops"], keepdims=0),
+        helper.make_node("Constant", [], ["one"], value=one),
+        helper.make_node("Greater", ["tops", "one"], ["tied"]),
+        helper.make_node("IsNaN", ["logits"], ["nan"]),
+        helper.make_node("IsInf", ["logits"], ["inf"], detect_negative=0),
+        helper.make_node("Or", ["nan", "inf"], ["odd"]),
+        helper.make_node("Cast", ["odd"], ["odd_f"], to=tp.FLOAT),
+        helper.make_node("ReduceMax", ["odd_f"], ["odd_any"], axes=[-1], keepdims=0),
+        helper.make_node("Cast", ["odd_any"], ["odd_b"], to=tp.BOOL),
+        helper.make_node("Or", ["tied", "odd_b"], ["flag"]),
+    ]
+    inputs = [helper.make_tensor_value_info("logits", tp.FLOAT, None)]
+    outputs = [
+        helper.make_tensor_value_info("ids", tp.INT64, None),
+        helper.make_tensor_value_info("flag", tp.BOOL, None),
+    ]
+    return nodes, inputs, outputs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -292,6 +292,27 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     return written
 
 
+def check_in_place(path: Path) -> None:
+    """The device cache binds each kv_cache.* output to its past input's memory: safe only if
+    every node reading that input is an ancestor of the node writing the output (it has run
+    by then). ConversionError if a rewrite (fp16, quantization, a new graph) broke that."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for out in (o.name for o in graph.output if o.name.startswith("kv_cache.")):
+        stack, before = [producer[out]], set()
+        while stack:  # the ancestors of the writer, itself included
+            node = stack.pop()
+            if id(node) not in before:
+                before.add(id(node))
+                stack += [producer[i] for i in node.input if i in producer]
+        past = out.replace("kv_cache", "past_key_values")
+        late = [n.name or n.op_type for n in graph.node if past in n.input and id(n) not in before]
+        if late:
+            raise ConversionError(f"{path.name}: {late} read {past} after {out} is written")
+
+
 def mark_query_rows(path: Path) -> None:
     """Record in the graph's metadata that its attention runs >= 2 query rows (the engine then
     pads only one-row, one-token calls to two tokens; older graphs get every row padded)."""

@@ -373,12 +373,12 @@ def test_a_failed_tree_row_leaves_nothing_behind(eng, prompts, ref):
     sched.add(victim)
     run = sched.main.run
 
-    def poisoned(tokens, counts, counter, parents=None):
-        out = run(tokens, counts, counter, parents)
+    def poisoned(tokens, counts, counter, parents=None, reduce=False):
+        ids, bad = run(tokens, counts, counter, parents, reduce)
         if parents is not None and victim.counter.main_calls >= 2:
-            out = out.copy()
-            out[0] = np.nan
-        return out
+            bad = bad.copy()
+            bad[0] = True  # row 0's logits were NaN
+        return ids, bad
 
     sched.main.run = poisoned
     while sched.busy:

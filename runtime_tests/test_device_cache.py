@@ -223,3 +223,82 @@ def test_cli_kv_cache_flag(pycode_pair, capsys):
         assert cli([*args, "--strategy", "assisted", "--kv-cache", kv, "def f(x):\n"]) == 0
         out[kv] = json.loads(capsys.readouterr().out)["token_ids"]
     assert out["numpy"] == out["device"] and out["numpy"]
+
+
+def test_greedy_picks_on_the_device_resolve_ties_and_nan_as_numpy(eng, monkeypatch):
+    """The main's logits are reduced on the device (ids and a flag per token); a tie or a
+    NaN/+inf on a real token sends the logits to the host, so the picks are numpy's."""
+    import onnxruntime as ort
+
+    from engine import device_cache
+    from engine.strategies.base import pick
+
+    dev, host_calls = DeviceCache(eng.main), []
+    monkeypatch.setattr(device_cache, "pick", lambda x: host_calls.append(1) or pick(x))
+    logits = np.random.default_rng(0).standard_normal((3, 4, 50)).astype(np.float32)
+    counts = np.array([4, 4, 3])
+    clean = logits.copy()
+    clean[2, 3, 5] = np.inf  # a pad position: ignored
+    ids, bad = dev._picks(ort.OrtValue.ortvalue_from_numpy(clean), counts, Counter())
+    assert np.array_equal(ids, clean.argmax(-1)) and not bad.any() and not host_calls
+    for pos, value in (((0, 1, [7, 30]), 9.0), ((1, 2, [11]), np.nan), ((1, 0, [3]), np.inf)):
+        odd = logits.copy()
+        odd[pos] = value
+        ids, bad = dev._picks(ort.OrtValue.ortvalue_from_numpy(odd), counts, Counter())
+        want_ids, want_bad = pick(odd)
+        assert np.array_equal(ids, want_ids) and np.array_equal(bad, want_bad)
+        assert host_calls and bad.any() == (value != 9.0)
+        host_calls.clear()
+
+
+def test_export_checks_that_the_graph_can_update_in_place(tiny_models, tmp_path):
+    """stairs-export refuses a decoder graph where a node reads a past buffer after the
+    kv_cache output bound to the same memory was written (checked on the final graph)."""
+    import onnx
+    from onnx import helper
+
+    from export.errors import ConversionError
+    from export.masked import check_in_place
+
+    path = tiny_models["v1_0"]["main"] / "decoder_masked_model.onnx"
+    check_in_place(path)
+    proto = onnx.load(str(path))
+    proto.graph.node.append(helper.make_node("Identity", ["past_key_values.1.decoder.value"],
+                                             ["late"]))  # fmt: skip
+    proto.graph.output.append(helper.make_tensor_value_info("late", onnx.TensorProto.FLOAT, None))
+    onnx.save(proto, str(tmp_path / "late.onnx"))
+    with pytest.raises(ConversionError, match="read past_key_values.1.decoder.value after"):
+        check_in_place(tmp_path / "late.onnx")
+
+
+def test_a_failing_cache_operation_fails_its_requests_and_nothing_hangs(dev, prompts, ref,
+                                                                       monkeypatch):  # fmt: skip
+    """A device cache operation that raises (out of device memory) fails the requests still in
+    that cache with a typed error, the finished one keeps its result, and the scheduler serves
+    the next request exactly."""
+    from engine import EngineError
+
+    real, calls = DeviceCache.remove, []
+
+    def remove_once(self, owner):
+        calls.append(owner)
+        if len(calls) == 1:
+            raise RuntimeError("out of device memory")
+        return real(self, owner)
+
+    monkeypatch.setattr(DeviceCache, "remove", remove_once)
+    sched = dev._scheduler()
+    reqs = [dev._request(dev.plan(p, "assisted", n)) for p, n in zip(prompts, (6, NEW, NEW))]
+    for r in reqs:
+        sched.add(r)
+    while sched.busy:
+        sched.step()
+    assert all(r.finished.is_set() for r in reqs) and reqs[0].error is None
+    assert reqs[0].seq[1:] == ref[0][:6]
+    assert all(isinstance(r.error, EngineError) and "device memory" in str(r.error)
+               for r in reqs[1:])  # fmt: skip
+    ok = dev._request(dev.plan(prompts[3], "tree", NEW))
+    sched.add(ok)
+    while sched.busy:
+        sched.step()
+    assert ok.error is None and ok.seq[1:] == ref[3]

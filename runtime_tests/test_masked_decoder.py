@@ -107,7 +107,11 @@ def test_masked_decoder_matches_hf(tiny):
     assert names[-1] == "encoder_attention_mask"
     assert len(names) == 6 + 4 * layers
     outs = [o.name for o in sess.get_outputs()]
-    assert outs[0] == "logits" and outs[-1] == f"present.{layers - 1}.decoder.value"
+    # logits, the new tokens' key/values, then each whole buffer after their writes
+    assert outs[0] == "logits" and outs[2 * layers] == f"present.{layers - 1}.decoder.value"
+    assert outs[2 * layers + 1 :] == [
+        f"kv_cache.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")
+    ]
 
 
 def test_greedy_matches_hf_generate(tiny):

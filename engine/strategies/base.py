@@ -19,12 +19,23 @@ from ..errors import NonFiniteLogitsError
 MAX_DRAFT_TOKENS = 64
 
 
-def greedy(logits: np.ndarray, model: str, step: int) -> np.ndarray:
-    """The one NaN check: greedy ids of logits [R, V]; a NaN or +inf pick raises, naming the
-    model and decoder step (argmax picks NaN/+inf when present, so checking picks suffices)."""
+def pick(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy ids of logits [..., V] and whether each pick is non-finite (argmax picks NaN or
+    +inf when present, so checking picks suffices)."""
     ids = logits.argmax(-1)
-    if not np.isfinite(logits[np.arange(len(ids)), ids]).all():
+    return ids, ~np.isfinite(np.take_along_axis(logits, ids[..., None], -1)[..., 0])
+
+
+def check_finite(bad: np.ndarray, model: str, step: int) -> None:
+    """The one NaN check: raise, naming the model and decoder step, if any pick is bad."""
+    if bad.any():
         raise NonFiniteLogitsError(model, step)
+
+
+def greedy(logits: np.ndarray, model: str, step: int) -> np.ndarray:
+    """Greedy ids of logits [R, V], through the one NaN check."""
+    ids, bad = pick(logits)
+    check_finite(bad, model, step)
     return ids
 
 
