@@ -71,18 +71,16 @@ class Slab:
         bind(name, b.device, b.device_id, np.float32, shape, b.ptr + self.lo * b.row)
 
 
+KV_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # buffers per kvops run (export.kvops writes each)
+
+
 class KVOps:
     """The moves, zeroing and padded copies of one model's buffers, as sessions on its device
-    (opened once per model: model.kvops)."""
+    (model.kvops; each graph opened on first use)."""
 
     def __init__(self, model: T5Model):
-        make_options, plist, _ = model._session_args
         self.model = model
-        for name in ("move", "zero", "pad", "greedy"):
-            path = str(KVOPS / f"{name}.onnx")
-            model.sessions[f"kvops.{name}"] = ort.InferenceSession(
-                path, make_options(), providers=plist
-            )
+        self._role("greedy")
 
     @classmethod
     def of(cls, model: T5Model) -> KVOps:
@@ -93,9 +91,30 @@ class KVOps:
                 model.kvops = cls(model)
         return model.kvops
 
-    def run(self, name: str, data: Slab, out: Slab, **host) -> None:
-        """Op `name` on data with host index arrays, its result written into out."""
-        self.model.run(f"kvops.{name}", {"data": data, **host}, _NO_COUNT, {"out": out})
+    def _role(self, name: str) -> str:
+        """The session role of graph `name`, opened once."""
+        role = f"kvops.{name}"
+        if role in self.model.sessions:
+            return role
+        with _OPEN_LOCK:
+            if role not in self.model.sessions:
+                make_options, plist, _ = self.model._session_args
+                self.model.sessions[role] = ort.InferenceSession(
+                    str(KVOPS / f"{name}.onnx"), make_options(), providers=plist
+                )
+        return role
+
+    def run(self, name: str, data: list[Slab], out: list[Slab], **host) -> None:
+        """Op `name` on every data slab (the host index arrays shared), each result written
+        into its out slab: the widest graph first, so a model's layers take one or two runs
+        (each run is a launch and a stream synchronize on a GPU)."""
+        i = 0
+        while i < len(data):
+            k = max(w for w in KV_WIDTHS if w <= len(data) - i)
+            feed = {**{f"data{j}": data[i + j] for j in range(k)}, **host}
+            outs = {f"out{j}": out[i + j] for j in range(k)}
+            self.model.run(self._role(f"{name}_{k}"), feed, _NO_COUNT, outs)
+            i += k
 
     def alloc(self, shape: tuple) -> Buffer:
         """An uninitialized float32 buffer on the model's device."""
@@ -106,7 +125,7 @@ class KVOps:
         return Buffer(value, m.device_id)
 
 
-_OPEN_LOCK = threading.Lock()
+_OPEN_LOCK = threading.RLock()
 
 
 class _NoCount:
@@ -136,30 +155,27 @@ class DeviceCache(BatchCache):
         cross = [self.ops.alloc((rows, self.h, enc_len, self.d)) for _ in self.model.cross_names]
         if n:
             for new, old, grow in (
-                *((a, b, cap - self.capacity) for a, b in zip(kv, old_kv)),
-                *((a, b, enc_len - self.enc_len) for a, b in zip(cross, old_cross)),
+                (kv, old_kv, cap - self.capacity),
+                (cross, old_cross, enc_len - self.enc_len),
             ):
                 pads = np.array([0, 0, 0, 0, 0, 0, grow, 0], np.int64)
-                self.ops.run("pad", old.rows(0, n), new.rows(0, n), pads=pads)
+                self.ops.run("pad", _rows(old, 0, n), _rows(new, 0, n), pads=pads)
         self.self_kv, self.cross = kv, cross
 
     def _put_row(self, n: int, cross: list, s: int) -> None:
         """Row n: the cross key/values ([1, H, s, D] OrtValues) padded to the buffer's length,
         and its self key/values zeroed."""
         pads = np.array([0, 0, 0, 0, 0, 0, self.enc_len - s, 0], np.int64)
-        for a, b in zip(self.cross, cross):
-            b = Buffer(b, self.model.device_id)
-            self.ops.run("pad", b.rows(0, 1), a.rows(n, n + 1), pads=pads)
-        idx = np.array([[n]], np.int64)
-        for a in self.self_kv:
-            self.ops.run("zero", a.rows(0, n + 1), a.rows(0, n + 1), idx=idx)
+        src = [Buffer(b, self.model.device_id).rows(0, 1) for b in cross]
+        self.ops.run("pad", src, _rows(self.cross, n, n + 1), pads=pads)
+        rows = _rows(self.self_kv, 0, n + 1)
+        self.ops.run("zero", rows, rows, idx=np.array([[n]], np.int64))
 
     def _move_row(self, src: int, dst: int) -> None:
         """Row src into row dst, in place."""
-        hi = max(src, dst) + 1
+        rows = _rows([*self.self_kv, *self.cross], 0, max(src, dst) + 1)
         s, d = np.array([[src]], np.int64), np.array([[dst]], np.int64)
-        for a in (*self.self_kv, *self.cross):
-            self.ops.run("move", a.rows(0, hi), a.rows(0, hi), src=s, dst=d)
+        self.ops.run("move", rows, rows, src=s, dst=d)
 
     def _move_slots(self, r: int, src: list[int], dst: list[int]) -> None:
         """Row r's slots src into slots dst, every head, in place."""
@@ -167,8 +183,8 @@ class DeviceCache(BatchCache):
         zeros = np.zeros_like(heads)
         s = np.stack([zeros, heads, np.tile(src, self.h)], 1).astype(np.int64)
         d = np.stack([zeros, heads, np.tile(dst, self.h)], 1).astype(np.int64)
-        for a in self.self_kv:
-            self.ops.run("move", a.rows(r, r + 1), a.rows(r, r + 1), src=s, dst=d)
+        rows = _rows(self.self_kv, r, r + 1)
+        self.ops.run("move", rows, rows, src=s, dst=d)
 
     def _clear(self, r: int, lo: int, hi: int) -> None:
         """Nothing to do: the length is the rewind (the mask hides the slots past it)."""
@@ -235,3 +251,8 @@ def device_free_bytes(model: T5Model) -> int | None:
 def make_cache(model: T5Model) -> BatchCache:
     """The cache back end the model was loaded with (model.kv_cache: numpy or device)."""
     return DeviceCache(model) if model.kv_cache == "device" else BatchCache(model)
+
+
+def _rows(buffers: list[Buffer], lo: int, hi: int) -> list[Slab]:
+    """Rows lo..hi of each buffer."""
+    return [b.rows(lo, hi) for b in buffers]

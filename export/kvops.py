@@ -1,6 +1,7 @@
 """The device cache's small graphs (engine/kvops/*.onnx), written here because the engine does
-not import onnx: a move of rows or slots, a zeroing, and a zero-padded copy, each on one
-key/value buffer, run on the decoder's own device (engine.device_cache).
+not import onnx: a move of rows or slots, a zeroing, and a zero-padded copy, each on 1-64
+key/value buffers in one run, and the greedy picks, run on the decoder's own device
+(engine.device_cache).
 
     python -m export.kvops engine/kvops
 """
@@ -15,48 +16,54 @@ IR_VERSION = 8
 
 
 def graphs() -> dict[str, bytes]:
-    """File name -> serialized model. data: float [...]; src/dst/idx: int64 [M, k] index
-    prefixes (ScatterND's), pads: int64 [2 * rank]."""
+    """File name -> serialized model. move/zero/pad_{k}: the op on k buffers at once (data{i}
+    -> out{i}, one ORT run for k layers' key/values); data: float [...]; src/dst/idx: int64
+    [M, k] index prefixes (ScatterND's), shared by every buffer; pads: int64 [2 * rank]."""
     from onnx import TensorProto, helper
 
-    f32 = lambda n: helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-    i64 = lambda n: helper.make_tensor_value_info(n, TensorProto.INT64, None)
-    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
-    specs = {
-        # out = data with the entries at dst replaced by those at src (all read first)
-        "move.onnx": (
-            [
-                helper.make_node("GatherND", ["data", "src"], ["picked"]),
-                helper.make_node("ScatterND", ["data", "dst", "picked"], ["out"]),
-            ],
-            [f32("data"), i64("src"), i64("dst")],
-        ),
-        # out = data with the entries at idx set to 0.0
-        "zero.onnx": (
-            [
-                helper.make_node("GatherND", ["data", "idx"], ["picked"]),
-                helper.make_node("Shape", ["picked"], ["shape"]),
-                helper.make_node("ConstantOfShape", ["shape"], ["zeros"], value=zero),
-                helper.make_node("ScatterND", ["data", "idx", "zeros"], ["out"]),
-            ],
-            [f32("data"), i64("idx")],
-        ),
-        # out = data padded with zeros (grows a buffer, or widens a row's cross key/values)
-        "pad.onnx": (
-            [helper.make_node("Pad", ["data", "pads"], ["out"], mode="constant")],
-            [f32("data"), i64("pads")],
-        ),
-    }
+    specs = {}
+    from engine.device_cache import KV_WIDTHS
+
+    for k in KV_WIDTHS:
+        for name, (nodes, host) in _ops(helper, TensorProto, k).items():
+            data = [_value(helper, TensorProto.FLOAT, f"data{i}") for i in range(k)]
+            outs = [_value(helper, TensorProto.FLOAT, f"out{i}") for i in range(k)]
+            host = [_value(helper, TensorProto.INT64, n) for n in host]
+            specs[f"{name}_{k}.onnx"] = (nodes, data + host, outs)
     specs["greedy.onnx"] = _greedy(helper, TensorProto)
     out = {}
-    for name, (nodes, inputs, *outputs) in specs.items():
-        outs = outputs[0] if outputs else [f32("out")]
-        graph = helper.make_graph(nodes, name.split(".")[0], inputs, outs)
+    for name, (nodes, inputs, outputs) in specs.items():
+        graph = helper.make_graph(nodes, name.split(".")[0], inputs, outputs)
         model = helper.make_model(
             graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION
         )
         out[name] = model.SerializeToString()
     return out
+
+
+def _value(helper, dtype, name: str):
+    return helper.make_tensor_value_info(name, dtype, None)
+
+
+def _ops(helper, tp, k: int) -> dict:
+    """Each op's nodes over k buffers, and its host inputs."""
+    zero = helper.make_tensor("zero", tp.FLOAT, [1], [0.0])
+    node = helper.make_node
+    move, clear, pad = [], [], []
+    for i in range(k):
+        d, o, p = f"data{i}", f"out{i}", f"picked{i}"
+        # out = data with the entries at dst replaced by those at src (all read first)
+        move += [node("GatherND", [d, "src"], [p]), node("ScatterND", [d, "dst", p], [o])]
+        # out = data with the entries at idx set to 0.0
+        clear += [
+            node("GatherND", [d, "idx"], [p]),
+            node("Shape", [p], [f"shape{i}"]),
+            node("ConstantOfShape", [f"shape{i}"], [f"zeros{i}"], value=zero),
+            node("ScatterND", [d, "idx", f"zeros{i}"], [o]),
+        ]
+        # out = data padded with zeros (grows a buffer, or widens a row's cross key/values)
+        pad.append(node("Pad", [d, "pads"], [o], mode="constant"))
+    return {"move": (move, ["src", "dst"]), "zero": (clear, ["idx"]), "pad": (pad, ["pads"])}
 
 
 def _greedy(helper, tp) -> tuple:

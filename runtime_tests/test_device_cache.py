@@ -50,8 +50,31 @@ def ref(eng, prompts):
 def test_kvops_graphs_are_what_export_writes():
     from export.kvops import graphs
 
-    for name, data in graphs().items():
+    written = graphs()
+    assert {p.name for p in KVOPS.glob("*.onnx")} == set(written), "stale or missing graphs"
+    for name, data in written.items():
         assert (KVOPS / name).read_bytes() == data, f"{name}: run python -m export.kvops"
+
+
+def test_kvops_run_many_buffers_in_few_runs(dev, monkeypatch):
+    """7 buffers of two shapes take 3 runs (widths 4, 2, 1), each buffer moved as numpy would."""
+    import onnxruntime as ort
+
+    from engine.device_cache import Buffer, KVOps
+
+    model = dev.main
+    ops = KVOps.of(model)
+    rng = np.random.default_rng(0)
+    hosts = [rng.standard_normal((3, 2, 5 + i % 2, 4)).astype(np.float32) for i in range(7)]
+    bufs = [Buffer(ort.OrtValue.ortvalue_from_numpy(h.copy())) for h in hosts]
+    roles, run = [], model.run
+    monkeypatch.setattr(model, "run", lambda role, *a: roles.append(role) or run(role, *a))
+    slabs = [b.rows(0, 3) for b in bufs]
+    ops.run("move", slabs, slabs, src=np.array([[2]]), dst=np.array([[0]]))
+    assert roles == ["kvops.move_4", "kvops.move_2", "kvops.move_1"]
+    for h, b in zip(hosts, bufs):
+        h[0] = h[2]
+        assert np.array_equal(b.numpy(), h)
 
 
 def test_device_back_end_is_chosen_and_the_caches_are_ort_values(dev, eng):
