@@ -48,7 +48,7 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def step_ms(model, kind: str, rows: int, tokens: int, reps: int, rng) -> float:
-    """Median ms of one main step as the back end runs it (feeds built, logits to the host,
+    """Median ms of one main step as the back end runs it (feeds built, greedy picks to the host,
     the rejected slots rewound)."""
     from engine.stats import Counter
 
@@ -57,7 +57,7 @@ def step_ms(model, kind: str, rows: int, tokens: int, reps: int, rng) -> float:
     counts = np.full(rows, tokens)
 
     def once():
-        cache.run(toks, counts, c)
+        cache.run(toks, counts, c, reduce=True)  # as verification runs it: picks, not logits
         for i in range(rows):
             cache.rewind(i, PAST)
 

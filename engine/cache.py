@@ -190,8 +190,8 @@ class BatchCache:
         self._alloc(1, CHUNK, 1)
 
     def shrink(self) -> None:
-        """Back to a small allocation once no row is active (memory goes back, and later calls
-        stop attending over a long request's capacity)."""
+        """Back to a small allocation once no row is active (memory goes back to the host, or to
+        ORT's device arena, which keeps it; later calls stop attending over a long capacity)."""
         if not self.owners and (self.capacity > CHUNK or len(self.lengths) > 1):
             self.reset()
 

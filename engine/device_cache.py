@@ -6,13 +6,11 @@ the decoder binds each layer's buffer both as its past input and as its `kv_cach
 the graph's own scatter writes the new tokens into their slots in place; moves (a row leaving,
 a tree path kept), zeroing and growth run as small graphs on the same device (engine/kvops,
 written by export.kvops). Only the main's greedy picks come back to the host (the assistant's
-logits, which drafters read, do too). A rewind is a length: rejected drafts and pads stay in the
-slots past it, behind the additive mask, where finite numbers weigh exactly 0 (a row is zeroed
-when a request takes it, so nothing from an earlier owner lingers). They are the model's own key/
-values for plausible tokens, as finite as the live ones; an fp16 main whose stale key overflowed
-would give NaN where the numpy back end (which zeroes them) would not: then the request fails
-with NonFiniteLogitsError, never with other tokens. Every ORT run ends with a stream
-synchronize (ORT's default), which orders the kvops and decoder sessions on CUDA.
+logits, which drafters read, do too). A rewind is a length; the slots it drops, and
+the slots the graph wrote for pads, are zeroed as the numpy back end zeroes them (noted, then
+one kvops run before the next operation), so both back ends hold the same bits at every step.
+Every ORT run ends with a stream synchronize (ORT's default), which orders the kvops and
+decoder sessions on CUDA.
 """
 
 from __future__ import annotations
@@ -145,11 +143,13 @@ class DeviceCache(BatchCache):
             raise ModelFileError(f"{model.folder}: its decoder graph has no kv_cache outputs")
         self.ops = KVOps.of(model)
         self.device_memory = model.device != "cpu"
+        self._pending: list[tuple[int, int, int]] = []  # rewound slots to zero (see _clear)
         super().__init__(model, rows)
 
     def _new_storage(self, rows: int, cap: int, enc_len: int) -> None:
         """New buffers; the active rows' contents padded into them on the device."""
         n, old_kv, old_cross = len(self.owners), self.self_kv, getattr(self, "cross", [])
+        self._flush() if n else self._pending.clear()
         self._binding = None  # bound to the old buffers
         kv = [self.ops.alloc((rows, self.h, cap, self.d)) for _ in self.model.self_names]
         cross = [self.ops.alloc((rows, self.h, enc_len, self.d)) for _ in self.model.cross_names]
@@ -165,6 +165,7 @@ class DeviceCache(BatchCache):
     def _put_row(self, n: int, cross: list, s: int) -> None:
         """Row n: the cross key/values ([1, H, s, D] OrtValues) padded to the buffer's length,
         and its self key/values zeroed."""
+        self._flush()
         pads = np.array([0, 0, 0, 0, 0, 0, self.enc_len - s, 0], np.int64)
         src = [Buffer(b, self.model.device_id).rows(0, 1) for b in cross]
         self.ops.run("pad", src, _rows(self.cross, n, n + 1), pads=pads)
@@ -173,12 +174,14 @@ class DeviceCache(BatchCache):
 
     def _move_row(self, src: int, dst: int) -> None:
         """Row src into row dst, in place."""
+        self._flush()
         rows = _rows([*self.self_kv, *self.cross], 0, max(src, dst) + 1)
         s, d = np.array([[src]], np.int64), np.array([[dst]], np.int64)
         self.ops.run("move", rows, rows, src=s, dst=d)
 
     def _move_slots(self, r: int, src: list[int], dst: list[int]) -> None:
         """Row r's slots src into slots dst, every head, in place."""
+        self._flush()
         heads = np.repeat(np.arange(self.h), len(src))
         zeros = np.zeros_like(heads)
         s = np.stack([zeros, heads, np.tile(src, self.h)], 1).astype(np.int64)
@@ -187,13 +190,33 @@ class DeviceCache(BatchCache):
         self.ops.run("move", rows, rows, src=s, dst=d)
 
     def _clear(self, r: int, lo: int, hi: int) -> None:
-        """Nothing to do: the length is the rewind (the mask hides the slots past it)."""
+        """Slots lo..hi of row r zeroed, as the numpy back end zeroes them (so both back ends
+        hold the same bits): noted here, done for every row in one run before the next op."""
+        if hi > lo:
+            self._pending.append((r, lo, hi))
+
+    def _flush(self) -> None:
+        """Zero every noted slot range (one kvops run over the self key/values)."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        idx = np.concatenate(
+            [
+                np.stack(np.meshgrid([r], np.arange(self.h), np.arange(lo, hi), indexing="ij"))
+                .reshape(3, -1)
+                .T
+                for r, lo, hi in pending
+            ]
+        ).astype(np.int64)
+        rows = _rows(self.self_kv, 0, max(r for r, _, _ in pending) + 1)
+        self.ops.run("zero", rows, rows, idx=idx)
 
     def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter, reduce: bool):
         """The decoder with each layer's buffer bound as past input and kv_cache output (the
         graph writes every new token, pads included, into its slot); logits to the host, or
         with reduce only the greedy picks (see _picks)."""
-        n, binding = len(lengths), self._binding
+        self._flush()
+        n, t, binding = len(lengths), feed["input_ids"].shape[1], self._binding
         if binding is None or self._binding_rows != n:  # buffers or rows changed
             feed, outputs = self._bound(feed, n)
             binding, self._binding = self.model.sessions["decoder"].io_binding(), None
@@ -201,6 +224,8 @@ class DeviceCache(BatchCache):
             outputs = {"logits": None}
         logits = self.model.run("decoder", feed, counter, outputs, binding)[0]
         self._binding, self._binding_rows = binding, n  # complete: reused while n stays
+        for r in range(n):  # the pads' slots (the numpy back end never writes them)
+            self._clear(r, int(lengths[r] + counts[r]), int(lengths[r]) + t)
         return self._picks(logits, counts, counter) if reduce else logits.numpy()
 
     def _picks(self, logits: ort.OrtValue, counts: np.ndarray, counter):

@@ -182,7 +182,7 @@ class Scheduler:
         self.active.clear()
         for cache in (self.main, self.asst):
             if cache is not None:
-                cache.reset()
+                _reset(cache)
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -411,4 +411,13 @@ class Scheduler:
             for r in cache.owners:
                 if not r.done:  # a finished request keeps its result
                     r.error = r.error or err
-            cache.reset()
+            _reset(cache)
+
+
+def _reset(cache: BatchCache) -> None:
+    """Start a cache over; if even that fails (no memory for one row), it stays empty and the
+    next request that joins fails with the error, while the other cache still starts over."""
+    try:
+        cache.reset()
+    except Exception:  # noqa: BLE001, S110 - the caller is already failing its requests
+        pass
