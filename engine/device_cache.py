@@ -16,6 +16,7 @@ decoder sessions on CUDA.
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,7 +150,9 @@ class DeviceCache(BatchCache):
     def _new_storage(self, rows: int, cap: int, enc_len: int) -> None:
         """New buffers; the active rows' contents padded into them on the device."""
         n, old_kv, old_cross = len(self.owners), self.self_kv, getattr(self, "cross", [])
-        self._flush() if n else self._pending.clear()
+        if n:
+            self._flush()
+        self._pending.clear()  # without rows, nothing is left to zero
         self._binding = None  # bound to the old buffers
         kv = [self.ops.alloc((rows, self.h, cap, self.d)) for _ in self.model.self_names]
         cross = [self.ops.alloc((rows, self.h, enc_len, self.d)) for _ in self.model.cross_names]
@@ -182,12 +185,16 @@ class DeviceCache(BatchCache):
     def _move_slots(self, r: int, src: list[int], dst: list[int]) -> None:
         """Row r's slots src into slots dst, every head, in place."""
         self._flush()
-        heads = np.repeat(np.arange(self.h), len(src))
-        zeros = np.zeros_like(heads)
-        s = np.stack([zeros, heads, np.tile(src, self.h)], 1).astype(np.int64)
-        d = np.stack([zeros, heads, np.tile(dst, self.h)], 1).astype(np.int64)
+        s, d = self._head_slots(0, src), self._head_slots(0, dst)  # row 0 of the one-row slab
         rows = _rows(self.self_kv, r, r + 1)
         self.ops.run("move", rows, rows, src=s, dst=d)
+
+    def _head_slots(self, row: int, slots) -> np.ndarray:
+        """ScatterND index prefixes [H * len(slots), 3]: (row, head, slot) for every head."""
+        heads = np.repeat(np.arange(self.h), len(slots))
+        return np.stack([np.full_like(heads, row), heads, np.tile(slots, self.h)], 1).astype(
+            np.int64
+        )
 
     def _clear(self, r: int, lo: int, hi: int) -> None:
         """Slots lo..hi of row r zeroed, as the numpy back end zeroes them (so both back ends
@@ -200,14 +207,7 @@ class DeviceCache(BatchCache):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        idx = np.concatenate(
-            [
-                np.stack(np.meshgrid([r], np.arange(self.h), np.arange(lo, hi), indexing="ij"))
-                .reshape(3, -1)
-                .T
-                for r, lo, hi in pending
-            ]
-        ).astype(np.int64)
+        idx = np.concatenate([self._head_slots(r, np.arange(lo, hi)) for r, lo, hi in pending])
         rows = _rows(self.self_kv, 0, max(r for r, _, _ in pending) + 1)
         self.ops.run("zero", rows, rows, idx=idx)
 
@@ -257,19 +257,25 @@ def device_free_bytes(model: T5Model) -> int | None:
     """Free memory on a CUDA model's device (cudaMemGetInfo through the CUDA runtime ORT
     loaded), or None when it cannot be read: then only Limits.memory_bytes bounds the device
     caches. ORT's arena keeps what it freed, so this errs on the side of refusing."""
-    if model.device != "cuda":
+    lib = _cudart() if model.device == "cuda" else None
+    if lib is None:
         return None
+    free, total, prev = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_int()
+    if lib.cudaGetDevice(ctypes.byref(prev)) or lib.cudaSetDevice(model.device_id):
+        return None
+    rc = lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total))
+    lib.cudaSetDevice(prev.value)
+    return free.value if rc == 0 else None
+
+
+@functools.cache
+def _cudart():
+    """The CUDA runtime library, looked up once (admission asks at every join), or None."""
     for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12"):
         try:
-            lib = ctypes.CDLL(name)
+            return ctypes.CDLL(name)
         except OSError:
             continue
-        free, total, prev = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_int()
-        if lib.cudaGetDevice(ctypes.byref(prev)) or lib.cudaSetDevice(model.device_id):
-            return None
-        rc = lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total))
-        lib.cudaSetDevice(prev.value)
-        return free.value if rc == 0 else None
     return None
 
 
