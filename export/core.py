@@ -181,14 +181,14 @@ def _export_one(
     cfg = read_config(src)
     quant = settings(dtype, assistant)
     steps = tqdm(total=4 if dtype == "fp32" else 5, desc=src.name, disable=quiet, unit="step")
-    steps.set_postfix_str("load")
+    _stage(steps, "load")
     model = load_torch_model(src)
     # PyTorch reference outputs first, so the torch weights can go before ONNX Runtime loads
     # the exported files (t5-3b: 11 GB of torch weights + a 6 GB decoder would not fit 24 GB).
     ref = torch_reference(model, _sample_ids(src, cfg))
     masked_ref = masked_reference(model)
     steps.update()
-    steps.set_postfix_str("export")
+    _stage(steps, "export")
     files = _write_graphs(model, tmp, opset, device, optimum)
     del model
     gc.collect()
@@ -196,11 +196,11 @@ def _export_one(
     if dtype == "fp16":
         from .fp16 import convert_file
 
-        steps.set_postfix_str("fp16")
+        _stage(steps, "fp16")
         for f in files:
             convert_file(tmp / f)
         steps.update()
-    steps.set_postfix_str("validate")
+    _stage(steps, "validate")
     check_onnx(tmp, files)
     validation = validate_folder(ref, tmp, "fp32" if quant else dtype, decoders=optimum)
     _add_masked(validation, check_masked_decoder(masked_ref, tmp, validation["rtol"]))
@@ -208,14 +208,14 @@ def _export_one(
     if quant:
         # The fp32 graphs were validated strictly above; the quantized differences are recorded
         # (non-finite outputs still fail).
-        steps.set_postfix_str(dtype)
+        _stage(steps, dtype)
         for f in files:
             quantize_file(tmp / f, quant)
         validation[dtype] = validate_folder(ref, tmp, dtype, strict=False, decoders=optimum)
         _add_masked(validation[dtype], check_masked_decoder(masked_ref, tmp, None))
         steps.update()
     check_in_place(tmp / DECODER_FILE)  # the graph as written, after any rewrite
-    steps.set_postfix_str("manifest")
+    _stage(steps, "manifest")
     manifest = _write_manifest(src, tmp, cfg, dtype, opset, files, validation, quant)
     steps.update()
     steps.close()
@@ -471,13 +471,30 @@ def _sigterm_raises():
         return
 
     def handler(signum, frame):
+        _TERM_PENDING.set()
         raise Terminated("SIGTERM")
 
+    _TERM_PENDING.clear()
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, prev)
+        _TERM_PENDING.clear()
+
+
+# Set by the SIGTERM handler. Python swallows an exception raised while a __del__ or weakref
+# callback runs (an import's module-lock callback, say), so each stage checks this flag too.
+_TERM_PENDING = threading.Event()
+
+
+def _stage(steps, name: str) -> None:
+    """Start an export stage (steps: its progress bar, or None): first raise Terminated for a
+    SIGTERM whose raise was swallowed."""
+    if _TERM_PENDING.is_set():
+        raise Terminated("SIGTERM")
+    if steps is not None:
+        steps.set_postfix_str(name)
 
 
 @contextmanager
@@ -670,6 +687,7 @@ def _export(
             manifests[str(asst_out)]["main"] = os.path.relpath(main_out, asst_out)
             for tmp, (_, target) in zip(tmps, targets):
                 (tmp / "stairs.json").write_text(json.dumps(manifests[str(target)], indent=2))
+        _stage(None, "swap")
         swap_in(
             [(tmp, target) for tmp, (_, target) in zip(tmps, targets)],
             [s for s, _ in targets],

@@ -194,6 +194,32 @@ def test_signal_during_swap_is_rolled_back(src, other_asst, previous_pair, monke
     assert snapshot(models) == before and not leftovers(models)
 
 
+def test_sigterm_swallowed_by_a_finalizer_still_stops(src, tmp_path, monkeypatch):
+    """Python ignores an exception raised in a __del__ or weakref callback (CI once sent SIGTERM
+    while an import's module-lock callback ran): the export still stops at its next stage."""
+    import export.masked
+
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs (and raises) here, inside __del__
+
+    real = export.masked.masked_reference
+    validated = []
+
+    def reference(model):
+        Finalizer()  # dropped at once: SIGTERM arrives inside its __del__
+        return real(model)
+
+    monkeypatch.setattr(export.masked, "masked_reference", reference)
+    monkeypatch.setattr("export.validate.validate_folder", lambda *a, **k: validated.append(1))
+    models = tmp_path / "models"
+    with pytest.raises(Terminated):
+        export_model(str(src["main"]), models / "main", None, quiet=True)
+    assert not validated and not models.exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 SLOW_CLI = """
 import sys, time
 import export.validate as v
