@@ -48,6 +48,9 @@ class BatchMethod:
     error: str | None = None
     # per batch size: batch seconds, per-prompt outputs, stats, failed prompt count
     seconds: dict = field(default_factory=dict)
+    # CPU seconds of this process (the engine's, not a peer worker's) during each batch call:
+    # for a peer it shows whether an engine thread pool kept spinning while the peer ran
+    host_cpu: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
@@ -151,12 +154,13 @@ def run_sizes(methods, prompts, sizes, monitor=None, progress=None, on_size=None
                 if m.fn is None:
                     continue
                 with watch(m.name):
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     got = _call(m, batch)
-                    dt = time.perf_counter() - t
+                    dt, dc = time.perf_counter() - t, time.process_time() - c
                 if got is not None:
                     outs, st = got
                     m.seconds.setdefault(b, []).append(dt)
+                    m.host_cpu.setdefault(b, []).append(dc)
                     m.outputs.setdefault(b, []).extend(outs)
                     if st is not None:
                         m.stats[b] = st if b not in m.stats else m.stats[b] + st
@@ -202,6 +206,8 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
             if m.sizes is not None and b not in m.sizes:
                 continue
             row = {"method": m.name, "kind": m.kind, "batch_size": b}
+            if m.close is not None:  # runs in a worker process of its own (CTranslate2)
+                row["worker"] = True
             outs = m.outputs.get(b, [])
             if len(outs) != n:  # never built, or failed at or before this size
                 row["error"] = m.error or "did not run"
@@ -219,6 +225,7 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
                 p50_ms=float(np.percentile(lat, 50) * 1e3),
                 p90_ms=float(np.percentile(lat, 90) * 1e3),
                 failed_prompts=sum(isinstance(o, str) for o in outs),
+                this_process_cpu_per_s=sum(m.host_cpu.get(b, [])) / sum(secs),
             )
             errs = [o for o in outs if isinstance(o, str)]
             if errs:

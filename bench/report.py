@@ -299,6 +299,22 @@ def _mm(r: dict, key: str) -> str:
     return "–" if v is None else (f"**{v}**" if v else "0")
 
 
+def _peer_leak_lines(rows: list[dict]) -> list[str]:
+    """The most CPU this process (the engine's threads) used while a peer's worker process ran."""
+    peers = [r for r in rows if r.get("worker") and "this_process_cpu_per_s" in r]
+    if not peers:
+        return []
+    worst = max(peers, key=lambda r: r["this_process_cpu_per_s"])
+    return [
+        "",
+        (
+            f"While the peers ran, this process (the engine's thread pools) used at most"
+            f" {worst['this_process_cpu_per_s']:.3f} CPU-s/s ({worst['method']} at"
+            f" B={worst['batch_size']}): a pool left spinning would show here."
+        ),
+    ]
+
+
 def batch_markdown(res: dict) -> str:
     """results.md of the batch mode: method x batch size -> tok/s, latency, mismatches."""
     s = res["settings"]
@@ -393,6 +409,7 @@ def batch_markdown(res: dict) -> str:
                     f" {best['tokens_per_s'] / ct2[b]['tokens_per_s']:.2f}x CT2 float32"
                     f" ({ct2[b]['tokens_per_s']:.0f})"
                 )
+    lines += _peer_leak_lines(rows)
     mem = res.get("memory") or []
     if mem:
         keys = sorted({k for m in mem for k in m if k.endswith("_worker_max_rss_mb")})

@@ -252,6 +252,36 @@ def test_batch_runs_interleave_methods_batch_by_batch():
     assert "tokens_per_s" in rows["x/boom", 1]  # what it measured before failing is kept
 
 
+def test_batch_rows_show_this_process_cpu_while_a_worker_peer_runs():
+    """A peer in a worker process waits here without CPU; a pool left spinning in this process
+    would show in its this_process_cpu_per_s, and the report names the worst."""
+    import time
+
+    from bench.batch import BatchMethod, batch_rows, run_sizes
+    from bench.report import _peer_leak_lines
+
+    def burn(batch):
+        end = time.process_time() + 0.02
+        while time.process_time() < end:
+            pass
+        return [[p[0]] for p in batch], None
+
+    def wait(batch):
+        time.sleep(0.02)
+        return [[p[0]] for p in batch], None
+
+    ms = [BatchMethod("stairs/greedy", burn), BatchMethod("ct2/float32", wait, "peer", close=id)]
+    run_sizes(ms, [[i] for i in range(3)], [1])
+    rows = {r["method"]: r for r in batch_rows(ms, 3, [1])}
+    assert (
+        rows["stairs/greedy"]["this_process_cpu_per_s"] > 0.5
+        and "worker" not in rows["stairs/greedy"]
+    )
+    assert rows["ct2/float32"]["worker"] and rows["ct2/float32"]["this_process_cpu_per_s"] < 0.5
+    (line,) = [x for x in _peer_leak_lines(list(rows.values())) if x]
+    assert "ct2/float32 at B=1" in line
+
+
 @pytest.mark.parametrize(
     "args, msg",
     [
