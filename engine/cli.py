@@ -84,10 +84,17 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_flags(p: argparse.ArgumentParser) -> None:
-    """--no-verify, --weights-cache DIR, --no-weights-cache and --kv-cache: how Engine.load
-    checks and maps the files, and where key/values live (the same flags on every command that
-    loads a pair)."""
+    """--no-verify, --shared-thread-pool, --kv-cache, --weights-cache DIR and --no-weights-cache:
+    how Engine.load checks and maps the files, runs its sessions and where key/values live (the
+    same flags on every command that loads a pair)."""
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
+    p.add_argument(
+        "--shared-thread-pool",
+        action="store_true",
+        help="one process-wide ORT thread pool, spinning, for every session (2 cores: faster at"
+        " every batch size measured; ORT then refuses the process's other sessions unless they"
+        " set use_per_session_threads=False)",
+    )
     p.add_argument(
         "--kv-cache",
         choices=opt.KV_CACHES,
@@ -111,9 +118,15 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
 
 
 def load_args(a: argparse.Namespace) -> dict:
-    """Engine.load's verify, weights_cache and kv_cache from add_load_flags' flags."""
+    """Engine.load's verify, shared_thread_pool, weights_cache and kv_cache from add_load_flags'
+    flags."""
     cache = False if a.no_weights_cache else (a.weights_cache or True)
-    return {"verify": not a.no_verify, "weights_cache": cache, "kv_cache": a.kv_cache}
+    return {
+        "verify": not a.no_verify,
+        "shared_thread_pool": a.shared_thread_pool,
+        "weights_cache": cache,
+        "kv_cache": a.kv_cache,
+    }
 
 
 def _generate_parser() -> _Parser:

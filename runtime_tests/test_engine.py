@@ -209,6 +209,25 @@ def test_cli_json(tiny_models, capsys):
     assert out["stats"]["main_calls"] >= 1
 
 
+def test_cli_shared_thread_pool_flag_gives_the_same_tokens(tiny_models, capsys):
+    """stairs-generate --shared-thread-pool (a subprocess: the pool is process-wide) prints the
+    tokens the per-session run prints."""
+    m = tiny_models["v1_1"]
+    args = ["--main", str(m["main"]), "--assistant", str(m["random"]), "--strategy", "assisted"]
+    args += ["--max-new-tokens", "6", "--threads", "2", "--json", "def f():"]
+    assert generate_cli(args) == 0
+    own = json.loads(capsys.readouterr().out)["token_ids"]
+    code = "import sys; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run(
+        [sys.executable, "-c", code, *args, "--shared-thread-pool"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["token_ids"] == own
+
+
 TEXTS = [
     "translate English to German: My dog is cute.",
     "Hello   world\n\tindented",

@@ -67,13 +67,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         "--threads", type=opt.count_type(c.MAX_THREADS), help="ORT threads (default: ORT's)"
     )
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
-    p.add_argument(
-        "--shared-thread-pool",
-        action="store_true",
-        help="one process-wide ORT thread pool for main and assistant (stairs-bench, 2 cores:"
-        " faster for one request at a time, slower at 4+; the server must be the process's"
-        " only ORT user)",
-    )
     add_load_flags(p)
 
 
