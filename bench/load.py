@@ -1,6 +1,7 @@
 """Load benchmark of stairs-serve: continuous batching vs one request at a time.
 
-For each mode (a `stairs-serve` process: `batched`, and `single` = `--max-active 1`) and each
+For each mode (a `stairs-serve` process: `batched`, `single` = `--max-active 1`, `shared` =
+batched with `--shared-thread-pool`) and each
 number of concurrent clients, the clients stream completions back to back for a fixed time;
 reported: completion tokens/s, time to first token and per-token latency p50/p90/p99. Writes
 results.json, results.md and load.png into --out. Every answer is also checked against the first
@@ -27,7 +28,8 @@ from bench.core import write_atomic
 from bench.quiet import Monitor, NotQuietError, add_quiet_arguments, check_quiet_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"batched": [], "single": ["--max-active", "1"]}
+# shared: batched on one process-wide ORT pool (stairs-serve --shared-thread-pool)
+MODES = {"batched": [], "single": ["--max-active", "1"], "shared": ["--shared-thread-pool"]}
 MAX_CLIENTS = 1024
 
 
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompts", default=str(ROOT.parent / "shared/prompts/pycode_public.jsonl"))
     p.add_argument("-n", type=int, default=40, help="prompts used, round robin")
-    p.add_argument("--modes", default="batched,single", help="batched, single or both")
+    p.add_argument("--modes", default="batched,single", help="batched, single and/or shared")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--out", default="results/load")
     add_quiet_arguments(p, "default 60")
