@@ -131,6 +131,11 @@ def _ct2_method(hf_main: Path, threads: int, ctype: str, max_new: int, workdir: 
     return BatchMethod(name, fn, "peer", rss=ct.max_rss_mb, close=ct.close)
 
 
+# Pause before timing a peer in a worker process: a spinning engine pool (shared_thread_pool)
+# kept ~0.13 CPU-s/s busy in the peer's window without it (2026-12-03).
+SETTLE_S = 0.1
+
+
 def run_sizes(methods, prompts, sizes, monitor=None, progress=None, on_size=None) -> None:
     """For each batch size B: a warm-up call per method on the first batch, then batch by batch
     every method on that batch (order rotated per batch), each call timed. A method that raises
@@ -153,6 +158,8 @@ def run_sizes(methods, prompts, sizes, monitor=None, progress=None, on_size=None
             for m in live[k:] + live[:k]:
                 if m.fn is None:
                     continue
+                if m.close is not None:  # a worker peer: let the engine's pool stop spinning
+                    time.sleep(SETTLE_S)
                 with watch(m.name):
                     t, c = time.perf_counter(), time.process_time()
                     got = _call(m, batch)

@@ -36,13 +36,18 @@ def _candidates(with_assistant: bool) -> list[tuple[str, dict]]:
 
 
 def key(engine) -> str:
-    """What a tuning is valid for: the assistant, the provider and the thread count."""
+    """What a tuning is valid for: the assistant, the provider, the thread count and whether
+    the sessions run on the process-wide pool (timings differ by up to 1.4x between pools)."""
+    from .providers import shared_pool_in_use
+
     a = engine.assistant
-    return _key(a.folder if a else None, engine.main.provider, engine.threads)
+    shared = shared_pool_in_use(engine.threads)
+    return _key(a.folder if a else None, engine.main.provider, engine.threads, shared)
 
 
-def _key(assistant, provider: str, threads: int | None) -> str:
-    return f"{Path(assistant).resolve().name if assistant else '-'}|{provider}|{threads}"
+def _key(assistant, provider: str, threads: int | None, shared: bool = False) -> str:
+    base = f"{Path(assistant).resolve().name if assistant else '-'}|{provider}|{threads}"
+    return base + ("|shared" if shared else "")
 
 
 def _time(engine, prompts, cands, max_new_tokens: int) -> list[float]:
@@ -59,8 +64,11 @@ def _time(engine, prompts, cands, max_new_tokens: int) -> list[float]:
 def _assistant_threads(engine, prompts, best: tuple, max_new_tokens: int) -> int | None:
     """1 if the assistant runs the best candidate faster on one thread (its ops are too short
     to share; measured 0.34 vs 0.45 ms per draft step on 2 AMD cores), else None (= threads)."""
+    from .providers import shared_pool_in_use
+
     a = engine.assistant
-    if a is None or a.provider != "cpu" or engine.threads == 1:
+    # on the process-wide pool every session runs on that pool: there is nothing to choose
+    if a is None or a.provider != "cpu" or engine.threads == 1 or shared_pool_in_use(a.threads):
         return None
     from .model import T5Model
 

@@ -471,27 +471,29 @@ def _sigterm_raises():
         return
 
     def handler(signum, frame):
-        _TERM_PENDING.set()
+        _TERM_PENDING[0] = True
         raise Terminated("SIGTERM")
 
-    _TERM_PENDING.clear()
+    _TERM_PENDING[0] = False
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, prev)
-        _TERM_PENDING.clear()
+        _TERM_PENDING[0] = False
 
 
-# Set by the SIGTERM handler. Python swallows an exception raised while a __del__ or weakref
-# callback runs (an import's module-lock callback, say), so each stage checks this flag too.
-_TERM_PENDING = threading.Event()
+# Set by the SIGTERM handler (main thread only; a plain flag: a lock taken in a handler could
+# deadlock against a second signal). Python swallows an exception raised while a __del__ or
+# weakref callback runs (an import's module-lock callback, say), so each stage checks it too.
+# One process-wide flag: exports running on other threads at the time stop too.
+_TERM_PENDING = [False]
 
 
 def _stage(steps, name: str) -> None:
     """Start an export stage (steps: its progress bar, or None): first raise Terminated for a
     SIGTERM whose raise was swallowed."""
-    if _TERM_PENDING.is_set():
+    if _TERM_PENDING[0]:
         raise Terminated("SIGTERM")
     if steps is not None:
         steps.set_postfix_str(name)

@@ -260,26 +260,28 @@ def test_batch_rows_show_this_process_cpu_while_a_worker_peer_runs():
     from bench.batch import BatchMethod, batch_rows, run_sizes
     from bench.report import _peer_leak_lines
 
-    def burn(batch):
-        end = time.process_time() + 0.02
-        while time.process_time() < end:
-            pass
-        return [[p[0]] for p in batch], None
+    def burn(cpu_s, sleep_s):
+        def fn(batch):
+            end = time.process_time() + cpu_s
+            while time.process_time() < end:
+                pass
+            time.sleep(sleep_s)
+            return [[p[0]] for p in batch], None
 
-    def wait(batch):
-        time.sleep(0.02)
-        return [[p[0]] for p in batch], None
+        return fn
 
-    ms = [BatchMethod("stairs/greedy", burn), BatchMethod("ct2/float32", wait, "peer", close=id)]
+    ms = [
+        BatchMethod("stairs/greedy", burn(0.02, 0)),
+        BatchMethod("ct2/float32", burn(0, 0.02), "peer", close=id),
+        BatchMethod("ct2/int8", burn(0.01, 0.01), "peer", close=id),  # leaks: the worst
+    ]
     run_sizes(ms, [[i] for i in range(3)], [1])
     rows = {r["method"]: r for r in batch_rows(ms, 3, [1])}
-    assert (
-        rows["stairs/greedy"]["this_process_cpu_per_s"] > 0.5
-        and "worker" not in rows["stairs/greedy"]
-    )
-    assert rows["ct2/float32"]["worker"] and rows["ct2/float32"]["this_process_cpu_per_s"] < 0.5
+    cpu = {k: r["this_process_cpu_per_s"] for k, r in rows.items()}
+    assert "worker" not in rows["stairs/greedy"] and rows["ct2/float32"]["worker"]
+    assert cpu["stairs/greedy"] > cpu["ct2/int8"] > cpu["ct2/float32"]
     (line,) = [x for x in _peer_leak_lines(list(rows.values())) if x]
-    assert "ct2/float32 at B=1" in line
+    assert "ct2/int8 at B=1" in line
 
 
 @pytest.mark.parametrize(

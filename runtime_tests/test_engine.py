@@ -210,14 +210,20 @@ def test_cli_json(tiny_models, capsys):
 
 
 def test_cli_shared_thread_pool_flag_gives_the_same_tokens(tiny_models, capsys):
-    """stairs-generate --shared-thread-pool (a subprocess: the pool is process-wide) prints the
-    tokens the per-session run prints."""
+    """stairs-generate --shared-thread-pool (a subprocess: the pool is process-wide) runs on that
+    pool and prints the tokens the per-session run prints."""
     m = tiny_models["v1_1"]
     args = ["--main", str(m["main"]), "--assistant", str(m["random"]), "--strategy", "assisted"]
     args += ["--max-new-tokens", "6", "--threads", "2", "--json", "def f():"]
     assert generate_cli(args) == 0
     own = json.loads(capsys.readouterr().out)["token_ids"]
-    code = "import sys; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    # the pool must really be the process-wide one, and stairs-tune keys its tunings by it
+    code = (
+        "import sys; from engine.cli import main; from engine import Engine; import engine.tune"
+        " as t; from engine.providers import shared_pool_in_use as used\n"
+        "rc = main(sys.argv[1:]); k = t.key(Engine.load(sys.argv[2], threads=2))\n"
+        "sys.exit(rc or (0 if used(2) and k.endswith('|shared') else 5))"
+    )
     res = subprocess.run(
         [sys.executable, "-c", code, *args, "--shared-thread-pool"],
         capture_output=True,

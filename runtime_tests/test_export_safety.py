@@ -194,6 +194,7 @@ def test_signal_during_swap_is_rolled_back(src, other_asst, previous_pair, monke
     assert snapshot(models) == before and not leftovers(models)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_sigterm_swallowed_by_a_finalizer_still_stops(src, tmp_path, monkeypatch):
     """Python ignores an exception raised in a __del__ or weakref callback (CI once sent SIGTERM
     while an import's module-lock callback ran): the export still stops at its next stage."""
