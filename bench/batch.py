@@ -131,8 +131,9 @@ def _ct2_method(hf_main: Path, threads: int, ctype: str, max_new: int, workdir: 
     return BatchMethod(name, fn, "peer", rss=ct.max_rss_mb, close=ct.close)
 
 
-# Pause before timing a peer in a worker process: a spinning engine pool (shared_thread_pool)
-# kept ~0.13 CPU-s/s busy in the peer's window without it (2026-12-03).
+# Pause before every timed call: threads that spin after their own call (the engine's shared
+# pool, a CTranslate2 worker's) would run in the next method's window. Without it the shared
+# pool kept ~0.13 CPU-s/s busy while CTranslate2 float32 ran (223 vs 284 tok/s, 2026-12-03).
 SETTLE_S = 0.1
 
 
@@ -158,8 +159,7 @@ def run_sizes(methods, prompts, sizes, monitor=None, progress=None, on_size=None
             for m in live[k:] + live[:k]:
                 if m.fn is None:
                     continue
-                if m.close is not None:  # a worker peer: let the engine's pool stop spinning
-                    time.sleep(SETTLE_S)
+                time.sleep(SETTLE_S)  # the previous method's spinning threads go quiet first
                 with watch(m.name):
                     t, c = time.perf_counter(), time.process_time()
                     got = _call(m, batch)

@@ -157,8 +157,8 @@ class Engine:
         """Load exported folders (encoder, masked decoder, cross key/values: each weight once);
         provider is cpu, cuda, coreml or auto (the assistant's may differ).
 
-        shared_thread_pool: one process-wide ORT pool that spins (2 cores: faster at every
-        batch size measured); once it exists ORT refuses per-session pools, so every later
+        shared_thread_pool: one process-wide ORT pool that spins (2 cores: faster for 1-2
+        requests, level at 4-16); once it exists ORT refuses per-session pools, so every later
         session of the process joins it (engine.providers warns). assistant_threads: the small
         assistant's ops can be too short to gain from a second thread (None = what stairs-tune
         measured for this pair, else threads; with shared_thread_pool the pool serves both).

@@ -91,10 +91,10 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--shared-thread-pool",
         action="store_true",
-        help="one process-wide ORT thread pool, spinning, for every session (2 cores: faster at"
-        " every batch size in stairs-bench, level to 9%% faster served; several server workers"
-        " on the same cores not measured; ORT then refuses the process's other sessions unless"
-        " they set use_per_session_threads=False)",
+        help="one process-wide ORT thread pool, spinning, for every session (2 cores: faster for"
+        " 1-2 requests, level at 4-16; several server workers on the same cores not measured;"
+        " ORT then refuses the process's other sessions unless they set"
+        " use_per_session_threads=False)",
     )
     p.add_argument(
         "--kv-cache",

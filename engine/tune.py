@@ -37,7 +37,7 @@ def _candidates(with_assistant: bool) -> list[tuple[str, dict]]:
 
 def key(engine) -> str:
     """What a tuning is valid for: the assistant, the provider, the thread count and whether
-    the sessions run on the process-wide pool (timings differ by up to 1.4x between pools)."""
+    the sessions run on the process-wide pool (timings differ between pools by up to 1.2x)."""
     from .providers import shared_pool_in_use
 
     a = engine.assistant
