@@ -1,10 +1,9 @@
 """Load benchmark of stairs-serve: continuous batching vs one request at a time.
 
 For each mode (a `stairs-serve` process: `batched`, `single` = `--max-active 1`, `shared` =
-batched with `--shared-thread-pool`) and each
-number of concurrent clients, the clients stream completions back to back for a fixed time;
-reported: completion tokens/s, time to first token and per-token latency p50/p90/p99. Writes
-results.json, results.md and load.png into --out. Every answer is also checked against the first
+batched with `--shared-thread-pool`) and each number of concurrent clients, the clients stream
+completions back to back for a fixed time; reported: completion tokens/s, time to first token
+and per-token latency p50/p90/p99. Writes results.json, results.md and load.png into --out. Every answer is also checked against the first
 answer the same prompt got (mismatches are counted: greedy output never depends on load).
 
     python -m bench.load --main models/pycode-t5-main --assistant models/pycode-t5-draft \\

@@ -75,6 +75,11 @@ def _use_global_pool(threads: int | None) -> bool:
     return _global_pool >= 0
 
 
+def process_pool_exists() -> bool:
+    """Whether the process-wide pool exists: then every session runs on it, whatever it asks."""
+    return _global_pool is not None and _global_pool >= 0
+
+
 def shared_pool_in_use(threads: int | None) -> bool:
     """Whether the process-wide pool exists with this size (what shared_pool=True then gets)."""
     return _global_pool == (threads or 0)
@@ -86,8 +91,7 @@ def session_options(threads: int | None, shared_pool: bool = False) -> ort.Sessi
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    exists = _global_pool is not None and _global_pool >= 0
-    if exists or (shared_pool and _use_global_pool(threads)):
+    if process_pool_exists() or (shared_pool and _use_global_pool(threads)):
         so.use_per_session_threads = False
         if not shared_pool_in_use(threads) or not shared_pool:
             log.warning(

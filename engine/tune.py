@@ -17,6 +17,7 @@ from pathlib import Path
 from . import verify
 from .errors import InputError, ModelFileError
 from .options import validate
+from .providers import process_pool_exists
 
 log = logging.getLogger("stairs")
 TUNE_FILE = "stairs-tune.json"
@@ -38,10 +39,8 @@ def _candidates(with_assistant: bool) -> list[tuple[str, dict]]:
 def key(engine) -> str:
     """What a tuning is valid for: the assistant, the provider, the thread count and whether
     the sessions run on the process-wide pool (timings differ between pools by up to 1.2x)."""
-    from .providers import shared_pool_in_use
-
     a = engine.assistant
-    shared = shared_pool_in_use(engine.threads)
+    shared = process_pool_exists()
     return _key(a.folder if a else None, engine.main.provider, engine.threads, shared)
 
 
@@ -64,11 +63,9 @@ def _time(engine, prompts, cands, max_new_tokens: int) -> list[float]:
 def _assistant_threads(engine, prompts, best: tuple, max_new_tokens: int) -> int | None:
     """1 if the assistant runs the best candidate faster on one thread (its ops are too short
     to share; measured 0.34 vs 0.45 ms per draft step on 2 AMD cores), else None (= threads)."""
-    from .providers import shared_pool_in_use
-
     a = engine.assistant
     # on the process-wide pool every session runs on that pool: there is nothing to choose
-    if a is None or a.provider != "cpu" or engine.threads == 1 or shared_pool_in_use(a.threads):
+    if a is None or a.provider != "cpu" or engine.threads == 1 or process_pool_exists():
         return None
     from .model import T5Model
 
