@@ -32,6 +32,17 @@ def _parser() -> argparse.ArgumentParser:
         "never reach the output, the main checks every token; only acceptance changes)",
     )
     p.add_argument(
+        "--block-size",
+        type=int,
+        help="an int8/int4 main's quantization block along K (default: int8 16, int4 32); "
+        "larger is smaller in memory and less faithful (docs/quantization.md)",
+    )
+    p.add_argument(
+        "--keep-fp32",
+        help="an int8/int4 main's parts kept fp32: a comma list of wo, lm_head, or none "
+        "(default: int8 wo, int4 none); kept parts cost 4 bytes a weight (t5-3b's wo: 3.2 GB)",
+    )
+    p.add_argument(
         "--optimum",
         action="store_true",
         help="also write optimum's decoder_model.onnx and decoder_with_past_model.onnx (for "
@@ -53,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     from export import ExportError, Terminated, export_model
 
+    quantization = {}
+    if a.block_size is not None:
+        quantization["block_size"] = a.block_size
+    if a.keep_fp32 is not None:
+        names = [k.strip() for k in a.keep_fp32.split(",") if k.strip()]
+        quantization["keep"] = [] if names == ["none"] else names
     try:
         res = export_model(
             a.model,
@@ -65,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             a.quiet,
             a.assistant_dtype,
             optimum=a.optimum,
+            quantization=quantization or None,
         )
     except ExportError as exc:
         print(f"stairs-export: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -168,10 +168,11 @@ def _export_one(
     quiet: bool,
     optimum: bool = False,
     assistant: bool = False,
+    overrides: dict | None = None,
 ) -> dict:
     """Export + validate one model into tmp; returns its manifest. An int8/int4 model is validated
     strictly in fp32 first, then quantized weight-only (export.quantize: a main's or, assistant,
-    an assistant's settings) and its differences recorded."""
+    an assistant's settings; a main's changed by overrides) and its differences recorded."""
     from tqdm.auto import tqdm
 
     from .masked import check_in_place, check_masked_decoder, masked_reference
@@ -179,7 +180,7 @@ def _export_one(
     from .validate import check_onnx, torch_reference, validate_folder
 
     cfg = read_config(src)
-    quant = settings(dtype, assistant)
+    quant = settings(dtype, assistant, overrides)
     steps = tqdm(total=4 if dtype == "fp32" else 5, desc=src.name, disable=quiet, unit="step")
     _stage(steps, "load")
     model = load_torch_model(src)
@@ -330,13 +331,19 @@ def max_opset() -> int:
         return 23
 
 
-def check_options(dtype: str, assistant_dtype: str | None, opset: int | None) -> None:
-    """Refuse out-of-range options before any model is looked up or loaded."""
+def check_options(
+    dtype: str, assistant_dtype: str | None, opset: int | None, quantization: dict | None = None
+) -> dict:
+    """Refuse out-of-range options before any model is looked up or loaded; returns the main's
+    checked quantization overrides."""
+    from .quantize import check_overrides
+
     for d in (dtype, assistant_dtype):
         if d is not None and d not in DTYPES:
             raise OptionError(f"dtype must be {', '.join(DTYPES)}, not {d!r}")
     if opset is not None:
         check_opset(opset)
+    return check_overrides(dtype, quantization)
 
 
 def check_opset(opset, option: str = "--opset") -> None:
@@ -603,6 +610,7 @@ def export_model(
     quiet: bool = False,
     assistant_dtype: str | None = None,
     optimum: bool = False,
+    quantization: dict | None = None,
 ) -> ExportResult:
     """Export MODEL (hub name or local folder) and, if any, its assistant to validated ONNX folders.
 
@@ -613,16 +621,18 @@ def export_model(
     assistant_dtype: the assistant's, int8 unless given (its numbers never reach the output;
     weight-only too, at the settings of its fastest draft call, export.quantize). optimum: write
     optimum's decoder_model.onnx and decoder_with_past_model.onnx too (the engine needs neither).
+    quantization: an int8/int4 main's changes to its settings, {"block_size": 16..256, "keep":
+    ["wo", "lm_head"] or []} (smaller and less faithful, docs/quantization.md).
     opset: 14 to the newest torch.onnx writes. force: replace outputs that are empty or previous
     stairs exports.
     Every failure is an ExportError (Ctrl-C a KeyboardInterrupt, SIGTERM a Terminated) and leaves
     the previous output folders exactly as they were.
     """
-    check_options(dtype, assistant_dtype, opset)
+    overrides = check_options(dtype, assistant_dtype, opset, quantization)
     with _sigterm_raises():
         try:
             args = (model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype)
-            return _export(*args, optimum=optimum)
+            return _export(*args, optimum=optimum, overrides=overrides)
         except ExportError:
             raise
         except Exception as exc:
@@ -640,7 +650,17 @@ def _absolute(path: Path) -> Path:
 
 
 def _export(
-    model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype, optimum=False
+    model,
+    output,
+    assistant,
+    dtype,
+    opset,
+    device,
+    force,
+    quiet,
+    assistant_dtype,
+    optimum=False,
+    overrides=None,
 ):
     """export_model's body: its arguments, already checked. One function over 60 lines on
     purpose: refusals, temporary folders, exports, pairing and the swap read in the order they
@@ -677,7 +697,15 @@ def _export(
             _log(quiet, f"exporting {s} -> {target} ({d})")
             try:
                 manifests[str(target)] = _export_one(
-                    s, tmps[-1], d, opset, device, quiet, optimum=optimum, assistant=i == 1
+                    s,
+                    tmps[-1],
+                    d,
+                    opset,
+                    device,
+                    quiet,
+                    optimum=optimum,
+                    assistant=i == 1,
+                    overrides=overrides,
                 )
             except ExportError:
                 raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from .errors import OptionError
 from .masked import EXTERNAL_BYTES, save_graph  # graphs above it: external data
 
 # A main's settings: the fastest 1- and 5-token masked decoder calls among those whose greedy
@@ -30,6 +31,39 @@ ASSISTANT = {
 }
 # Parts that may be kept fp32 by name: the feed-forward output projection and the LM head.
 KEEPABLE = ("wo", "lm_head")
+# MatMulNBits takes power-of-two blocks of at least 16 along K.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def check_overrides(dtype: str, overrides: dict | None) -> dict:
+    """A main's changes to its WEIGHT_ONLY settings (block_size, keep), checked before any model
+    loads: a big main trades fidelity for memory with them (docs/quantization.md)."""
+    if not overrides:
+        return {}
+    if dtype not in WEIGHT_ONLY:
+        raise OptionError(
+            f"--block-size and --keep-fp32 set a quantized main's weights: they need --dtype "
+            f"int8 or int4, not {dtype}"
+        )
+    unknown = sorted(set(overrides) - {"block_size", "keep"})
+    if unknown:
+        raise OptionError(f"unknown quantization setting(s) {unknown}: block_size, keep")
+    out = {}
+    bs = overrides.get("block_size")
+    if bs is not None:
+        if isinstance(bs, bool) or bs not in BLOCK_SIZES:
+            raise OptionError(
+                f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {bs!r}"
+            )
+        out["block_size"] = int(bs)
+    keep = overrides.get("keep")
+    if keep is not None:
+        if isinstance(keep, str) or not all(k in KEEPABLE for k in keep):
+            raise OptionError(
+                f"--keep-fp32 takes a list of {', '.join(KEEPABLE)} (or none), not {keep!r}"
+            )
+        out["keep"] = sorted(set(keep))
+    return out
 
 
 def _kept_nodes(graph, keep) -> list[str]:
@@ -97,12 +131,14 @@ def weight_only(
     return sum(n.op_type == "MatMulNBits" for n in out.graph.node)
 
 
-def settings(dtype: str, assistant: bool) -> dict | None:
-    """The quantization a folder of dtype gets (None for fp32/fp16): the manifest records it."""
+def settings(dtype: str, assistant: bool, overrides: dict | None = None) -> dict | None:
+    """The quantization a folder of dtype gets (None for fp32/fp16), a main's with its checked
+    overrides: the manifest records it."""
     if dtype not in WEIGHT_ONLY:
         return None
-    table = ASSISTANT if assistant else WEIGHT_ONLY
-    return {"method": "weight_only", "op": "MatMulNBits", **table[dtype]}
+    if assistant:
+        return {"method": "weight_only", "op": "MatMulNBits", **ASSISTANT[dtype]}
+    return {"method": "weight_only", "op": "MatMulNBits", **WEIGHT_ONLY[dtype], **(overrides or {})}
 
 
 def quantize_file(path: Path, how: dict) -> int:

@@ -17,6 +17,7 @@ from export import (
     export_model,
 )
 from export.cli import main as export_cli
+from export.masked import DECODER_FILE
 
 # What stairs-export writes by default: each weight once (optimum's decoders only with --optimum).
 ONNX = ["encoder_model.onnx", "decoder_masked_model.onnx", "cross_kv_model.onnx"]
@@ -377,6 +378,46 @@ def test_quantized_main_is_weight_only_and_rows_independent(tiny_models, tmp_pat
     assert np.isfinite(got).all()
     agree = np.mean(np.argmax(got, -1) == np.argmax(ref, -1))
     assert agree >= (0.75 if dtype == "int8" else 0.5), agree
+
+
+def test_quantization_knobs_reach_the_graphs_and_manifest(tiny_models, tmp_path):
+    import onnx
+
+    # v1.1: an untied LM head, so "nothing kept" quantizes the head's own MatMul too
+    hf = tiny_models["v1_1"]["hf"]
+    out = tmp_path / "lean"
+    argv = [str(hf), "-o", str(out), "--assistant", "none", "--dtype", "int8"]
+    assert export_cli([*argv, "--block-size", "32", "--keep-fp32", "none", "-q"]) == 0
+    m = json.loads((out / "stairs.json").read_text())
+    assert m["quantization"]["block_size"] == 32 and m["quantization"]["keep"] == []
+    assert m["quantization"]["bits"] == 8  # the rest of the int8 default stays
+    for f in ONNX:
+        graph = onnx.load(str(out / f)).graph
+        weights = {i.name for i in graph.initializer}
+        plain = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        assert plain == [], (f, plain)  # nothing kept fp32
+        blocks = {
+            next(a.i for a in n.attribute if a.name == "block_size")
+            for n in graph.node
+            if n.op_type == "MatMulNBits"
+        }
+        assert blocks == {32}, (f, blocks)
+    heads = export_model(
+        str(hf), tmp_path / "head", assistant=None, dtype="int4", quantization={"keep": ["lm_head"]}
+    )
+    m = json.loads((heads.main / "stairs.json").read_text())
+    assert m["quantization"]["keep"] == ["lm_head"] and m["quantization"]["block_size"] == 32
+    graph = onnx.load(str(heads.main / DECODER_FILE)).graph
+    weights = {i.name for i in graph.initializer}
+    kept = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert len(kept) == 1 and "logits" in kept[0].output[0] + kept[0].name, kept
+    # the engine runs it, exact per row: a prompt alone and beside another give the same tokens
+    from engine import Engine
+
+    eng = Engine.load(heads.main)
+    prompts = [[5, 9, 23, 1], [7, 300, 41, 8, 2, 1]]
+    alone = [eng.generate(p, max_new_tokens=6).token_ids for p in prompts]
+    assert [r.token_ids for r in eng.generate_batch(prompts, max_new_tokens=6)] == alone
 
 
 def test_quantized_main_loads_in_the_engine(tiny_models, tmp_path):

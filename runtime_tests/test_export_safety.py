@@ -294,6 +294,32 @@ def test_opset_out_of_range_is_refused_before_loading(src, tmp_path, opset, caps
 
 
 @pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--dtype", "int8", "--block-size", "24"], "--block-size must be one of 16, 32"),
+        (["--dtype", "int8", "--block-size", "8"], "--block-size must be one of"),
+        (["--dtype", "int4", "--keep-fp32", "wo,attention"], "--keep-fp32 takes a list of"),
+        (["--block-size", "32"], "need --dtype int8 or int4, not fp32"),
+        (["--dtype", "fp16", "--keep-fp32", "none"], "need --dtype int8 or int4, not fp16"),
+    ],
+)
+def test_bad_quantization_settings_refused_before_loading(src, tmp_path, flags, words, capsys):
+    import export.core
+
+    def no_load(*a, **k):
+        raise AssertionError("model loaded before the settings were checked")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export.core, "load_torch_model", no_load)
+        mp.setattr(export.core, "resolve_source", no_load)
+        rc, lines = cli(capsys, src["main"], "-o", tmp_path / "o", *flags)
+        assert rc == 2 and words in one_error_line(lines), lines
+        with pytest.raises(OptionError, match="block_size"):
+            export_model(str(src["main"]), tmp_path / "o", dtype="int8", quantization={"bs": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     "exc, kind, text",
     [
         (OSError(errno.EACCES, "Permission denied"), OutputWriteError, "permission denied"),
