@@ -39,6 +39,7 @@ from .errors import (
     Terminated,
 )
 from .masked import CROSS_FILE, DECODER_FILE, ENCODER_FILE
+from .quantize import check_overrides, settings
 
 # 2: adds the masked, positioned decoder and the cross key/value graph (export/masked.py) that
 # the batch scheduler loads; format 1 folders lack them and still load for one-prompt decoding.
@@ -167,20 +168,18 @@ def _export_one(
     device: str,
     quiet: bool,
     optimum: bool = False,
-    assistant: bool = False,
-    overrides: dict | None = None,
+    quant: dict | None = None,
 ) -> dict:
     """Export + validate one model into tmp; returns its manifest. An int8/int4 model is validated
-    strictly in fp32 first, then quantized weight-only (export.quantize: a main's or, assistant,
-    an assistant's settings; a main's changed by overrides) and its differences recorded."""
+    strictly in fp32 first, then quantized weight-only as quant says (export.quantize.settings)
+    and its differences recorded."""
     from tqdm.auto import tqdm
 
     from .masked import check_in_place, check_masked_decoder, masked_reference
-    from .quantize import quantize_file, settings
+    from .quantize import quantize_file
     from .validate import check_onnx, torch_reference, validate_folder
 
     cfg = read_config(src)
-    quant = settings(dtype, assistant, overrides)
     steps = tqdm(total=4 if dtype == "fp32" else 5, desc=src.name, disable=quiet, unit="step")
     _stage(steps, "load")
     model = load_torch_model(src)
@@ -336,8 +335,6 @@ def check_options(
 ) -> dict:
     """Refuse out-of-range options before any model is looked up or loaded; returns the main's
     checked quantization overrides."""
-    from .quantize import check_overrides
-
     for d in (dtype, assistant_dtype):
         if d is not None and d not in DTYPES:
             raise OptionError(f"dtype must be {', '.join(DTYPES)}, not {d!r}")
@@ -704,8 +701,7 @@ def _export(
                     device,
                     quiet,
                     optimum=optimum,
-                    assistant=i == 1,
-                    overrides=overrides,
+                    quant=settings(d, i == 1, overrides),  # a main's or an assistant's
                 )
             except ExportError:
                 raise
