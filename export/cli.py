@@ -34,8 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size",
         type=int,
-        help="an int8/int4 main's quantization block along K (default: int8 16, int4 32); "
-        "larger is smaller in memory and less faithful (docs/quantization.md)",
+        help="an int8/int4 main's quantization block along K: 16, 32, 64, 128 or 256 (default: "
+        "int8 16, int4 32); larger is smaller in memory and less faithful (docs/quantization.md)",
     )
     p.add_argument(
         "--keep-fp32",
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.block_size is not None:
         quantization["block_size"] = a.block_size
     if a.keep_fp32 is not None:
-        names = [k.strip() for k in a.keep_fp32.split(",") if k.strip()]
-        quantization["keep"] = [] if names == ["none"] else names
+        quantization["keep"] = a.keep_fp32  # a comma string, parsed where the API's is checked
     try:
         res = export_model(
             a.model,

@@ -618,8 +618,8 @@ def export_model(
     assistant_dtype: the assistant's, int8 unless given (its numbers never reach the output;
     weight-only too, at the settings of its fastest draft call, export.quantize). optimum: write
     optimum's decoder_model.onnx and decoder_with_past_model.onnx too (the engine needs neither).
-    quantization: an int8/int4 main's changes to its settings, {"block_size": 16..256, "keep":
-    ["wo", "lm_head"] or []} (smaller and less faithful, docs/quantization.md).
+    quantization: an int8/int4 main's changes to its settings, {"block_size": 16, 32, 64, 128
+    or 256, "keep": a list of "wo", "lm_head" ([] keeps nothing)} (docs/quantization.md).
     opset: 14 to the newest torch.onnx writes. force: replace outputs that are empty or previous
     stairs exports.
     Every failure is an ExportError (Ctrl-C a KeyboardInterrupt, SIGTERM a Terminated) and leaves

@@ -38,16 +38,17 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 def check_overrides(dtype: str, overrides: dict | None) -> dict:
     """A main's changes to its WEIGHT_ONLY settings (block_size, keep), checked before any model
     loads: a big main trades fidelity for memory with them (docs/quantization.md)."""
-    if not overrides:
-        return {}
-    if dtype not in WEIGHT_ONLY:
+    if overrides is not None and not isinstance(overrides, dict):
+        raise OptionError(f"quantization must be a dict (block_size, keep), not {overrides!r}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - {"block_size", "keep"})
+    if unknown:
+        raise OptionError(f"unknown quantization setting(s) {unknown}: block_size, keep")
+    if overrides and dtype not in WEIGHT_ONLY:
         raise OptionError(
             f"--block-size and --keep-fp32 set a quantized main's weights: they need --dtype "
             f"int8 or int4, not {dtype}"
         )
-    unknown = sorted(set(overrides) - {"block_size", "keep"})
-    if unknown:
-        raise OptionError(f"unknown quantization setting(s) {unknown}: block_size, keep")
     out = {}
     bs = overrides.get("block_size")
     if bs is not None:
@@ -56,14 +57,28 @@ def check_overrides(dtype: str, overrides: dict | None) -> dict:
                 f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {bs!r}"
             )
         out["block_size"] = int(bs)
-    keep = overrides.get("keep")
-    if keep is not None:
-        if isinstance(keep, str) or not all(k in KEEPABLE for k in keep):
-            raise OptionError(
-                f"--keep-fp32 takes a list of {', '.join(KEEPABLE)} (or none), not {keep!r}"
-            )
-        out["keep"] = sorted(set(keep))
+    if "keep" in overrides:
+        out["keep"] = _keep_list(overrides["keep"])
     return out
+
+
+def _keep_list(keep) -> list[str]:
+    """keep as a sorted list of KEEPABLE names: a list/tuple ([] keeps nothing), or the
+    command line's comma string ("none" alone keeps nothing; an empty string is refused)."""
+    what = f"--keep-fp32 takes a comma list of {', '.join(KEEPABLE)}, or none alone, not {keep!r}"
+    if isinstance(keep, str):
+        names = [k.strip() for k in keep.split(",")]
+        if names == ["none"]:
+            return []
+        if "" in names or "none" in names:
+            raise OptionError(what)
+    elif isinstance(keep, (list, tuple)):
+        names = list(keep)
+    else:
+        raise OptionError(what)
+    if not all(isinstance(k, str) and k in KEEPABLE for k in names):
+        raise OptionError(what)
+    return sorted(set(names))
 
 
 def _kept_nodes(graph, keep) -> list[str]:

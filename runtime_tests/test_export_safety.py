@@ -298,12 +298,15 @@ def test_opset_out_of_range_is_refused_before_loading(src, tmp_path, opset, caps
     [
         (["--dtype", "int8", "--block-size", "24"], "--block-size must be one of 16, 32"),
         (["--dtype", "int8", "--block-size", "8"], "--block-size must be one of"),
-        (["--dtype", "int4", "--keep-fp32", "wo,attention"], "--keep-fp32 takes a list of"),
+        (["--dtype", "int4", "--block-size", "48"], "--block-size must be one of"),
+        (["--dtype", "int4", "--keep-fp32", "wo,attention"], "--keep-fp32 takes a comma list"),
+        (["--dtype", "int8", "--keep-fp32", ""], "none alone, not ''"),
+        (["--dtype", "int8", "--keep-fp32", "none,wo"], "none alone, not 'none,wo'"),
         (["--block-size", "32"], "need --dtype int8 or int4, not fp32"),
         (["--dtype", "fp16", "--keep-fp32", "none"], "need --dtype int8 or int4, not fp16"),
     ],
 )
-def test_bad_quantization_settings_refused_before_loading(src, tmp_path, flags, words, capsys):
+def test_bad_quantization_flags_refused_before_loading(src, tmp_path, flags, words, capsys):
     import export.core
 
     def no_load(*a, **k):
@@ -313,10 +316,49 @@ def test_bad_quantization_settings_refused_before_loading(src, tmp_path, flags, 
         mp.setattr(export.core, "load_torch_model", no_load)
         mp.setattr(export.core, "resolve_source", no_load)
         rc, lines = cli(capsys, src["main"], "-o", tmp_path / "o", *flags)
-        assert rc == 2 and words in one_error_line(lines), lines
-        with pytest.raises(OptionError, match="block_size"):
-            export_model(str(src["main"]), tmp_path / "o", dtype="int8", quantization={"bs": 1})
+    assert rc == 2 and words in one_error_line(lines), lines
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "quantization, words",
+    [
+        ({"bs": 1}, "unknown quantization setting(s) ['bs']"),
+        (5, "must be a dict"),
+        ({"keep": 5}, "--keep-fp32 takes"),
+        ({"keep": ["wo", 3]}, "--keep-fp32 takes"),
+        ({"block_size": True}, "--block-size must be"),
+        ({"block_size": "32"}, "--block-size must be"),
+    ],
+)
+def test_bad_quantization_values_refused_by_the_api(src, tmp_path, quantization, words):
+    import export.core
+
+    def no_load(*a, **k):
+        raise AssertionError("model loaded before the settings were checked")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(export.core, "resolve_source", no_load)
+        with pytest.raises(OptionError) as err:
+            export_model(str(src["main"]), tmp_path / "o", dtype="int8", quantization=quantization)
+    assert words in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantization_overrides_reach_only_the_main():
+    from export.quantize import ASSISTANT, WEIGHT_ONLY, check_overrides, settings
+
+    over = check_overrides("int8", {"block_size": 64, "keep": "none"})
+    assert over == {"block_size": 64, "keep": []}
+    assert settings("int8", False, over) == {
+        "method": "weight_only", "op": "MatMulNBits", **WEIGHT_ONLY["int8"], **over
+    }  # fmt: skip
+    assert settings("int8", True, over) == {
+        "method": "weight_only", "op": "MatMulNBits", **ASSISTANT["int8"]
+    }  # fmt: skip
+    assert check_overrides("int4", {"keep": "wo,lm_head,wo"}) == {"keep": ["lm_head", "wo"]}
+    assert check_overrides("int8", {"keep": ()}) == {"keep": []}
+    assert check_overrides("fp32", {"block_size": None}) == {}  # nothing set: nothing to refuse
 
 
 @pytest.mark.parametrize(
