@@ -462,43 +462,47 @@ def as_export_error(exc: Exception, target: Path | None = None) -> ExportError:
 
 
 @contextmanager
-def _sigterm_raises():
+def _signals_raise():
     """While exporting, SIGTERM (timeout, systemd, CI) raises Terminated as Ctrl-C raises
-    KeyboardInterrupt, so the same cleanup runs. Only in the main thread (the only one Python runs
-    handlers in) and only where SIGTERM would otherwise kill the process outright."""
+    KeyboardInterrupt, so the same cleanup runs, and each is remembered for _stage. Only in the
+    main thread (the only one Python runs handlers in), and only for a signal whose handler is
+    Python's default (SIGTERM: none; SIGINT: KeyboardInterrupt): a host's own stays."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    prev = signal.getsignal(signal.SIGTERM)
-    if prev != signal.SIG_DFL:  # ignored, or the host application's own handler: leave it
-        yield
-        return
+    ours = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    prev = {sig: signal.getsignal(sig) for sig in ours}
 
     def handler(signum, frame):
-        _TERM_PENDING[0] = True
-        raise Terminated("SIGTERM")
+        exc = Terminated("SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
+        _PENDING[0] = _PENDING[0] or exc
+        raise exc
 
-    _TERM_PENDING[0] = False
-    signal.signal(signal.SIGTERM, handler)
+    _PENDING[0] = None
+    for sig, default in ours.items():
+        if prev[sig] == default:
+            signal.signal(sig, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, prev)
-        _TERM_PENDING[0] = False
+        for sig, default in ours.items():
+            if prev[sig] == default:
+                signal.signal(sig, prev[sig])
+        _PENDING[0] = None
 
 
-# Set by the SIGTERM handler (main thread only; a plain flag: a lock taken in a handler could
-# deadlock against a second signal). Python swallows an exception raised while a __del__ or
-# weakref callback runs (an import's module-lock callback, say), so each stage checks it too.
-# One process-wide flag: exports running on other threads at the time stop too.
-_TERM_PENDING = [False]
+# The first SIGTERM or Ctrl-C of an export, set by its handler (main thread only; a plain list:
+# a lock taken in a handler could deadlock against a second signal). Python swallows an exception
+# raised while a __del__ or weakref callback runs (an import's module-lock callback, say), so each
+# stage checks it too. One process-wide flag: exports running on other threads stop too.
+_PENDING: list[BaseException | None] = [None]
 
 
 def _stage(steps, name: str) -> None:
-    """Start an export stage (steps: its progress bar, or None): first raise Terminated for a
-    SIGTERM whose raise was swallowed."""
-    if _TERM_PENDING[0]:
-        raise Terminated("SIGTERM")
+    """Start an export stage (steps: its progress bar, or None): first raise again a SIGTERM
+    (Terminated) or Ctrl-C (KeyboardInterrupt) whose raise was swallowed."""
+    if _PENDING[0] is not None:
+        raise type(_PENDING[0])(*_PENDING[0].args)
     if steps is not None:
         steps.set_postfix_str(name)
 
@@ -626,7 +630,7 @@ def export_model(
     the previous output folders exactly as they were.
     """
     overrides = check_options(dtype, assistant_dtype, opset, quantization)
-    with _sigterm_raises():
+    with _signals_raise():
         try:
             args = (model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype)
             return _export(*args, optimum=optimum, overrides=overrides)

@@ -195,30 +195,37 @@ def test_signal_during_swap_is_rolled_back(src, other_asst, previous_pair, monke
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_sigterm_swallowed_by_a_finalizer_still_stops(src, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "sig, exc",
+    [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)],
+    ids=["term", "int"],
+)
+def test_signal_swallowed_by_a_finalizer_still_stops(src, tmp_path, monkeypatch, sig, exc):
     """Python ignores an exception raised in a __del__ or weakref callback (CI once sent SIGTERM
-    while an import's module-lock callback ran): the export still stops at its next stage."""
+    while an import's module-lock callback ran): the export still stops at its next stage, for
+    SIGTERM and for Ctrl-C alike."""
     import export.masked
 
     class Finalizer:
         def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
             time.sleep(0.05)  # the handler runs (and raises) here, inside __del__
 
     real = export.masked.masked_reference
     validated = []
 
     def reference(model):
-        Finalizer()  # dropped at once: SIGTERM arrives inside its __del__
+        Finalizer()  # dropped at once: the signal arrives inside its __del__
         return real(model)
 
     monkeypatch.setattr(export.masked, "masked_reference", reference)
     monkeypatch.setattr("export.validate.validate_folder", lambda *a, **k: validated.append(1))
     models = tmp_path / "models"
-    with pytest.raises(Terminated):
+    with pytest.raises(exc):
         export_model(str(src["main"]), models / "main", None, quiet=True)
     assert not validated and not models.exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 SLOW_CLI = """
