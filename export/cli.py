@@ -34,11 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--block-size",
         type=int,
+        metavar="N",
         help="an int8/int4 main's quantization block along K: 16, 32, 64, 128 or 256 (default: "
         "int8 16, int4 32); larger is smaller in memory and less faithful (docs/quantization.md)",
     )
     p.add_argument(
         "--keep-fp32",
+        metavar="PARTS",
         help="an int8/int4 main's parts kept fp32: a comma list of wo, lm_head, or none "
         "(default: int8 wo, int4 none); kept parts cost 4 bytes a weight (t5-3b's wo: 3.2 GB)",
     )
