@@ -15,7 +15,8 @@ while a modified file is still hashed again and caught. `stairs-verify` always h
 Layout under the cache root ($STAIRS_CACHE_DIR, else $XDG_CACHE_HOME/stairs, else
 ~/.cache/stairs): graphs/<stem>-<key>/ {model.onnx, model.onnx.data, entry.json},
 hashes/<stat key>.json, locks/<entry>.lock. Everything is written to a temporary name and
-renamed when complete; two processes building one entry take turns on its lock.
+renamed when complete; two processes building one entry take turns on its lock. A new entry
+removes those it supersedes (same graph path, same ORT build and CPU, older file contents).
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ class WeightsCache:
     def _build(self, graph: Path, entry: Path, key: dict, make_options, providers) -> None:
         """Optimize graph once with prepacked weights saved beside it, into a temporary folder
         renamed to entry when complete (a stale entry is moved aside and removed just before);
-        a graph changed while it was read is not kept."""
+        a graph changed while it was read is not kept. Then the entries it supersedes go."""
         entry.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.tmp-"))
         try:
@@ -248,15 +249,52 @@ class WeightsCache:
                 (tmp / DATA).touch()
             files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": self.sha256(tmp / n, True)}
                      for n in (MODEL, DATA)}  # fmt: skip
-            _write_json(tmp / ENTRY, {"key": key, "files": files})
+            source = str(graph.resolve())
+            _write_json(tmp / ENTRY, {"key": key, "files": files, "source": source})
             if entry.exists():  # stale: ours (the cache's own folder), replaced as a whole
-                aside = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old-"))
-                os.replace(entry, aside / "entry")
-                shutil.rmtree(aside, ignore_errors=True)
+                _remove(entry)
             os.replace(tmp, entry)
             log.info("%s: prepacked into %s in %.1f s", graph, entry, time.perf_counter() - t0)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self._prune_superseded(source, entry, key)
+
+    def _prune_superseded(self, source: str, entry: Path, key: dict) -> list[Path]:
+        """Remove the entries that this build supersedes: built from the same graph path by the
+        same ORT build on the same CPU, from other file contents (the model was exported again).
+        No load asks for them again, and a t5-3b-shape main's take 22 GB. Entries of other builds
+        stay (another environment may share the root), as does one whose lock is held. A
+        process that maps one keeps its mapping; another folder holding the old contents
+        builds it again. Returns the removed entries."""
+        rest = {k: v for k, v in key.items() if k != "sources"}
+        removed = []
+        for other in entry.parent.glob(f"{entry.name.rsplit('-', 1)[0]}-*"):
+            try:
+                meta = json.loads((other / ENTRY).read_text())
+                old = dict(meta["key"])
+                superseded = meta.get("source") == source and old.pop("sources") != key["sources"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if other == entry or not superseded or old != rest:
+                continue
+            try:  # best effort: an entry left behind costs disk, never a wrong layout
+                with _locked(self.root / "locks" / f"{other.name}.lock", wait=False) as ours:
+                    if ours:
+                        _remove(other)
+                        removed.append(other)
+            except OSError as exc:
+                log.warning("weights cache: could not remove %s (%s)", other, exc.strerror)
+        if removed:
+            log.info("weights cache: removed %d superseded entries of %s", len(removed), source)
+        return removed
+
+
+def _remove(entry: Path) -> None:
+    """Remove one of the cache's own entry folders: renamed aside first, so no reader ever sees
+    it half removed."""
+    aside = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.old-"))
+    os.replace(entry, aside / "entry")
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _source_stats(graph: Path) -> list[str]:
@@ -265,15 +303,20 @@ def _source_stats(graph: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive advisory lock on path for the block (waits for another holder); the lock
-    file is never followed through a symlink."""
+def _locked(path: Path, wait: bool = True):
+    """An exclusive advisory lock on path for the block; yields whether it is held (wait=False:
+    False at once when another holder has it). The lock file is never followed through a
+    symlink."""
     import fcntl
 
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # releases the lock
 

@@ -221,11 +221,17 @@ def test_signal_swallowed_by_a_finalizer_still_stops(src, tmp_path, monkeypatch,
     monkeypatch.setattr(export.masked, "masked_reference", reference)
     monkeypatch.setattr("export.validate.validate_folder", lambda *a, **k: validated.append(1))
     models = tmp_path / "models"
-    with pytest.raises(exc):
-        export_model(str(src["main"]), models / "main", None, quiet=True)
+    # a shell's background job ignores SIGINT (so would the export): give it Python's default
+    # handler, as an interactive terminal does
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(exc):
+            export_model(str(src["main"]), models / "main", None, quiet=True)
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, prev)
     assert not validated and not models.exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
 
 
 SLOW_CLI = """

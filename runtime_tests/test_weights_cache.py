@@ -141,6 +141,57 @@ def test_stale_key_builds_a_new_entry(folder, tmp_path, monkeypatch):
     assert _tokens(eng, prompts) == want and _entries(cache) == after
 
 
+def _reexport(graph: Path, note: str) -> None:
+    """The same function under other bytes (a doc string), swapped in with its manifest entry
+    as stairs-export does."""
+    import hashlib
+
+    import onnx
+
+    model = onnx.load(str(graph))
+    model.doc_string = note
+    onnx.save(model, str(graph) + ".new")
+    os.replace(str(graph) + ".new", graph)
+    manifest = json.loads((graph.parent / "stairs.json").read_text())
+    data = graph.read_bytes()
+    manifest["files"][graph.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (graph.parent / "stairs.json").write_text(json.dumps(manifest))
+
+
+def test_reexported_graph_replaces_its_entry(folder, tmp_path, monkeypatch):
+    """A graph exported again to the same path: its new entry replaces the old one (which no
+    load would ask for again); another ORT build's entry and an entry in use (locked) stay."""
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    cache, decoder = tmp_path / "cache", folder[0] / "decoder_masked_model.onnx"
+    prompts = [[5, 6, 7, 1], [9, 1]]
+    want = _tokens(Engine.load(folder[0], weights_cache=False), prompts)
+    Engine.load(folder[0], weights_cache=cache)
+    first = _entries(cache)
+    old_dec = [e for e in first if e.startswith("decoder_masked_model-")]
+    monkeypatch.setattr(weights.ort, "__version__", "99.0.0")  # another environment's entries
+    Engine.load(folder[0], weights_cache=cache)
+    monkeypatch.undo()
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    other_build = sorted(set(_entries(cache)) - set(first))
+    assert len(old_dec) == 1 and len(other_build) == len(first)
+    _reexport(decoder, "exported again")
+    eng = Engine.load(folder[0], weights_cache=cache)
+    now = _entries(cache)
+    new_dec = sorted(set(now) - set(first) - set(other_build))
+    assert len(new_dec) == 1 and new_dec[0].startswith("decoder_masked_model-")
+    assert old_dec[0] not in now  # superseded: removed
+    assert set(other_build) <= set(now) and set(first) - set(old_dec) <= set(now)
+    assert _mapped(eng) and _tokens(eng, prompts) == want
+    assert not [p for p in (cache / "graphs").iterdir() if p.name.startswith(".")]
+    # an entry whose lock another process holds is left for a later build to remove
+    lock = cache / "locks" / f"{new_dec[0]}.lock"
+    with weights._locked(lock) as held:
+        assert held
+        _reexport(decoder, "and again")
+        Engine.load(folder[0], weights_cache=cache)
+    assert new_dec[0] in _entries(cache) and len(_entries(cache)) == len(now) + 1
+
+
 @pytest.mark.parametrize("damage", ["truncate", "alter"])
 def test_damaged_entry_is_rebuilt(folder, tmp_path, monkeypatch, damage):
     """A data file cut short, or one byte changed at the same size: built again, same tokens."""
