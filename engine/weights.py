@@ -16,12 +16,14 @@ Layout under the cache root ($STAIRS_CACHE_DIR, else $XDG_CACHE_HOME/stairs, els
 ~/.cache/stairs): graphs/<stem>-<key>/ {model.onnx, model.onnx.data, entry.json},
 hashes/<stat key>.json, locks/<entry>.lock. Everything is written to a temporary name and
 renamed when complete; two processes building one entry take turns on its lock. A new entry
-removes those it supersedes (same graph path, same ORT build and CPU, older file contents).
+removes those it supersedes (same graph path and host, same ORT build and CPU, other file
+contents).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -156,8 +158,7 @@ class WeightsCache:
 
     def _entry(self, graph: Path, sha: dict[str, str], provider: str) -> tuple[Path, dict]:
         key = self.key(graph, sha, provider)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        return self.root / "graphs" / f"{graph.stem}-{digest}", key
+        return self.root / "graphs" / f"{graph.stem}-{_digest(key)}", key
 
     def mapped(self, graph: Path, sha: dict[str, str], provider: str, make_options, providers):
         """A session on graph's complete prepacked entry, or None (missing, stale, not usable):
@@ -185,7 +186,7 @@ class WeightsCache:
                 with contextlib.suppress(Exception):  # another process built it meanwhile
                     return self._open(entry, key, make_options, providers)
                 self._build(graph, entry, key, make_options, providers)
-            return self._open(entry, key, make_options, providers)
+                return self._open(entry, key, make_options, providers)  # before any prune of it
         except Exception as exc:  # noqa: BLE001 - OSError, ORT's own errors: the plain path
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             log.warning(
@@ -242,6 +243,10 @@ class WeightsCache:
                 "session.save_external_prepacked_constant_initializers", "1"
             )
             sources_before = _source_stats(graph)
+            # The key's hashes may be older than the file (exported again since this process
+            # read its manifest): an entry must hold the weights its key names, never others.
+            if sources(graph.parent, graph.name, None, self.sha256, False) != key["sources"]:
+                raise StaleEntry(f"{graph} changed since it was hashed")
             ort.InferenceSession(str(graph), so, providers=providers)  # writes tmp, then freed
             if _source_stats(graph) != sources_before:  # changed under the build: never keep it
                 raise StaleEntry(f"{graph} changed while it was prepacked")
@@ -249,7 +254,7 @@ class WeightsCache:
                 (tmp / DATA).touch()
             files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": self.sha256(tmp / n, True)}
                      for n in (MODEL, DATA)}  # fmt: skip
-            source = str(graph.resolve())
+            source = f"{platform.node()}:{graph.resolve()}"  # hosts may share a cache root
             _write_json(tmp / ENTRY, {"key": key, "files": files, "source": source})
             if entry.exists():  # stale: ours (the cache's own folder), replaced as a whole
                 _remove(entry)
@@ -260,22 +265,25 @@ class WeightsCache:
         self._prune_superseded(source, entry, key)
 
     def _prune_superseded(self, source: str, entry: Path, key: dict) -> list[Path]:
-        """Remove the entries that this build supersedes: built from the same graph path by the
-        same ORT build on the same CPU, from other file contents (the model was exported again).
+        """Remove the entries that this build supersedes: built from the same graph path on this
+        host by the same ORT build on the same CPU, from other file contents (the model was
+        exported again), each in the folder its key names (nothing else is touched).
         No load asks for them again, and a t5-3b-shape main's take 22 GB. Entries of other builds
         stay (another environment may share the root), as does one whose lock is held. A
         process that maps one keeps its mapping; another folder holding the old contents
         builds it again. Returns the removed entries."""
         rest = {k: v for k, v in key.items() if k != "sources"}
         removed = []
-        for other in entry.parent.glob(f"{entry.name.rsplit('-', 1)[0]}-*"):
+        stem = entry.name.rsplit("-", 1)[0]
+        for other in entry.parent.glob(f"{glob.escape(stem)}-*"):
             try:
                 meta = json.loads((other / ENTRY).read_text())
+                ours = other.name == f"{stem}-{_digest(meta['key'])}"
                 old = dict(meta["key"])
                 superseded = meta.get("source") == source and old.pop("sources") != key["sources"]
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 continue
-            if other == entry or not superseded or old != rest:
+            if other == entry or not ours or not superseded or old != rest:
                 continue
             try:  # best effort: an entry left behind costs disk, never a wrong layout
                 with _locked(self.root / "locks" / f"{other.name}.lock", wait=False) as ours:
@@ -287,6 +295,11 @@ class WeightsCache:
         if removed:
             log.info("weights cache: removed %d superseded entries of %s", len(removed), source)
         return removed
+
+
+def _digest(key: dict) -> str:
+    """The folder-name digest of an entry's key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _remove(entry: Path) -> None:

@@ -485,8 +485,8 @@ def _signals_raise():
     try:
         yield
     finally:
-        for sig, default in ours.items():
-            if prev[sig] == default:
+        for sig in ours:
+            if signal.getsignal(sig) is handler:  # not one the export's own code installed since
                 signal.signal(sig, prev[sig])
         _PENDING[0] = None
 

@@ -225,8 +225,9 @@ def test_signal_swallowed_by_a_finalizer_still_stops(src, tmp_path, monkeypatch,
     # handler, as an interactive terminal does
     prev = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        with pytest.raises(exc):
+        with pytest.raises(exc) as err:
             export_model(str(src["main"]), models / "main", None, quiet=True)
+        assert type(err.value) is exc  # Ctrl-C stays a KeyboardInterrupt: exit 130, not 143
         assert signal.getsignal(signal.SIGINT) == signal.default_int_handler  # restored
     finally:
         signal.signal(signal.SIGINT, prev)

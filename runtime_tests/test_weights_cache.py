@@ -141,6 +141,12 @@ def test_stale_key_builds_a_new_entry(folder, tmp_path, monkeypatch):
     assert _tokens(eng, prompts) == want and _entries(cache) == after
 
 
+def _source(cache: Path, entry: str) -> Path:
+    """The graph an entry was built from (entry.json's source: host:path)."""
+    meta = json.loads((cache / "graphs" / entry / "entry.json").read_text())
+    return Path(meta["source"].split(":", 1)[1])
+
+
 def _reexport(graph: Path, note: str) -> None:
     """The same function under other bytes (a doc string), swapped in with its manifest entry
     as stairs-export does."""
@@ -160,16 +166,22 @@ def _reexport(graph: Path, note: str) -> None:
 
 def test_reexported_graph_replaces_its_entry(folder, tmp_path, monkeypatch):
     """A graph exported again to the same path: its new entry replaces the old one (which no
-    load would ask for again); another ORT build's entry and an entry in use (locked) stay."""
+    load would ask for again). The assistant's entries (same graph names, other folder), another
+    ORT build's, and one being built (its lock held) stay."""
     monkeypatch.setattr(weights, "RACY_S", 0.0)
     cache, decoder = tmp_path / "cache", folder[0] / "decoder_masked_model.onnx"
     prompts = [[5, 6, 7, 1], [9, 1]]
     want = _tokens(Engine.load(folder[0], weights_cache=False), prompts)
-    Engine.load(folder[0], weights_cache=cache)
+    Engine.load(folder[0], assistant=folder[1], weights_cache=cache)
     first = _entries(cache)
-    old_dec = [e for e in first if e.startswith("decoder_masked_model-")]
+    assert len(first) == 6  # three graphs each of main and assistant
+    old_dec = [
+        e
+        for e in first
+        if e.startswith("decoder_masked_model-") and _source(cache, e) == decoder.resolve()
+    ]
     monkeypatch.setattr(weights.ort, "__version__", "99.0.0")  # another environment's entries
-    Engine.load(folder[0], weights_cache=cache)
+    Engine.load(folder[0], assistant=folder[1], weights_cache=cache)
     monkeypatch.undo()
     monkeypatch.setattr(weights, "RACY_S", 0.0)
     other_build = sorted(set(_entries(cache)) - set(first))
@@ -190,6 +202,21 @@ def test_reexported_graph_replaces_its_entry(folder, tmp_path, monkeypatch):
         _reexport(decoder, "and again")
         Engine.load(folder[0], weights_cache=cache)
     assert new_dec[0] in _entries(cache) and len(_entries(cache)) == len(now) + 1
+
+
+def test_build_refuses_a_graph_changed_since_it_was_hashed(folder, tmp_path, monkeypatch):
+    """A process that hashed the old file (read the manifest before an export replaced it) must
+    not build an entry of the new weights under the old hashes: the plain graph instead."""
+    from engine.providers import session_options
+
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    cache = weights.WeightsCache(tmp_path / "cache")
+    decoder = folder[0] / "decoder_masked_model.onnx"
+    old = weights.sources(folder[0], decoder.name, None, cache.sha256, False)
+    _reexport(decoder, "exported again")
+    args = (decoder, old, "cpu", lambda: session_options(1), ["CPUExecutionProvider"])
+    assert cache.session(*args) is None  # the caller opens the plain graph
+    assert _entries(tmp_path / "cache") == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "alter"])
