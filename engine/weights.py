@@ -264,16 +264,16 @@ class WeightsCache:
             shutil.rmtree(tmp, ignore_errors=True)
         self._prune_superseded(source, entry, key)
 
-    def _prune_superseded(self, source: str, entry: Path, key: dict) -> list[Path]:
+    def _prune_superseded(self, source: str, entry: Path, key: dict) -> None:
         """Remove the entries that this build supersedes: built from the same graph path on this
         host by the same ORT build on the same CPU, from other file contents (the model was
         exported again), each in the folder its key names (nothing else is touched).
         No load asks for them again, and a t5-3b-shape main's take 22 GB. Entries of other builds
         stay (another environment may share the root), as does one whose lock is held. A
         process that maps one keeps its mapping; another folder holding the old contents
-        builds it again. Returns the removed entries."""
+        builds it again."""
         rest = {k: v for k, v in key.items() if k != "sources"}
-        removed = []
+        removed = 0
         stem = entry.name.rsplit("-", 1)[0]
         for other in entry.parent.glob(f"{glob.escape(stem)}-*"):
             try:
@@ -286,15 +286,14 @@ class WeightsCache:
             if other == entry or not ours or not superseded or old != rest:
                 continue
             try:  # best effort: an entry left behind costs disk, never a wrong layout
-                with _locked(self.root / "locks" / f"{other.name}.lock", wait=False) as ours:
-                    if ours:
+                with _locked(self.root / "locks" / f"{other.name}.lock", wait=False) as held:
+                    if held:
                         _remove(other)
-                        removed.append(other)
+                        removed += 1
             except OSError as exc:
                 log.warning("weights cache: could not remove %s (%s)", other, exc.strerror)
         if removed:
-            log.info("weights cache: removed %d superseded entries of %s", len(removed), source)
-        return removed
+            log.info("weights cache: removed %d superseded entries of %s", removed, source)
 
 
 def _digest(key: dict) -> str:

@@ -151,9 +151,8 @@ def settings(dtype: str, assistant: bool, overrides: dict | None = None) -> dict
     overrides: the manifest records it."""
     if dtype not in WEIGHT_ONLY:
         return None
-    if assistant:
-        return {"method": "weight_only", "op": "MatMulNBits", **ASSISTANT[dtype]}
-    return {"method": "weight_only", "op": "MatMulNBits", **WEIGHT_ONLY[dtype], **(overrides or {})}
+    table, changed = (ASSISTANT, {}) if assistant else (WEIGHT_ONLY, overrides or {})
+    return {"method": "weight_only", "op": "MatMulNBits", **table[dtype], **changed}
 
 
 def quantize_file(path: Path, how: dict) -> int:

@@ -290,15 +290,20 @@ def test_output_folder_follows_umask(src, tmp_path, umask):
     assert (res.main / "stairs.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
-@pytest.mark.parametrize("opset", [5, 13, 24, 99])
-def test_opset_out_of_range_is_refused_before_loading(src, tmp_path, opset, capsys, monkeypatch):
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """An option must be refused before any model is looked up or loaded: both raise here."""
     import export.core
 
     def no_load(*a, **k):
-        raise AssertionError("model loaded before the opset was checked")
+        raise AssertionError("a model was looked up or loaded before the options were checked")
 
     monkeypatch.setattr(export.core, "load_torch_model", no_load)
     monkeypatch.setattr(export.core, "resolve_source", no_load)
+
+
+@pytest.mark.parametrize("opset", [5, 13, 24, 99])
+def test_opset_out_of_range_is_refused_before_loading(src, tmp_path, opset, capsys, nothing_loads):
     with pytest.raises(OptionError, match="between 14 and 23"):
         export_model(str(src["main"]), tmp_path / "out", assistant=None, opset=opset)
     rc = export_cli([str(src["main"]), "-o", str(tmp_path / "o"), "--opset", str(opset), "-q"])
@@ -320,16 +325,10 @@ def test_opset_out_of_range_is_refused_before_loading(src, tmp_path, opset, caps
         (["--dtype", "fp16", "--keep-fp32", "none"], "need --dtype int8 or int4, not fp16"),
     ],
 )
-def test_bad_quantization_flags_refused_before_loading(src, tmp_path, flags, words, capsys):
-    import export.core
-
-    def no_load(*a, **k):
-        raise AssertionError("model loaded before the settings were checked")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(export.core, "load_torch_model", no_load)
-        mp.setattr(export.core, "resolve_source", no_load)
-        rc, lines = cli(capsys, src["main"], "-o", tmp_path / "o", *flags)
+def test_bad_quantization_flags_refused_before_loading(
+    src, tmp_path, flags, words, capsys, nothing_loads
+):
+    rc, lines = cli(capsys, src["main"], "-o", tmp_path / "o", *flags)
     assert rc == 2 and words in one_error_line(lines), lines
     assert list(tmp_path.iterdir()) == []
 
@@ -345,16 +344,11 @@ def test_bad_quantization_flags_refused_before_loading(src, tmp_path, flags, wor
         ({"block_size": "32"}, "--block-size must be"),
     ],
 )
-def test_bad_quantization_values_refused_by_the_api(src, tmp_path, quantization, words):
-    import export.core
-
-    def no_load(*a, **k):
-        raise AssertionError("model loaded before the settings were checked")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(export.core, "resolve_source", no_load)
-        with pytest.raises(OptionError) as err:
-            export_model(str(src["main"]), tmp_path / "o", dtype="int8", quantization=quantization)
+def test_bad_quantization_values_refused_by_the_api(
+    src, tmp_path, quantization, words, nothing_loads
+):
+    with pytest.raises(OptionError) as err:
+        export_model(str(src["main"]), tmp_path / "o", dtype="int8", quantization=quantization)
     assert words in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
