@@ -6,14 +6,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench.core import DEFAULT_PEERS
+from bench.core import DEFAULT_PEERS, engine_mismatches
 from bench.quiet import NotQuietError, add_quiet_arguments, check_quiet_arguments
 from bench.run import run_bench
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="stairs-bench", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="stairs-bench",
+        description=__doc__,
+        epilog="exit status: 0 done; 1 an engine row's tokens differ from its main's own greedy"
+        " (each such cell printed); 2 an error, or --require-quiet on a busy machine",
+    )
     p.add_argument("--main", default="models/pycode-t5-main", help="exported main folder")
     p.add_argument("--assistant", default="models/pycode-t5-draft")
     p.add_argument("--prompts", default="../shared/prompts/pycode_public.jsonl")
@@ -162,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stairs-bench: error: {exc}", file=sys.stderr)
             return 2
         raise
+    bad = engine_mismatches(res["rows"])
+    for line in bad:
+        print(f"stairs-bench: mismatch: {line}", file=sys.stderr)
+    if bad:
+        return 1
     if a.require_quiet and not res["quiet"]["ok"]:
         print("stairs-bench: error: --require-quiet: the machine was not quiet", file=sys.stderr)
         return 2

@@ -184,6 +184,7 @@ def interleave(
 def rows(methods: list[Method], prompts: int, rounds: int) -> list[dict]:
     """Table rows: medians over rounds, speed-ups, latency, acceptance, mismatches."""
     by = {m.name: m for m in methods}
+    own = next((m for m in methods if m.name.split("@")[0] == "stairs/greedy" and m.fn), None)
     ref = by.get("hf/greedy")
     if not (ref and ref.fn):
         ref = next(m for m in methods if m.name.split("@")[0] == "stairs/greedy")
@@ -209,6 +210,8 @@ def rows(methods: list[Method], prompts: int, rounds: int) -> list[dict]:
             "mismatches": sum(a != b for a, b in zip(m.outputs, ref.outputs)),
             "reference": ref.name,
         }
+        if m.kind == "engine" and own is not None:  # the promise: the main's own greedy tokens
+            row["mismatches_vs_engine_greedy"] = sum(a != b for a, b in zip(m.outputs, own.outputs))
         st = [s for s in m.stats if s is not None]
         if st:
             tot = st[0]
@@ -310,3 +313,24 @@ def write_atomic(path: Path, data) -> None:
 def save(results: dict, out: Path) -> None:
     """results.json in out, written atomically."""
     write_atomic(Path(out) / "results.json", json.dumps(results, indent=2, default=str))
+
+
+# each engine row's count against its own main's greedy, by mode: an extra main (batch), the main
+# (batch), the main (interleaved)
+OWN_GREEDY_KEYS = (
+    "mismatches_vs_own_greedy_b1",
+    "mismatches_vs_engine_greedy_b1",
+    "mismatches_vs_engine_greedy",
+)
+
+
+def engine_mismatches(rows: list[dict]) -> list[str]:
+    """The cells whose engine tokens differ from their main's own greedy, one line each (peers
+    are other implementations: their mismatches are reported, never a failure)."""
+    out = []
+    for r in rows:
+        key = next((k for k in OWN_GREEDY_KEYS if k in r), None)
+        if r.get("kind") == "engine" and key and r[key]:
+            where = f" at B={r['batch_size']}" if "batch_size" in r else ""
+            out.append(f"{r['method']}{where}: {r[key]} prompts differ from the main's own greedy")
+    return out

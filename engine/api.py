@@ -193,6 +193,15 @@ class Engine:
             )
         return cls(m, a, threads, limits)
 
+    def self_check(self, sizes=None) -> list:
+        """Whether exactness holds on this machine, provider and ONNX Runtime build: the main's
+        rows alone against the same rows inside calls of 1-8 rows, chunked, padded, rewound, a
+        long neighbour, a tree (engine.selfcheck). One selfcheck.Check per call shape
+        (max_abs_diff, identical); exact here when every one is identical."""
+        from . import selfcheck
+
+        return selfcheck.run(self.main, sizes or selfcheck.SIZES)
+
     def calibrate(
         self, prompts, max_new_tokens: int = 64, save: bool = True, batch_sizes=()
     ) -> dict:
@@ -226,7 +235,13 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("empty prompt")
-            ids = tok.encode(prompt) + [tok.eos_id]
+            keep = {"left": "end", "right": "start"}.get(truncation)
+            body, fits = tok.encode_limited(prompt, limit - 1, keep)  # EOS is the last id
+            if not fits and keep is None:
+                how = _raise_or_truncate(limit, ceiling)
+                size = f"{len(body) + 1} tokens" if body else f"{len(prompt)} characters"
+                raise InputError(f"prompt is {size}, over the limit of {limit}; {how}")
+            ids = body + [tok.eos_id]
         else:
             ids = self._ids(prompt)
         if len(ids) > limit and truncation is not None:
@@ -235,9 +250,7 @@ class Engine:
             body, keep = ids[: len(ids) - len(tail)], limit - len(tail)
             ids = (body[len(body) - keep :] if truncation == "left" else body[:keep]) + tail
         if len(ids) > limit:
-            how = "pass truncation='left' or 'right'"
-            if limit < ceiling:
-                how += f" or raise max_input_tokens (up to {ceiling})"
+            how = _raise_or_truncate(limit, ceiling)
             raise InputError(f"prompt is {len(ids)} tokens, over the limit of {limit}; {how}")
         return np.array([ids], dtype=np.int64)
 
@@ -473,6 +486,12 @@ class Engine:
         calls = tuple(s.calls)
         return Health(len(s.active), len(s.waiting), s.call_count, calls)
 
+    def weights_entries(self) -> dict[str, dict[str, str | None] | None]:
+        """For main and assistant (None without one): each graph file -> the weights-cache
+        entry folder its session maps, or None where it runs the plain graph."""
+        models = {"main": self.main, "assistant": self.assistant}
+        return {k: None if m is None else dict(m.cache_entries) for k, m in models.items()}
+
     @property
     def tokenizer(self):
         """The main model's tokenizer (encode, decode, eos_id, max_input_tokens)."""
@@ -533,3 +552,11 @@ class _Alone:
                         raise self.request.error
                     return
                 yield item
+
+
+def _raise_or_truncate(limit: int, ceiling: int) -> str:
+    """What to do about a prompt over limit."""
+    how = "pass truncation='left' or 'right'"
+    if limit < ceiling:
+        how += f" or raise max_input_tokens (up to {ceiling})"
+    return how

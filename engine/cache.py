@@ -204,8 +204,8 @@ class BatchCache:
         reduce: bool = False,
     ):
         """Decoder on tokens [N, T] after each row's cached slots; row r's first counts[r]
-        tokens are real, the rest padding (never kept: past the row's length). Returns logits [N, T, V]; with
-        reduce, what accepting needs: greedy ids [N, T] and whether each pick is NaN/inf
+        tokens are real, the rest padding (never kept: past the row's length). Returns logits
+        [N, T, V]; with reduce, what accepting needs: greedy ids [N, T] and whether each pick is NaN/inf
         (a device back end then copies [N, T] instead of the logits).
 
         parents[r] (optional, None = a plain continuation): the slot of each real token's

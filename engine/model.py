@@ -30,6 +30,10 @@ MASKED_FILE = "decoder_masked_model.onnx"
 CROSS_FILE = "cross_kv_model.onnx"
 OPTIMUM_FILE = "decoder_with_past_model.onnx"  # optimum's layout: no masked graph, refused
 REQUIRED = ["config.json", "spiece.model", ENCODER_FILE, MASKED_FILE, CROSS_FILE]
+GRAPHS = {"encoder": ENCODER_FILE, "decoder": MASKED_FILE, "cross": CROSS_FILE}
+# metadata (and stairs.json's key) naming the export a graph came from: graphs of other
+# exports copied into a folder are refused; folders exported before it have it nowhere
+EXPORT_ID_KEY = "stairs.export_id"
 KV = ("key", "value")
 STEP_FEEDS = (
     "input_ids",
@@ -143,9 +147,11 @@ class T5Model:
         layers = range(self.num_decoder_layers)
         self.self_names = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in KV]
         self.cross_names = [f"cross_key_values.{i}.{kv}" for i in layers for kv in KV]
+        self.cache_entries: dict[str, str | None] = {}  # graph file -> its mapped cache entry
         self.sessions = self._open_sessions()
         self._check_encoder()
         self._check_decoder()
+        self._check_export_ids()
         self.kv_cache = self._pick_kv_cache(kv_cache)
         self.kvops = None  # engine.device_cache.KVOps, opened by the first device cache
 
@@ -184,9 +190,8 @@ class T5Model:
     def _open_sessions(self) -> dict[str, ort.InferenceSession]:
         """Encoder, masked decoder and cross graph: mapped from the weights cache when their
         entries are complete, else opened (and cached) one by one."""
-        graphs = {"encoder": ENCODER_FILE, "decoder": MASKED_FILE, "cross": CROSS_FILE}
-        mapped = self._open_mapped(graphs)
-        return {r: mapped.get(r) or self.open_session(f) for r, f in graphs.items()}
+        mapped = self._open_mapped(GRAPHS)
+        return {r: mapped.get(r) or self.open_session(f) for r, f in GRAPHS.items()}
 
     def _open_mapped(self, graphs: dict[str, str]) -> dict:
         """The graphs whose prepacked entries are complete, opened at once in threads: opening
@@ -207,6 +212,7 @@ class T5Model:
             sess = self.weights_cache.mapped(path, sha, self.provider, make_options, plist)
             if sess is not None:
                 prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)
+                self.cache_entries[fname] = str(self.weights_cache.entry(path, sha, self.provider))
             return sess
 
         with ThreadPoolExecutor(len(graphs)) as pool:
@@ -220,11 +226,13 @@ class T5Model:
             raise ModelFileError(f"{path}: missing (export the folder again with stairs-export)")
         make_options, plist, explicit = self._session_args
         try:
-            sess = None
+            sess = entry = None
             if self.weights_cache is not None:
                 hasher = self.weights_cache.sha256
                 sha = weights.sources(self.folder, fname, self.manifest, hasher, self.verified)
                 sess = self.weights_cache.session(path, sha, self.provider, make_options, plist)
+                if sess is not None:
+                    entry = str(self.weights_cache.entry(path, sha, self.provider))
             if sess is None:
                 sess = ort.InferenceSession(str(path), make_options(), providers=plist)
         except ModelFileError:
@@ -232,6 +240,7 @@ class T5Model:
         except Exception as exc:
             raise ModelFileError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from exc
         prov.check_loaded(sess, f"{self.name}/{fname}", self.provider, str(path), explicit)
+        self.cache_entries[fname] = entry
         return sess
 
     def _check_encoder(self) -> None:
@@ -300,6 +309,24 @@ class T5Model:
         self.mask_dtype = {"tensor(bool)": np.bool_, "tensor(float)": np.float32}.get(
             ins["attention_mask"].type, np.int64
         )
+
+    def _check_export_ids(self) -> None:
+        """Every graph (and stairs.json) names the same export: a graph copied in from another
+        export (an int4 decoder into an fp32 folder) is refused, naming each file's id. A
+        folder exported before ids (none anywhere) loads."""
+        ids = {
+            f: self.sessions[r].get_modelmeta().custom_metadata_map.get(EXPORT_ID_KEY)
+            for r, f in GRAPHS.items()
+        }
+        if self.manifest is not None:
+            listed = self.manifest.get("export_id")
+            ids[checked.MANIFEST] = None if listed is None else str(listed)
+        if len(set(ids.values())) > 1:
+            named = ", ".join(f"{f} {i or '(none)'}" for f, i in ids.items())
+            raise ModelFileError(
+                f"{self.folder}: files of different exports mixed (export ids: {named});"
+                " export the folder again with stairs-export"
+            )
 
     def run(
         self, role: str, feed: dict, counter: Counter, outputs: dict | None = None, binding=None

@@ -16,6 +16,9 @@ log = logging.getLogger("stairs")
 DEFAULT_MAX_INPUT = 512  # T5's pre-training input length
 # Hugging Face writes int(1e30) when a checkpoint records no limit: that means "no limit known".
 NO_LIMIT = 1_000_000
+# Characters beyond a cut that a window of a long text is tokenized with again: ids both agree
+# on are the whole text's (not a multiple of a piece length, so runs of one character differ)
+WINDOW_CONTEXT = 251
 
 
 class Tokenizer:
@@ -43,6 +46,7 @@ class Tokenizer:
         )
         self.specials = specials
         self._split = re.compile("(" + "|".join(re.escape(s) for s in specials) + ")")
+        self.longest_piece = max(len(self.sp.id_to_piece(i)) for i in range(self.n_pieces))
         self.max_input_tokens = DEFAULT_MAX_INPUT
         if tokenizer_config and tokenizer_config.is_file():
             self.max_input_tokens = _max_length(tokenizer_config)
@@ -56,6 +60,50 @@ class Tokenizer:
             elif part:
                 ids.extend(self.sp.encode(part))
         return ids
+
+    def max_chars(self, limit: int) -> int:
+        """The character cap of a text for limit ids: what is read of a longer text. An id
+        covers at most longest_piece characters; the factor 2 leaves room for what the
+        normalizer drops. A text mostly of whitespace runs or of characters the vocabulary
+        lacks (T5 v1.0 collapses both) can hold fewer ids than its characters suggest: it is
+        still capped."""
+        return 2 * self.longest_piece * (limit + 8)
+
+    def encode_limited(
+        self, text: str, limit: int, keep: str | None = None
+    ) -> tuple[list[int], bool]:
+        """encode(text) with work and memory bounded by limit, not by the text: (ids, fits).
+        fits: the text is within max_chars(limit) and has at most limit ids. Otherwise: its last
+        limit ids (keep='end'), its first (keep='start'), or ([], False) unread when over the
+        character cap and the ids counted no further when not (keep=None). Over the cap, only
+        the kept max_chars(limit) characters are tokenized (_encode_window)."""
+        cap = self.max_chars(limit)
+        if len(text) <= cap:
+            ids = self.encode(text)
+            if len(ids) <= limit:
+                return ids, True
+        elif keep is None:
+            return [], False
+        else:
+            ids = self._encode_window(text, cap, keep)
+        if keep is None:
+            return ids, False
+        return (ids[len(ids) - limit :] if keep == "end" else ids[:limit]), False
+
+    def _encode_window(self, text: str, cap: int, keep: str) -> list[int]:
+        """The ids of text's kept cap characters that the whole text's ids end (or start)
+        with: the window is tokenized alone and with WINDOW_CONTEXT more characters at its cut,
+        and only the ids both agree on are kept (those next to the cut depend on where it
+        falls). Text that stays ambiguous for longer (a whitespace run over the context) keeps
+        fewer ids."""
+        wide = cap + WINDOW_CONTEXT
+        if keep == "end":
+            a, b = self.encode(text[-cap:]), self.encode(text[-wide:])
+            n = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1])) if x != y), len(a))
+            return a[len(a) - n :]
+        a, b = self.encode(text[:cap]), self.encode(text[:wide])
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        return a[:n]
 
     def decode(self, ids) -> str:
         """Text of ids, special tokens and sentinels left out."""

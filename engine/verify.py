@@ -159,10 +159,39 @@ def verify_folder(folder: str | Path, hashes: bool = True, hasher=None) -> dict 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`stairs-verify DIR`: check every file stairs.json lists; 0 if all match, else 2."""
+    """`stairs-verify DIR`: check every file stairs.json lists; 0 if all match, else 2.
+    `stairs-verify --cache [DIR]`: hash every weights-cache entry against its entry.json and
+    remove the bad ones; 0 if all were good, else 2. `stairs-verify --exact DIR`: the
+    shape-invariance self-check of DIR's main on this machine (engine.selfcheck); 0 if every
+    row is bit-identical, else 2."""
     p = argparse.ArgumentParser(prog="stairs-verify", description=main.__doc__)
-    p.add_argument("folder", help="exported model folder (with stairs.json)")
+    p.add_argument("folder", nargs="?", help="exported model folder (with stairs.json)")
+    p.add_argument(
+        "--cache", nargs="?", const="", metavar="DIR",
+        help="check the weights cache at DIR (default: $STAIRS_CACHE_DIR, else"
+        " $XDG_CACHE_HOME/stairs, else ~/.cache/stairs) instead: exit 0 = every entry and"
+        " remembered hash good, 2 = some were bad (removed) or DIR is no cache",
+    )  # fmt: skip
+    p.add_argument(
+        "--exact", action="store_true",
+        help="instead: check on this machine that a row's logits are the same bits in every call"
+        " shape (DIR's main, loaded as Engine.load does): exit 0 = all bit-identical, 2 = not",
+    )  # fmt: skip
+    p.add_argument("--provider", default="cpu", help="--exact: cpu, cuda, coreml or auto")
+    p.add_argument("--threads", type=int, help="--exact: ORT threads (default: ORT's)")
     a = p.parse_args(argv)
+    if a.exact:
+        from .selfcheck import verify_main  # selfcheck loads models, which import this module
+
+        if a.folder is None:
+            p.error("--exact needs a model folder")
+        return verify_main(a.folder, a.provider, a.threads)
+    if a.cache is not None:
+        from .weights import verify_cache_main  # weights imports this module
+
+        return verify_cache_main(a.cache or None)
+    if a.folder is None:
+        p.error("give a model folder, or --cache [DIR]")
     folder = Path(a.folder)
     bad = 0
     try:

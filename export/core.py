@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from .errors import (
     PairMismatchError,
     Terminated,
 )
-from .masked import CROSS_FILE, DECODER_FILE, ENCODER_FILE
+from .masked import CROSS_FILE, DECODER_FILE, ENCODER_FILE, mark_export_id
 from .quantize import check_overrides, settings
 
 # 2: adds the masked, positioned decoder and the cross key/value graph (export/masked.py) that
@@ -273,8 +274,13 @@ def _write_manifest(
     validation: dict,
     quant: dict | None,
 ) -> dict:
-    """Copy the tokenizer files, write stairs.json (every file with sha256 and size, the graphs
-    written, dtype and quantization settings) and return it."""
+    """Give every graph one new export id (in its metadata: the engine refuses a folder whose
+    graphs name different exports), copy the tokenizer files, write stairs.json (every file
+    with sha256 and size, the graphs written, dtype and quantization settings, the export id)
+    and return it. Called after every rewrite of the graphs."""
+    export_id = uuid.uuid4().hex
+    for f in onnx_files:
+        mark_export_id(tmp / f, export_id)
     for name in TOKENIZER_FILES + ["generation_config.json"]:
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / name)
@@ -285,6 +291,7 @@ def _write_manifest(
     roles |= {"decoder_masked": MASKED_FILES[0], "cross_kv": MASKED_FILES[1]}
     manifest = {
         "format_version": FORMAT_VERSION,
+        "export_id": export_id,
         "source": str(src),
         "dtype": dtype,
         "quantization": quant,

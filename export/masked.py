@@ -36,6 +36,7 @@ DEFAULT_OPSET = 17
 # it loads: 2.15 GB anonymous RSS for a 1.44 GB decoder), and protobuf's 2 GB cap never applies.
 EXTERNAL_BYTES = 256 << 20
 QUERY_ROWS_KEY = "stairs.attention_query_rows"  # metadata: the attention's fewest query rows
+EXPORT_ID_KEY = "stairs.export_id"  # metadata: one id shared by every graph of one export
 
 
 def _io_names(layers: int) -> dict:
@@ -322,6 +323,19 @@ def mark_query_rows(path: Path) -> None:
     if not any(p.key == QUERY_ROWS_KEY for p in proto.metadata_props):
         proto.metadata_props.add(key=QUERY_ROWS_KEY, value="2")
         onnx.save_model(proto, str(path))
+
+
+def mark_export_id(path: Path, export_id: str) -> None:
+    """Record in the graph's metadata the id its export gives all its graphs (the engine refuses
+    a folder whose graphs name different exports); its external data file is not rewritten."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in proto.metadata_props if p.key != EXPORT_ID_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=EXPORT_ID_KEY, value=export_id)
+    onnx.save_model(proto, str(path))
 
 
 def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:

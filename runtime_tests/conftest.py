@@ -138,6 +138,23 @@ def pycode_pair(tmp_path_factory):
     return res.main, res.assistant
 
 
+@pytest.fixture(scope="session")
+def pycode_dtypes(tmp_path_factory):
+    """{dtype: folder}: the ../shared pycode main exported fp16, int8 and int4 (weight-only), no
+    assistant, once per test session (the pycode_pair fixture holds its fp32 form and draft)."""
+    need_shared()
+    from export import export_model
+
+    base = tmp_path_factory.mktemp("pycode-dtypes")
+    out = {}
+    for d in ("fp16", "int8", "int4"):
+        res = export_model(
+            str(PYCODE_MAIN), base / f"pycode-t5-main-{d}", assistant=None, dtype=d, quiet=True
+        )
+        out[d] = res.main
+    return out
+
+
 @pytest.fixture(scope="module")
 def eng(pycode_pair):
     """The exported pycode pair loaded on 2 threads, one Engine per test module."""

@@ -70,8 +70,9 @@ def test_mixed_strategies_join_and_cancel_mid_flight(eng, prompts, ref):
     pieces = iter(victim.tokens())
     next(pieces)  # it has started
     victim.cancel()
-    late = []
-    for _ in first[0].tokens():  # join while the first ones are generating
+    late, streamed = [], []
+    for toks in first[0].tokens():  # join while the first ones are generating
+        streamed += toks
         if not late:
             late = [
                 eng.submit(p, strategy="assisted", max_new_tokens=NEW, draft_tokens=4)
@@ -79,6 +80,7 @@ def test_mixed_strategies_join_and_cancel_mid_flight(eng, prompts, ref):
             ]
     results = [h.result(timeout=120) for h in first[1:] + late]
     assert [r.token_ids for r in results] == ref[1:6] + ref[7:12]
+    assert streamed == ref[0] == first[0].result(timeout=120).token_ids
     assert max(r.stats.mean_batch_rows for r in results) > 1.5
     with pytest.raises(CancelledError):  # ends (cancelled) instead of hanging
         victim.result(timeout=60)

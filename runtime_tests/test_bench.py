@@ -15,29 +15,42 @@ def test_ct2_worker_reports_a_failing_child(tmp_path):
         CT2Worker(tmp_path / "missing-model", 1, "float32", tmp_path)
 
 
+def _snapshot_after(pid: int, since, cpu_s: float, exclude: set):
+    """A snapshot once pid has used cpu_s CPU seconds more than in `since` (polled, whatever
+    share of the CPU it gets; a hang guard only)."""
+    import time
+
+    from bench import quiet
+
+    base = since.procs[pid].cpu_s if pid in since.procs else 0.0
+    end = time.monotonic() + 300
+    while True:
+        snap = quiet.snapshot(exclude=exclude)
+        if pid in snap.procs and snap.procs[pid].cpu_s - base >= cpu_s:
+            return snap
+        assert time.monotonic() < end, f"pid {pid} used no CPU in 300 s"
+        time.sleep(0.05)
+
+
 def test_quiet_snapshot_counts_a_busy_process_and_excludes_given_pids():
     import os
     import subprocess
     import sys
-    import time
 
     from bench import quiet
 
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        time.sleep(0.2)  # let it start
         me = {os.getpid()}
-        before = quiet.snapshot(exclude=me)
-        time.sleep(1.0)
-        after = quiet.snapshot(exclude=me)
+        before = _snapshot_after(busy.pid, quiet.snapshot(exclude=me), 0.0, me)  # it runs
+        after = _snapshot_after(busy.pid, before, 0.2, me)
         # Counted as another process when only this one is excluded ...
-        assert quiet.others_cpu(before, after).get(busy.pid, 0.0) > 0.2
+        assert quiet.others_cpu(before, after).get(busy.pid, 0.0) >= 0.2
         # ... and not when its pid is excluded (as the bench excludes its own CT2 workers).
         tree = quiet.snapshot()
         assert busy.pid in tree.own  # default: this process and its descendants
         b2 = quiet.snapshot(exclude=me | {busy.pid})
-        time.sleep(0.3)
-        a2 = quiet.snapshot(exclude=me | {busy.pid})
+        a2 = _snapshot_after(busy.pid, b2, 0.1, me | {busy.pid})
         assert busy.pid not in quiet.others_cpu(b2, a2)
         assert a2.procs[busy.pid].cpu_s > before.procs[busy.pid].cpu_s
     finally:
@@ -252,34 +265,40 @@ def test_batch_runs_interleave_methods_batch_by_batch():
     assert "tokens_per_s" in rows["x/boom", 1]  # what it measured before failing is kept
 
 
-def test_batch_rows_show_this_process_cpu_while_a_worker_peer_runs():
+def test_batch_rows_show_this_process_cpu_while_a_worker_peer_runs(monkeypatch):
     """A peer in a worker process waits here without CPU; a pool left spinning in this process
-    would show in its this_process_cpu_per_s, and the report names the worst."""
-    import time
+    would show in its this_process_cpu_per_s (process CPU over wall time of its calls), and the
+    report names the worst. The clocks are the test's, so no machine's speed enters."""
+    from types import SimpleNamespace
 
+    from bench import batch
     from bench.batch import BatchMethod, batch_rows, run_sizes
     from bench.report import _peer_leak_lines
 
-    def burn(cpu_s, sleep_s):
-        def fn(batch):
-            end = time.process_time() + cpu_s
-            while time.process_time() < end:
-                pass
-            time.sleep(sleep_s)
-            return [[p[0]] for p in batch], None
+    clock = {"wall": 0.0, "cpu": 0.0}
+    fake = SimpleNamespace(
+        perf_counter=lambda: clock["wall"], process_time=lambda: clock["cpu"], sleep=lambda s: None
+    )
+    monkeypatch.setattr(batch, "time", fake)
+
+    def burn(cpu_s, wall_s):
+        def fn(prompts):
+            clock["cpu"] += cpu_s
+            clock["wall"] += wall_s
+            return [[p[0]] for p in prompts], None
 
         return fn
 
     ms = [
-        BatchMethod("stairs/greedy", burn(0.02, 0)),
+        BatchMethod("stairs/greedy", burn(0.02, 0.02)),
         BatchMethod("ct2/float32", burn(0, 0.02), "peer", close=id),
-        BatchMethod("ct2/int8", burn(0.01, 0.01), "peer", close=id),  # leaks: the worst
+        BatchMethod("ct2/int8", burn(0.01, 0.02), "peer", close=id),  # leaks: the worst
     ]
     run_sizes(ms, [[i] for i in range(3)], [1])
     rows = {r["method"]: r for r in batch_rows(ms, 3, [1])}
     cpu = {k: r["this_process_cpu_per_s"] for k, r in rows.items()}
     assert "worker" not in rows["stairs/greedy"] and rows["ct2/float32"]["worker"]
-    assert cpu["stairs/greedy"] > cpu["ct2/int8"] > cpu["ct2/float32"]
+    assert cpu == pytest.approx({"stairs/greedy": 1.0, "ct2/int8": 0.5, "ct2/float32": 0.0})
     (line,) = [x for x in _peer_leak_lines(list(rows.values())) if x]
     assert "ct2/int8 at B=1" in line
 
@@ -453,7 +472,7 @@ def test_load_bench_records_whether_the_machine_was_quiet(
     # the level is watched, and the server (our child, busy all along) counts as ours
     level = res["quiet"]["methods"]["interleaved"]["batched clients=1"]
     assert row["others_cpu_per_s"] == level["others_cpu_per_s"]
-    assert res["quiet"]["start"] is not None and level["own_cpu_per_s"] > 0.2
+    assert res["quiet"]["start"] is not None and level["own_cpu_per_s"] > 0
     assert not any(f"(pid {servers[0].pid})" in name for name, _ in level["top_others"])
     md = (out / "results.md").read_text()
     assert ("Machine was quiet" in md) == res["quiet"]["ok"]
@@ -508,3 +527,50 @@ def test_gpu_bench_runs_every_section_on_the_cpu(tiny_models, tmp_path):
     assert all(isinstance(p["resident_ms"], float) for p in res["cost"]["points"])
     assert {c["kv_cache"] for c in res["speed"]["cells"]} == {"device", "numpy"}
     assert "tokens/s" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_exits_1_naming_each_engine_cell_that_differs_from_its_own_greedy(
+    tmp_path, monkeypatch, capsys
+):
+    """stairs-bench's status carries the promise: an engine row whose tokens differ from its
+    main's own greedy fails the run and is named; a peer's differences (another
+    implementation) are reported in the table only. Batch mode: an extra main's rows against
+    that main's greedy, not the fp32 main's."""
+    from bench import batch, cli, core
+
+    def method(name, outs, kind="engine"):
+        return core.Method(name, id, kind, seconds=[1.0] * 2, tokens=[3, 3], outputs=outs)
+
+    table = core.rows(
+        [
+            method("hf/greedy", [[1], [2]], "peer"),
+            method("stairs/greedy", [[1], [2]]),
+            method("stairs/lookup", [[1], [9]]),
+            method("ct2/int8", [[7], [2]], "peer"),
+        ],
+        2,
+        1,
+    )
+    by = {r["method"]: r for r in table}
+    assert by["stairs/lookup"]["mismatches_vs_engine_greedy"] == 1
+    assert by["ct2/int8"]["mismatches"] == 1 and "mismatches_vs_engine_greedy" not in by["ct2/int8"]
+    monkeypatch.setattr(cli, "run_bench", lambda **kw: {"rows": table, "quiet": {"ok": True}})
+    argv = ["--main", str(tmp_path), "--out", str(tmp_path / "out"), "--wait-quiet", "0"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "mismatch: stairs/lookup: 1 prompts differ" in err and "ct2" not in err
+    by["stairs/lookup"]["mismatches_vs_engine_greedy"] = 0
+    assert cli.main(argv) == 0
+    rows = [
+        {"method": "stairs/greedy", "kind": "engine", "batch_size": 1,
+         "mismatches_vs_engine_greedy_b1": 0},
+        {"method": "stairs/auto@m-int8", "kind": "engine", "batch_size": 4,
+         "mismatches_vs_engine_greedy_b1": 5, "mismatches_vs_own_greedy_b1": 2},
+    ]  # fmt: skip
+    monkeypatch.setattr(
+        batch, "run_batch_bench", lambda **kw: {"rows": rows, "quiet": {"ok": True}}
+    )
+    assert cli.main([*argv, "--batch-sizes", "1,4"]) == 1
+    assert "stairs/auto@m-int8 at B=4: 2 prompts differ" in capsys.readouterr().err
+    rows[1]["mismatches_vs_own_greedy_b1"] = 0  # 5 against the fp32 main: a quantized main's own
+    assert cli.main([*argv, "--batch-sizes", "1,4"]) == 0

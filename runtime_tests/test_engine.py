@@ -41,6 +41,7 @@ def test_engine_never_imports_heavy_packages():
 
 def test_text_prompt_stream_and_result(tiny):
     res = tiny.generate("def add(a, b):", strategy="assisted", max_new_tokens=10)
+    assert res.token_ids == tiny.generate("def add(a, b):", max_new_tokens=10).token_ids
     assert len(res.token_ids) <= 10 and res.text == tiny.main.tokenizer.decode(res.token_ids)
     pieces = list(tiny.stream("def add(a, b):", strategy="assisted", max_new_tokens=10))
     assert "".join(pieces) == res.text
@@ -183,7 +184,7 @@ def test_threads_give_the_same_tokens_as_serial(tiny):
     assert threaded == serial
 
 
-def test_cli_json(tiny_models, capsys):
+def test_cli_json(tiny_models, tiny, capsys):
     m = tiny_models["v1_1"]
     assert (
         generate_cli(
@@ -206,6 +207,7 @@ def test_cli_json(tiny_models, capsys):
     )
     out = json.loads(capsys.readouterr().out)
     assert out["strategy"] == "stairs" and len(out["token_ids"]) <= 5
+    assert out["token_ids"] == tiny.generate("def f():", max_new_tokens=5).token_ids
     assert out["stats"]["main_calls"] >= 1
 
 

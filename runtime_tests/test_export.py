@@ -447,8 +447,12 @@ def test_registry_resolves_known_pairs():
 def test_shared_models_exist_for_export_tests():
     if not PYCODE_MAIN.is_dir():
         pytest.skip("../shared absent")
-    assert (PYCODE_DRAFT / "spiece.model").is_file()
-    assert np.isfinite(1.0)
+    # a pair: one tokenizer, the same vocabulary and special ids (Engine.load's pair check)
+    spiece = [(d / "spiece.model").read_bytes() for d in (PYCODE_MAIN, PYCODE_DRAFT)]
+    assert spiece[0] and spiece[0] == spiece[1]
+    main, draft = (json.loads((d / "config.json").read_text()) for d in (PYCODE_MAIN, PYCODE_DRAFT))
+    for key in ("vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"):
+        assert main.get(key) == draft.get(key), key
 
 
 def test_int8_assistant_keeps_output_exact(tmp_path):

@@ -349,3 +349,90 @@ def test_manifest_entry_with_a_nul_byte_is_refused(folder, capsys):
         T5Model(folder)
     assert verify_main([str(folder)]) == 2
     assert "NUL byte" in capsys.readouterr().err
+
+
+GRAPH_FILES = ["encoder_model.onnx", "decoder_masked_model.onnx", "cross_kv_model.onnx"]
+
+
+def _export_id(path: Path) -> str | None:
+    meta = onnx.load(str(path), load_external_data=False).metadata_props
+    return {p.key: p.value for p in meta}.get("stairs.export_id")
+
+
+def _set_export_id(folder: Path, name: str, value: str | None) -> None:
+    """Give one graph another export id (None: none, as exported before ids), manifest agreeing."""
+    path = folder / name
+    proto = onnx.load(str(path), load_external_data=False)
+    kept = [p for p in proto.metadata_props if p.key != "stairs.export_id"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    if value is not None:
+        proto.metadata_props.add(key="stairs.export_id", value=value)
+    onnx.save_model(proto, str(path))
+    restamp(folder, name)
+
+
+@pytest.fixture(scope="module")
+def other_export(tiny_models, tmp_path_factory):
+    """The tiny v1.1 main exported again: int4, and fp16 as its own assistant (same shapes)."""
+    from export import export_model
+
+    out = tmp_path_factory.mktemp("other") / "int4"
+    hf = str(tiny_models["v1_1"]["hf"])
+    return export_model(hf, out, assistant=hf, dtype="int4", assistant_dtype="fp16", quiet=True)
+
+
+def test_every_graph_of_an_export_names_its_id(tiny_models, other_export, tmp_path):
+    """fp32, int8, int4 and fp16 folders: each graph carries the id stairs.json records, one
+    per folder; the weights cache's prepacked graph keeps it."""
+    ids = []
+    tiny = tiny_models["v1_1"]
+    for folder in (tiny["main"], tiny["random"], other_export.main, other_export.assistant):
+        ids.append(json.loads((folder / "stairs.json").read_text())["export_id"])
+        assert {_export_id(folder / g) for g in GRAPH_FILES} == {ids[-1]}, folder
+    assert len(set(ids)) == len(ids) == 4 and all(len(i) == 32 for i in ids)
+    main = tiny_models["v1_1"]["main"]
+    eng = Engine.load(main, weights_cache=tmp_path / "cache")
+    for sess in eng.main.sessions.values():
+        assert Path(sess._model_path).is_relative_to(tmp_path / "cache")
+        assert sess.get_modelmeta().custom_metadata_map["stairs.export_id"] == ids[0]
+
+
+@pytest.mark.parametrize(
+    "source,name",
+    [("main", "decoder_masked_model.onnx"), ("assistant", "encoder_model.onnx"),
+     ("assistant", "cross_kv_model.onnx")],
+)  # fmt: skip
+def test_graph_of_another_export_is_refused(folder, other_export, source, name):
+    """An int4 or fp16 graph of the same model copied with its manifest entry into the fp32
+    folder: it would load and run; refused, naming the files and their export ids."""
+    src = getattr(other_export, source)
+    for path in src.glob(name + "*"):  # the graph and its data file, if any
+        shutil.copy(path, folder / path.name)
+        restamp(folder, path.name)
+    ours = json.loads((folder / "stairs.json").read_text())["export_id"]
+    theirs = _export_id(src / name)
+    with pytest.raises(ModelFileError, match="files of different exports mixed") as err:
+        Engine.load(folder, weights_cache=False)
+    text = str(err.value)
+    assert f"{name} {theirs}" in text and f"stairs.json {ours}" in text
+    other = next(g for g in GRAPH_FILES if g != name)
+    assert f"{other} {ours}" in text
+
+
+def test_folder_exported_before_export_ids_loads(folder):
+    """No id anywhere (exported before ids): loads. Some graphs with one, some without:
+    refused. Every graph from another export, stairs.json not: refused too."""
+    for name in GRAPH_FILES:
+        _set_export_id(folder, name, None)
+    edit_manifest(folder, lambda m: m.pop("export_id"))
+    assert Engine.load(folder, weights_cache=False).generate([5, 6, 1], max_new_tokens=3)
+    _set_export_id(folder, "cross_kv_model.onnx", "0" * 32)
+    mixed = r"decoder_masked_model.onnx \(none\), cross_kv_model.onnx 0{32}"
+    with pytest.raises(ModelFileError, match=mixed):
+        T5Model(folder)
+    for name in GRAPH_FILES:
+        _set_export_id(folder, name, "1" * 32)
+    edit_manifest(folder, lambda m: m.update(export_id="2" * 32))
+    with pytest.raises(ModelFileError, match=f"stairs.json {'2' * 32}"):
+        T5Model(folder)

@@ -219,25 +219,62 @@ def test_build_refuses_a_graph_changed_since_it_was_hashed(folder, tmp_path, mon
     assert _entries(tmp_path / "cache") == []
 
 
+def _flip_start_embedding(data: Path) -> None:
+    """Change one byte that the outputs rest on: the top byte of the first weight of the
+    decoder start token's embedding row (a Gather's table: ORT maps it as written, without the
+    check it makes of prepacked MatMul weights, which most other bytes feed)."""
+    import onnx
+
+    graph = onnx.load(str(data.parent / "model.onnx"), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    gathers = [
+        inits[n.input[0]] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+    ]
+    table = next(t for t in gathers if len(t.dims) == 2)  # the embedding table (not a bucket list)
+    at = int(next(e.value for e in table.external_data if e.key == "offset")) + 3  # float32 LE
+    with open(data, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def _load_unchecked(folder, cache: Path, data: Path, good: str, monkeypatch):
+    """Engine.load with the entry's data file taken for its recorded hash (no detection)."""
+    real = weights.WeightsCache.sha256
+
+    def sha256(self, path, ours=False):
+        return good if Path(path) == data else real(self, path, ours)
+
+    with monkeypatch.context() as m:
+        m.setattr(weights.WeightsCache, "sha256", sha256)
+        eng = Engine.load(folder, weights_cache=cache)
+    assert _mapped(eng)
+    return eng
+
+
 @pytest.mark.parametrize("damage", ["truncate", "alter"])
 def test_damaged_entry_is_rebuilt(folder, tmp_path, monkeypatch, damage):
-    """A data file cut short, or one byte changed at the same size: built again, same tokens."""
+    """A data file cut short, or one byte changed at the same size (one these prompts' tokens
+    rest on: mapped unchecked, it changes them): detected and built again, a new file with the
+    good hash, the plain load's tokens."""
     monkeypatch.setattr(weights, "RACY_S", 0.0)
     cache = tmp_path / "cache"
     prompts = [[5, 6, 7, 1], [9, 1]]
-    want = _tokens(Engine.load(folder[0], weights_cache=cache), prompts)
+    want = _tokens(Engine.load(folder[0], weights_cache=False), prompts)
+    assert _tokens(Engine.load(folder[0], weights_cache=cache), prompts) == want
     data = next(p for p in (cache / "graphs").glob("decoder_masked_model-*/model.onnx.data"))
-    size = data.stat().st_size
+    size, good, inode = data.stat().st_size, checked.sha256_file(data), data.stat().st_ino
     if damage == "truncate":
         os.truncate(data, size // 2)
     else:
-        with open(data, "r+b") as f:
-            f.seek(size // 3)
-            b = f.read(1)
-            f.seek(size // 3)
-            f.write(bytes([b[0] ^ 0xFF]))
+        _flip_start_embedding(data)
+        assert data.stat().st_size == size
+        unchecked = _load_unchecked(folder[0], cache, data, good, monkeypatch)
+        assert _tokens(unchecked, prompts) != want  # the byte matters to these prompts
     eng = Engine.load(folder[0], weights_cache=cache)
-    assert data.stat().st_size == size and _mapped(eng)
+    assert _mapped(eng)
+    assert data.stat().st_ino != inode and checked.sha256_file(data) == good  # rebuilt
     assert _tokens(eng, prompts) == want
     assert not [p for p in (cache / "graphs").iterdir() if p.name.startswith(".")]
 
@@ -376,3 +413,198 @@ def test_entry_that_onnx_runtime_rejects_is_rebuilt(folder, tmp_path, monkeypatc
     eng = Engine.load(folder[0], weights_cache=cache)
     assert _mapped(eng) and _tokens(eng, prompts) == want
     assert (entry / "model.onnx").stat().st_size > 17
+
+
+STOPPED = """
+import sys, time
+from engine import Engine, weights
+real = weights.ort.InferenceSession
+
+def written_then_stopped(path, so=None, **kw):  # a build whose files are written, then killed
+    sess = real(path, so, **kw)
+    if so is not None and so.optimized_model_filepath:
+        print("written", flush=True)
+        time.sleep(600)
+    return sess
+
+weights.ort.InferenceSession = written_then_stopped
+Engine.load(sys.argv[1], weights_cache=sys.argv[2])
+"""
+
+
+def _leftovers(cache: Path) -> list[str]:
+    return sorted(p.name for p in (cache / "graphs").iterdir() if p.name.startswith("."))
+
+
+def test_killed_build_leaves_no_temporary_folder_for_long(folder, tmp_path):
+    """A build SIGKILLed after writing its temporary folder: the next build or open removes it
+    (its lock is free), never one whose lock a live build holds, nor anything else (a link of
+    that name, its target, a name not the cache's)."""
+    import signal
+
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-c", STOPPED, str(folder[0]), str(cache)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline() == b"written\n"
+        (tmp,) = _leftovers(cache)
+        assert ".tmp-" in tmp and (cache / "graphs" / tmp / "model.onnx").is_file()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert _leftovers(cache) == [tmp]  # nothing cleans up after a SIGKILL
+    eng = Engine.load(folder[0], weights_cache=cache)  # builds the entries: the leftover goes
+    assert _mapped(eng) and _leftovers(cache) == []
+    # one whose lock is held (a build in progress) stays; a link named so and its target, and a
+    # name the cache never makes, stay for good
+    dec = next(e for e in _entries(cache) if e.startswith("decoder_masked_model-"))
+    live, link = cache / "graphs" / f".{dec}.tmp-abc123de", cache / "graphs" / f".{dec}.old-zz9"
+    live.mkdir()
+    (live / "model.onnx").write_bytes(b"being written")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"x")
+    link.symlink_to(outside)
+    foreign = cache / "graphs" / ".notes.tmp-abc"
+    foreign.mkdir()
+    with weights._locked(cache / "locks" / f"{dec}.lock") as held:
+        assert held
+        assert _mapped(Engine.load(folder[0], weights_cache=cache))  # opens every entry
+        assert (live / "model.onnx").is_file()
+    assert _mapped(Engine.load(folder[0], weights_cache=cache))
+    assert not live.exists() and link.is_symlink() and (outside / "keep").read_bytes() == b"x"
+    assert _leftovers(cache) == sorted([link.name, foreign.name])
+
+
+@pytest.mark.parametrize("target", ["dangling", "folder"])
+def test_symlink_at_an_entry_path_is_replaced(folder, tmp_path, target):
+    """A symlink where an entry belongs (dangling, or to a folder outside) is replaced as any
+    stale entry: the link itself, never its target; the graph is mapped again."""
+    cache = tmp_path / "cache"
+    Engine.load(folder[0], weights_cache=cache)
+    entry = next((cache / "graphs").glob("decoder_masked_model-*"))
+    shutil.rmtree(entry)
+    outside = tmp_path / "outside"
+    if target == "folder":
+        outside.mkdir()
+        (outside / "keep").write_bytes(b"x")
+    entry.symlink_to(outside)
+    eng = Engine.load(folder[0], weights_cache=cache)
+    assert _mapped(eng) and entry.is_dir() and not entry.is_symlink()
+    assert eng.weights_entries()["main"]["decoder_masked_model.onnx"] == str(entry)
+    if target == "folder":
+        assert [p.name for p in outside.iterdir()] == ["keep"]
+    assert _leftovers(cache) == []
+
+
+def test_weights_entries_name_the_mapped_entries(folder, tmp_path):
+    """Engine.weights_entries(): each graph's entry folder, whether built at this load or
+    mapped; None for a plain graph, and for a missing assistant."""
+    from engine.model import GRAPHS
+
+    cache = tmp_path / "cache"
+    for _ in ("built", "mapped"):
+        eng = Engine.load(folder[0], assistant=folder[1], weights_cache=cache)
+        got = eng.weights_entries()
+        assert set(got) == {"main", "assistant"}
+        for name, model in (("main", eng.main), ("assistant", eng.assistant)):
+            assert set(got[name]) == set(GRAPHS.values())
+            for role, fname in GRAPHS.items():
+                entry = Path(got[name][fname])
+                assert entry.parent == cache / "graphs" and entry.name.startswith(fname[:-5])
+                assert Path(model.sessions[role]._model_path) == entry / "model.onnx"
+    plain = Engine.load(folder[0], weights_cache=False).weights_entries()
+    assert plain == {"main": dict.fromkeys(GRAPHS.values()), "assistant": None}
+
+
+def _lie(cache: weights.WeightsCache, path: Path) -> None:
+    """Change one byte of path and remember its old hash under its new stat key: what the
+    cache sees when a change leaves the stat as it was (bit rot, a write the stat misses)."""
+    old = checked.sha256_file(path)
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0xFF]))
+    key = weights._stat_key(path.stat())
+    memo = cache.root / "hashes" / (weights.hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
+    memo.write_text(json.dumps({"stat": key, "sha256": old, "path": str(path)}))
+
+
+def test_stairs_verify_cache_catches_what_the_stat_does_not_show(
+    folder, tiny_models, tmp_path, monkeypatch, capsys
+):
+    """A changed entry file, and a changed model file, whose remembered hashes still match
+    their stat: loads trust them; `stairs-verify --cache` hashes everything, removes the bad
+    entry and drops the wrong hashes (exit 2), leaves what is not the cache's; then loads
+    refuse the model file and rebuild the entry."""
+    from engine.verify import main as verify_main
+
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    monkeypatch.setenv("STAIRS_CACHE_DIR", str(tmp_path / "cache"))
+    cache = weights.WeightsCache(tmp_path / "cache")
+    prompts = [[5, 6, 7, 1], [9, 1]]
+    want = _tokens(Engine.load(folder[0], weights_cache=cache.root), prompts)
+    assert verify_main(["--cache"]) == 0  # the default root
+    out = capsys.readouterr().out
+    assert sum(line.startswith("ok ") for line in out.splitlines()) == 3, out
+    assert "3/3 entries ok" in out
+    (cache.root / "graphs" / "mine").mkdir()  # not an entry: never touched
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (cache.root / "graphs" / ("x-" + "0" * 24)).symlink_to(outside)
+    entry = next((cache.root / "graphs").glob("decoder_masked_model-*"))
+    _lie(cache, entry / "model.onnx.data")
+    built = (entry / "entry.json").stat().st_ino
+    Engine.load(folder[0], weights_cache=cache.root)  # trusted: the stat is the remembered one
+    assert (entry / "entry.json").stat().st_ino == built
+    _lie(cache, folder[0] / "encoder_model.onnx")
+    Engine.load(folder[0], weights_cache=cache.root)
+    held = next((cache.root / "graphs").glob("cross_kv_model-*"))
+    _lie(cache, held / "model.onnx")
+    with weights._locked(cache.root / "locks" / f"{held.name}.lock"):
+        assert verify_main(["--cache", str(cache.root)]) == 2
+    out = capsys.readouterr().out
+    assert f"removed  {entry.name}: model.onnx.data: sha256 differs from entry.json" in out
+    assert f"busy     {held.name}: model.onnx: sha256 differs" in out and "holds its lock" in out
+    assert "skipped  mine: not a cache entry" in out
+    assert "1/3 entries ok" in out and "3 wrong" in out  # both entries' and the model's
+    assert not entry.exists() and held.is_dir() and (cache.root / "graphs" / "mine").is_dir()
+    assert outside.is_dir() and (cache.root / "graphs" / ("x-" + "0" * 24)).is_symlink()
+    with pytest.raises(ModelFileError, match="encoder_model.onnx: sha256 differs"):
+        Engine.load(folder[0], weights_cache=cache.root)
+    assert verify_main(["--cache", str(tmp_path / "nowhere")]) == 2
+    assert "no weights cache there" in capsys.readouterr().err
+    good = tiny_models["v1_1"]["main"] / "encoder_model.onnx"
+    shutil.copy(good, folder[0] / "encoder_model.onnx")  # the model file put right
+    eng = Engine.load(folder[0], weights_cache=cache.root)
+    assert _mapped(eng) and _tokens(eng, prompts) == want and entry.is_dir()
+    report = weights.verify_cache(cache.root)
+    assert report.ok and {s for _, s, _ in report.entries} == {"ok", "skipped"}
+
+
+def test_one_warning_per_cause_and_a_rebuild_says_why(folder, tmp_path, caplog, monkeypatch):
+    """A cache that cannot be written: one warning for all six graphs of a pair, none at the
+    next load. A first build warns nothing; a damaged entry's rebuild names it and why."""
+    import logging
+
+    monkeypatch.setattr(weights, "RACY_S", 0.0)
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    caplog.set_level(logging.WARNING, logger="stairs")
+    for _ in range(2):
+        eng = Engine.load(folder[0], assistant=folder[1], weights_cache=blocker / "cache")
+        assert set(eng.weights_entries()["assistant"].values()) == {None}
+    warned = [r.getMessage() for r in caplog.records if "weights cache" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "not usable" in warned[0] and "loading the plain graphs" in warned[0]
+    caplog.clear()
+    cache = tmp_path / "cache"
+    first = Engine.load(folder[0], assistant=folder[1], weights_cache=cache)
+    assert not caplog.records  # simply missing: built without a word
+    entry = Path(first.weights_entries()["main"]["decoder_masked_model.onnx"])
+    os.truncate(entry / "model.onnx.data", 10)
+    eng = Engine.load(folder[0], weights_cache=cache)
+    assert _mapped(eng)
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert f"building {entry} again" in warning and "truncated, altered or missing" in warning

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from engine import Engine, InputError
+from engine import Engine, InputError, selfcheck
 
 from .config import DRAIN_TIMEOUT_S, ServeConfig
 from .generation import Choice, ClientGone, Generation
@@ -159,7 +159,14 @@ async def _api_error(request: Request, exc: ApiError):
 def _add_info_routes(app: FastAPI, state: State) -> None:
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # which graphs map a weights-cache entry (its folder's name: /health needs no key, so
+        # no local paths) and which run the plain graph (null)
+        entries = state.engine.weights_entries()
+        named = {
+            m: {f: e and os.path.basename(e) for f, e in g.items()} if g else g
+            for m, g in entries.items()
+        }
+        return {"status": "ok", "weights_cache": named}
 
     @app.get("/ready")
     async def ready():
@@ -171,6 +178,7 @@ def _add_info_routes(app: FastAPI, state: State) -> None:
             "strategy": state.strategy,
             "runs": state.ran,
             "options": state.ran_options,
+            "pid": os.getpid(),  # which worker answered, under --workers
         }
 
     @app.get("/metrics")
@@ -217,6 +225,8 @@ def build_app(config: ServeConfig) -> FastAPI:
         weights_cache=config.weights_cache,
         kv_cache=config.kv_cache,
     )
+    if config.self_check:  # EngineError (the server exits 2) unless every row is exact here
+        selfcheck.require(eng)
     return create_app(eng, config)
 
 
@@ -279,7 +289,14 @@ def _prompts(state: State, req: CompletionRequest, max_tokens: int) -> list[list
         if isinstance(x, str):
             if not x.strip():
                 raise ApiError(400, f"{where} is empty", "prompt")
-            ids = tok.encode(x) + [tok.eos_id]
+            body, fits = tok.encode_limited(x, limit - 1)  # bounded work, whatever its size
+            ids = body + [tok.eos_id]
+            if not fits:
+                size = f"{len(ids)} tokens" if body else f"{len(x)} characters"
+                raise ApiError(
+                    400, f"{where} is {size}, over the input limit of {limit} tokens",
+                    "prompt", code="context_length_exceeded",
+                )  # fmt: skip
         else:
             ids = list(x)
             if not ids:

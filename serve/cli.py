@@ -68,6 +68,23 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
     add_load_flags(p)
+    p.add_argument(
+        "--self-check", action="store_true",
+        help="at start, check that a row's logits are the same bits in every call shape on this"
+        " machine (as stairs-verify --exact); exit 2 instead of serving if not",
+    )  # fmt: skip
+
+
+SECONDS_FLAGS = (
+    ("--timeout", c.DEFAULT_TIMEOUT_S, "seconds of generation per request, then 504"),
+    ("--body-timeout", c.DEFAULT_BODY_TIMEOUT_S, ("seconds to receive a request's body (then"
+     " 408), and the longest a response waits for a client that stopped reading it (then the"
+     " connection is closed)")),
+    ("--header-timeout", c.DEFAULT_HEADER_TIMEOUT_S, ("seconds from a request's first byte to the"
+     " end of its headers, then the connection is closed")),
+    ("--idle-timeout", c.DEFAULT_IDLE_TIMEOUT_S, ("seconds a connection may stay open without"
+     " sending a request, then closed")),
+)  # fmt: skip
 
 
 def _add_serving_flags(p: argparse.ArgumentParser) -> None:
@@ -89,23 +106,14 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
         type=opt.count_type(c.MAX_COUNT),
         help="prompts generating at once (1: one at a time)",
     )
-    p.add_argument(
-        "--timeout",
-        type=_seconds(False),
-        default=c.DEFAULT_TIMEOUT_S,
-        help="seconds of generation per request, then 504",
-    )
-    p.add_argument(
-        "--body-timeout",
-        type=_seconds(False),
-        default=c.DEFAULT_BODY_TIMEOUT_S,
-        help="seconds to receive a request's body, then 408",
-    )
+    for flag, default, text in SECONDS_FLAGS:
+        p.add_argument(flag, type=_seconds(False), default=default, help=text)
     p.add_argument(
         "--max-connections",
         type=opt.count_type(c.MAX_COUNT),
         default=c.DEFAULT_MAX_CONNECTIONS,
-        help="open connections served at once; beyond it 503",
+        help="open connections served at once; beyond it the oldest idle one is closed, or,"
+        " with none idle, 503",
     )
     p.add_argument(
         "--drain-grace",
@@ -186,12 +194,25 @@ def _exit_status(rc: int) -> int:
     return 128 - rc if rc < 0 else rc
 
 
+def _how(rc: int) -> str:
+    """'exit status N' or 'killed by SIGNAME'."""
+    if rc >= 0:
+        return f"exit status {rc}"
+    with contextlib.suppress(ValueError):
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"killed by signal {-rc}"
+
+
+def _say(msg: str) -> None:
+    print(f"stairs-serve: {msg}", file=sys.stderr, flush=True)
+
+
 def _run_workers(cfg: ServeConfig, argv: list[str]) -> int:
     """--workers N: bind the port here, start N `stairs-serve` processes that accept on it
-    (the kernel spreads connections), forward SIGTERM/SIGINT to them and wait. The workers run
-    in their own session, so a terminal's Ctrl-C reaches them once, through here. A worker
-    that exits unasked stops the rest; the status is then that worker's, else 0 when every
-    worker stopped cleanly after a signal."""
+    (the kernel spreads connections) and supervise them (_Arbiter): a worker that dies is
+    logged and started again while the others keep serving; SIGTERM/SIGINT are forwarded.
+    The workers run in their own session, so a terminal's Ctrl-C reaches them once, through
+    here."""
     import socket
     import subprocess
 
@@ -200,46 +221,113 @@ def _run_workers(cfg: ServeConfig, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "serve", *argv, "--workers", "1", "--listen-fd"]
     cmd.append(str(sock.fileno()))
     preexec = _parent_death_signal()  # prctl only, in the child: no lock, no allocation
-    procs = []
-    for _ in range(cfg.workers):
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                pass_fds=(sock.fileno(),),
-                preexec_fn=preexec,  # noqa: PLW1509 - see _parent_death_signal
-                start_new_session=True,
-            )
+
+    def spawn() -> subprocess.Popen:
+        return subprocess.Popen(
+            cmd,
+            pass_fds=(sock.fileno(),),
+            preexec_fn=preexec,  # noqa: PLW1509 - see _parent_death_signal
+            start_new_session=True,
         )
-    sock.close()  # the workers hold it: once they stop accepting, new clients are refused
-    print(
-        f"stairs-serve: {cfg.workers} workers (pids {', '.join(str(p.pid) for p in procs)}) on"
-        f" http://{cfg.host}:{cfg.port}",
-        file=sys.stderr,
-        flush=True,
+
+    arbiter = _Arbiter(spawn, cfg.workers, sock.close)
+    _say(
+        f"{cfg.workers} workers (pids {', '.join(str(p.pid) for p in arbiter.procs)}) on"
+        f" http://{cfg.host}:{cfg.port}"
     )
-    return _supervise(procs)
+    return arbiter.run()
 
 
-def _supervise(procs: list) -> int:
-    """Forward SIGTERM/SIGINT to the workers and wait for all; see _run_workers."""
-    stopping, unasked = [], []
+class _Arbiter:
+    """Keeps N workers running, as gunicorn's arbiter does. A worker that dies unasked is
+    logged (pid, exit status) and started again after a backoff that doubles with each recent
+    restart; more than RESTART_LIMIT restarts within RESTART_WINDOW_S, or a first worker that
+    refused its configuration (exit 2, as stairs-serve exits on a bad model or flag), stops
+    them all. The parent holds the listening socket meanwhile, so connections wait in its
+    backlog for a live worker; on a signal it closes its copy, so once the workers stop new
+    clients are refused. The signal handler only records the signal: the loop acts on it."""
 
-    def forward(sig, frame):
-        stopping.append(sig)
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(sig)
+    RESTART_LIMIT = 5
+    RESTART_WINDOW_S = 60.0
+    BACKOFF_S = (0.5, 10.0)  # the first wait, the longest
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while any(proc.poll() is None for proc in procs):
-        if not stopping and (dead := [p for p in procs if p.poll() is not None]):
-            unasked.append(dead[0])
-            forward(signal.SIGTERM, None)  # the port must not stay half-served
-        time.sleep(0.2)
-    if unasked:
-        return _exit_status(unasked[0].returncode) or 1
-    return next((_exit_status(p.returncode) for p in procs if p.returncode), 0)
+    def __init__(self, spawn, n: int, close_listener):
+        self.spawn, self.close_listener = spawn, close_listener
+        self.procs = [spawn() for _ in range(n)]
+        self.first = {p.pid for p in self.procs}
+        self.due: dict[int, float] = {}  # slot -> when its worker starts again
+        self.lost: set[int] = set()  # slots whose worker died unasked (not yet replaced)
+        self.restarts: list[float] = []
+        self.signals: list[int] = []  # appended by the handler, read by the loop
+        self.forwarded: list[int] = []
+        self.failed = 0  # exit status of the worker that made the parent give up
+
+    def _on_signal(self, sig, frame=None) -> None:
+        self.signals.append(sig)
+
+    def run(self) -> int:
+        """Supervise until every worker has stopped after a signal (or the parent gave up): 0
+        when each stopped cleanly, else the first other status (see the class)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        while True:
+            self._forward()
+            if not self.forwarded:
+                self._reap()
+                self._restart_due()
+            elif all(p.poll() is not None for p in self.procs):
+                break
+            time.sleep(0.2)
+        if self.failed:
+            return self.failed
+        clean = (0, *(-sig for sig in self.forwarded))  # stopped by the signal passed on
+        codes = [p.returncode for s, p in enumerate(self.procs) if s not in self.lost]
+        return next((_exit_status(rc) for rc in codes if rc not in clean), 0)
+
+    def _forward(self) -> None:
+        """Pass every signal not yet passed on to the live workers; the first stops restarts
+        and closes the parent's listening socket."""
+        while len(self.forwarded) < len(self.signals):
+            sig = self.signals[len(self.forwarded)]
+            if not self.forwarded:
+                self.close_listener()
+                self.due.clear()
+            self.forwarded.append(sig)
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.send_signal(sig)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for slot, proc in enumerate(self.procs):
+            if proc.poll() is None or slot in self.due:
+                continue
+            _say(f"worker {proc.pid} died ({_how(proc.returncode)})")
+            self.lost.add(slot)
+            self.restarts = [t for t in self.restarts if now - t < self.RESTART_WINDOW_S]
+            refused = proc.returncode == 2 and proc.pid in self.first
+            if refused or len(self.restarts) >= self.RESTART_LIMIT:
+                why = "refused its configuration (see its error above)"
+                if not refused:
+                    why = f"{len(self.restarts)} restarts in {self.RESTART_WINDOW_S:g} s"
+                _say(f"giving up: worker {proc.pid} {why}; stopping the others")
+                self.failed = _exit_status(proc.returncode) or 1
+                self.signals.append(signal.SIGTERM)
+                return
+            first, most = self.BACKOFF_S
+            wait = min(first * 2 ** len(self.restarts), most)
+            self.restarts.append(now)
+            self.due[slot] = now + wait
+            _say(f"starting a new worker in {wait:g} s")
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot, when in list(self.due.items()):
+            if now >= when:
+                del self.due[slot]
+                self.procs[slot] = self.spawn()
+                self.lost.discard(slot)
+                _say(f"worker {self.procs[slot].pid} started")
 
 
 def main(argv: list[str] | None = None) -> int:

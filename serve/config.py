@@ -20,6 +20,8 @@ API_KEY_ENV = "STAIRS_API_KEY"
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_BODY_TIMEOUT_S = 10.0
+DEFAULT_HEADER_TIMEOUT_S = 5.0
+DEFAULT_IDLE_TIMEOUT_S = 5.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_DRAIN_GRACE_S = 5.0
 DRAIN_TIMEOUT_S = 60.0  # after the grace: how long open requests may take to finish
@@ -28,7 +30,8 @@ MAX_THREADS = 1024
 MAX_WORKERS = 256
 # settings of the uvicorn process itself: under Ray its proxy serves HTTP, so Ray args refuse them
 SERVER_ONLY = (
-    "host", "port", "max_connections", "drain_grace", "ray", "ray_address", "workers"
+    "host", "port", "max_connections", "drain_grace", "ray", "ray_address", "workers",
+    "header_timeout", "idle_timeout",
 )  # fmt: skip
 
 
@@ -46,7 +49,9 @@ class ServeConfig:
     once (None: all; 1 serves one at a time). timeout: seconds per request's generation, then
     504. body_timeout: seconds to receive a request body, then 408. api_key: required bearer key.
     host/port/max_connections (beyond it uvicorn answers 503)/drain_grace (seconds /ready is 503
-    after SIGTERM before the listener closes): the uvicorn process. ray/replicas/ray_address:
+    after SIGTERM before the listener closes)/idle_timeout (seconds a connection may stay open
+    without sending a request)/header_timeout (seconds from a request's first byte to the end
+    of its headers): the uvicorn process. ray/replicas/ray_address:
     serve as a Ray Serve deployment. workers: uvicorn processes sharing the listening socket,
     each with its own engine (their weights mapped from one weights cache: one copy per machine).
     """
@@ -72,10 +77,13 @@ class ServeConfig:
     port: int = 8000
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     drain_grace: float = DEFAULT_DRAIN_GRACE_S
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_S
     ray: bool = False
     replicas: int = 1
     ray_address: str | None = None
     workers: int = 1
+    self_check: bool = False  # engine.selfcheck at load: refuse to serve where rows are not exact
 
     def __post_init__(self):
         for name in ("main", "assistant"):
@@ -87,7 +95,7 @@ class ServeConfig:
         for name in ("provider", "host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InputError(f"{name} must be a non-empty string, not {getattr(self, name)!r}")
-        for name in ("shared_thread_pool", "verify", "ray"):
+        for name in ("shared_thread_pool", "verify", "ray", "self_check"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, not {getattr(self, name)!r}")
         if isinstance(self.weights_cache, Path):
@@ -127,7 +135,8 @@ class ServeConfig:
                 raise InputError(f"{name} must be an integer from 1 to {ceiling}, not {v!r}")
 
     def _check_seconds(self) -> None:
-        for name, zero_ok in (("timeout", False), ("body_timeout", False), ("drain_grace", True)):
+        seconds = ("timeout", "body_timeout", "idle_timeout", "header_timeout")
+        for name, zero_ok in [(n, False) for n in seconds] + [("drain_grace", True)]:
             v = getattr(self, name)
             ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
             if not (ok and (v >= 0 if zero_ok else v > 0)):

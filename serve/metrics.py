@@ -59,7 +59,16 @@ class Metrics:
         self.waiting = prom.Gauge(
             "stairs_scheduler_waiting", "requests not yet admitted", registry=r
         )
+        self.closed = prom.Counter(
+            "stairs_connections_closed", "connections closed before a request (idle_timeout:"
+            " no byte; header_timeout: headers too slow; evicted: the oldest idle past the limit)",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self._seen = 0
+
+    def count_closed(self, reason: str) -> None:
+        """One connection closed by serve.connections for reason."""
+        self.closed.labels(reason).inc()
 
     def scrape(self) -> bytes:
         """Prometheus text; first the scheduler's state is read (Engine.health()) and the main

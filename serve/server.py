@@ -10,12 +10,16 @@ from fastapi import FastAPI
 
 from .app import State
 from .config import DRAIN_TIMEOUT_S
+from .connections import guarded_protocol
 
 
 class Server:
     """uvicorn serving a create_app app, with its config's connection bound and drain.
 
-    max_connections: open connections served at once; beyond it uvicorn answers 503.
+    max_connections: open connections served at once; beyond it uvicorn answers 503. A
+    connection that sends no request within idle_timeout, or not its headers within
+    header_timeout of their first byte, is closed, and past the limit a new connection closes
+    the oldest one with no request in progress (serve.connections).
     On SIGTERM/SIGINT: draining at once (/ready 503, new completions 503 with Retry-After) while
     the listener stays open drain_grace seconds (a load balancer sees /ready fail and takes the
     replica out); then uvicorn stops accepting, waits for the open requests (at most
@@ -48,11 +52,21 @@ class Server:
                     self.should_exit = True
                 return await super().on_tick(counter)
 
+        protocol = guarded_protocol(
+            idle_timeout=cfg.idle_timeout,
+            header_timeout=cfg.header_timeout,
+            write_timeout=cfg.body_timeout,
+            max_connections=cfg.max_connections,
+            on_close=state.metrics.count_closed,
+        )
         # uvicorn's limit counts the connection asking too: N open ones are served, the N+1st 503
         options = {
             "log_level": "warning",
             "timeout_graceful_shutdown": DRAIN_TIMEOUT_S,
             "limit_concurrency": cfg.max_connections + 1,
+            "timeout_keep_alive": cfg.idle_timeout + 1,  # the protocol's own deadline first
+            "http": protocol,
+            "ws": "none",  # no websockets: an upgrade would leave the protocol's bookkeeping
         }
         options.update(kw)
         self.server = _Server(uvicorn.Config(app, host=host, port=port, **options))
