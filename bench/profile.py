@@ -1,0 +1,393 @@
+"""`python -m bench.profile --main DIR [--assistant DIR] [--batch-sizes 1,8,16] [--tokens 1,4]`:
+where one call's time goes, next to what it cannot go below.
+
+For each call shape the engine makes (rows x new tokens; a call of one token in all gets the
+masked pad the engine adds), ONNX Runtime's own per-node profile of the masked decoder
+(`SessionOptions.enable_profiling`), grouped by op kind and by layer part (self-attention, the
+key/value writes into the buffer, cross-attention, feed-forward, LM head, layer norms, position
+bias, the embedding and masks), and the encoder's and the assistant's decoder's the same way.
+Beside it the floor: the graph's weight bytes over this machine's measured weight-streaming
+rate (an ORT MatMul of a few rows by a weight far larger than the caches), and its FLOPs over
+measured GEMM throughput. Wall times come from a session without profiling; shares from the
+profiled one. Feeds are synthetic with the shapes the engine feeds (the values do not change
+the kernels' work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.cache import CHUNK
+from engine.model import MIN_TOKENS
+
+from .core import machine, write_atomic
+
+DECODER = "decoder_masked_model.onnx"
+ENCODER = "encoder_model.onnx"
+PARTS = ("self-attention", "kv writes", "cross-attention", "feed-forward", "LM head",
+         "layer norms", "position bias", "embedding and masks")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One call: rows x new tokens, past slots already cached, source (encoder) length."""
+
+    rows: int
+    tokens: int
+    past: int
+    source: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.rows} x {self.tokens}"
+
+
+def engine_shape(rows: int, tokens: int, past: int, source: int) -> Shape:
+    """The shape the engine's cache feeds for rows x tokens (BatchCache.run's pad rule)."""
+    if rows * tokens < MIN_TOKENS:
+        tokens = MIN_TOKENS
+    return Shape(rows, tokens, past, source)
+
+
+def session(path: Path, threads: int, profile_dir: str | None = None) -> ort.InferenceSession:
+    """A CPU session as the engine makes it (all optimizations, no spinning), profiling into
+    profile_dir if given."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_dir is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(profile_dir) / path.stem)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _dtype(onnx_type: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+            "tensor(int64)": np.int64, "tensor(bool)": np.bool_}[onnx_type]  # fmt: skip
+
+
+def decoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
+    """A feed of the masked decoder for shape: every row has `past` cached slots and its new
+    tokens in the next ones; the capacity rounded up as the engine's cache rounds it."""
+    b, t, p, s = shape.rows, shape.tokens, shape.past, shape.source
+    cap = -(-(p + t) // CHUNK) * CHUNK
+    rng = np.random.default_rng(0)
+    slots = np.broadcast_to(p + np.arange(t), (b, t)).copy()
+    mask = np.zeros((b, t, cap), bool)
+    mask[:, :, :p] = True
+    mask[:, np.arange(t), p + np.arange(t)] = True
+    values = {
+        "input_ids": np.full((b, t), 5, np.int64),
+        "positions": slots,
+        "new_slots": slots,
+        "past_positions": np.broadcast_to(np.arange(cap), (b, cap)).copy(),
+        "attention_mask": mask,
+        "encoder_attention_mask": np.ones((b, s), bool),
+    }
+    feed = {}
+    for i in sess.get_inputs():
+        dt = _dtype(i.type)
+        if i.name in values:
+            feed[i.name] = values[i.name].astype(dt)
+        else:  # past (cap slots) or cross (source) key/values [B, H, L, D]
+            length = cap if i.name.startswith("past") else s
+            feed[i.name] = rng.standard_normal((b, i.shape[1], length, i.shape[3])).astype(dt)
+    return feed
+
+
+def encoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
+    """The encoder's feed: rows prompts of `source` tokens."""
+    n = (shape.rows, shape.source)
+    types = {i.name: _dtype(i.type) for i in sess.get_inputs()}
+    feed = {"input_ids": np.full(n, 5, types["input_ids"])}
+    if "attention_mask" in types:
+        feed["attention_mask"] = np.ones(n, types["attention_mask"])
+    return feed
+
+
+def outputs(sess: ort.InferenceSession) -> list[str]:
+    """What the engine's numpy cache asks for (never the whole-buffer kv_cache.* outputs)."""
+    return [o.name for o in sess.get_outputs() if not o.name.startswith("kv_cache.")]
+
+
+def wall_ms(sess: ort.InferenceSession, feed: dict, runs: int) -> float:
+    """Median wall milliseconds of one run (after two warm-up runs)."""
+    names = outputs(sess)
+    times = []
+    for i in range(runs + 2):
+        t0 = time.perf_counter()
+        sess.run(names, feed)
+        if i >= 2:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def node_times(sess_path: Path, feed: dict, threads: int, runs: int) -> list[tuple]:
+    """(node, op kind, output type, median microseconds per run) of every node in execution
+    order, from ORT's profile of runs runs (after two warm-up runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = session(sess_path, threads, tmp)
+        names = outputs(sess)
+        for _ in range(runs + 2):
+            sess.run(names, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per: dict[str, tuple] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            out = e["args"].get("output_type_shape") or [{}]
+            kind = next(iter(out[0]), "") if out else ""
+            per.setdefault(e["name"][: -len("_kernel_time")], (e["args"]["op_name"], kind, []))
+            per[e["name"][: -len("_kernel_time")]][2].append(e["dur"])
+    return [(n, op, kind, statistics.median(d[2:] or d)) for n, (op, kind, d) in per.items()]
+
+
+NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization")
+MATMULS = ("MatMul", "FusedMatMul", "MatMulNBits", "Gemm", "MatMulInteger")
+
+
+def parts(nodes: list[tuple], sublayers: tuple[str, ...]) -> list[str]:
+    """The layer part of each node, in execution order: each block's layer norms open its
+    sublayers in order (decoder: self-attention, cross-attention, feed-forward) and the nodes
+    after one belong to its sublayer; float scatters are the key/value writes, the relative
+    bias lookups and clips the position bias, matmuls after the final norm the LM head."""
+    out, norms, current, final = [], 0, "embedding and masks", False
+    for name, op, kind, _us in nodes:
+        if op in NORMS:
+            final = final or "final_layer_norm" in name
+            if not final:
+                current = sublayers[norms % len(sublayers)]
+                norms += 1
+            out.append("layer norms")
+        elif final and op in MATMULS:
+            out.append("LM head")
+        elif op == "ScatterElements":
+            out.append("kv writes" if kind.startswith("float") else "position bias")
+        elif "relative_attention_bias" in name or op == "Clip":
+            out.append("position bias")
+        else:
+            out.append(current)
+    return out
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of a graph file and its external data file."""
+    data = path.with_name(path.name + "_data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def matmul_weights(path: Path) -> int:
+    """Weight elements every token multiplies (constant second inputs of MatMul/Gemm, and
+    MatMulNBits' K x N)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = {t.name: list(t.dims) for t in graph.initializer}
+    total = 0
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm") and node.input[1] in dims:
+            total += int(np.prod(dims[node.input[1]]))
+        elif node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            total += attrs["K"] * attrs["N"]
+    return total
+
+
+def decoder_flops(path: Path, sess: ort.InferenceSession, shape: Shape) -> float:
+    """Multiply-adds x 2 of one masked-decoder call: every new token through every weight, and
+    attention (one extra query row) over the capacity's slots and the source."""
+    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    layers, heads, d_kv = len(past) // 2, past[0].shape[1], past[0].shape[3]
+    cap = -(-(shape.past + shape.tokens) // CHUNK) * CHUNK
+    queries = shape.rows * (shape.tokens + 1) * heads
+    attention = 4 * layers * queries * d_kv * (cap + shape.source)
+    return 2.0 * shape.rows * shape.tokens * matmul_weights(path) + attention
+
+
+def measured_rates(threads: int, runs: int = 10) -> dict:
+    """This machine through ORT's MatMul on `threads` threads: the weight-streaming rate (4
+    rows by a 256 MiB fp32 weight, far past the caches, as a decoder call streams its weights),
+    bytes/s, and GEMM throughput (512 x 2048 by 2048 x 2048), FLOP/s."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def probe(m: int, k: int, n: int) -> float:
+        w = np.random.default_rng(0).standard_normal((k, n), np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+            [numpy_helper.from_array(w, "w")],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_operatorsetid("", 17)])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "probe.onnx"
+            path.write_bytes(model.SerializeToString())
+            sess = session(path, threads)
+        return wall_ms(sess, {"x": np.ones((m, k), np.float32)}, runs) / 1e3
+
+    stream_s = probe(4, 8192, 8192)
+    gemm_s = probe(512, 2048, 2048)
+    return {"stream_bytes_per_s": 8192 * 8192 * 4 / stream_s,
+            "gemm_flops_per_s": 2 * 512 * 2048 * 2048 / gemm_s}  # fmt: skip
+
+
+def profile_graph(path: Path, role: str, shapes: list[Shape], threads: int, runs: int,
+                  rates: dict) -> list[dict]:  # fmt: skip
+    """One record per shape: wall ms, the floor, and ms by layer part and by op kind."""
+    sess = session(path, threads)
+    decoder = role != "encoder"
+    sublayers = ("self-attention", "cross-attention", "feed-forward")
+    if not decoder:
+        sublayers = ("self-attention", "feed-forward")
+    records = []
+    for shape in shapes:
+        feed = decoder_feed(sess, shape) if decoder else encoder_feed(sess, shape)
+        wall = wall_ms(sess, feed, runs)
+        nodes = node_times(path, feed, threads, runs)
+        by_part: dict[str, float] = {}
+        by_op: dict[str, float] = {}
+        for (_n, op, _k, us), part in zip(nodes, parts(nodes, sublayers), strict=True):
+            by_part[part] = by_part.get(part, 0.0) + us / 1e3
+            by_op[op] = by_op.get(op, 0.0) + us / 1e3
+        tokens = shape.rows * (shape.tokens if decoder else shape.source)
+        if decoder:
+            flops = decoder_flops(path, sess, shape)
+        else:
+            flops = 2.0 * tokens * matmul_weights(path)
+        wbytes = weight_bytes(path)
+        floor = {"bytes_ms": wbytes / rates["stream_bytes_per_s"] * 1e3,
+                 "flops_ms": flops / rates["gemm_flops_per_s"] * 1e3}  # fmt: skip
+        floor["ms"] = max(floor["bytes_ms"], floor["flops_ms"])
+        records.append({
+            "graph": role, "shape": shape.label, "rows": shape.rows, "tokens": shape.tokens,
+            "past": shape.past, "source": shape.source, "wall_ms": wall,
+            "kernel_ms": sum(by_op.values()), "nodes": len(nodes), "weight_bytes": wbytes,
+            "flops": flops, "floor": floor, "x_floor": wall / floor["ms"],
+            "by_part": by_part, "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+        })  # fmt: skip
+    return records
+
+
+def markdown(result: dict) -> str:
+    """The report: per graph, a table by layer part and one by op kind, and the floor."""
+    r = result["rates"]
+    lines = [
+        f"# Where a call's time goes: {result['main']}",
+        "",
+        (
+            f"{result['threads']} threads, {result['past']} cached slots, {result['source']} source"
+            f" positions; medians of {result['runs']} runs. Weight streaming"
+            f" {r['stream_bytes_per_s'] / 1e9:.1f} GB/s, GEMM {r['gemm_flops_per_s'] / 1e9:.0f}"
+            " GFLOP/s (ORT MatMul probes). Floor = max(weight bytes / streaming rate, FLOPs /"
+            " GEMM rate); a graph whose weights fit the CPU's caches can run below it."
+            f" Quiet: {result['quiet']}."
+        ),
+    ]
+    for role in dict.fromkeys(rec["graph"] for rec in result["records"]):
+        recs = [rec for rec in result["records"] if rec["graph"] == role]
+        cols = [p for p in PARTS if any(p in rec["by_part"] for rec in recs)]
+        lines += ["", f"## {role} ({recs[0]['weight_bytes'] / 1e6:.1f} MB of weights)", ""]
+        lines += ["| rows x tokens | wall ms | floor ms | x floor | nodes | "
+                  + " | ".join(cols) + " |", "|---" * (len(cols) + 5) + "|"]  # fmt: skip
+        for rec in recs:
+            k = rec["kernel_ms"] or 1.0
+            cells = [f"{rec['by_part'].get(p, 0):.2f} ({rec['by_part'].get(p, 0) / k:.0%})"
+                     for p in cols]  # fmt: skip
+            lines.append(
+                f"| {rec['shape']} | {rec['wall_ms']:.2f} | {rec['floor']['ms']:.2f} |"
+                f" {rec['x_floor']:.2f} | {rec['nodes']} | " + " | ".join(cells) + " |"
+            )
+        ops = list(dict.fromkeys(op for rec in recs for op in list(rec["by_op"])[:6]))
+        lines += ["", "| rows x tokens | " + " | ".join(ops) + " | the rest |",
+                  "|---" * (len(ops) + 2) + "|"]  # fmt: skip
+        for rec in recs:
+            k = rec["kernel_ms"] or 1.0
+            shown = [rec["by_op"].get(op, 0.0) for op in ops]
+            cells = [f"{v:.2f} ({v / k:.0%})" for v in shown]
+            rest = k - sum(shown)
+            lines.append(
+                f"| {rec['shape']} | " + " | ".join(cells) + f" | {rest:.2f} ({rest / k:.0%}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or max(values) > 256:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated integers from 1 to 256")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.profile", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--main", type=Path, required=True, help="exported main model folder")
+    p.add_argument("--assistant", type=Path, help="exported assistant folder (its decoder too)")
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 16], help="rows per call")
+    p.add_argument("--tokens", type=_ints, default=[1, 4], help="new tokens per row")
+    p.add_argument("--past", type=int, default=96, help="slots already cached per row")
+    p.add_argument("--source", type=int, default=256, help="encoder positions (255 + EOS)")
+    p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per shape")
+    p.add_argument("--out", type=Path, help="folder (default: results/profile-<main's name>)")
+    a = p.parse_args(argv)
+    for name in ("past", "source", "threads", "runs"):
+        if not 1 <= getattr(a, name) <= 4096:
+            p.error(f"--{name} must be from 1 to 4096")
+    for folder in (a.main, a.assistant):
+        if folder is not None and not (folder / DECODER).is_file():
+            p.error(f"{folder}: no {DECODER} (export it with stairs-export)")
+    a.out = a.out or Path("results") / f"profile-{a.main.name}"
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Profile the graphs, print the report and write profile.json and profile.md to --out."""
+    from .quiet import Monitor
+
+    a = parse_args(argv)
+    mon = Monitor()
+    before = mon.check(2.0)
+    rates = measured_rates(a.threads)
+    dec = [engine_shape(b, t, a.past, a.source) for b in a.batch_sizes for t in a.tokens]
+    enc = [Shape(b, 0, 0, a.source) for b in sorted({1, max(a.batch_sizes)})]
+    records = profile_graph(a.main / DECODER, "main decoder", dec, a.threads, a.runs, rates)
+    records += profile_graph(a.main / ENCODER, "encoder", enc, a.threads, a.runs, rates)
+    if a.assistant is not None:
+        records += profile_graph(
+            a.assistant / DECODER, "assistant decoder", dec, a.threads, a.runs, rates
+        )
+    after = mon.check(2.0)
+    result = {
+        "main": str(a.main), "assistant": str(a.assistant) if a.assistant else None,
+        "threads": a.threads, "past": a.past, "source": a.source, "runs": a.runs,
+        "rates": rates, "quiet": bool(before["quiet"] and after["quiet"]),
+        "quiet_checks": [before, after], "machine": machine(), "records": records,
+    }  # fmt: skip
+    text = markdown(result)
+    write_atomic(a.out / "profile.json", json.dumps(result, indent=2))
+    write_atomic(a.out / "profile.md", text)
+    print(text)
+    print(f"written: {a.out}/profile.md, profile.json", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
