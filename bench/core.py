@@ -325,12 +325,18 @@ OWN_GREEDY_KEYS = (
 
 
 def engine_mismatches(rows: list[dict]) -> list[str]:
-    """The cells whose engine tokens differ from their main's own greedy, one line each (peers
-    are other implementations: their mismatches are reported, never a failure)."""
+    """The engine cells of the main tables whose tokens differ from their main's own greedy, or
+    that failed, one line each (peers are other implementations: their mismatches are
+    reported, never a failure; sweeps record no tokens)."""
     out = []
     for r in rows:
+        if r.get("kind") != "engine":
+            continue
         key = next((k for k in OWN_GREEDY_KEYS if k in r), None)
-        if r.get("kind") == "engine" and key and r[key]:
-            where = f" at B={r['batch_size']}" if "batch_size" in r else ""
+        where = f" at B={r['batch_size']}" if "batch_size" in r else ""
+        if key and r[key]:
             out.append(f"{r['method']}{where}: {r[key]} prompts differ from the main's own greedy")
+        if r.get("error") or r.get("failed_prompts"):  # a prompt that never ran proves nothing
+            why = r.get("error") or r.get("first_error")
+            out.append(f"{r['method']}{where}: failed ({why})")
     return out

@@ -89,8 +89,8 @@ def together(model, rows: list[Row], chunk: int | None, holes: bool) -> list[np.
         step = [r.history[d : d + (chunk or len(r.history))] for d, r in zip(done, rows)]
         _feed(cache, rows, step)
         done = [d + len(s) for d, s in zip(done, step)]
-    if holes:  # three junk tokens on every other row, then rewound: zeroed slots behind the mask
-        junk = [[7, 8, 9] if i % 2 else [] for i in range(len(rows))]
+    if holes:  # three junk tokens on every other row (the first included), then rewound:
+        junk = [[] if i % 2 else [7, 8, 9] for i in range(len(rows))]  # zeroed slots, masked
         _feed(cache, rows, junk)
         for r in rows:
             cache.rewind(r, len(r.history))
@@ -113,6 +113,8 @@ def shapes(model, seed: int = 0, sizes=SIZES) -> list[Check]:
         rows = [Row(rng, model.vocab_size, int(rng.integers(1, 7))) for _ in range(n)]
         ref = [alone(model, r) for r in rows]
         for chunk, holes in SHAPES:
+            if n == 1 and chunk is None and not holes:  # the very calls of the reference
+                continue
             how = "whole" if chunk is None else f"in {chunk}-token chunks"
             name = f"{n} rows, history {how}" + (", rewound slots" if holes else "")
             checks.append(compare(name, ref, together(model, rows, chunk, holes)))

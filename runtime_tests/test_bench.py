@@ -574,3 +574,22 @@ def test_bench_exits_1_naming_each_engine_cell_that_differs_from_its_own_greedy(
     assert "stairs/auto@m-int8 at B=4: 2 prompts differ" in capsys.readouterr().err
     rows[1]["mismatches_vs_own_greedy_b1"] = 0  # 5 against the fp32 main: a quantized main's own
     assert cli.main([*argv, "--batch-sizes", "1,4"]) == 0
+
+
+def test_a_failed_engine_cell_fails_the_bench_and_a_peer_never_does():
+    """A batch cell that never ran, or whose prompts raised, proves nothing: it is a failure
+    line like a mismatch; a peer's failures and mismatches are reported, never one."""
+    from bench.core import engine_mismatches
+
+    rows = [
+        {"method": "stairs/greedy", "kind": "engine", "batch_size": 1, "failed_prompts": 0,
+         "mismatches_vs_engine_greedy_b1": 0},
+        {"method": "stairs/assisted", "kind": "engine", "batch_size": 4, "error": "boom"},
+        {"method": "stairs/lookup", "kind": "engine", "batch_size": 8, "failed_prompts": 2,
+         "first_error": "InputError: x", "mismatches_vs_engine_greedy_b1": 0},
+        {"method": "ct2", "kind": "peer", "batch_size": 4, "error": "gone", "mismatches": 3},
+    ]  # fmt: skip
+    assert engine_mismatches(rows) == [
+        "stairs/assisted at B=4: failed (boom)",
+        "stairs/lookup at B=8: failed (InputError: x)",
+    ]

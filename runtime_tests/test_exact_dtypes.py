@@ -84,6 +84,7 @@ def test_submit_with_a_late_joiner_and_a_cancel_mid_draft(case, strategy):
         if late is None:
             late = eng.submit(prompts[4], max_new_tokens=NEW, **kw)
     got = [streamed] + [h.result(timeout=HANG_S).token_ids for h in (*first[1:], late)]
+    assert late.result(timeout=HANG_S).stats.mean_batch_rows > 1, "the joiner ran alone"
     want = [own[0], own[1], own[2], own[4]]
     assert got == want, f"{dtype} {name} {opts}: " + _diff(got, want)
     assert first[0].result(timeout=HANG_S).token_ids == own[0]
