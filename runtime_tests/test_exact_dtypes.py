@@ -9,21 +9,13 @@ import time
 
 import pytest
 
+from bench import exact
 from engine import CancelledError, Engine
 
 DTYPES = ("fp16", "int8", "int4")
 NEW = 12  # tokens per prompt: enough for several drafts to be accepted and rejected
 N_PROMPTS = 8
-STRATEGIES = [
-    ("greedy", {}),
-    ("assisted", {"draft_tokens": 4}),
-    ("assisted", {"draft_tokens": 5, "schedule": "heuristic"}),
-    ("stairs", {"batch_size": 5}),
-    ("tree", {"draft_tokens": 3, "branches": 2}),
-    ("lookup", {}),
-    ("staged", {}),
-    ("auto", {}),
-]
+STRATEGIES = exact.STRATEGIES  # the settings python -m bench.exact measures
 IDS = [name + "".join(f"-{k}={v}" for k, v in opts.items()) for name, opts in STRATEGIES]
 HANG_S = 300  # a guard against hangs only
 
