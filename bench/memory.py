@@ -31,16 +31,15 @@ print(json.dumps({"after_load": after_load, "after_generate": peak(),
 """
 
 
+def graph_bytes(path: Path) -> int:
+    """Bytes of one graph file and its external data file."""
+    data = path.with_name(path.name + "_data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def weight_bytes(folder: Path | None) -> int:
     """Bytes of the graphs the engine loads from folder (their external data included)."""
-    if folder is None:
-        return 0
-    total = 0
-    for g in GRAPHS:
-        total += (folder / g).stat().st_size
-        data = folder / (g + "_data")
-        total += data.stat().st_size if data.is_file() else 0
-    return total
+    return 0 if folder is None else sum(graph_bytes(folder / g) for g in GRAPHS)
 
 
 def measure(main: Path, assistant: Path | None, strategy: str, new: int) -> dict:

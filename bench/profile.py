@@ -29,8 +29,10 @@ import onnxruntime as ort
 
 from engine.cache import CHUNK
 from engine.model import MIN_TOKENS
+from engine.providers import session_options
 
 from .core import machine, write_atomic
+from .memory import graph_bytes
 
 DECODER = "decoder_masked_model.onnx"
 ENCODER = "encoder_model.onnx"
@@ -60,14 +62,9 @@ def engine_shape(rows: int, tokens: int, past: int, source: int) -> Shape:
 
 
 def session(path: Path, threads: int, profile_dir: str | None = None) -> ort.InferenceSession:
-    """A CPU session as the engine makes it (all optimizations, no spinning), profiling into
-    profile_dir if given."""
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    """A CPU session with the engine's options (engine.providers), profiling into profile_dir
+    if given."""
+    so = session_options(threads)
     if profile_dir is not None:
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(profile_dir) / path.stem)
@@ -182,12 +179,6 @@ def parts(nodes: list[tuple], sublayers: tuple[str, ...]) -> list[str]:
     return out
 
 
-def weight_bytes(path: Path) -> int:
-    """Bytes of a graph file and its external data file."""
-    data = path.with_name(path.name + "_data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
 def matmul_weights(path: Path) -> int:
     """Weight elements every token multiplies (constant second inputs of MatMul/Gemm, and
     MatMulNBits' K x N)."""
@@ -266,7 +257,7 @@ def profile_graph(path: Path, role: str, shapes: list[Shape], threads: int, runs
             flops = decoder_flops(path, sess, shape)
         else:
             flops = 2.0 * tokens * matmul_weights(path)
-        wbytes = weight_bytes(path)
+        wbytes = graph_bytes(path)
         floor = {"bytes_ms": wbytes / rates["stream_bytes_per_s"] * 1e3,
                  "flops_ms": flops / rates["gemm_flops_per_s"] * 1e3}  # fmt: skip
         floor["ms"] = max(floor["bytes_ms"], floor["flops_ms"])

@@ -166,13 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     row is bit-identical, else 2."""
     p = argparse.ArgumentParser(prog="stairs-verify", description=main.__doc__)
     p.add_argument("folder", nargs="?", help="exported model folder (with stairs.json)")
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()  # each replaces the folder check
+    mode.add_argument(
         "--cache", nargs="?", const="", metavar="DIR",
         help="check the weights cache at DIR (default: $STAIRS_CACHE_DIR, else"
         " $XDG_CACHE_HOME/stairs, else ~/.cache/stairs) instead: exit 0 = every entry and"
         " remembered hash good, 2 = some were bad (removed) or DIR is no cache",
     )  # fmt: skip
-    p.add_argument(
+    mode.add_argument(
         "--exact", action="store_true",
         help="instead: check on this machine that a row's logits are the same bits in every call"
         " shape (DIR's main, loaded as Engine.load does): exit 0 = all bit-identical, 2 = not",
