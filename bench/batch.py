@@ -197,6 +197,63 @@ def reference(methods, name: str):
     return m.outputs.get(1) if m else None
 
 
+def _timing_fields(m: BatchMethod, b: int, n: int, outs: list) -> dict:
+    """Tokens/s, latency percentiles and failures of method m at batch size b."""
+    secs = m.seconds[b]
+    tokens = sum(len(o) for o in outs if isinstance(o, list))
+    # every request of a batch waits for the whole batch
+    lat = np.repeat(secs, [min(b, n - i * b) for i in range(len(secs))])
+    fields = {
+        "seconds": float(sum(secs)),
+        "batches": len(secs),
+        "tokens": tokens,
+        "tokens_per_s": tokens / sum(secs),
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p90_ms": float(np.percentile(lat, 90) * 1e3),
+        "failed_prompts": sum(isinstance(o, str) for o in outs),
+        "this_process_cpu_per_s": sum(m.host_cpu.get(b, [])) / sum(secs),
+    }
+    errs = [o for o in outs if isinstance(o, str)]
+    if errs:
+        fields["first_error"] = errs[0]
+    return fields
+
+
+def _stats_fields(st, outs: list) -> dict:
+    """The engine Stats columns of one row."""
+    fields = {
+        "main_calls": st.main_calls,
+        "mean_batch_rows": st.mean_batch_rows,
+        "acceptance_rate": st.acceptance_rate,
+        "tokens_per_main_call": st.tokens_per_main_call,
+    }
+    if st.main_calls:  # where a request's time goes: its shared calls' wall time
+        fields["verify_ms_per_call"] = st.verify_s / st.main_calls * 1e3
+        fields["draft_ms_per_call"] = st.draft_s / st.main_calls * 1e3
+        served = sum(isinstance(o, list) for o in outs)  # stats: served ones only
+        fields["encoder_ms_per_request"] = st.encoder_s / max(1, served) * 1e3
+    return fields
+
+
+def _add_ct2_ratios(rows: list[dict]) -> None:
+    """Add each row's tokens/s relative to CTranslate2 float32 and int8 at the same size."""
+    ct2 = {
+        r["batch_size"]: r["tokens_per_s"]
+        for r in rows
+        if r["method"] == "ct2/float32" and "tokens_per_s" in r
+    }
+    ct2_int8 = {
+        r["batch_size"]: r["tokens_per_s"]
+        for r in rows
+        if r["method"] == "ct2/int8" and "tokens_per_s" in r
+    }
+    for r in rows:
+        if "tokens_per_s" in r and r["batch_size"] in ct2:
+            r["x_ct2_float32"] = r["tokens_per_s"] / ct2[r["batch_size"]]
+        if "tokens_per_s" in r and r["batch_size"] in ct2_int8:
+            r["x_ct2_int8"] = r["tokens_per_s"] / ct2_int8[r["batch_size"]]
+
+
 def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
     """One row per method and batch size: tokens/s, latency, mismatches, ratios."""
     refs = {
@@ -220,23 +277,7 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
                 row["error"] = m.error or "did not run"
                 rows.append(row)
                 continue
-            secs = m.seconds[b]
-            tokens = sum(len(o) for o in outs if isinstance(o, list))
-            # every request of a batch waits for the whole batch
-            lat = np.repeat(secs, [min(b, n - i * b) for i in range(len(secs))])
-            row.update(
-                seconds=float(sum(secs)),
-                batches=len(secs),
-                tokens=tokens,
-                tokens_per_s=tokens / sum(secs),
-                p50_ms=float(np.percentile(lat, 50) * 1e3),
-                p90_ms=float(np.percentile(lat, 90) * 1e3),
-                failed_prompts=sum(isinstance(o, str) for o in outs),
-                this_process_cpu_per_s=sum(m.host_cpu.get(b, [])) / sum(secs),
-            )
-            errs = [o for o in outs if isinstance(o, str)]
-            if errs:
-                row["first_error"] = errs[0]
+            row.update(_timing_fields(m, b, n, outs))
             label = m.name.rpartition("@")[2] if "@" in m.name else None
             mine = {"own_greedy_b1": own.get(label)} if label else {}
             for key, ref in {**refs, **mine}.items():
@@ -246,37 +287,13 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
                     )
             st = m.stats.get(b)
             if st is not None:
-                row.update(
-                    main_calls=st.main_calls,
-                    mean_batch_rows=st.mean_batch_rows,
-                    acceptance_rate=st.acceptance_rate,
-                    tokens_per_main_call=st.tokens_per_main_call,
-                )
-                if st.main_calls:  # where a request's time goes: its shared calls' wall time
-                    row["verify_ms_per_call"] = st.verify_s / st.main_calls * 1e3
-                    row["draft_ms_per_call"] = st.draft_s / st.main_calls * 1e3
-                    served = sum(isinstance(o, list) for o in outs)  # stats: served ones only
-                    row["encoder_ms_per_request"] = st.encoder_s / max(1, served) * 1e3
+                row.update(_stats_fields(st, outs))
             w = windows.get(f"batch {b}", {}).get(m.name)
             if w:
                 row["others_cpu_per_s"] = w["others_cpu_per_s"]
                 row["quiet"] = w["quiet"]
             rows.append(row)
-    ct2 = {
-        r["batch_size"]: r["tokens_per_s"]
-        for r in rows
-        if r["method"] == "ct2/float32" and "tokens_per_s" in r
-    }
-    ct2_int8 = {
-        r["batch_size"]: r["tokens_per_s"]
-        for r in rows
-        if r["method"] == "ct2/int8" and "tokens_per_s" in r
-    }
-    for r in rows:
-        if "tokens_per_s" in r and r["batch_size"] in ct2:
-            r["x_ct2_float32"] = r["tokens_per_s"] / ct2[r["batch_size"]]
-        if "tokens_per_s" in r and r["batch_size"] in ct2_int8:
-            r["x_ct2_int8"] = r["tokens_per_s"] / ct2_int8[r["batch_size"]]
+    _add_ct2_ratios(rows)
     return rows
 
 
@@ -314,32 +331,19 @@ def run_batch_bench(
     extra_mains: other exports of the same main (--dtype int8, int4): every strategy again on
     each, labelled @folder name, with mismatches against its own greedy at batch 1.
     The machine is watched as in run_bench (bench.quiet); require_quiet raises NotQuietError
-    before the timed runs if it never became quiet."""
+    before the timed runs if it never became quiet.
+    Over 60 lines: its 21 arguments and the settings record are flat lists; phases are helpers."""
     from tqdm.auto import tqdm
 
-    from bench.run import ensure_exported
     from engine import Engine, InputError
     from engine.cli import read_prompts
     from engine.providers import shared_pool_in_use
-    from engine.verify import read_manifest
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     progress = lambda **kw: tqdm(disable=quiet, **kw)
-    sizes = sorted(set(batch_sizes))
-    if quick:
-        n, max_new_tokens = 8, 16
-        sizes = [b for b in sizes if b <= 4][:3] or list(QUICK_SIZES)
-    if not sizes or not all(isinstance(b, int) and 1 <= b <= MAX_BATCH_SIZE for b in sizes):
-        raise InputError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {batch_sizes!r}")
-    peers = list(DEFAULT_PEERS if peers is None else peers)
-    bad = [p for p in peers if p not in BATCH_PEERS]
-    if bad:
-        raise InputError(
-            f"batch mode runs the peers {', '.join(BATCH_PEERS)} (or none), not {', '.join(bad)}"
-        )
-    strategies = list(strategies or DEFAULT_STRATEGIES)
-    for spec in strategies:  # a typo in a spec fails before any model loads
-        core.parse_strategy(spec)
+    sizes, n, max_new_tokens, peers, strategies = _batch_options(
+        batch_sizes, quick, n, max_new_tokens, peers, strategies
+    )
     texts = read_prompts(prompts, n)
     if max(sizes) > len(texts):
         raise InputError(
@@ -349,55 +353,19 @@ def run_batch_bench(
         raise InputError("this engine has no Engine.generate_batch: batch mode needs it")
     main, out = Path(main), Path(out)
     asst = Path(assistant) if assistant else None
-    if asst is not None:
-        ensure_exported(main, asst, log)
     single = single and 1 in sizes
-    eng = Engine.load(
-        main,
-        asst,
-        provider=provider,
-        threads=threads,
-        shared_thread_pool=shared_thread_pool,
+    eng, ids = _load_batch_engine(main, asst, texts, provider, threads, shared_thread_pool, log)
+    hf_main, workdir = _peer_inputs(main, out)
+    methods = _engine_methods(
+        eng, asst, strategies, extra_mains, provider, threads, max_new_tokens, max_batch_tokens
     )
-    sp = eng.tokenizer
-    # The pair's convention: spiece.encode(context)[-255:] + [eos].
-    ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in texts]
-    hf_main = Path((read_manifest(main) or {}).get("source", main))
-    workdir = out / "work"
-    workdir.mkdir(parents=True, exist_ok=True)
-    methods = [engine_batch_method(eng, s, max_new_tokens, max_batch_tokens) for s in strategies]
-    for extra in extra_mains:  # other exports of the main (int8, int4): labelled @folder name
-        e = Engine.load(extra, asst, provider=provider, threads=threads)
-        for s in strategies:
-            m = engine_batch_method(e, s, max_new_tokens, max_batch_tokens)
-            m.name += f"@{Path(extra).name}"
-            methods.append(m)
     if single:
         methods.append(single_method(eng, max_new_tokens))
     methods += peer_batch_methods(peers, hf_main, threads, max_new_tokens, workdir, log)
     monitor = Monitor(quiet_threshold, quiet_load)
     quiet_start(monitor, wait_quiet, require_quiet, log)
-    memory = []
-
-    def on_size(b, live):
-        mem = {"batch_size": b, "process_max_rss_mb": max_rss_mb()}
-        for m in live:
-            if m.rss is not None and m.fn is not None:
-                with contextlib.suppress(Exception):
-                    mem[f"{m.name}_worker_max_rss_mb"] = m.rss()
-        memory.append(mem)
-        log(f"batch {b} done; peak RSS so far {mem['process_max_rss_mb']:.0f} MiB")
-
     t0 = time.perf_counter()
-    try:
-        if 1 not in sizes:  # mismatches are counted against batch 1: run the references untimed
-            refs = [m for m in methods if m.name in (ENGINE_REF, HF_REF) and m.fn is not None]
-            run_sizes(refs, ids, [1], None, progress)
-        run_sizes(methods, ids, sizes, monitor, progress, on_size)
-    finally:
-        for m in methods:
-            if m.close is not None:
-                m.close()
+    memory = _time_batches(methods, ids, sizes, monitor, progress, log)
     quiet_summary = monitor.summary()
     results = {
         "mode": "batch",
@@ -428,14 +396,112 @@ def run_batch_bench(
         "errors": {m.name: m.error for m in methods if m.error},
         "seconds": time.perf_counter() - t0,
     }
+    _write_batch_results(results, out, log)
+    return results
+
+
+def _batch_options(batch_sizes, quick: bool, n: int, max_new_tokens: int, peers, strategies):
+    """Apply --quick and check sizes, peers and specs before any model loads."""
+    from engine import InputError
+
+    sizes = sorted(set(batch_sizes))
+    if quick:
+        n, max_new_tokens = 8, 16
+        sizes = [b for b in sizes if b <= 4][:3] or list(QUICK_SIZES)
+    if not sizes or not all(isinstance(b, int) and 1 <= b <= MAX_BATCH_SIZE for b in sizes):
+        raise InputError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {batch_sizes!r}")
+    peers = list(DEFAULT_PEERS if peers is None else peers)
+    bad = [p for p in peers if p not in BATCH_PEERS]
+    if bad:
+        raise InputError(
+            f"batch mode runs the peers {', '.join(BATCH_PEERS)} (or none), not {', '.join(bad)}"
+        )
+    strategies = list(strategies or DEFAULT_STRATEGIES)
+    for spec in strategies:  # a typo in a spec fails before any model loads
+        core.parse_strategy(spec)
+    return sizes, n, max_new_tokens, peers, strategies
+
+
+def _load_batch_engine(main: Path, asst, texts, provider, threads: int, shared_pool: bool, log):
+    """Export the pair if needed, load the engine; return it and the prompts' token ids."""
+    from bench.run import ensure_exported
+    from engine import Engine
+
+    if asst is not None:
+        ensure_exported(main, asst, log)
+    eng = Engine.load(
+        main,
+        asst,
+        provider=provider,
+        threads=threads,
+        shared_thread_pool=shared_pool,
+    )
+    sp = eng.tokenizer
+    # The pair's convention: spiece.encode(context)[-255:] + [eos].
+    return eng, [sp.encode(text)[-255:] + [sp.eos_id] for text in texts]
+
+
+def _engine_methods(
+    eng, asst, strategies, extra_mains, provider, threads: int, max_new: int, max_batch_tokens
+) -> list[BatchMethod]:
+    """Every strategy on the main, then again on each extra export of it (labelled @folder)."""
+    from engine import Engine
+
+    methods = [engine_batch_method(eng, s, max_new, max_batch_tokens) for s in strategies]
+    for extra in extra_mains:
+        e = Engine.load(extra, asst, provider=provider, threads=threads)
+        for s in strategies:
+            m = engine_batch_method(e, s, max_new, max_batch_tokens)
+            m.name += f"@{Path(extra).name}"
+            methods.append(m)
+    return methods
+
+
+def _peer_inputs(main: Path, out: Path) -> tuple[Path, Path]:
+    """The HF source of the main export, and the peers' work folder (created)."""
+    from engine.verify import read_manifest
+
+    hf_main = Path((read_manifest(main) or {}).get("source", main))
+    workdir = out / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    return hf_main, workdir
+
+
+def _time_batches(methods, ids, sizes, monitor: Monitor, progress, log) -> list[dict]:
+    """Run every method at every size, closing peer workers after; return peak memory per size."""
+    memory = []
+
+    def on_size(b, live):
+        mem = {"batch_size": b, "process_max_rss_mb": max_rss_mb()}
+        for m in live:
+            if m.rss is not None and m.fn is not None:
+                with contextlib.suppress(Exception):
+                    mem[f"{m.name}_worker_max_rss_mb"] = m.rss()
+        memory.append(mem)
+        log(f"batch {b} done; peak RSS so far {mem['process_max_rss_mb']:.0f} MiB")
+
+    try:
+        if 1 not in sizes:  # mismatches are counted against batch 1: run the references untimed
+            refs = [m for m in methods if m.name in (ENGINE_REF, HF_REF) and m.fn is not None]
+            run_sizes(refs, ids, [1], None, progress)
+        run_sizes(methods, ids, sizes, monitor, progress, on_size)
+    finally:
+        for m in methods:
+            if m.close is not None:
+                m.close()
+    return memory
+
+
+def _write_batch_results(results: dict, out: Path, log) -> None:
+    """Write batch_throughput.png, results.json and results.md; warn if not quiet."""
     results["plots"] = report.batch_plots(results, out)
     core.write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     md = report.batch_markdown(results)
     core.write_atomic(out / "results.md", md)
     log(md)
+    quiet_summary = results["quiet"]
     if not quiet_summary["ok"]:
         warn(
             "machine was NOT quiet; these figures are not a fair comparison:\n  "
             + "\n  ".join(quiet_summary["reasons"])
         )
-    return results

@@ -11,14 +11,22 @@ from bench.quiet import NotQuietError, add_quiet_arguments, check_quiet_argument
 from bench.run import run_bench
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+def _parser() -> argparse.ArgumentParser:
+    """The stairs-bench argument parser."""
     p = argparse.ArgumentParser(
         prog="stairs-bench",
         description=__doc__,
         epilog="exit status: 0 done; 1 an engine row's tokens differ from its main's own greedy"
         " (each such cell printed); 2 an error, or --require-quiet on a busy machine",
     )
+    _add_workload_arguments(p)
+    _add_mode_arguments(p)
+    add_quiet_arguments(p, "default 60, --quick 0")
+    return p
+
+
+def _add_workload_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags naming the models, prompts, sizes and methods to compare."""
     p.add_argument("--main", default="models/pycode-t5-main", help="exported main folder")
     p.add_argument("--assistant", default="models/pycode-t5-draft")
     p.add_argument("--prompts", default="../shared/prompts/pycode_public.jsonl")
@@ -37,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         help="hf,optimum,ct2 or none (default all; batch mode: hf,ct2 and ct2-int8, the batched"
         " ones)",
     )
+
+
+def _add_mode_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags for batch mode, the sweeps, the alone runs and the output."""
     p.add_argument(
         "--batch-sizes",
         metavar="B,B,...",
@@ -84,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         help="methods also measured alone after the interleaved rounds: 'default' (peers' greedy"
         " rows, engine greedy and auto), 'all', 'none' or ';'-separated method names",
     )
-    add_quiet_arguments(p, "default 60, --quick 0")
-    a = p.parse_args(argv)
+
+
+def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[int] | None:
+    """Reject out-of-range and mode-mismatched flags; return the parsed --batch-sizes."""
     for name in ("n", "max_new_tokens", "threads", "rounds", "sweep_prompts"):
         if not 1 <= getattr(a, name) <= 100_000:
             flag = "-n" if name == "n" else "--" + name.replace("_", "-")
@@ -109,15 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             sizes = parse_sizes(a.batch_sizes)
         except ValueError as exc:
             p.error(f"--batch-sizes: {exc}")
-    check_quiet_arguments(p, a, default_wait=0.0 if a.quick else 60.0)
+    return sizes
+
+
+def _common_kwargs(a: argparse.Namespace) -> dict:
+    """Keyword arguments both run_bench and run_batch_bench take from the same flags."""
     strategies = None
     if a.strategies:
         # ';' separates specs; a lone spec with options keeps its commas ('assisted:k=4,schedule=x')
         sep = ";" if ";" in a.strategies or ":" in a.strategies else ","
         strategies = [s for s in a.strategies.split(sep) if s.strip()]
-    peers = None if a.peers is None else [] if a.peers == "none" else a.peers.split(",")
-    # what both modes take from the same flags
-    common = {
+    return {
         "main": a.main,
         "assistant": a.assistant,
         "prompts": a.prompts,
@@ -133,11 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         "wait_quiet": a.wait_quiet,
         "require_quiet": a.require_quiet,
     }
+
+
+def _run(a: argparse.Namespace, sizes: list[int] | None) -> dict | int:
+    """Run the chosen mode; return its result, or exit status 2 on an expected error."""
+    common = _common_kwargs(a)
+    peers = None if a.peers is None else [] if a.peers == "none" else a.peers.split(",")
     try:
         if sizes is not None:
             from bench.batch import run_batch_bench
 
-            res = run_batch_bench(
+            return run_batch_bench(
                 **common,
                 peers=peers,
                 batch_sizes=sizes,
@@ -147,16 +169,15 @@ def main(argv: list[str] | None = None) -> int:
                 shared_thread_pool=a.shared_thread_pool,
                 extra_mains=a.extra_mains.split(",") if a.extra_mains else (),
             )
-        else:
-            res = run_bench(
-                **common,
-                rounds=a.rounds,
-                peers=DEFAULT_PEERS if peers is None else peers,
-                sweeps=not a.no_sweeps,
-                sweep_prompts=a.sweep_prompts,
-                out=a.out or "results/latest",
-                alone=a.alone,
-            )
+        return run_bench(
+            **common,
+            rounds=a.rounds,
+            peers=DEFAULT_PEERS if peers is None else peers,
+            sweeps=not a.no_sweeps,
+            sweep_prompts=a.sweep_prompts,
+            out=a.out or "results/latest",
+            alone=a.alone,
+        )
     except NotQuietError as exc:
         print(f"stairs-bench: error: {exc}", file=sys.stderr)
         return 2
@@ -167,6 +188,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stairs-bench: error: {exc}", file=sys.stderr)
             return 2
         raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = _parser()
+    a = p.parse_args(argv)
+    sizes = _check_args(p, a)
+    check_quiet_arguments(p, a, default_wait=0.0 if a.quick else 60.0)
+    res = _run(a, sizes)
+    if isinstance(res, int):
+        return res
     bad = engine_mismatches(res["rows"])
     for line in bad:
         print(f"stairs-bench: mismatch: {line}", file=sys.stderr)

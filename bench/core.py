@@ -85,63 +85,10 @@ def peer_methods(
 ) -> list[Method]:
     """Build the peers that can run here; a missing package becomes a row with a note."""
     out: list[Method] = []
-
-    def add(name, kind, build):
-        try:
-            fn = build()
-            out.append(Method(name, fn, kind))
-        except Exception as exc:  # noqa: BLE001 - missing package or failing peer: report, never hide
-            out.append(Method(name, None, kind, error=f"{type(exc).__name__}: {exc}"))
-            log(f"peer {name} skipped: {exc}")
-
     if "hf" in peers:
-        try:
-            from bench.peers import HF
-
-            hf = HF(hf_main, hf_asst, threads)
-        except Exception as exc:  # noqa: BLE001 - a failing peer is reported
-            hf = None
-            out.append(Method("hf/greedy", None, "peer", error=f"{type(exc).__name__}: {exc}"))
-        if hf is not None:
-            add("hf/greedy", "peer", lambda: lambda ids: (hf.greedy(ids, max_new), None))
-            if hf_asst is not None:
-                add(
-                    "hf/assisted-default",
-                    "peer",
-                    lambda: lambda ids: (hf.assisted(ids, max_new), None),
-                )
-                add(
-                    "hf/assisted-heuristic-5",
-                    "peer",
-                    lambda: lambda ids: (hf.assisted(ids, max_new, 5, "heuristic"), None),
-                )
-                add(
-                    "hf/assisted-constant-4",
-                    "peer",
-                    lambda: lambda ids: (hf.assisted(ids, max_new, 4, "constant"), None),
-                )
+        _hf_methods(out, log, hf_main, hf_asst, threads, max_new)
     if "optimum" in peers:
-        try:
-            from bench.peers import Optimum
-
-            opt = Optimum(onnx_main, onnx_asst, threads)
-            add("optimum/greedy", "peer", lambda: lambda ids: (opt.greedy(ids, max_new), None))
-            if onnx_asst is not None:
-                try:  # optimum cannot run assisted generation on T5: record why
-                    opt.greedy([5, 6, 1], 4, assistant=True)
-                    add(
-                        "optimum/assisted",
-                        "peer",
-                        lambda: lambda ids: (opt.greedy(ids, max_new, True), None),
-                    )
-                except Exception as exc:  # noqa: BLE001 - a failing peer is reported
-                    out.append(
-                        Method(
-                            "optimum/assisted", None, "peer", error=f"{type(exc).__name__}: {exc}"
-                        )
-                    )
-        except Exception as exc:  # noqa: BLE001 - a failing peer is reported
-            out.append(Method("optimum/greedy", None, "peer", error=f"{type(exc).__name__}: {exc}"))
+        _optimum_methods(out, log, onnx_main, onnx_asst, threads, max_new)
     if "ct2" in peers:
         for ctype in ("float32", "int8"):
 
@@ -151,8 +98,76 @@ def peer_methods(
                 ct = CT2Worker(hf_main, threads, ctype, workdir)
                 return lambda ids: (ct.greedy(ids, max_new), None)
 
-            add(f"ct2/{ctype}", "peer", build)
+            _add_peer(out, log, f"ct2/{ctype}", build)
     return out
+
+
+def _failed_peer(name: str, exc: Exception) -> Method:
+    """A peer row that could not run, with the exception as its note."""
+    return Method(name, None, "peer", error=f"{type(exc).__name__}: {exc}")
+
+
+def _add_peer(out: list[Method], log, name: str, build) -> None:
+    """Append the peer build() makes, or a row saying why it could not be built."""
+    try:
+        fn = build()
+        out.append(Method(name, fn, "peer"))
+    except Exception as exc:  # noqa: BLE001 - missing package or failing peer: report, never hide
+        out.append(_failed_peer(name, exc))
+        log(f"peer {name} skipped: {exc}")
+
+
+def _hf_methods(out: list[Method], log, hf_main, hf_asst, threads: int, max_new: int) -> None:
+    """Append HF transformers generate: greedy, and assisted variants when there is an assistant."""
+    try:
+        from bench.peers import HF
+
+        hf = HF(hf_main, hf_asst, threads)
+    except Exception as exc:  # noqa: BLE001 - a failing peer is reported
+        out.append(_failed_peer("hf/greedy", exc))
+        return
+    _add_peer(out, log, "hf/greedy", lambda: lambda ids: (hf.greedy(ids, max_new), None))
+    if hf_asst is None:
+        return
+    _add_peer(
+        out, log, "hf/assisted-default", lambda: lambda ids: (hf.assisted(ids, max_new), None)
+    )
+    _add_peer(
+        out,
+        log,
+        "hf/assisted-heuristic-5",
+        lambda: lambda ids: (hf.assisted(ids, max_new, 5, "heuristic"), None),
+    )
+    _add_peer(
+        out,
+        log,
+        "hf/assisted-constant-4",
+        lambda: lambda ids: (hf.assisted(ids, max_new, 4, "constant"), None),
+    )
+
+
+def _optimum_methods(
+    out: list[Method], log, onnx_main, onnx_asst, threads: int, max_new: int
+) -> None:
+    """Append Optimum ORTModelForSeq2SeqLM greedy, and assisted where it can run."""
+    try:
+        from bench.peers import Optimum
+
+        opt = Optimum(onnx_main, onnx_asst, threads)
+        _add_peer(out, log, "optimum/greedy", lambda: lambda ids: (opt.greedy(ids, max_new), None))
+        if onnx_asst is not None:
+            try:  # optimum cannot run assisted generation on T5: record why
+                opt.greedy([5, 6, 1], 4, assistant=True)
+                _add_peer(
+                    out,
+                    log,
+                    "optimum/assisted",
+                    lambda: lambda ids: (opt.greedy(ids, max_new, True), None),
+                )
+            except Exception as exc:  # noqa: BLE001 - a failing peer is reported
+                out.append(_failed_peer("optimum/assisted", exc))
+    except Exception as exc:  # noqa: BLE001 - a failing peer is reported
+        out.append(_failed_peer("optimum/greedy", exc))
 
 
 def interleave(

@@ -217,7 +217,8 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The bench.load argument parser."""
     p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
     p.add_argument("--main", required=True)
     p.add_argument("--assistant")
@@ -232,51 +233,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--out", default="results/load")
     add_quiet_arguments(p, "default 60")
-    a = p.parse_args(argv)
-    check_quiet_arguments(p, a, default_wait=60.0)
+    return p
+
+
+def _modes(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[str]:
+    """Check --modes and the numeric flags; return the modes to run."""
     modes = [m for m in a.modes.split(",") if m]
     if not modes or any(m not in MODES for m in modes):
         p.error(f"--modes: comma-separated from {', '.join(MODES)}")
     if not 0 < a.duration <= 3600 or not 1 <= a.max_tokens <= 4096 or not 1 <= a.n <= 100_000:
         p.error("--duration (0, 3600], --max-tokens [1, 4096], -n [1, 100000]")
-    from engine.cli import read_prompts
-    from serve import free_port
+    return modes
 
-    prompts = read_prompts(a.prompts, a.n)
-    model = Path(a.main).name
-    out = Path(a.out)
-    rows, first_text = [], {}
-    from bench.run import quiet_start, warn  # the engine's imports: after the flags are checked
 
-    # the server is a child process: its CPU counts as ours, everything else as others'
-    monitor = Monitor(a.quiet_threshold, a.quiet_load)
+def _run_mode(
+    a, mode: str, port: int, monitor: Monitor, model: str, prompts, first_text, rows
+) -> None:
+    """Serve with one mode on port and append a row per client count to rows."""
+    proc = start_server(a, mode, port)
     try:
-        quiet_start(monitor, a.wait_quiet, a.require_quiet, print, "bench.load")
-    except NotQuietError as exc:
-        print(f"bench.load: error: {exc}", file=sys.stderr)
-        return 2
-    for mode in modes:
-        port = free_port()
-        proc = start_server(a, mode, port)
-        try:
-            for c in a.clients:
-                with monitor.watch(f"{mode} clients={c}"):
-                    r = asyncio.run(run_level(port, model, prompts, c, a))
-                r["others_cpu_per_s"] = monitor.windows[monitor.phase][
-                    f"{mode} clients={c}"
-                ].others_per_s
-                texts = r.pop("texts")
-                r["mismatches"] = sum(first_text.setdefault(p_, t) != t for p_, t in texts)
-                r["mode"] = mode
-                rows.append(r)
-                print(
-                    f"{mode:8s} clients={c:3d} requests={r['requests']:4d} "
-                    f"tok/s={r['tokens_per_s']:7.1f} ttft p50={r['ttft_s']['p50']} "
-                    f"p99={r['ttft_s']['p99']} errors={r['n_errors']} mismatches={r['mismatches']}",
-                    flush=True,
-                )
-        finally:
-            stop_server(proc)
+        for c in a.clients:
+            with monitor.watch(f"{mode} clients={c}"):
+                r = asyncio.run(run_level(port, model, prompts, c, a))
+            r["others_cpu_per_s"] = monitor.windows[monitor.phase][
+                f"{mode} clients={c}"
+            ].others_per_s
+            texts = r.pop("texts")
+            r["mismatches"] = sum(first_text.setdefault(p_, t) != t for p_, t in texts)
+            r["mode"] = mode
+            rows.append(r)
+            print(
+                f"{mode:8s} clients={c:3d} requests={r['requests']:4d} "
+                f"tok/s={r['tokens_per_s']:7.1f} ttft p50={r['ttft_s']['p50']} "
+                f"p99={r['ttft_s']['p99']} errors={r['n_errors']} mismatches={r['mismatches']}",
+                flush=True,
+            )
+    finally:
+        stop_server(proc)
+
+
+def _write_results(a, out: Path, prompts, rows: list[dict], monitor: Monitor) -> dict:
+    """Write results.json, results.md and load.png; return the results."""
     import onnxruntime
 
     res = {
@@ -299,6 +296,34 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(out / "load.png", lambda f: plot(res, f))
     print(markdown(res))
     print(f"wrote {out}/results.json, results.md, load.png")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    p = _parser()
+    a = p.parse_args(argv)
+    check_quiet_arguments(p, a, default_wait=60.0)
+    modes = _modes(p, a)
+    from engine.cli import read_prompts
+    from serve import free_port
+
+    prompts = read_prompts(a.prompts, a.n)
+    model = Path(a.main).name
+    out = Path(a.out)
+    rows, first_text = [], {}
+    from bench.run import quiet_start, warn  # the engine's imports: after the flags are checked
+
+    # the server is a child process: its CPU counts as ours, everything else as others'
+    monitor = Monitor(a.quiet_threshold, a.quiet_load)
+    try:
+        quiet_start(monitor, a.wait_quiet, a.require_quiet, print, "bench.load")
+    except NotQuietError as exc:
+        print(f"bench.load: error: {exc}", file=sys.stderr)
+        return 2
+    for mode in modes:
+        _run_mode(a, mode, free_port(), monitor, model, prompts, first_text, rows)
+    res = _write_results(a, out, prompts, rows, monitor)
     if not res["quiet"]["ok"]:
         warn(
             "machine was NOT quiet; these figures are not a fair comparison:\n  "

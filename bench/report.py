@@ -62,6 +62,7 @@ def machine_line(res: dict) -> str:
 
 
 def markdown(res: dict) -> str:
+    """The results.md text of a run_bench result."""
     s = res["settings"]
     thr = (res.get("quiet") or {}).get("threshold")
     lines = [
@@ -85,6 +86,18 @@ def markdown(res: dict) -> str:
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    lines += _row_lines(res, thr)
+    lines += alone_lines(res, thr)
+    lines += _profile_lines(res)
+    lines += _sweep_lines(res)
+    lines += _cost_curve_lines(res)
+    lines += _tree_sim_lines(res)
+    return "\n".join(lines) + "\n"
+
+
+def _row_lines(res: dict, thr) -> list[str]:
+    """One main-table line per result row."""
+    lines = []
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"| {r['method']} | failed: {r['error'][:90]} ||||||||||| |")
@@ -102,26 +115,37 @@ def markdown(res: dict) -> str:
             f"{_f(r.get('acceptance_rate'), '.2f')} | {_f(r.get('tokens_per_main_call'), '.2f')} | "
             f"{_f(r.get('overhead_pct'), '.1f')} | {mark} | {others} |"
         )
-    lines += alone_lines(res, thr)
+    return lines
+
+
+def _profile_lines(res: dict) -> list[str]:
+    """The time breakdown table of the engine rows, if profiled."""
     prof = [r for r in res["rows"] if r.get("engine_total_s")]
-    if prof:
-        n = s["prompts"]
-        lines += [
-            "",
-            "## Where the time goes (engine rows, ms per prompt, first round)",
-            "",
-            "| method | total | encoders | draft | verify | other | in ORT % | python % |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in prof:
-            tot = r["engine_total_s"]
-            other = tot - r["encoder_s"] - r["draft_s"] - r["verify_s"]
-            lines.append(
-                f"| {r['method']} | {1e3 * tot / n:.1f} | {1e3 * r['encoder_s'] / n:.1f} | "
-                f"{1e3 * r['draft_s'] / n:.1f} | {1e3 * r['verify_s'] / n:.1f} | "
-                f"{1e3 * other / n:.1f} | {100 * r['session_s'] / tot:.1f} | "
-                f"{r['overhead_pct']:.1f} |"
-            )
+    if not prof:
+        return []
+    n = res["settings"]["prompts"]
+    lines = [
+        "",
+        "## Where the time goes (engine rows, ms per prompt, first round)",
+        "",
+        "| method | total | encoders | draft | verify | other | in ORT % | python % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in prof:
+        tot = r["engine_total_s"]
+        other = tot - r["encoder_s"] - r["draft_s"] - r["verify_s"]
+        lines.append(
+            f"| {r['method']} | {1e3 * tot / n:.1f} | {1e3 * r['encoder_s'] / n:.1f} | "
+            f"{1e3 * r['draft_s'] / n:.1f} | {1e3 * r['verify_s'] / n:.1f} | "
+            f"{1e3 * other / n:.1f} | {100 * r['session_s'] / tot:.1f} | "
+            f"{r['overhead_pct']:.1f} |"
+        )
+    return lines
+
+
+def _sweep_lines(res: dict) -> list[str]:
+    """A table per parameter sweep that ran."""
+    lines = []
     for title, key in (
         ("stairs batch size", "batch_size"),
         ("assisted draft length K", "draft_tokens"),
@@ -141,6 +165,12 @@ def markdown(res: dict) -> str:
                 f"{p['tokens_per_main_call']:.2f} |"
                 for p in sw
             ]
+    return lines
+
+
+def _cost_curve_lines(res: dict) -> list[str]:
+    """The main decoder call cost table, if measured."""
+    lines = []
     cc = res.get("cost_curve")
     if cc:
         lines += [
@@ -155,6 +185,12 @@ def markdown(res: dict) -> str:
         ]
         for a, b, c in zip(cc["rows"], cc["tokens"], cc["staircase"]):
             lines.append(f"| {a['n']} | {a['ratio']:.2f} | {b['ratio']:.2f} | {c['ratio']:.2f} |")
+    return lines
+
+
+def _tree_sim_lines(res: dict) -> list[str]:
+    """The tree-attention simulation table, if run."""
+    lines = []
     ts = res.get("tree_sim")
     if ts:
         lines += [
@@ -183,7 +219,7 @@ def markdown(res: dict) -> str:
                 f"| best tree (depth cap tried 3-10) | {r['nodes']} | {r['depth']} | {r['tokens_per_main_call']:.2f} | "
                 f"{r['ms_per_prompt']:.1f} | {r['tokens_per_s']:.0f} |"
             )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def alone_lines(res: dict, thr) -> list[str]:
@@ -230,6 +266,7 @@ def alone_lines(res: dict, thr) -> list[str]:
 
 
 def plots(res: dict, out: Path) -> list[str]:
+    """Write the single-prompt mode's PNG plots to out; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,60 +275,75 @@ def plots(res: dict, out: Path) -> list[str]:
     made = []
     ok = [r for r in res["rows"] if "tokens_per_s" in r]
     if ok:
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
-        names = [r["method"] for r in ok]
-        vals = [r["tokens_per_s"] for r in ok]
-        colors = [
-            "tab:red" if r["mismatches"] else ("tab:blue" if r["kind"] == "engine" else "tab:gray")
-            for r in ok
-        ]
-        ax.barh(names, vals, color=colors)
-        ax.invert_yaxis()
-        ax.set_xlabel("tokens/s (blue: stairs engine, gray: peers, red: output differs)")
-        ax.set_title("Throughput, batch 1, greedy-exact")
-        fig.tight_layout()
-        write_atomic(out / "tokens_per_s.png", lambda f: fig.savefig(f, dpi=110))
-        plt.close(fig)
-        made.append("tokens_per_s.png")
+        made.append(_throughput_plot(plt, ok, out))
     sw = res.get("sweeps", {})
     if sw:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (
-            ("batch_size", "stairs: batch size (rows)"),
-            ("draft_tokens", "assisted: draft length K"),
-        ):
-            if sw.get(key):
-                ax.plot(
-                    [p[key] for p in sw[key]],
-                    [p["speedup_vs_engine_greedy"] for p in sw[key]],
-                    "o-",
-                    label=label,
-                )
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xlabel("batch size / K")
-        ax.set_ylabel("speed-up over engine greedy")
-        ax.legend()
-        fig.tight_layout()
-        write_atomic(out / "sweeps.png", lambda f: fig.savefig(f, dpi=110))
-        plt.close(fig)
-        made.append("sweeps.png")
+        made.append(_sweeps_plot(plt, sw, out))
     cc = res.get("cost_curve")
     if cc:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for key, label in (
-            ("rows", "n rows x 1 token"),
-            ("tokens", "1 row x n tokens"),
-            ("staircase", "n rows x n tokens (staircase)"),
-        ):
-            ax.plot([p["n"] for p in cc[key]], [p["ratio"] for p in cc[key]], "o-", label=label)
-        ax.set_xlabel("n")
-        ax.set_ylabel("main decoder call time / (1 row, 1 token)")
-        ax.legend()
-        fig.tight_layout()
-        write_atomic(out / "cost_curve.png", lambda f: fig.savefig(f, dpi=110))
-        plt.close(fig)
-        made.append("cost_curve.png")
+        made.append(_cost_curve_plot(plt, cc, out))
     return made
+
+
+def _throughput_plot(plt, ok: list[dict], out: Path) -> str:
+    """Bar chart of tok/s per method; returns its file name."""
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(ok) + 1.5))
+    names = [r["method"] for r in ok]
+    vals = [r["tokens_per_s"] for r in ok]
+    colors = [
+        "tab:red" if r["mismatches"] else ("tab:blue" if r["kind"] == "engine" else "tab:gray")
+        for r in ok
+    ]
+    ax.barh(names, vals, color=colors)
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s (blue: stairs engine, gray: peers, red: output differs)")
+    ax.set_title("Throughput, batch 1, greedy-exact")
+    fig.tight_layout()
+    write_atomic(out / "tokens_per_s.png", lambda f: fig.savefig(f, dpi=110))
+    plt.close(fig)
+    return "tokens_per_s.png"
+
+
+def _sweeps_plot(plt, sw: dict, out: Path) -> str:
+    """Speed-up over engine greedy along each sweep; returns its file name."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (
+        ("batch_size", "stairs: batch size (rows)"),
+        ("draft_tokens", "assisted: draft length K"),
+    ):
+        if sw.get(key):
+            ax.plot(
+                [p[key] for p in sw[key]],
+                [p["speedup_vs_engine_greedy"] for p in sw[key]],
+                "o-",
+                label=label,
+            )
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("batch size / K")
+    ax.set_ylabel("speed-up over engine greedy")
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(out / "sweeps.png", lambda f: fig.savefig(f, dpi=110))
+    plt.close(fig)
+    return "sweeps.png"
+
+
+def _cost_curve_plot(plt, cc: dict, out: Path) -> str:
+    """Main decoder call cost against n; returns its file name."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (
+        ("rows", "n rows x 1 token"),
+        ("tokens", "1 row x n tokens"),
+        ("staircase", "n rows x n tokens (staircase)"),
+    ):
+        ax.plot([p["n"] for p in cc[key]], [p["ratio"] for p in cc[key]], "o-", label=label)
+    ax.set_xlabel("n")
+    ax.set_ylabel("main decoder call time / (1 row, 1 token)")
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(out / "cost_curve.png", lambda f: fig.savefig(f, dpi=110))
+    plt.close(fig)
+    return "cost_curve.png"
 
 
 def _mm(r: dict, key: str) -> str:
@@ -348,6 +400,20 @@ def batch_markdown(res: dict) -> str:
         "| method | " + " | ".join(f"B={b}" for b in sizes) + " |",
         "|---|" + "---|" * len(sizes),
     ]
+    lines += _batch_tokens_lines(rows, sizes)
+    lines += _batch_size_lines(rows, sizes, thr)
+    lines += _fastest_lines(rows, sizes)
+    lines += _peer_leak_lines(rows)
+    lines += _memory_lines(res.get("memory") or [])
+    errors = res.get("errors") or {}
+    if errors:
+        lines += ["", "## Failed methods", ""] + [f"- {k}: {v}" for k, v in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _batch_tokens_lines(rows: list[dict], sizes: list[int]) -> list[str]:
+    """Aggregate tok/s table body: one line per method, a column per batch size."""
+    lines = []
     names = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["batch_size"]): r for r in rows}
     for name in names:
@@ -362,8 +428,13 @@ def batch_markdown(res: dict) -> str:
                 x = r.get("x_ct2_float32")
                 vals.append(f"{r['tokens_per_s']:.0f}" + (f" ({x:.2f}x)" if x else ""))
         lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return lines
+
+
+def _batch_size_lines(rows: list[dict], sizes: list[int], thr) -> list[str]:
+    """The per method and batch size table."""
     has_ct2 = any(r.get("x_ct2_float32") for r in rows)
-    lines += [
+    lines = [
         *(["", "(in parentheses: x CT2 float32 at the same B)"] if has_ct2 else []),
         "",
         "## Per method and batch size",
@@ -396,6 +467,12 @@ def batch_markdown(res: dict) -> str:
                 f"{_f(r.get('encoder_ms_per_request'), '.0f')} | "
                 f"{_others(r.get('others_cpu_per_s'), thr)} |"
             )
+    return lines
+
+
+def _fastest_lines(rows: list[dict], sizes: list[int]) -> list[str]:
+    """The fastest engine method at each batch size against CTranslate2 float32."""
+    lines = []
     engine = [r for r in rows if r.get("kind") == "engine" and "tokens_per_s" in r]
     ct2 = {r["batch_size"]: r for r in rows if r["method"] == "ct2/float32" and "tokens_per_s" in r}
     if engine and ct2:
@@ -409,8 +486,12 @@ def batch_markdown(res: dict) -> str:
                     f" {best['tokens_per_s'] / ct2[b]['tokens_per_s']:.2f}x CT2 float32"
                     f" ({ct2[b]['tokens_per_s']:.0f})"
                 )
-    lines += _peer_leak_lines(rows)
-    mem = res.get("memory") or []
+    return lines
+
+
+def _memory_lines(mem: list[dict]) -> list[str]:
+    """Peak resident memory table after each batch size."""
+    lines = []
     if mem:
         keys = sorted({k for m in mem for k in m if k.endswith("_worker_max_rss_mb")})
         head = ["B", "this process (engine, and HF if it ran)"]
@@ -426,10 +507,7 @@ def batch_markdown(res: dict) -> str:
             cells = [str(m["batch_size"]), f"{m['process_max_rss_mb']:.0f}"]
             cells += [_f(m.get(k), ".0f") for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
-    errors = res.get("errors") or {}
-    if errors:
-        lines += ["", "## Failed methods", ""] + [f"- {k}: {v}" for k, v in errors.items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def batch_plots(res: dict, out: Path) -> list[str]:

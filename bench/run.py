@@ -161,6 +161,15 @@ def warn(msg: str, prog: str = "stairs-bench") -> None:
     print(f"{prog}: WARNING: {msg}", file=sys.stderr, flush=True)
 
 
+QUICK_STRATEGIES = [
+    "greedy",
+    "assisted:draft_tokens=4",
+    "stairs:batch_size=3",
+    "lookup",
+    "staged",
+]
+
+
 def run_bench(
     main="models/pycode-t5-main",
     assistant="models/pycode-t5-draft",
@@ -189,36 +198,93 @@ def run_bench(
     they used more than quiet_threshold CPU-s per s during a method, or where the load average
     (less our share) exceeded quiet_load at the start, is marked not quiet in results["quiet"].
     wait_quiet: seconds to wait for a quiet machine first; require_quiet: raise NotQuietError
-    if it does not become quiet (checked before the timed runs)."""
+    if it does not become quiet (checked before the timed runs).
+    Over 60 lines: its 20 arguments and the settings record are flat lists; phases are helpers."""
     from tqdm.auto import tqdm
-
-    from engine import Engine
 
     monitor = Monitor(quiet_threshold, quiet_load)
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
     progress = lambda **kw: tqdm(disable=quiet, **kw)
     if quick:
         n, max_new_tokens, rounds, sweep_prompts = 3, 16, 1, 2
-        strategies = strategies or [
-            "greedy",
-            "assisted:draft_tokens=4",
-            "stairs:batch_size=3",
-            "lookup",
-            "staged",
-        ]
+        strategies = strategies or list(QUICK_STRATEGIES)
         peers = [p for p in peers if p == "hf"]
     strategies = strategies or core.DEFAULT_STRATEGIES
     for spec in strategies:  # a typo in a spec fails before any model loads
         core.parse_strategy(spec)
     # Several assistants (comma list) give one set of engine rows each, labelled @name.
     assistants = [Path(a) for a in str(assistant).split(",")] if assistant else [None]
-    main, assistant, out = Path(main), assistants[0], Path(out)
-    ensure_exported(main, assistant, log)
+    main, out = Path(main), Path(out)
+    engines, ids = _load_engines(main, assistants, prompts, n, provider, threads, log)
+    methods = _bench_methods(
+        engines, assistants, strategies, peers, main, threads, max_new_tokens, out, log
+    )
+    alone_methods = select_alone(methods, alone)
+    quiet_start(monitor, wait_quiet, require_quiet, log)
+    t0 = time.perf_counter()
+    table, alone_res, quiet_summary = _measure(
+        methods, alone_methods, ids, rounds, progress, monitor
+    )
+    settings = {
+        "main": str(main),
+        "assistant": ",".join(map(str, assistants)),
+        "prompts": len(ids),
+        "max_new_tokens": max_new_tokens,
+        "threads": threads,
+        "rounds": rounds,
+        "provider": provider,
+        "quick": quick,
+        "mean_input_tokens": sum(map(len, ids)) / len(ids),
+        "alone": [m.name for m in alone_methods],
+        "quiet_threshold": quiet_threshold,
+        "quiet_load": quiet_load,
+        "wait_quiet": wait_quiet,
+    }
+    results = {
+        "settings": settings,
+        "machine": core.machine(),
+        "quiet": quiet_summary,
+        "rows": table,
+        "alone": alone_res,
+    }
+    if sweeps:  # with the last assistant given
+        results["sweeps"] = _sweeps(
+            engines[-1], ids[:sweep_prompts], max_new_tokens, quick, progress
+        )
+    results["seconds"] = time.perf_counter() - t0
+    _write_results(results, out, log)
+    return results
+
+
+def _measure(methods: list, alone_methods: list, ids, rounds: int, progress, monitor):
+    """Interleaved rounds, then the alone runs; return the table, alone figures, quiet summary."""
+    core.interleave(methods, ids, rounds, progress, monitor.watch)
+    monitor.phase = "alone"
+    alone_res = measure_alone(alone_methods, ids, rounds, progress, monitor.watch)
+    quiet_summary = monitor.summary()
+    table = core.rows(methods, len(ids), rounds)
+    add_alone(table, alone_res)
+    add_quiet(table, quiet_summary)
+    return table, alone_res, quiet_summary
+
+
+def _load_engines(main: Path, assistants: list, prompts, n: int, provider, threads: int, log):
+    """Load the main with each assistant; return the engines and the prompts' token ids."""
+    from engine import Engine
+
+    ensure_exported(main, assistants[0], log)
     engines = [Engine.load(main, a, provider=provider, threads=threads) for a in assistants]
-    eng = engines[0]
-    sp = eng.tokenizer
+    sp = engines[0].tokenizer
     # The pair's convention: spiece.encode(context)[-255:] + [eos].
     ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in read_prompts(prompts, n)]
+    return engines, ids
+
+
+def _bench_methods(
+    engines, assistants, strategies, peers, main: Path, threads: int, max_new: int, out: Path, log
+) -> list:
+    """Engine rows per strategy (and per assistant), then the peers."""
+    eng, assistant = engines[0], assistants[0]
     hf_main = Path((read_manifest(main) or {}).get("source", main))
     hf_asst = Path((read_manifest(assistant) or {}).get("source", "")) if assistant else None
     workdir = out / "work"
@@ -227,76 +293,50 @@ def run_bench(
     for e, a in zip(engines, assistants):
         label = f"@{a.name}" if len(engines) > 1 else ""
         methods += [
-            core.engine_method(e, s, max_new_tokens, label)
+            core.engine_method(e, s, max_new, label)
             for s in strategies
             if e is eng or core.parse_strategy(s)[0] not in core.NO_ASSISTANT
         ]
     methods += core.peer_methods(
-        list(peers), hf_main, hf_asst, main, assistant, threads, max_new_tokens, workdir, log
+        list(peers), hf_main, hf_asst, main, assistant, threads, max_new, workdir, log
     )
-    alone_methods = select_alone(methods, alone)
-    quiet_start(monitor, wait_quiet, require_quiet, log)
-    t0 = time.perf_counter()
-    core.interleave(methods, ids, rounds, progress, monitor.watch)
-    monitor.phase = "alone"
-    alone_res = measure_alone(alone_methods, ids, rounds, progress, monitor.watch)
-    quiet_summary = monitor.summary()
-    table = core.rows(methods, len(ids), rounds)
-    add_alone(table, alone_res)
-    add_quiet(table, quiet_summary)
-    results = {
-        "settings": {
-            "main": str(main),
-            "assistant": ",".join(map(str, assistants)),
-            "prompts": len(ids),
-            "max_new_tokens": max_new_tokens,
-            "threads": threads,
-            "rounds": rounds,
-            "provider": provider,
-            "quick": quick,
-            "mean_input_tokens": sum(map(len, ids)) / len(ids),
-            "alone": [m.name for m in alone_methods],
-            "quiet_threshold": quiet_threshold,
-            "quiet_load": quiet_load,
-            "wait_quiet": wait_quiet,
-        },
-        "machine": core.machine(),
-        "quiet": quiet_summary,
-        "rows": table,
-        "alone": alone_res,
+    return methods
+
+
+def _sweeps(eng, sw_ids, max_new: int, quick: bool, progress) -> dict:
+    """Speed-up against stairs batch size and assisted draft length."""
+    return {
+        "batch_size": core.sweep(
+            eng,
+            sw_ids,
+            max_new,
+            "stairs",
+            "batch_size",
+            [2, 3] if quick else list(range(2, 11)),
+            progress,
+        ),
+        "draft_tokens": core.sweep(
+            eng,
+            sw_ids,
+            max_new,
+            "assisted",
+            "draft_tokens",
+            [1, 2] if quick else list(range(1, 11)),
+            progress,
+        ),
     }
-    if sweeps:
-        sw_ids = ids[:sweep_prompts]
-        eng = engines[-1]  # sweeps with the last assistant given
-        results["sweeps"] = {
-            "batch_size": core.sweep(
-                eng,
-                sw_ids,
-                max_new_tokens,
-                "stairs",
-                "batch_size",
-                [2, 3] if quick else list(range(2, 11)),
-                progress,
-            ),
-            "draft_tokens": core.sweep(
-                eng,
-                sw_ids,
-                max_new_tokens,
-                "assisted",
-                "draft_tokens",
-                [1, 2] if quick else list(range(1, 11)),
-                progress,
-            ),
-        }
-    results["seconds"] = time.perf_counter() - t0
+
+
+def _write_results(results: dict, out: Path, log) -> None:
+    """Write results.json, results.md and the plots; warn if the machine was not quiet."""
     core.save(results, out)
     core.write_atomic(out / "results.md", report.markdown(results))
     results["plots"] = report.plots(results, out)
     core.save(results, out)
     log((out / "results.md").read_text())
+    quiet_summary = results["quiet"]
     if not quiet_summary["ok"]:
         warn(
             "machine was NOT quiet; these figures are not a fair comparison:\n  "
             + "\n  ".join(quiet_summary["reasons"])
         )
-    return results
