@@ -657,29 +657,14 @@ def _absolute(path: Path) -> Path:
     return path.parent.resolve() / path.name
 
 
-def _export(
-    model,
-    output,
-    assistant,
-    dtype,
-    opset,
-    device,
-    force,
-    quiet,
-    assistant_dtype,
-    optimum=False,
-    overrides=None,
-):
-    """export_model's body: its arguments, already checked. One function over 60 lines on
-    purpose: refusals, temporary folders, exports, pairing and the swap read in the order they
-    happen, with one cleanup for all of them."""
-    t0 = time.perf_counter()
+def _plan(model, output, assistant, force) -> tuple[Path, list[tuple[Path, Path]]]:
+    """Resolve the sources and their output folders, refusing before any work: unsafe or
+    existing outputs and mismatched pairs. Returns (main output, [(source, target)], main first)."""
     src, name = resolve_source(model)
     out = _absolute(Path(output) if output else MODELS_DIR / name)
     if assistant == "auto":
         entry = lookup(model)
         assistant = entry["assistant"] if entry else None
-    # Refuse before any work: unsafe or existing outputs and mismatched pairs.
     targets = [(src, out)]
     if assistant:
         a_src, a_name = resolve_source(assistant)
@@ -693,37 +678,86 @@ def _export(
             )
     for _, target in targets:
         check_target(target, [s for s, _ in targets], force)
+    return out, targets
 
+
+def _export_targets(
+    targets, tmps, created, dtype, opset, device, quiet, assistant_dtype, optimum, overrides
+) -> dict:
+    """Export each (source, target) into a new temporary folder beside its target; appends the
+    folders to tmps and the parents it made to created (for the caller's cleanup). Returns the
+    manifests by target."""
     manifests: dict = {}
+    for i, (s, target) in enumerate(targets):
+        d = dtype if i == 0 else (assistant_dtype or ASSISTANT_DTYPE)
+        created += _make_dirs(target.parent)
+        tmps.append(_make_tmp(target))
+        _log(quiet, f"exporting {s} -> {target} ({d})")
+        try:
+            manifests[str(target)] = _export_one(
+                s,
+                tmps[-1],
+                d,
+                opset,
+                device,
+                quiet,
+                optimum=optimum,
+                quant=settings(d, i == 1, overrides),  # a main's or an assistant's
+            )
+        except ExportError:
+            raise
+        except Exception as exc:  # optimum, torch.onnx, ONNX Runtime, the disk
+            raise as_export_error(exc, target) from exc
+    return manifests
+
+
+def _link_pair(targets, tmps: list[Path], manifests: dict) -> None:
+    """Name in each manifest of a main/assistant pair the other's folder (relative to its own)
+    and write both stairs.json again."""
+    (_, main_out), (_, asst_out) = targets
+    manifests[str(main_out)]["assistant"] = os.path.relpath(asst_out, main_out)
+    manifests[str(asst_out)]["main"] = os.path.relpath(main_out, asst_out)
+    for tmp, (_, target) in zip(tmps, targets):
+        (tmp / "stairs.json").write_text(json.dumps(manifests[str(target)], indent=2))
+
+
+def _discard(tmps: list[Path], created: list[Path]) -> None:
+    """Remove the temporary folders and the parents made for them (each only if still empty)."""
+    with _signals_held():  # a second Ctrl-C must not cut the cleanup short
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()  # only if still empty: something else may have landed there
+            except OSError:
+                pass
+
+
+def _export(
+    model,
+    output,
+    assistant,
+    dtype,
+    opset,
+    device,
+    force,
+    quiet,
+    assistant_dtype,
+    optimum=False,
+    overrides=None,
+):
+    """export_model's body: its arguments, already checked. Refusals, exports into temporary
+    folders, pairing and the swap, with one cleanup for all of them."""
+    t0 = time.perf_counter()
+    out, targets = _plan(model, output, assistant, force)
     tmps: list[Path] = []
     created: list[Path] = []
     try:
-        for i, (s, target) in enumerate(targets):
-            d = dtype if i == 0 else (assistant_dtype or ASSISTANT_DTYPE)
-            created += _make_dirs(target.parent)
-            tmps.append(_make_tmp(target))
-            _log(quiet, f"exporting {s} -> {target} ({d})")
-            try:
-                manifests[str(target)] = _export_one(
-                    s,
-                    tmps[-1],
-                    d,
-                    opset,
-                    device,
-                    quiet,
-                    optimum=optimum,
-                    quant=settings(d, i == 1, overrides),  # a main's or an assistant's
-                )
-            except ExportError:
-                raise
-            except Exception as exc:  # optimum, torch.onnx, ONNX Runtime, the disk
-                raise as_export_error(exc, target) from exc
+        manifests = _export_targets(
+            targets, tmps, created, dtype, opset, device, quiet, assistant_dtype, optimum, overrides
+        )
         if len(targets) == 2:
-            (_, main_out), (_, asst_out) = targets
-            manifests[str(main_out)]["assistant"] = os.path.relpath(asst_out, main_out)
-            manifests[str(asst_out)]["main"] = os.path.relpath(main_out, asst_out)
-            for tmp, (_, target) in zip(tmps, targets):
-                (tmp / "stairs.json").write_text(json.dumps(manifests[str(target)], indent=2))
+            _link_pair(targets, tmps, manifests)
         _stage(None, "swap")
         swap_in(
             [(tmp, target) for tmp, (_, target) in zip(tmps, targets)],
@@ -731,18 +765,11 @@ def _export(
             force,
         )
     except BaseException:  # Ctrl-C and SIGTERM included: never leave a half-written folder
-        with _signals_held():  # a second Ctrl-C must not cut the cleanup short
-            for tmp in tmps:
-                shutil.rmtree(tmp, ignore_errors=True)
-            for d in reversed(created):
-                try:
-                    d.rmdir()  # only if still empty: something else may have landed there
-                except OSError:
-                    pass
+        _discard(tmps, created)
         raise
     return ExportResult(
         main=out,
-        assistant=targets[1][1] if assistant else None,
+        assistant=targets[1][1] if len(targets) == 2 else None,
         seconds=time.perf_counter() - t0,
         manifests=manifests,
     )

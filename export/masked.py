@@ -67,9 +67,65 @@ def _bucket_table(attn):
     return table[: md + 1].clone()
 
 
-def _modules(model):
-    """Torch modules of the masked decoder and the cross key/value projector, sharing the HF
-    model's parameters."""
+def _split(x, b, heads, d_kv):
+    """[B, L, H*D] -> [B, H, L, D]."""
+    return x.view(b, -1, heads, d_kv).transpose(1, 2)
+
+
+def _attend(q, k, v, bias, o, b, heads, d_kv):
+    """One attention of the masked graphs: T5's (no 1/sqrt(d_kv) scaling), softmax in fp32 as
+    HF, over one extra query row (a copy of the first, dropped after): ORT multiplies a single
+    query row by another kernel path, so with >= 2 rows a token's attention is the same bits
+    however many share its row."""
+    import torch
+
+    t = q.shape[2]
+    q = torch.cat([q, q[:, :, :1]], dim=2)
+    if bias.shape[2] > 1:  # self attention: a bias row per query (cross: one, broadcast)
+        bias = torch.cat([bias, bias[:, :, :1]], dim=2)
+    scores = torch.matmul(q, k.transpose(3, 2)) + bias
+    weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
+    out = torch.matmul(weights, v)[:, :, :t].transpose(1, 2).reshape(b, -1, heads * d_kv)
+    return o(out)
+
+
+def _embed(dec, tied: bool, input_ids, b, t):
+    """The decoder's input embeddings [B, T, M] and, when tied, the transposed [M, V] weight the
+    logits reuse (else None)."""
+    import torch
+
+    if tied:
+        # One [M, V] weight serves both ends: the folded transpose feeds the logits'
+        # MatMul and the embedding gathers its columns (else the file holds it twice).
+        wt = dec.embed_tokens.weight.t()
+        return torch.index_select(wt, 1, input_ids.reshape(-1)).t().reshape(b, t, -1), wt
+    return dec.embed_tokens(input_ids), None
+
+
+def _biases(m, b, t, positions, past_positions, attention_mask, new_slots, enc_mask):
+    """(self-attention bias [B, H, T, C] with the mask folded in, the new tokens' slot index for
+    the key/value scatters, cross-attention bias) of one call of m (the MaskedDecoder)."""
+    import torch
+
+    # Relative position bias from key position - query position (decoder: causal
+    # buckets), the table of block 0 shared by every layer as in HF.
+    # One buffer: the new tokens' keys go into their slots before attending, so every
+    # key sits at its slot's index in every reduction, whatever else the call carries
+    # (a concatenation would put a token at another index in each call shape).
+    key_pos = past_positions.scatter(1, new_slots, positions)
+    dist = (positions[:, :, None] - key_pos[:, None, :]).clamp(0, m.max_distance)
+    table = m.dec.block[0].layer[0].SelfAttention.relative_attention_bias
+    bias = table(m.buckets[dist]).permute(0, 3, 1, 2)  # [B, H, T, C]
+    slot_idx = new_slots[:, None, :, None].expand(b, m.heads, t, m.d_kv)
+    keep = attention_mask[:, None, :, :].to(torch.float32)
+    self_bias = bias + (1.0 - keep) * m.min_value
+    cross_bias = (1.0 - enc_mask[:, None, None, :].to(torch.float32)) * m.min_value
+    return self_bias, slot_idx, cross_bias
+
+
+def _masked_decoder(model):
+    """The masked decoder as a torch module sharing the HF model's parameters. Its forward stays
+    one piece: it is what torch.onnx traces, read top to bottom as the graph it becomes."""
     import torch
     from torch import nn
 
@@ -77,24 +133,6 @@ def _modules(model):
     dec = model.decoder
     heads, d_kv = cfg.num_heads, cfg.d_kv
     layers = len(dec.block)
-    names = _io_names(layers)
-    min_value = torch.finfo(torch.float32).min
-
-    def split(x, b):  # [B, L, H*D] -> [B, H, L, D]
-        return x.view(b, -1, heads, d_kv).transpose(1, 2)
-
-    def attend(q, k, v, bias, o, b):
-        # T5: no 1/sqrt(d_kv) scaling; softmax in fp32 as HF. One extra query row (a copy of
-        # the first, dropped after): ORT multiplies a single query row by another kernel path,
-        # so with >= 2 rows a token's attention is the same bits however many share its row.
-        t = q.shape[2]
-        q = torch.cat([q, q[:, :, :1]], dim=2)
-        if bias.shape[2] > 1:  # self attention: a bias row per query (cross: one, broadcast)
-            bias = torch.cat([bias, bias[:, :, :1]], dim=2)
-        scores = torch.matmul(q, k.transpose(3, 2)) + bias
-        weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
-        out = torch.matmul(weights, v)[:, :, :t].transpose(1, 2).reshape(b, -1, heads * d_kv)
-        return o(out)
 
     class MaskedDecoder(nn.Module):
         def __init__(self):
@@ -104,49 +142,34 @@ def _modules(model):
             self.tied = model.lm_head.weight is dec.embed_tokens.weight
             self.register_buffer("buckets", _bucket_table(dec.block[0].layer[0].SelfAttention))
             self.max_distance = dec.block[0].layer[0].SelfAttention.relative_attention_max_distance
+            self.heads, self.d_kv = heads, d_kv
+            self.min_value = torch.finfo(torch.float32).min
 
         def forward(self, input_ids, positions, past_positions, attention_mask, new_slots, *rest):
             past, rest = rest[: 2 * layers], rest[2 * layers :]
             cross, enc_mask = rest[: 2 * layers], rest[2 * layers]
             dec = self.dec
             b, t = input_ids.shape
-            if self.tied:
-                # One [M, V] weight serves both ends: the folded transpose feeds the logits'
-                # MatMul and the embedding gathers its columns (else the file holds it twice).
-                wt = dec.embed_tokens.weight.t()
-                h = torch.index_select(wt, 1, input_ids.reshape(-1)).t().reshape(b, t, -1)
-            else:
-                h = dec.embed_tokens(input_ids)
-            # Relative position bias from key position - query position (decoder: causal
-            # buckets), the table of block 0 shared by every layer as in HF.
-            # One buffer: the new tokens' keys go into their slots before attending, so every
-            # key sits at its slot's index in every reduction, whatever else the call carries
-            # (a concatenation would put a token at another index in each call shape).
-            key_pos = past_positions.scatter(1, new_slots, positions)
-            dist = (positions[:, :, None] - key_pos[:, None, :]).clamp(0, self.max_distance)
-            table = dec.block[0].layer[0].SelfAttention.relative_attention_bias
-            bias = table(self.buckets[dist]).permute(0, 3, 1, 2)  # [B, H, T, C]
-            slot_idx = new_slots[:, None, :, None].expand(b, heads, t, d_kv)
-            keep = attention_mask[:, None, :, :].to(torch.float32)
-            self_bias = bias + (1.0 - keep) * min_value
-            cross_bias = (1.0 - enc_mask[:, None, None, :].to(torch.float32)) * min_value
+            h, wt = _embed(dec, self.tied, input_ids, b, t)
+            self_bias, slot_idx, cross_bias = _biases(
+                self, b, t, positions, past_positions, attention_mask, new_slots, enc_mask
+            )
             presents, full = [], []
             for i, block in enumerate(dec.block):
                 sa = block.layer[0]
                 x = sa.layer_norm(h)
-                k_new = split(sa.SelfAttention.k(x), b)
-                v_new = split(sa.SelfAttention.v(x), b)
+                k_new = _split(sa.SelfAttention.k(x), b, heads, d_kv)
+                v_new = _split(sa.SelfAttention.v(x), b, heads, d_kv)
                 presents += [k_new, v_new]
                 k = past[2 * i].scatter(2, slot_idx, k_new)
                 v = past[2 * i + 1].scatter(2, slot_idx, v_new)
                 full += [k, v]
-                q = split(sa.SelfAttention.q(x), b)
-                h = h + attend(q, k, v, self_bias, sa.SelfAttention.o, b)
+                q = _split(sa.SelfAttention.q(x), b, heads, d_kv)
+                h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv)
                 ca = block.layer[1]
-                q = split(ca.EncDecAttention.q(ca.layer_norm(h)), b)
-                h = h + attend(
-                    q, cross[2 * i], cross[2 * i + 1], cross_bias, ca.EncDecAttention.o, b
-                )
+                q = _split(ca.EncDecAttention.q(ca.layer_norm(h)), b, heads, d_kv)
+                cross_kv = cross[2 * i], cross[2 * i + 1]
+                h = h + _attend(q, *cross_kv, cross_bias, ca.EncDecAttention.o, b, heads, d_kv)
                 h = block.layer[2](h)
             h = dec.final_layer_norm(h)
             if cfg.tie_word_embeddings:
@@ -154,10 +177,19 @@ def _modules(model):
             logits = torch.matmul(h, wt) if self.tied else self.lm_head(h)
             return (logits, *presents, *full)
 
+    return MaskedDecoder()
+
+
+def _cross_kv(model):
+    """The cross key/value projector as a torch module sharing the HF model's parameters."""
+    from torch import nn
+
+    cfg = model.config
+
     class CrossKV(nn.Module):
         def __init__(self):
             super().__init__()
-            self.dec = dec
+            self.dec = model.decoder
 
         def forward(self, encoder_hidden_states):
             b = encoder_hidden_states.shape[0]
@@ -165,12 +197,19 @@ def _modules(model):
             for block in self.dec.block:
                 att = block.layer[1].EncDecAttention
                 out += [
-                    split(att.k(encoder_hidden_states), b),
-                    split(att.v(encoder_hidden_states), b),
+                    _split(att.k(encoder_hidden_states), b, cfg.num_heads, cfg.d_kv),
+                    _split(att.v(encoder_hidden_states), b, cfg.num_heads, cfg.d_kv),
                 ]
             return tuple(out)
 
-    return MaskedDecoder().eval(), CrossKV().eval(), names
+    return CrossKV()
+
+
+def _modules(model):
+    """Torch modules of the masked decoder and the cross key/value projector, sharing the HF
+    model's parameters, and both graphs' input/output names."""
+    names = _io_names(len(model.decoder.block))
+    return _masked_decoder(model).eval(), _cross_kv(model).eval(), names
 
 
 def _save(tmp_dir: Path, name: str, out_dir: Path) -> list[str]:
@@ -228,6 +267,65 @@ def follow_umask(path: Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
+def _decoder_job(decoder, names: dict, cfg) -> tuple:
+    """The masked decoder's export job (file, module, sample args, inputs, outputs, dynamic
+    axes): 2 rows of 3 new tokens over 4 past slots, prompts of 5."""
+    import torch
+
+    b, t, p, s = 2, 3, 4, 5
+    h, d = cfg.num_heads, cfg.d_kv
+    rows = torch.arange(t)[None].expand(b, t)
+    c = p + t  # capacity: the new tokens take slots p .. p+t-1 of the one buffer
+    dec_args = (
+        torch.ones(b, t, dtype=torch.long),
+        rows + p,
+        torch.arange(c)[None].expand(b, c).contiguous(),
+        torch.ones(b, t, c, dtype=torch.long),
+        (rows + p).contiguous(),
+        *[torch.zeros(b, h, c, d) for _ in names["past"]],
+        *[torch.zeros(b, h, s, d) for _ in names["cross"]],
+        torch.ones(b, s, dtype=torch.long),
+    )
+    dec_in = ["input_ids", "positions", "past_positions", "attention_mask", "new_slots"]
+    dec_in += names["past"] + names["cross"] + ["encoder_attention_mask"]
+    dec_out = ["logits"] + names["present"] + names["full"]
+    return (DECODER_FILE, decoder, dec_args, dec_in, dec_out, _decoder_axes(names))
+
+
+def _decoder_axes(names: dict) -> dict:
+    """The masked decoder's dynamic axes, by input/output name."""
+    axes = {
+        "input_ids": {0: "batch", 1: "tokens"},
+        "positions": {0: "batch", 1: "tokens"},
+        "past_positions": {0: "batch", 1: "past"},
+        "attention_mask": {0: "batch", 1: "tokens", 2: "past"},
+        "new_slots": {0: "batch", 1: "tokens"},
+        "encoder_attention_mask": {0: "batch", 1: "source"},
+        "logits": {0: "batch", 1: "tokens"},
+    }
+    axes.update({n: {0: "batch", 2: "past"} for n in names["past"]})
+    axes.update({n: {0: "batch", 2: "source"} for n in names["cross"]})
+    axes.update({n: {0: "batch", 2: "tokens"} for n in names["present"]})
+    axes.update({n: {0: "batch", 2: "past"} for n in names["full"]})
+    return axes
+
+
+def _cross_job(cross, names: dict, cfg) -> tuple:
+    """The cross key/value graph's export job (as `_decoder_job`'s), prompts of 5."""
+    import torch
+
+    b, s = 2, 5
+    return (
+        CROSS_FILE,
+        cross,
+        (torch.zeros(b, s, cfg.d_model),),
+        ["encoder_hidden_states"],
+        names["cross"],
+        {"encoder_hidden_states": {0: "batch", 1: "source"}}
+        | {n: {0: "batch", 2: "source"} for n in names["cross"]},
+    )
+
+
 def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
     """Export `decoder_masked_model.onnx` and `cross_kv_model.onnx` of a loaded
     `T5ForConditionalGeneration` (float32, eval) into out_dir; returns the file names written.
@@ -246,48 +344,7 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     decoder, cross, names = _modules(model)
-    b, t, p, s = 2, 3, 4, 5
-    h, d = cfg.num_heads, cfg.d_kv
-    rows = torch.arange(t)[None].expand(b, t)
-    c = p + t  # capacity: the new tokens take slots p .. p+t-1 of the one buffer
-    dec_args = (
-        torch.ones(b, t, dtype=torch.long),
-        rows + p,
-        torch.arange(c)[None].expand(b, c).contiguous(),
-        torch.ones(b, t, c, dtype=torch.long),
-        (rows + p).contiguous(),
-        *[torch.zeros(b, h, c, d) for _ in names["past"]],
-        *[torch.zeros(b, h, s, d) for _ in names["cross"]],
-        torch.ones(b, s, dtype=torch.long),
-    )
-    dec_in = ["input_ids", "positions", "past_positions", "attention_mask", "new_slots"]
-    dec_in += names["past"] + names["cross"] + ["encoder_attention_mask"]
-    dec_out = ["logits"] + names["present"] + names["full"]
-    axes = {
-        "input_ids": {0: "batch", 1: "tokens"},
-        "positions": {0: "batch", 1: "tokens"},
-        "past_positions": {0: "batch", 1: "past"},
-        "attention_mask": {0: "batch", 1: "tokens", 2: "past"},
-        "new_slots": {0: "batch", 1: "tokens"},
-        "encoder_attention_mask": {0: "batch", 1: "source"},
-        "logits": {0: "batch", 1: "tokens"},
-    }
-    axes.update({n: {0: "batch", 2: "past"} for n in names["past"]})
-    axes.update({n: {0: "batch", 2: "source"} for n in names["cross"]})
-    axes.update({n: {0: "batch", 2: "tokens"} for n in names["present"]})
-    axes.update({n: {0: "batch", 2: "past"} for n in names["full"]})
-    jobs = [
-        (DECODER_FILE, decoder, dec_args, dec_in, dec_out, axes),
-        (
-            CROSS_FILE,
-            cross,
-            (torch.zeros(b, s, cfg.d_model),),
-            ["encoder_hidden_states"],
-            names["cross"],
-            {"encoder_hidden_states": {0: "batch", 1: "source"}}
-            | {n: {0: "batch", 2: "source"} for n in names["cross"]},
-        ),
-    ]
+    jobs = [_decoder_job(decoder, names, cfg), _cross_job(cross, names, cfg)]
     written = _export_jobs(jobs, out_dir, opset)
     mark_query_rows(out_dir / DECODER_FILE)
     return written
@@ -480,22 +537,10 @@ def _hf_logits(model, enc_ids: list[int], dec_ids: list[int]) -> np.ndarray:
     return out.logits[0].numpy()
 
 
-def masked_reference(model) -> dict:
-    """PyTorch numbers `check_masked_decoder` compares both graphs with: random prompts and
-    decoder tokens for every case, the encoder states, HF's cross key/values and HF's own
-    logits. Computed while the model is loaded, so it can be freed before ONNX Runtime loads
-    the files (as export.validate.torch_reference)."""
+def _encode_prompts(model, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(encoder states, encoder mask) of the prompts, right-padded into one batch."""
     import torch
 
-    cfg = model.config
-    rng = np.random.default_rng(0)
-    vocab, start = cfg.vocab_size, cfg.decoder_start_token_id
-
-    def toks(n):
-        return [int(x) for x in rng.integers(3, vocab, n)]
-
-    # Three prompts of different lengths, right-padded: the encoder mask is exercised too.
-    prompts = [toks(n) + [cfg.eos_token_id] for n in (11, 7, 4)]
     s = max(len(p) for p in prompts)
     enc_ids = np.zeros((3, s), np.int64)
     enc_mask = np.zeros((3, s), np.int64)
@@ -505,7 +550,15 @@ def masked_reference(model) -> dict:
         enc = model.encoder(
             input_ids=torch.from_numpy(enc_ids), attention_mask=torch.from_numpy(enc_mask)
         ).last_hidden_state.numpy()
-    cross = []  # per prompt: HF's projections of its (unpadded) encoder states
+    return enc, enc_mask
+
+
+def _hf_cross(model, prompts: list[list[int]], enc: np.ndarray) -> list[dict]:
+    """Per prompt: HF's cross key/value projections of its (unpadded) encoder states."""
+    import torch
+
+    cfg = model.config
+    cross = []
     with torch.no_grad():
         for r, p in enumerate(prompts):
             h = torch.from_numpy(enc[r : r + 1, : len(p)])
@@ -516,19 +569,13 @@ def masked_reference(model) -> dict:
                     want = lin(h).view(1, -1, cfg.num_heads, cfg.d_kv).transpose(1, 2).numpy()
                     row[f"cross_key_values.{i}.{kv}"] = want
             cross.append(row)
+    return cross
 
-    def hf(r: int, seq: list[int]) -> np.ndarray:
-        return _hf_logits(model, prompts[r], seq)
 
-    ref: dict = {
-        "layers": len(model.decoder.block),
-        "heads": cfg.num_heads,
-        "d_kv": cfg.d_kv,
-        "prompts": prompts,
-        "enc": enc,
-        "enc_mask": enc_mask,
-        "cross": cross,
-    }
+def _reference_cases(hf, toks, start: int) -> dict:
+    """Decoder tokens and HF's logits of cases d, a, b, c (see `check_masked_decoder`); hf(r,
+    seq) gives prompt r's logits, toks(n) n random tokens (drawn in this order)."""
+    ref: dict = {}
     # (d) P = 0, several tokens per row.
     d = [[start] + toks(4) for _ in range(3)]
     ref["d"] = {"seqs": d, "logits": [hf(r, d[r]) for r in range(3)]}
@@ -565,45 +612,71 @@ def masked_reference(model) -> dict:
     return ref
 
 
-def check_masked_decoder(ref: dict, out_dir: Path, tol: float | None = 1e-4) -> dict:
-    """Run both graphs in out_dir on the cases of `ref` (from `masked_reference`): ragged rows,
-    masked holes, a tree row and a first step with no past; every cache is built from the
-    graph's own present outputs. tol is relative to max(1, max |reference|), like the other
-    files' validation; None only records the differences (non-finite outputs still raise).
-    Returns the max abs difference per case; raises ValidationError naming the file and case."""
-    out_dir = Path(out_dir)
-    g = _Graphs(out_dir, ref["layers"], ref["heads"], ref["d_kv"])
-    report: dict = {}
+def masked_reference(model) -> dict:
+    """PyTorch numbers `check_masked_decoder` compares both graphs with: random prompts and
+    decoder tokens for every case, the encoder states, HF's cross key/values and HF's own
+    logits. Computed while the model is loaded, so it can be freed before ONNX Runtime loads
+    the files (as export.validate.torch_reference)."""
+    cfg = model.config
+    rng = np.random.default_rng(0)
+    vocab, start = cfg.vocab_size, cfg.decoder_start_token_id
 
-    def check(case: str, got: np.ndarray, want: np.ndarray, file: str = DECODER_FILE):
+    def toks(n):
+        return [int(x) for x in rng.integers(3, vocab, n)]
+
+    # Three prompts of different lengths, right-padded: the encoder mask is exercised too.
+    prompts = [toks(n) + [cfg.eos_token_id] for n in (11, 7, 4)]
+    enc, enc_mask = _encode_prompts(model, prompts)
+    cross = _hf_cross(model, prompts, enc)
+
+    def hf(r: int, seq: list[int]) -> np.ndarray:
+        return _hf_logits(model, prompts[r], seq)
+
+    ref: dict = {
+        "layers": len(model.decoder.block),
+        "heads": cfg.num_heads,
+        "d_kv": cfg.d_kv,
+        "prompts": prompts,
+        "enc": enc,
+        "enc_mask": enc_mask,
+        "cross": cross,
+    }
+    return ref | _reference_cases(hf, toks, start)
+
+
+class _Checker:
+    """Compares graph outputs with the reference, recording the max abs difference per case."""
+
+    def __init__(self, tol: float | None):
+        self.tol = tol
+        self.report: dict = {}
+
+    def __call__(self, case: str, got: np.ndarray, want: np.ndarray, file: str = DECODER_FILE):
         diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
-        bound = np.inf if tol is None else tol * max(1.0, float(np.max(np.abs(want))))
-        report[case] = max(report.get(case, 0.0), diff)
+        bound = np.inf if self.tol is None else self.tol * max(1.0, float(np.max(np.abs(want))))
+        self.report[case] = max(self.report.get(case, 0.0), diff)
         if not np.isfinite(diff) or diff > bound:
             raise ValidationError(file, case, diff, bound)
 
-    prompts, enc_mask = ref["prompts"], ref["enc_mask"]
-    cross = g.cross_kv(ref["enc"])
-    for r, p in enumerate(prompts):
-        for name, want in ref["cross"][r].items():
-            check("cross_kv", cross[name][r : r + 1, :, : len(p)], want, CROSS_FILE)
 
-    def rows_of(rows: list[int]):
-        return {k: v[rows] for k, v in cross.items()}, enc_mask[rows]
+def _causal(n: int) -> np.ndarray:
+    """[n, n] lower-triangular ones: each new token sees itself and those before it."""
+    return np.tril(np.ones((n, n), np.int64))
 
-    # (d) P = 0, several tokens per row, causal.
+
+def _check_first_step(g: _Graphs, ref: dict, check: _Checker, cr: dict, em) -> None:
+    """(d) P = 0, several tokens per row, causal."""
     seqs = ref["d"]["seqs"]
-    cr, em = rows_of([0, 1, 2])
-    causal = np.tril(np.ones((5, 5), np.int64))
     logits, _ = g.step(
-        seqs, [list(range(5))] * 3, np.zeros((3, 0)), [causal] * 3, g.empty_past(3), cr, em
+        seqs, [list(range(5))] * 3, np.zeros((3, 0)), [_causal(5)] * 3, g.empty_past(3), cr, em
     )
     for r in range(3):
         check("d: first step, no past", logits[r], ref["d"]["logits"][r])
 
-    # (a) ragged rows: past lengths 5, 2, 3 left-padded in the cache; then 1, 4, 2 new tokens
-    # right-padded; then one more token per row over the right-padding holes.
-    ra = ref["a"]
+
+def _check_ragged(g: _Graphs, ra: dict, check: _Checker, cr: dict, em) -> None:
+    """(a) ragged rows: past lengths 5, 2, 3 left-padded in the cache; then 1, 4, 2 new tokens
+    right-padded; then one more token per row over the right-padding holes."""
     past_len, new_len, seqs = ra["past_len"], ra["new_len"], ra["seqs"]
     pmax, nmax = max(past_len), max(new_len)
     ids = np.zeros((3, pmax), np.int64)
@@ -612,7 +685,7 @@ def check_masked_decoder(ref: dict, out_dir: Path, tol: float | None = 1e-4) -> 
     for r, p in enumerate(past_len):
         ids[r, pmax - p :] = seqs[r][:p]
         pos[r, pmax - p :] = np.arange(p)
-        mask[r, pmax - p :, pmax - p :] = np.tril(np.ones((p, p), np.int64))
+        mask[r, pmax - p :, pmax - p :] = _causal(p)
     # Padding query rows attend to nothing here: their outputs must stay finite.
     logits, past = g.step(ids, pos, np.zeros((3, 0)), mask, g.empty_past(3), cr, em)
     if not np.isfinite(logits).all():
@@ -629,7 +702,7 @@ def check_masked_decoder(ref: dict, out_dir: Path, tol: float | None = 1e-4) -> 
         ids[r, :n] = seqs[r][p : p + n]
         pos[r, :n] = np.arange(p, p + n)
         mask[r, :n, :pmax] = kept[r]
-        mask[r, :n, pmax : pmax + n] = np.tril(np.ones((n, n), np.int64))
+        mask[r, :n, pmax : pmax + n] = _causal(n)
     logits, past = g.step(ids, pos, past_pos, mask, past, cr, em)
     for r, n in enumerate(new_len):
         check("a: ragged rows", logits[r, :n], ra["new"][r])
@@ -642,10 +715,11 @@ def check_masked_decoder(ref: dict, out_dir: Path, tol: float | None = 1e-4) -> 
     for r in range(3):
         check("a: ragged rows", logits[r, 0], ra["last"][r])
 
-    # (b) holes: prefix of 4; 4 drafts of which 1 is kept, 3 rejected and left in the cache as
-    # masked slots (positions arbitrary); then 2 tokens at positions 5, 6; then 1 at 7.
-    rb = ref["b"]
-    cr, em = rows_of([0])
+
+def _check_holes(g: _Graphs, rb: dict, check: _Checker, cr: dict, em) -> None:
+    """(b) holes: prefix of 4; 4 drafts of which 1 is kept, 3 rejected and left in the cache as
+    masked slots (positions arbitrary); then 2 tokens at positions 5, 6; then 1 at 7."""
+    causal = _causal(5)
     prefix, drafts, tail = rb["prefix"], rb["drafts"], rb["tail"]
     _, past = g.step(
         [prefix], [list(range(4))], np.zeros((1, 0)), causal[None, :4, :4], g.empty_past(1), cr, em
@@ -661,13 +735,14 @@ def check_masked_decoder(ref: dict, out_dir: Path, tol: float | None = 1e-4) -> 
     logits, _ = g.step([tail[2:]], [[7]], [past_pos[0] + [5, 6]], mask, past, cr, em)
     check("b: masked holes", logits[0], rb["logits"][7:8])
 
-    # (c) one row, two tree branches after a shared 3-token prefix: A = 2 tokens, B = 3 tokens,
-    # laid out [a1 a2 b1 b2 b3] at depth positions [3 4 3 4 5]; then branch B accepted and one
-    # more token at position 6 with A's slots masked.
-    rc = ref["c"]
+
+def _check_tree(g: _Graphs, rc: dict, check: _Checker, cr: dict, em) -> None:
+    """(c) one row, two tree branches after a shared 3-token prefix: A = 2 tokens, B = 3 tokens,
+    laid out [a1 a2 b1 b2 b3] at depth positions [3 4 3 4 5]; then branch B accepted and one
+    more token at position 6 with A's slots masked."""
     prefix, br_a, br_b, nxt = rc["prefix"], rc["a"], rc["b"], rc["next"]
     _, past = g.step(
-        [prefix], [[0, 1, 2]], np.zeros((1, 0)), causal[None, :3, :3], g.empty_past(1), cr, em
+        [prefix], [[0, 1, 2]], np.zeros((1, 0)), _causal(3)[None], g.empty_past(1), cr, em
     )
     tree = np.zeros((5, 8), np.int64)
     tree[:, :3] = 1
@@ -681,7 +756,31 @@ def check_masked_decoder(ref: dict, out_dir: Path, tol: float | None = 1e-4) -> 
     mask = np.array([[[1, 1, 1, 0, 0, 1, 1, 1, 1]]], np.int64)
     logits, _ = g.step([nxt], [[6]], [[0, 1, 2, 3, 4, 3, 4, 5]], mask, past, cr, em)
     check("c: tree branches", logits[0], rc["logits_b"][6:7])
-    return report
+
+
+def check_masked_decoder(ref: dict, out_dir: Path, tol: float | None = 1e-4) -> dict:
+    """Run both graphs in out_dir on the cases of `ref` (from `masked_reference`): ragged rows,
+    masked holes, a tree row and a first step with no past; every cache is built from the
+    graph's own present outputs. tol is relative to max(1, max |reference|), like the other
+    files' validation; None only records the differences (non-finite outputs still raise).
+    Returns the max abs difference per case; raises ValidationError naming the file and case."""
+    out_dir = Path(out_dir)
+    g = _Graphs(out_dir, ref["layers"], ref["heads"], ref["d_kv"])
+    check = _Checker(tol)
+    prompts, enc_mask = ref["prompts"], ref["enc_mask"]
+    cross = g.cross_kv(ref["enc"])
+    for r, p in enumerate(prompts):
+        for name, want in ref["cross"][r].items():
+            check("cross_kv", cross[name][r : r + 1, :, : len(p)], want, CROSS_FILE)
+
+    def rows_of(rows: list[int]):
+        return {k: v[rows] for k, v in cross.items()}, enc_mask[rows]
+
+    _check_first_step(g, ref, check, *rows_of([0, 1, 2]))
+    _check_ragged(g, ref["a"], check, *rows_of([0, 1, 2]))
+    _check_holes(g, ref["b"], check, *rows_of([0]))
+    _check_tree(g, ref["c"], check, *rows_of([0]))
+    return check.report
 
 
 def validate_masked_decoder(model, out_dir: Path, tol: float | None = 1e-4) -> dict:
