@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.model import EXPORT_ID_KEY  # the metadata key the engine checks, named once
+
 from .errors import CheckpointError, ConversionError, OptionError, ValidationError
 
 # The one definition of both file names in export/ (export.core and the manifest use these).
@@ -36,7 +38,6 @@ DEFAULT_OPSET = 17
 # it loads: 2.15 GB anonymous RSS for a 1.44 GB decoder), and protobuf's 2 GB cap never applies.
 EXTERNAL_BYTES = 256 << 20
 QUERY_ROWS_KEY = "stairs.attention_query_rows"  # metadata: the attention's fewest query rows
-EXPORT_ID_KEY = "stairs.export_id"  # metadata: one id shared by every graph of one export
 
 
 def _io_names(layers: int) -> dict:
