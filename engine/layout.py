@@ -1,0 +1,88 @@
+"""The exported folder's format, named once: file names, manifest and metadata keys, and the
+graphs' input/output names. A leaf module (standard library only) that export/, engine/, serve/
+and bench/ import, so a rename cannot leave one side behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+# stairs.json's format_version. 2: the masked, positioned decoder and the cross key/value graph;
+# format 1 folders (optimum's two decoders only) are refused by the engine.
+FORMAT_VERSION = 2
+
+MANIFEST = "stairs.json"
+TUNE_FILE = "stairs-tune.json"  # stairs-tune's results, kept beside the manifest
+# Files a previous export may hold besides those its manifest lists.
+OWN_EXTRAS = frozenset({MANIFEST, TUNE_FILE})
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SPIECE_FILE = "spiece.model"
+TOKENIZER_FILES = (
+    SPIECE_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+ENCODER_FILE = "encoder_model.onnx"  # optimum's name and inputs, so either exporter's loads
+DECODER_FILE = "decoder_masked_model.onnx"
+CROSS_FILE = "cross_kv_model.onnx"
+GRAPH_FILES = (ENCODER_FILE, DECODER_FILE, CROSS_FILE)
+# optimum's decoders, written only with `stairs-export --optimum` for other tools
+OPTIMUM_DECODER_FILE = "decoder_model.onnx"
+OPTIMUM_PAST_FILE = "decoder_with_past_model.onnx"
+OPTIMUM_FILES = (OPTIMUM_DECODER_FILE, OPTIMUM_PAST_FILE)
+
+# graph metadata: the export a graph came from (graphs of other exports copied into a folder
+# are refused), and the attention's fewest query rows
+EXPORT_ID_KEY = "stairs.export_id"
+QUERY_ROWS_KEY = "stairs.attention_query_rows"
+
+# config.json keys a main and its assistant must share
+PAIR_KEYS = ("vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id")
+MAX_THREADS = 1024  # a bound on thread counts (ORT would try to start them all)
+
+# graph inputs and outputs
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITIONS = "positions"
+PAST_POSITIONS = "past_positions"
+NEW_SLOTS = "new_slots"
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+LAST_HIDDEN_STATE = "last_hidden_state"
+LOGITS = "logits"
+KV = ("key", "value")
+
+
+def past_names(layers: int) -> list[str]:
+    """The decoder's cache inputs: each layer's key and value buffer."""
+    return [f"past_key_values.{i}.decoder.{kv}" for i in range(layers) for kv in KV]
+
+
+def present_names(layers: int) -> list[str]:
+    """The decoder's outputs holding the new tokens' keys and values."""
+    return [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in KV]
+
+
+def full_names(layers: int) -> list[str]:
+    """The decoder's outputs holding each whole buffer after the new tokens' writes (a device
+    cache binds them to the past inputs, so the graph updates the cache in place)."""
+    return [f"kv_cache.{i}.decoder.{kv}" for i in range(layers) for kv in KV]
+
+
+def cross_names(layers: int) -> list[str]:
+    """The cross key/value graph's outputs, the decoder's cross inputs."""
+    return [f"cross_key_values.{i}.{kv}" for i in range(layers) for kv in KV]
+
+
+def sha256_file(path: str | Path, block: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in blocks of `block` bytes (16 MiB: full disk speed, little
+    memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
