@@ -14,7 +14,7 @@ from .errors import (
     PairMismatchError,
     ProviderError,
 )
-from .options import Limits
+from .options import Limits, LoadConfig
 from .stats import Stats
 from .strategies import STRATEGIES
 
@@ -27,6 +27,7 @@ __all__ = [
     "Health",
     "InputError",
     "Limits",
+    "LoadConfig",
     "ModelFileError",
     "NonFiniteLogitsError",
     "PairMismatchError",

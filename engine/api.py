@@ -14,14 +14,12 @@ from . import options as opt
 from . import scheduler as sch
 from .errors import EngineError, InputError, PairMismatchError
 from .handles import Handle, Worker
+from .layout import PAIR_KEYS, TUNE_FILE
 from .model import T5Model
 from .stats import Stats
 from .strategies import NEEDS_ASSISTANT, STRATEGIES
 from .tokenizer import text_pieces
 from .weights import WeightsCache
-
-PAIR_KEYS = ["vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id"]
-MAX_THREADS = 1024  # a bound on thread counts (ORT would try to start them all)
 
 
 @dataclass(frozen=True)
@@ -64,47 +62,37 @@ class Plan:
     auto_k: dict | None = None  # strategy auto: draft tokens by the number of active requests
 
 
-def _check_load_args(
-    main,
-    assistant,
-    provider,
-    threads,
-    provider_options,
-    assistant_provider,
-    assistant_threads,
-    flags: dict,
-    kv_cache=None,
-    limits=None,
-) -> None:
-    """Types of Engine.load's arguments, before any file is read or session created."""
-    if kv_cache not in opt.KV_CACHES:
-        raise InputError(f"kv_cache must be one of {', '.join(opt.KV_CACHES)}, not {kv_cache!r}")
+def _load_config(config, settings: dict) -> opt.LoadConfig:
+    """The LoadConfig of an Engine.load call: config, or one made of the keyword settings
+    (InputError if both are given, or a value is bad)."""
+    if config is None:
+        return opt.LoadConfig(**settings)
+    if not isinstance(config, opt.LoadConfig):
+        raise InputError(f"config must be an engine.LoadConfig, not {config!r}")
+    given = [k for k, v in settings.items() if not _same(v, getattr(_DEFAULT_LOAD, k))]
+    if given:
+        raise InputError(
+            f"give the load settings as config=LoadConfig(...) or as keyword arguments, not"
+            f" both (config and {', '.join(given)})"
+        )
+    return config
+
+
+def _same(a, b) -> bool:
+    """a is b's value, of b's type (so 1 is not taken for True)."""
+    return type(a) is type(b) and a == b
+
+
+_DEFAULT_LOAD = opt.LoadConfig()
+
+
+def _check_folders(main, assistant, limits) -> None:
+    """Types of Engine.load's folders and limits, before any file is read."""
     if limits is not None and not isinstance(limits, opt.Limits):
         raise InputError(f"limits must be an engine.options.Limits, not {limits!r}")
     for name, v, none_ok in (("main", main, False), ("assistant", assistant, True)):
         if not (isinstance(v, (str, Path)) or (v is None and none_ok)):
             raise InputError(f"{name} must be a folder path (str or Path), not {v!r}")
-    for name, v, none_ok in (
-        ("provider", provider, False),
-        ("assistant_provider", assistant_provider, True),
-    ):
-        if not (isinstance(v, str) or (v is None and none_ok)):
-            raise InputError(f"{name} must be a string (cpu, cuda, coreml or auto), not {v!r}")
-    for name, v in (("threads", threads), ("assistant_threads", assistant_threads)):
-        if v is not None and (
-            isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= MAX_THREADS
-        ):
-            raise InputError(
-                f"{name} must be None or an integer from 1 to {MAX_THREADS}, not {v!r}"
-            )
-    if provider_options is not None and not isinstance(provider_options, dict):
-        raise InputError(f"provider_options must be a dict or None, not {provider_options!r}")
-    for name, v in flags.items():
-        if name == "weights_cache" and isinstance(v, (str, Path)) and str(v):
-            continue
-        if not isinstance(v, bool):
-            what = " or a folder path" if name == "weights_cache" else ""
-            raise InputError(f"{name} must be True or False{what}, not {v!r}")
 
 
 class Engine:
@@ -142,56 +130,68 @@ class Engine:
         cls,
         main: str | Path,
         assistant: str | Path | None = None,
-        provider: str = "cpu",
+        provider: str = _DEFAULT_LOAD.provider,
         threads: int | None = None,
         provider_options: dict | None = None,
         assistant_provider: str | None = None,
-        shared_thread_pool: bool = False,
+        shared_thread_pool: bool = _DEFAULT_LOAD.shared_thread_pool,
         assistant_threads: int | None = None,
-        io_binding: bool = False,
+        io_binding: bool = _DEFAULT_LOAD.io_binding,
         limits: opt.Limits | None = None,
-        verify: bool = True,
-        weights_cache: bool | str | Path = True,
-        kv_cache: str = "auto",
+        verify: bool = _DEFAULT_LOAD.verify,
+        weights_cache: bool | str | Path = _DEFAULT_LOAD.weights_cache,
+        kv_cache: str = _DEFAULT_LOAD.kv_cache,
+        config: opt.LoadConfig | None = None,
     ) -> Engine:
         """Load exported folders (encoder, masked decoder, cross key/values: each weight once);
         provider is cpu, cuda, coreml or auto (the assistant's may differ).
 
-        shared_thread_pool: one process-wide ORT pool that spins (2 cores: faster for 1-2
-        requests, level at 4-16); once it exists ORT refuses per-session pools, so every later
-        session of the process joins it (engine.providers warns). assistant_threads: the small
-        assistant's ops can be too short to gain from a second thread (None = what stairs-tune
-        measured for this pair, else threads; with shared_thread_pool the pool serves both).
-        io_binding: run through ORT IO binding (outputs allocated on the provider's device).
-        limits: ceilings for generate (engine.options.Limits). verify: check file hashes.
-        weights_cache: where each graph's optimized, prepacked form is written once and then
-        memory-mapped by every load and process (True: $STAIRS_CACHE_DIR or ~/.cache/stairs; a
-        path; False: plain sessions, every hash computed at each load). See engine.weights.
-        kv_cache: where decoder key/values live: "numpy" (host arrays), "device" (OrtValues on
-        the provider's device, updated in place by the graph; engine.device_cache) or "auto"
-        (device on CUDA, numpy on the CPU, where it measured faster).
+        The load settings come as keyword arguments or as one config=LoadConfig(...), not both
+        (engine.options.LoadConfig says what each does). shared_thread_pool: one process-wide
+        ORT pool that spins (2 cores: faster for 1-2 requests, level at 4-16); once it exists
+        ORT refuses per-session pools, so every later session of the process joins it
+        (engine.providers warns). assistant_threads: the small assistant's ops can be too short
+        to gain from a second thread. weights_cache: where each graph's optimized, prepacked
+        form is written once and then memory-mapped by every load and process (True:
+        $STAIRS_CACHE_DIR or ~/.cache/stairs; see engine.weights). kv_cache "auto": device on
+        CUDA, numpy on the CPU, where it measured faster. limits: ceilings for generate
+        (engine.options.Limits).
         """
-        flags = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
-        flags["verify"], flags["weights_cache"] = verify, weights_cache
-        args = (main, assistant, provider, threads, provider_options, assistant_provider)
-        _check_load_args(*args, assistant_threads, flags, kv_cache, limits)
-        common = {"shared_thread_pool": shared_thread_pool, "io_binding": io_binding}
-        common["weights_cache"] = WeightsCache.of(weights_cache)
-        common["kv_cache"] = kv_cache
-        m = T5Model(main, provider, threads, provider_options, "main", verify=verify, **common)
-        a = None
-        if assistant is not None:
-            # what stairs-tune measured, else the main's count; with one shared pool, its size
-            if assistant_threads is None and not shared_thread_pool:
-                from .tune import stored_assistant_threads
+        settings = {
+            "provider": provider,
+            "threads": threads,
+            "provider_options": provider_options,
+            "assistant_provider": assistant_provider,
+            "shared_thread_pool": shared_thread_pool,
+            "assistant_threads": assistant_threads,
+            "io_binding": io_binding,
+            "verify": verify,
+            "weights_cache": weights_cache,
+            "kv_cache": kv_cache,
+        }
+        cfg = _load_config(config, settings)
+        _check_folders(main, assistant, limits)
+        return cls._open(main, assistant, cfg, limits)
 
-                assistant_threads = stored_assistant_threads(main, assistant, m.provider, threads)
-            a_threads = threads if assistant_threads is None else assistant_threads
-            a_prov = assistant_provider or provider
-            a = T5Model(
-                assistant, a_prov, a_threads, provider_options, "assistant", verify=verify, **common
-            )
-        return cls(m, a, threads, limits)
+    @classmethod
+    def _open(cls, main, assistant, cfg: opt.LoadConfig, limits) -> Engine:
+        """Engine.load's sessions, its arguments checked."""
+        common = {"shared_thread_pool": cfg.shared_thread_pool, "io_binding": cfg.io_binding}
+        common["weights_cache"] = WeightsCache.of(cfg.weights_cache)
+        common["kv_cache"], common["verify"] = cfg.kv_cache, cfg.verify
+        m = T5Model(main, cfg.provider, cfg.threads, cfg.provider_options, "main", **common)
+        if assistant is None:
+            return cls(m, None, cfg.threads, limits)
+        a_threads = cfg.assistant_threads
+        # what stairs-tune measured, else the main's count; with one shared pool, its size
+        if a_threads is None and not cfg.shared_thread_pool:
+            from .tune import stored_assistant_threads
+
+            a_threads = stored_assistant_threads(main, assistant, m.provider, cfg.threads)
+        a_threads = cfg.threads if a_threads is None else a_threads
+        a_prov = cfg.assistant_provider or cfg.provider
+        a = T5Model(assistant, a_prov, a_threads, cfg.provider_options, "assistant", **common)
+        return cls(m, a, cfg.threads, limits)
 
     def self_check(self, sizes=None) -> list:
         """Whether exactness holds on this machine, provider and ONNX Runtime build: the main's
@@ -392,7 +392,7 @@ class Engine:
                 return table
         except (AttributeError, TypeError, ValueError):
             pass
-        tune.log.warning("ignoring damaged batch_auto_k %r in %s", stored, tune.TUNE_FILE)
+        tune.log.warning("ignoring damaged batch_auto_k %r in %s", stored, TUNE_FILE)
         return dict(default)
 
     def _request(self, plan: Plan) -> sch.Request:

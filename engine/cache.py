@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import layout as lay
 from .model import MIN_TOKENS, T5Model
 from .stats import Counter
 from .strategies.base import pick
@@ -229,14 +230,14 @@ class BatchCache:
             if par is not None:
                 self._tree_row(r, par, mask[r], positions[r], cols[r])
         feed = {
-            "input_ids": tokens,
-            "positions": positions,
-            "past_positions": self.pos[:n],  # [N, C]
-            "attention_mask": mask,
-            "encoder_attention_mask": self.enc_mask[:n],
+            lay.INPUT_IDS: tokens,
+            lay.POSITIONS: positions,
+            lay.PAST_POSITIONS: self.pos[:n],  # [N, C]
+            lay.ATTENTION_MASK: mask,
+            lay.ENCODER_ATTENTION_MASK: self.enc_mask[:n],
         }
         if self.model.in_place:
-            feed["new_slots"] = slots
+            feed[lay.NEW_SLOTS] = slots
         logits = self._call(feed, lengths, counts, counter, reduce)
         for r in range(n):
             lo, k = int(lengths[r]), int(counts[r])

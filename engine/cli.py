@@ -9,26 +9,40 @@ from pathlib import Path
 
 from . import options as opt
 from .errors import InputError
+from .layout import MAX_THREADS
 
 PROMPT_KEYS = ("context", "prompt", "text")
+ASSISTANT_HELP = "exported assistant model folder (default: none)"
 MAX_PROMPTS = 100_000  # -n ceiling: a prompts file is read into memory
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) and defaults shown in --help."""
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and each option's default shown once in --help
+    (every command's parser)."""
 
     def __init__(self, **kw):
-        super().__init__(formatter_class=_Help, **kw)
+        super().__init__(formatter_class=Help, **kw)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class Help(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help says its default itself (as
+    an option whose default is None must: what happens when it is not given); a switch is off
+    unless given. Required options and positionals have no default to show."""
+
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if not action.option_strings or action.required or "default" in text:
+            return text
+        if action.default is argparse.SUPPRESS:  # --help
+            return text
+        if action.nargs == 0:
+            return f"{text} (default: off)"
+        if action.default is None:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
@@ -65,7 +79,11 @@ def read_prompts(path: str | Path, n: int | None = None) -> list[str]:
 
 def _option_help(name: str) -> str:
     o = opt.OPTIONS[name]
-    takes = [f"{s} {d[name]}" for s, d in opt.STRATEGY_OPTIONS.items() if name in d]
+    takes = [
+        f"{s} {'off' if d[name] is None else d[name]}"
+        for s, d in opt.STRATEGY_OPTIONS.items()
+        if name in d
+    ]
     allowed = o.describe().replace(" (or None)", "")  # not given = off
     return f"{o.help}; {allowed}; default: {', '.join(takes)}"
 
@@ -84,9 +102,15 @@ def add_option_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_load_flags(p: argparse.ArgumentParser) -> None:
-    """--no-verify, --shared-thread-pool, --kv-cache, --weights-cache DIR and --no-weights-cache:
-    how Engine.load checks and maps the files, runs its sessions and where key/values live (the
-    same flags on every command that loads a pair)."""
+    """--provider, --threads, --no-verify, --shared-thread-pool, --kv-cache, --weights-cache DIR
+    and --no-weights-cache: the LoadConfig of every command that loads a pair (load_config)."""
+    d = opt.LoadConfig()
+    p.add_argument("--provider", default=d.provider, help="cpu, cuda, coreml or auto")
+    p.add_argument(
+        "--threads",
+        type=opt.count_type(MAX_THREADS),
+        help="ORT threads per session (default: ORT's choice)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the files")
     p.add_argument(
         "--shared-thread-pool",
@@ -99,9 +123,9 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-cache",
         choices=opt.KV_CACHES,
-        default="auto",
+        default=d.kv_cache,
         help="where decoder key/values live: numpy (host), device (OrtValues on the provider's"
-        " device, updated in place) or auto (device on CUDA; default)",
+        " device, updated in place) or auto (device on CUDA, else numpy)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -118,24 +142,24 @@ def add_load_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_args(a: argparse.Namespace) -> dict:
-    """Engine.load's verify, shared_thread_pool, weights_cache and kv_cache from add_load_flags'
-    flags."""
-    cache = False if a.no_weights_cache else (a.weights_cache or True)
-    return {
-        "verify": not a.no_verify,
-        "shared_thread_pool": a.shared_thread_pool,
-        "weights_cache": cache,
-        "kv_cache": a.kv_cache,
-    }
+def load_config(a: argparse.Namespace) -> opt.LoadConfig:
+    """The LoadConfig of add_load_flags' flags (InputError on a bad value)."""
+    return opt.LoadConfig(
+        provider=a.provider,
+        threads=a.threads,
+        verify=not a.no_verify,
+        shared_thread_pool=a.shared_thread_pool,
+        weights_cache=False if a.no_weights_cache else (a.weights_cache or True),
+        kv_cache=a.kv_cache,
+    )
 
 
-def _generate_parser() -> _Parser:
+def _generate_parser() -> Parser:
     """stairs-generate's flags."""
-    p = _Parser(prog="stairs-generate", description=__doc__)
+    p = Parser(prog="stairs-generate", description=__doc__)
     p.add_argument("prompt", nargs="?", help="text prompt (or use --prompts)")
     p.add_argument("--main", required=True, help="exported main model folder")
-    p.add_argument("--assistant", help="exported assistant model folder")
+    p.add_argument("--assistant", help=ASSISTANT_HELP)
     p.add_argument(
         "--strategy",
         default="greedy",
@@ -154,18 +178,23 @@ def _generate_parser() -> _Parser:
         type=opt.count_type(opt.MAX_INPUT_TOKENS),
         help=f"input limit (default: the model's, at most {opt.MAX_INPUT_TOKENS})",
     )
-    p.add_argument("--truncation", choices=["left", "right"], help="cut long inputs on this side")
-    p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
     p.add_argument(
-        "--threads", type=opt.count_type(1024), help="ORT threads (default: ORT's choice)"
+        "--truncation",
+        choices=["left", "right"],
+        help="cut long inputs on this side (default: refuse them)",
     )
-    p.add_argument("--prompts", help="JSONL file; each line's 'context', 'prompt' or 'text'")
     p.add_argument(
-        "-n", type=opt.count_type(MAX_PROMPTS), help="only the first N prompts of --prompts"
+        "--prompts",
+        help="JSONL file; each line's 'context', 'prompt' or 'text' (default: none: PROMPT)",
+    )
+    p.add_argument(
+        "-n",
+        type=opt.count_type(MAX_PROMPTS),
+        help="only the first N prompts of --prompts (default: all)",
     )
     p.add_argument(
         "--batch",
-        type=opt.count_type(1024),
+        type=opt.count_type(opt.MAX_BATCH_SIZE),
         default=1,
         help="generate this many prompts of --prompts together, sharing main calls (any "
         "strategy; --batch-size is stairs' rows)",
@@ -194,13 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.strategy in NEEDS_ASSISTANT and not a.assistant:
             raise InputError(f"strategy {a.strategy!r} needs --assistant DIR")
         prompts = read_prompts(a.prompts, a.n) if a.prompts else [a.prompt]
-        eng = Engine.load(
-            a.main,
-            a.assistant,
-            provider=a.provider,
-            threads=a.threads,
-            **load_args(a),
-        )
+        eng = Engine.load(a.main, a.assistant, config=load_config(a))
         # ...and every prompt before the first generation (--batch: as the scheduler runs it,
         # e.g. stairs and tree in one row, auto as adaptive speculation)
         args = (a.strategy, a.max_new_tokens, a.max_input_tokens, a.truncation)
@@ -243,32 +266,40 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def tune_main(argv: list[str] | None = None) -> int:
-    """`stairs-tune`: calibrate strategy='auto' for a pair on this machine."""
-    from engine import Engine, EngineError
-
-    p = _Parser(prog="stairs-tune", description=tune_main.__doc__)
+def _tune_parser() -> Parser:
+    """stairs-tune's flags."""
+    p = Parser(prog="stairs-tune", description=tune_main.__doc__)
     p.add_argument("--main", required=True, help="exported main model folder")
-    p.add_argument("--assistant", help="exported assistant model folder")
+    p.add_argument("--assistant", help=ASSISTANT_HELP)
     p.add_argument("--prompts", required=True, help="JSONL: 'context', 'prompt' or 'text'")
     p.add_argument("-n", type=opt.count_type(MAX_PROMPTS), default=8, help="calibration prompts")
-    p.add_argument("--max-new-tokens", type=opt.count_type(opt.MAX_NEW_TOKENS), default=64)
+    p.add_argument(
+        "--max-new-tokens",
+        type=opt.count_type(opt.MAX_NEW_TOKENS),
+        default=64,
+        help=f"tokens generated per prompt, at most {opt.MAX_NEW_TOKENS}",
+    )
     p.add_argument(
         "--max-input-tokens",
         type=opt.count_type(opt.MAX_INPUT_TOKENS),
         default=256,
         help="longer prompts keep their end",
     )
-    p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
-    p.add_argument(
-        "--threads", type=opt.count_type(1024), help="ORT threads (default: ORT's choice)"
-    )
     add_load_flags(p)
     p.add_argument(
         "--batch-sizes",
         metavar="B,B,...",
-        help="also measure batched auto's draft length at these batch sizes (e.g. 1,2,4,8,16)",
+        help="also measure batched auto's draft length at these batch sizes (e.g. 1,2,4,8,16;"
+        " default: batch size 1 only)",
     )
+    return p
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    """`stairs-tune`: calibrate strategy='auto' for a pair on this machine."""
+    from engine import Engine, EngineError
+
+    p = _tune_parser()
     a = p.parse_args(argv)
     sizes = ()
     if a.batch_sizes:
@@ -278,9 +309,7 @@ def tune_main(argv: list[str] | None = None) -> int:
             p.error(f"--batch-sizes: {exc}")
     try:
         texts = read_prompts(a.prompts, a.n)
-        eng = Engine.load(
-            a.main, a.assistant, provider=a.provider, threads=a.threads, **load_args(a)
-        )
+        eng = Engine.load(a.main, a.assistant, config=load_config(a))
         ids = [eng.encode(t, a.max_input_tokens, "left")[0].tolist() for t in texts]
         res = eng.calibrate(ids, a.max_new_tokens, batch_sizes=sizes)
     except (EngineError, OSError) as exc:

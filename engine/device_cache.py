@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import layout as lay
 from .cache import BatchCache
 from .errors import ModelFileError
 from .model import T5Model
@@ -216,12 +217,12 @@ class DeviceCache(BatchCache):
         graph writes every new token, pads included, into its slot); logits to the host, or
         with reduce only the greedy picks (see _picks)."""
         self._flush()
-        n, t, binding = len(lengths), feed["input_ids"].shape[1], self._binding
+        n, t, binding = len(lengths), feed[lay.INPUT_IDS].shape[1], self._binding
         if binding is None or self._binding_rows != n:  # buffers or rows changed
             feed, outputs = self._bound(feed, n)
             binding, self._binding = self.model.sessions["decoder"].io_binding(), None
         else:  # the buffers stay bound: only the host inputs and a fresh logits output
-            outputs = {"logits": None}
+            outputs = {lay.LOGITS: None}
         logits = self.model.run("decoder", feed, counter, outputs, binding)[0]
         self._binding, self._binding_rows = binding, n  # complete: reused while n stays
         for r in range(n):  # the pads' slots (the numpy back end never writes them)
@@ -248,7 +249,7 @@ class DeviceCache(BatchCache):
             feed[name] = a.rows(0, n)
         for name, a in zip(m.cross_names, self.cross):
             feed[name] = a.rows(0, n)
-        outputs = {"logits": None}
+        outputs = {lay.LOGITS: None}
         outputs.update((k, a.rows(0, n)) for k, a in zip(m.full_names, self.self_kv))
         return feed, outputs
 

@@ -13,16 +13,18 @@ from pathlib import Path
 FORMAT_VERSION = 2
 
 MANIFEST = "stairs.json"
+MANIFEST_EXPORT_ID = "export_id"  # stairs.json's key for the id every graph's metadata repeats
 TUNE_FILE = "stairs-tune.json"  # stairs-tune's results, kept beside the manifest
 # Files a previous export may hold besides those its manifest lists.
 OWN_EXTRAS = frozenset({MANIFEST, TUNE_FILE})
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SPIECE_FILE = "spiece.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # its model_max_length bounds the input
 TOKENIZER_FILES = (
     SPIECE_FILE,
     "tokenizer.json",
-    "tokenizer_config.json",
+    TOKENIZER_CONFIG_FILE,
     "special_tokens_map.json",
 )
 

@@ -15,32 +15,28 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from . import layout as lay
 from . import providers as prov
 from . import verify as checked
 from . import weights
 from .errors import InputError, ModelFileError
+from .layout import CROSS_FILE, ENCODER_FILE, EXPORT_ID_KEY
 from .options import KV_CACHES
 from .stats import Counter
 from .tokenizer import Tokenizer
 from .weights import WeightsCache
 
 log = logging.getLogger("stairs")
-ENCODER_FILE = "encoder_model.onnx"
-MASKED_FILE = "decoder_masked_model.onnx"
-CROSS_FILE = "cross_kv_model.onnx"
-OPTIMUM_FILE = "decoder_with_past_model.onnx"  # optimum's layout: no masked graph, refused
-REQUIRED = ["config.json", "spiece.model", ENCODER_FILE, MASKED_FILE, CROSS_FILE]
+MASKED_FILE = lay.DECODER_FILE
+OPTIMUM_FILE = lay.OPTIMUM_PAST_FILE  # optimum's layout: no masked graph, refused
+REQUIRED = [lay.CONFIG_FILE, lay.SPIECE_FILE, *lay.GRAPH_FILES]
 GRAPHS = {"encoder": ENCODER_FILE, "decoder": MASKED_FILE, "cross": CROSS_FILE}
-# metadata (and stairs.json's key) naming the export a graph came from: graphs of other
-# exports copied into a folder are refused; folders exported before it have it nowhere
-EXPORT_ID_KEY = "stairs.export_id"
-KV = ("key", "value")
 STEP_FEEDS = (
-    "input_ids",
-    "positions",
-    "past_positions",
-    "attention_mask",
-    "encoder_attention_mask",
+    lay.INPUT_IDS,
+    lay.POSITIONS,
+    lay.PAST_POSITIONS,
+    lay.ATTENTION_MASK,
+    lay.ENCODER_ATTENTION_MASK,
 )
 # The fewest tokens a call carries (and encoder positions): ORT's kernels take another path for
 # a single row, so a one-token call would give other bits than the same row in a wider call.
@@ -120,7 +116,7 @@ class T5Model:
         self.name = name or self.folder.name
         self.threads = threads
         self._check_paths()
-        config_path = self.folder / "config.json"
+        config_path = self.folder / lay.CONFIG_FILE
         self.config = checked.read_json(config_path, dict)
         _check_config(config_path, self.config)
         self.weights_cache = weights_cache
@@ -129,11 +125,11 @@ class T5Model:
         self.manifest = checked.verify_folder(self.folder, self.verified, hasher)
         self._read_dimensions(self.config)
         self.tokenizer = Tokenizer(
-            self.folder / "spiece.model",
+            self.folder / lay.SPIECE_FILE,
             self.vocab_size,
             self.eos_id,
             self.pad_id,
-            self.folder / "tokenizer_config.json",
+            self.folder / lay.TOKENIZER_CONFIG_FILE,
         )
         explicit = provider.lower() != "auto"
         self.provider = prov.resolve(provider)
@@ -144,9 +140,8 @@ class T5Model:
         self.device_id = int((provider_options or {}).get("device_id", 0))
         make_options = functools.partial(prov.session_options, threads, shared_thread_pool)
         self._session_args = (make_options, plist, explicit)
-        layers = range(self.num_decoder_layers)
-        self.self_names = [f"past_key_values.{i}.decoder.{kv}" for i in layers for kv in KV]
-        self.cross_names = [f"cross_key_values.{i}.{kv}" for i in layers for kv in KV]
+        self.self_names = lay.past_names(self.num_decoder_layers)
+        self.cross_names = lay.cross_names(self.num_decoder_layers)
         self.cache_entries: dict[str, str | None] = {}  # graph file -> its mapped cache entry
         self.sessions = self._open_sessions()
         self._check_encoder()
@@ -161,7 +156,7 @@ class T5Model:
         and the folder has them all."""
         if self.folder.is_dir():
             data_files = [p.name for p in self.folder.glob("*.onnx_data")]
-            for f in [*REQUIRED, "tokenizer_config.json", *data_files]:
+            for f in [*REQUIRED, lay.TOKENIZER_CONFIG_FILE, *data_files]:
                 checked.inside(self.folder, f)
         check_folder(self.folder)
 
@@ -250,13 +245,14 @@ class T5Model:
         ins = {i.name for i in sess.get_inputs()}
         outs = sess.get_outputs()
         problems = []
-        if ins != {"input_ids", "attention_mask"}:
-            problems.append(f"inputs {', '.join(sorted(ins))} (want input_ids, attention_mask)")
-        if not outs or outs[0].name != "last_hidden_state":
-            problems.append("missing first output last_hidden_state")
+        want = (lay.INPUT_IDS, lay.ATTENTION_MASK)
+        if ins != set(want):
+            problems.append(f"inputs {', '.join(sorted(ins))} (want {', '.join(want)})")
+        if not outs or outs[0].name != lay.LAST_HIDDEN_STATE:
+            problems.append(f"missing first output {lay.LAST_HIDDEN_STATE}")
         elif isinstance(dim := outs[0].shape[-1], int) and dim != self.config["d_model"]:
-            problems.append(f"last_hidden_state has size {dim}, config.json says d_model "
-                            f"{self.config['d_model']}")  # fmt: skip
+            problems.append(f"{lay.LAST_HIDDEN_STATE} has size {dim}, {lay.CONFIG_FILE} says"
+                            f" d_model {self.config['d_model']}")  # fmt: skip
         if problems:
             raise ModelFileError(f"{path}: not this engine's T5 encoder; " + "; ".join(problems))
 
@@ -266,26 +262,26 @@ class T5Model:
         dec, path = self.sessions["decoder"], self.folder / MASKED_FILE
         ins = {i.name: i for i in dec.get_inputs()}
         outs = [o.name for o in dec.get_outputs()]
-        presents = [n.replace("past_key_values", "present") for n in self.self_names]
-        want_out = ["logits", *presents]
-        # graphs since the device cache also output each whole buffer after the new tokens'
+        want_out = [lay.LOGITS, *lay.present_names(self.num_decoder_layers)]
+        # graphs with the device cache also output each whole buffer after the new tokens'
         # writes (kv_cache.*): bound to the past inputs, the graph updates the cache in place
-        self.full_names = [n.replace("past_key_values", "kv_cache") for n in self.self_names]
+        self.full_names = lay.full_names(self.num_decoder_layers)
         self.output_names = {"decoder": want_out}
-        # in place: the new tokens' key/values go into their slots of one buffer in the graph
-        # (stairs-export since the one-engine redesign); older folders concatenate them
-        self.in_place = "new_slots" in ins
+        # in place: the new tokens' key/values go into their slots of one buffer in the graph;
+        # older folders concatenate them
+        self.in_place = lay.NEW_SLOTS in ins
         # graphs whose attention already runs >= 2 query rows need a pad only when a call has a
         # single token in all (then the linear layers would run one row); older ones every row
         meta = dec.get_modelmeta().custom_metadata_map
-        self.min_tokens = 1 if meta.get("stairs.attention_query_rows") == "2" else MIN_TOKENS
+        self.min_tokens = 1 if meta.get(lay.QUERY_ROWS_KEY) == "2" else MIN_TOKENS
         if not self.in_place:
             log.warning(
                 "%s: exported before the decoder wrote into its slots; it runs, but its outputs"
                 " are not bit-identical by construction: export it again with stairs-export",
                 path,
             )
-        feeds = {*STEP_FEEDS, *self.self_names, *self.cross_names, *(["new_slots"] * self.in_place)}
+        feeds = {*STEP_FEEDS, *self.self_names, *self.cross_names}
+        feeds |= {lay.NEW_SLOTS} if self.in_place else set()
         self.has_full = outs == want_out + self.full_names
         if set(ins) != feeds or outs not in (want_out, want_out + self.full_names):
             raise ModelFileError(
@@ -294,21 +290,27 @@ class T5Model:
             )
         vocab = dec.get_outputs()[0].shape[-1]
         heads = ins[self.self_names[0]].shape[1]
-        for what, got, want in (("logits", vocab, self.vocab_size), ("heads", heads,
+        for what, got, want in ((lay.LOGITS, vocab, self.vocab_size), ("heads", heads,
                                 self.num_heads)):  # fmt: skip
             if isinstance(got, int) and got != want:
-                raise ModelFileError(f"{path}: {what} {got}, config.json says {want}")
+                raise ModelFileError(f"{path}: {what} {got}, {lay.CONFIG_FILE} says {want}")
+        self._check_cross()
+        self.mask_dtype = {"tensor(bool)": np.bool_, "tensor(float)": np.float32}.get(
+            ins[lay.ATTENTION_MASK].type, np.int64
+        )
+
+    def _check_cross(self) -> None:
+        """The cross graph takes the encoder's states and gives every layer's key/values."""
         cross = self.sessions["cross"]
-        if [i.name for i in cross.get_inputs()] != ["encoder_hidden_states"] or [
-            o.name for o in cross.get_outputs()
-        ] != self.cross_names:
+        ins = [i.name for i in cross.get_inputs()]
+        if (
+            ins != [lay.ENCODER_HIDDEN_STATES]
+            or [o.name for o in cross.get_outputs()] != self.cross_names
+        ):
             raise ModelFileError(
                 f"{self.folder / CROSS_FILE}: not this engine's cross key/value graph for"
                 f" {self.num_decoder_layers} layers"
             )
-        self.mask_dtype = {"tensor(bool)": np.bool_, "tensor(float)": np.float32}.get(
-            ins["attention_mask"].type, np.int64
-        )
 
     def _check_export_ids(self) -> None:
         """Every graph (and stairs.json) names the same export: a graph copied in from another
@@ -319,8 +321,8 @@ class T5Model:
             for r, f in GRAPHS.items()
         }
         if self.manifest is not None:
-            listed = self.manifest.get("export_id")
-            ids[checked.MANIFEST] = None if listed is None else str(listed)
+            listed = self.manifest.get(lay.MANIFEST_EXPORT_ID)
+            ids[lay.MANIFEST] = None if listed is None else str(listed)
         if len(set(ids.values())) > 1:
             named = ", ".join(f"{f} {i or '(none)'}" for f, i in ids.items())
             raise ModelFileError(
@@ -379,11 +381,11 @@ class T5Model:
         x = np.full((1, s), self.pad_id, np.int64)
         mask = np.zeros((1, s), np.int64)
         x[0, : len(ids)], mask[0, : len(ids)] = ids, 1
-        feed = {"input_ids": x, "attention_mask": mask}
+        feed = {lay.INPUT_IDS: x, lay.ATTENTION_MASK: mask}
         if device:
-            enc = self.run("encoder", feed, counter, {"last_hidden_state": None})[0]
+            enc = self.run("encoder", feed, counter, {lay.LAST_HIDDEN_STATE: None})[0]
             outs = dict.fromkeys(self.cross_names)
-            return self.run("cross", {"encoder_hidden_states": enc}, counter, outs), mask[0]
+            return self.run("cross", {lay.ENCODER_HIDDEN_STATES: enc}, counter, outs), mask[0]
         enc = self.run("encoder", feed, counter)[0]
-        cross = self.run("cross", {"encoder_hidden_states": enc}, counter)
+        cross = self.run("cross", {lay.ENCODER_HIDDEN_STATES: enc}, counter)
         return [a[0] for a in cross], mask[0]

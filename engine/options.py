@@ -1,10 +1,11 @@
-"""The one schema of strategy options and size ceilings, shared by the API and every command.
+"""The one schema of strategy options, load settings and size ceilings, shared by the API and
+every command.
 
 Everything a caller controls is checked here before any model runs: each strategy option's type,
-range and default (`validate`), the ceilings on `max_new_tokens` and `max_input_tokens`
-(`Limits`), and an estimate of the memory a generation needs against what the machine has
-(`check_memory`). Every failure is an `InputError` naming the setting, the bad value and the
-allowed range.
+range and default (`validate`), how a pair is loaded (`LoadConfig`), the ceilings on
+`max_new_tokens` and `max_input_tokens` (`Limits`), and an estimate of the memory a generation
+needs against what the machine has (`check_memory`). Every failure is an `InputError` naming
+the setting, the bad value and the allowed range.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from .errors import InputError
+from .layout import MAX_THREADS
 from .strategies import MAX_DRAFT_TOKENS, STRATEGIES
 
 # Hard ceilings (per Engine: Engine.load(..., limits=Limits(max_new_tokens=N)) or eng.limits).
@@ -206,11 +209,6 @@ def count_type(ceiling: int):
     return parse
 
 
-def spec_of(strategy: str, options: dict) -> str:
-    """The inverse of parse_spec: 'assisted:draft_tokens=4'."""
-    return strategy + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
-
-
 @dataclass(frozen=True)
 class Limits:
     """Ceilings of one Engine. memory_bytes: what a generation may use (None: the machine's
@@ -227,6 +225,61 @@ class Limits:
                 continue
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
                 raise InputError(f"Limits.{name} must be an integer >= 1, got {v!r}")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How Engine.load opens a pair: everything but the folders and the Limits. The commands
+    build one from their flags (engine.cli.add_load_flags), a server's ServeConfig derives one.
+
+    provider: cpu, cuda, coreml or auto (assistant_provider: the assistant's, None = the same).
+    threads: ORT threads per session (None: ORT's choice); assistant_threads: the assistant's
+    (None: what stairs-tune measured for the pair, else threads). provider_options: passed to
+    the provider. shared_thread_pool: one process-wide ORT pool. io_binding: run through ORT IO
+    binding. verify: check file hashes. weights_cache: True (the default folder), a folder, or
+    False (plain sessions); a Path is kept as str. kv_cache: auto, numpy or device.
+    """
+
+    provider: str = "cpu"
+    threads: int | None = None
+    provider_options: dict | None = None
+    assistant_provider: str | None = None
+    assistant_threads: int | None = None
+    shared_thread_pool: bool = False
+    io_binding: bool = False
+    verify: bool = True
+    weights_cache: bool | str = True
+    kv_cache: str = "auto"
+
+    def __post_init__(self):
+        for name, v in (
+            ("provider", self.provider),
+            ("assistant_provider", self.assistant_provider),
+        ):
+            if not ((isinstance(v, str) and v) or (v is None and name == "assistant_provider")):
+                raise InputError(f"{name} must be a string (cpu, cuda, coreml or auto), not {v!r}")
+        for name, v in (("threads", self.threads), ("assistant_threads", self.assistant_threads)):
+            bad = isinstance(v, bool) or not isinstance(v, numbers.Integral)
+            if v is not None and (bad or not 1 <= v <= MAX_THREADS):
+                raise InputError(
+                    f"{name} must be None or an integer from 1 to {MAX_THREADS}, not {v!r}"
+                )
+        if self.provider_options is not None and not isinstance(self.provider_options, dict):
+            raise InputError(
+                f"provider_options must be a dict or None, not {self.provider_options!r}"
+            )
+        for name in ("shared_thread_pool", "io_binding", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        cache = self.weights_cache
+        if isinstance(cache, PurePath):
+            object.__setattr__(self, "weights_cache", cache := str(cache))
+        if not isinstance(cache, (bool, str)) or cache == "":
+            raise InputError(f"weights_cache must be True, False or a folder path, not {cache!r}")
+        if not isinstance(self.kv_cache, str) or self.kv_cache not in KV_CACHES:
+            raise InputError(
+                f"kv_cache must be one of {', '.join(KV_CACHES)}, not {self.kv_cache!r}"
+            )
 
 
 def check_count(name: str, value, ceiling: int, how: str, allow_none: bool = False):

@@ -2,8 +2,8 @@
 
 A step: retire finished requests -> admit waiting ones (each prompt's encoder alone) -> draft
 (every drafter's proposal; the assistant's rounds batched over requests) -> verify (one main
-call: each request's pending token and proposal) -> accept and rewind per request. step()
-returns a StepRecord of what it ran. Shapes: N rows, T tokens per row, V vocab.
+call: each request's pending token and proposal) -> accept and rewind per request. Shapes: N
+rows, T tokens per row, V vocab.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ from .strategies.base import check_finite
 DEFAULT_BATCH_TOKENS = 256
 MAX_BATCH_TOKENS = 65536
 # strategy="auto": draft tokens per request by the number of active requests (the largest key
-# <= N applies; 0 = speculation off). Measured before the one-path redesign on 2 CPU cores: it lost
-# at most 2-4% at 8-16 requests on the 48M pycode main, gained 29% at 8 on a t5-large shape
-# (docs/benchmarks.md);
+# <= N applies; 0 = speculation off). On 2 CPU cores it lost at most 2-4% at 8-16 requests on
+# the 48M pycode main and gained 29% at 8 on a t5-large shape (docs/benchmarks.md);
 # `stairs-tune --batch-sizes` measures the table for a pair.
 DEFAULT_AUTO_K = {1: 4, 4: 3}
 DEFAULT_AUTO_K_CUDA = {1: 4}  # H100: speculation paid at every batch size measured (1-16)
@@ -89,18 +88,6 @@ class Request:
         return self.counter.freeze()
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """What one step ran: requests admitted and retired, assistant rounds, and the main call's
-    shape (rows x padded tokens; 0 x 0 when nothing was verified)."""
-
-    admitted: int = 0
-    retired: int = 0
-    draft_rounds: int = 0
-    rows: int = 0
-    tokens: int = 0
-
-
 def as_engine_error(exc: Exception) -> EngineError:
     """exc as an EngineError (ORT raises its own types), the original kept as the cause."""
     if isinstance(exc, EngineError):
@@ -156,21 +143,19 @@ class Scheduler:
         """Whether any request is waiting or active."""
         return bool(self.waiting or self.active)
 
-    def step(self) -> StepRecord:
+    def step(self) -> None:
         """One scheduler step. A failure while admitting (or encoding for the assistant) fails
         only those requests; one inside a shared draft or verify call fails every active one."""
-        retired = self._retire()
-        admitted = self._admit()
-        rounds, shape = 0, (0, 0)
+        self._retire()
+        self._admit()
         try:
             if self.active:
-                rounds = self._draft()
-                shape = self._verify()
+                self._draft()
+                self._verify()
         except Exception as exc:  # noqa: BLE001 - a broken call must not hang its callers
             for r in self.active:
                 r.error = r.error or as_engine_error(exc)
-        retired += self._retire()
-        return StepRecord(admitted, retired, rounds, *shape)
+        self._retire()
 
     def fail_all(self, exc: Exception) -> None:
         """End every waiting and active request with exc (the worker's last resort); the
@@ -211,7 +196,7 @@ class Scheduler:
         device = 1 << 62 if free is None else free + now["device"]
         return need["host"] * MEMORY_SAFETY <= host and need["device"] * MEMORY_SAFETY <= device
 
-    def _admit(self) -> int:
+    def _admit(self) -> None:
         """Move waiting requests into the batch while the token budget and memory allow."""
         for r in [r for r in self.waiting if r.cancelled]:  # not only the head of the queue
             self.waiting.remove(r)
@@ -244,7 +229,6 @@ class Scheduler:
             rows, width = rows + 1, w
         if joining:
             self._join(joining)
-        return len(joining)
 
     def _join(self, joining: list[Request]) -> None:
         """Encoders of the joining requests (each alone) into the main cache, and the
@@ -274,8 +258,8 @@ class Scheduler:
 
     # -- draft, verify, accept ------------------------------------------------------------------
 
-    def _draft(self) -> int:
-        """Every drafter's proposal for this step; returns the assistant rounds run."""
+    def _draft(self) -> None:
+        """Every drafter's proposal for this step."""
         n_active = len(self.active)
         cap = max(0, self.max_batch_tokens // n_active - 1)  # every row fits the budget
         for r in self.active:
@@ -283,7 +267,7 @@ class Scheduler:
             d.begin(r.seq, min(d.draft_len(n_active), cap // d.branches, r.remaining - 1))
             r.counter.draft_s += time.perf_counter() - t
         if self.asst is None:
-            return 0
+            return
         late = [
             r
             for r in self.active
@@ -294,11 +278,11 @@ class Scheduler:
                 self._encode(self.asst, [r])
             except Exception as exc:  # noqa: BLE001
                 r.error = as_engine_error(exc)
-        return self._assistant_rounds(list(self.asst.owners))
+        self._assistant_rounds(list(self.asst.owners))
 
-    def _assistant_rounds(self, rows: list[Request]) -> int:
+    def _assistant_rounds(self, rows: list[Request]) -> None:
         """One assistant call per round for every drafting row (row i = cache row i)."""
-        t, c, rounds = time.perf_counter(), Counter(), 0
+        t, c = time.perf_counter(), Counter()
         while True:
             feeds = [
                 r.drafter.feed(self.asst.length(r)) if r.error is None else ([], None) for r in rows
@@ -308,7 +292,6 @@ class Scheduler:
             tokens, counts = _pack([f for f, _ in feeds], self.asst_model.pad_id)
             tree = [p for _, p in feeds] if any(p is not None for _, p in feeds) else None
             logits = self.asst.run(tokens, counts, c, tree)  # [N, T, V]
-            rounds += 1
             for r, (f, _), x in zip(rows, feeds, logits):
                 if not f:
                     continue
@@ -322,9 +305,8 @@ class Scheduler:
             if r.drafter.want:
                 r.counter.draft_s += dt
                 r.counter.session_s += c.session_s
-        return rounds
 
-    def _verify(self) -> tuple[int, int]:
+    def _verify(self) -> None:
         """One main call: row r = its pending token + its proposal (a tree under its mask)."""
         owners = list(self.main.owners)
         rows, tree, props = [], [], []
@@ -339,8 +321,7 @@ class Scheduler:
         # each token's greedy id and whether its logits pick NaN/inf: [N, T'] each
         ids, bad = self.main.run(tokens, counts, c, tree if any(tree) else None, reduce=True)
         dt = time.perf_counter() - t
-        shape = ids.shape  # as run: rows x tokens, a pad included
-        self.calls.append(shape)
+        self.calls.append(ids.shape)  # as run: rows x tokens, a pad included
         self.call_count += 1
         for i, r in enumerate(owners):
             if r.error is None:
@@ -348,7 +329,6 @@ class Scheduler:
                 self._accept(r, rows[i], props[i], ids[i, :k], bad[i, :k], dt, c.session_s)
         for r in owners:
             r.counter.batch_rows += len(owners) if r.error is None else 0
-        return shape
 
     def _accept(self, r: Request, row, parents, targets, bad, dt: float, session_s: float) -> None:
         """Accept r's longest agreeing path, rewind both caches to it, emit its tokens."""
@@ -383,7 +363,7 @@ class Scheduler:
         r.done = r.done or done
         r.out.put(out)
 
-    def _retire(self) -> int:
+    def _retire(self) -> None:
         gone = [r for r in self.active if r.done or r.cancelled or r.error is not None]
         for r in gone:
             self.active.remove(r)
@@ -393,7 +373,6 @@ class Scheduler:
             for cache in (self.main, self.asst):
                 if cache is not None:
                     self._guard(cache, cache.shrink)
-        return len(gone)
 
     def _release(self, r: Request) -> None:
         """Free r's rows in both caches."""

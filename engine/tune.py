@@ -16,11 +16,11 @@ from pathlib import Path
 
 from . import verify
 from .errors import InputError, ModelFileError
+from .layout import TUNE_FILE
 from .options import validate
 from .providers import process_pool_exists
 
 log = logging.getLogger("stairs")
-TUNE_FILE = "stairs-tune.json"
 
 
 def _candidates(with_assistant: bool) -> list[tuple[str, dict]]:

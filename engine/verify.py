@@ -6,8 +6,6 @@ and sha256 and prints OK or MISMATCH per file (exit 0 when all match, 2 otherwis
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import os
 import re
@@ -16,19 +14,12 @@ from pathlib import Path
 
 from .errors import ModelFileError
 
-MANIFEST = "stairs.json"
-BLOCK = 1 << 24  # 16 MiB: large enough for full disk speed, small enough for little memory
+# sha256_file is looked up here at each call (check_files, engine.weights), so a test can count
+# the hashing by replacing engine.verify.sha256_file
+from .layout import MANIFEST, MAX_THREADS, sha256_file
+
 MAX_JSON_BYTES = 16 << 20  # metadata files are kilobytes; refuse anything absurdly large
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256_file(path: str | Path, block: int = BLOCK) -> str:
-    """Hex sha256 of a file, read in blocks of `block` bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_enabled(verify: bool = True) -> bool:
@@ -158,14 +149,13 @@ def verify_folder(folder: str | Path, hashes: bool = True, hasher=None) -> dict 
     return manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`stairs-verify DIR`: check every file stairs.json lists; 0 if all match, else 2.
-    `stairs-verify --cache [DIR]`: hash every weights-cache entry against its entry.json and
-    remove the bad ones; 0 if all were good, else 2. `stairs-verify --exact DIR`: the
-    shape-invariance self-check of DIR's main on this machine (engine.selfcheck); 0 if every
-    row is bit-identical, else 2."""
-    p = argparse.ArgumentParser(prog="stairs-verify", description=main.__doc__)
-    p.add_argument("folder", nargs="?", help="exported model folder (with stairs.json)")
+def _parser():
+    """stairs-verify's flags."""
+    from .cli import Parser  # the commands' parser: one-line errors, defaults in --help
+    from .options import count_type
+
+    p = Parser(prog="stairs-verify", description=main.__doc__)
+    p.add_argument("folder", nargs="?", help=f"exported model folder (with {MANIFEST})")
     mode = p.add_mutually_exclusive_group()  # each replaces the folder check
     mode.add_argument(
         "--cache", nargs="?", const="", metavar="DIR",
@@ -179,7 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         " shape (DIR's main, loaded as Engine.load does): exit 0 = all bit-identical, 2 = not",
     )  # fmt: skip
     p.add_argument("--provider", default="cpu", help="--exact: cpu, cuda, coreml or auto")
-    p.add_argument("--threads", type=int, help="--exact: ORT threads (default: ORT's)")
+    p.add_argument(
+        "--threads",
+        type=count_type(MAX_THREADS),
+        help="--exact: ORT threads per session (default: ORT's choice)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`stairs-verify DIR`: check every file stairs.json lists; 0 if all match, else 2.
+    `stairs-verify --cache [DIR]`: hash every weights-cache entry against its entry.json and
+    remove the bad ones; 0 if all were good, else 2. `stairs-verify --exact DIR`: the
+    shape-invariance self-check of DIR's main on this machine (engine.selfcheck); 0 if every
+    row is bit-identical, else 2."""
+    p = _parser()
     a = p.parse_args(argv)
     if a.exact:
         from .selfcheck import verify_main  # selfcheck loads models, which import this module

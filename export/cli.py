@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from export import ExportError, Terminated, export_model
 from export.core import ASSISTANT_DTYPE, DTYPES
+from export.graphs import DEFAULT_OPSET, MIN_OPSET
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,6 +19,43 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="assistant model to export too; 'none' for none (default: registered one)",
     )
+    _weight_options(p)
+    p.add_argument(
+        "--optimum",
+        action="store_true",
+        help="also write optimum's decoder_model.onnx and decoder_with_past_model.onnx (for "
+        "other tools; the engine runs on the masked decoder and needs neither; default: off)",
+    )
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help=f"ONNX opset of the graphs, {MIN_OPSET} to the newest this torch.onnx writes "
+        f"(default: {DEFAULT_OPSET}; the files optimum writes with --optimum: optimum's own)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where optimum traces the files it writes with --optimum (default: %(default)s); "
+        "the other graphs are traced on the CPU",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an output folder that is empty or a previous stairs export (default: off)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bars or 'exporting' lines; the summary still prints (default: off)",
+    )
+    return p
+
+
+def _weight_options(p: argparse.ArgumentParser) -> None:
+    """The options that set the main's and the assistant's weights."""
     p.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -44,28 +83,11 @@ def _parser() -> argparse.ArgumentParser:
         help="an int8/int4 main's parts kept fp32: a comma list of wo, lm_head, or none "
         "(default: int8 wo, int4 none); kept parts cost 4 bytes a weight (t5-3b's wo: 3.2 GB)",
     )
-    p.add_argument(
-        "--optimum",
-        action="store_true",
-        help="also write optimum's decoder_model.onnx and decoder_with_past_model.onnx (for "
-        "other tools; the engine runs on the masked decoder and needs neither)",
-    )
-    p.add_argument("--opset", type=int, default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace an output folder that is empty or a previous stairs export",
-    )
-    p.add_argument("-q", "--quiet", action="store_true")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     a = _parser().parse_args(argv)
-    from export import ExportError, Terminated, export_model
-
     quantization = {}
     if a.block_size is not None:
         quantization["block_size"] = a.block_size

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .masked import save_graph
+from engine.layout import LOGITS
+
+from .graphs import save_graph
 
 # Ops that stay fp32: RMS layer norm pieces, residual adds, softmax.
 FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Div", "Add", "Softmax", "Reciprocal"]
@@ -22,11 +24,11 @@ FP32_OPS = ["Pow", "ReduceMean", "Sqrt", "Div", "Add", "Softmax", "Reciprocal"]
 
 def fp32_nodes(graph) -> list[str]:
     """Names of MatMuls that must stay fp32: the FF output projection and the LM head (by name,
-    or as the MatMul writing `logits`: the masked decoder's tied head has no lm_head module)."""
+    or as the MatMul writing the logits: the masked decoder's tied head has no lm_head module)."""
     keep = []
     for node in graph.node:
         if node.op_type == "MatMul" and (
-            "DenseReluDense/wo" in node.name or "lm_head" in node.name or "logits" in node.output
+            "DenseReluDense/wo" in node.name or "lm_head" in node.name or LOGITS in node.output
         ):
             keep.append(node.name)
     return keep
@@ -36,6 +38,7 @@ def convert_file(path: Path) -> None:
     """Convert one ONNX file to mixed fp16 in place (external data for files over 2 GB)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     # A file that already had external data (over 2 GB in fp32) keeps it: protobuf caps at 2 GB.
     large = any(path.parent.glob(path.name + "*data"))
@@ -56,8 +59,6 @@ def convert_file(path: Path) -> None:
     _drop_round_trips(model16.graph)
     del model
     # The converter appends its input casts at the end; the ONNX checker wants topological order.
-    from onnxruntime.transformers.onnx_model import OnnxModel
-
     OnnxModel(model16).topological_sort()
     save_graph(model16, path, large)
 

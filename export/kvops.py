@@ -11,6 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from engine.device_cache import KV_WIDTHS
+from engine.layout import LOGITS
+
 OPSET = 17
 IR_VERSION = 8
 
@@ -22,8 +25,6 @@ def graphs() -> dict[str, bytes]:
     from onnx import TensorProto, helper
 
     specs = {}
-    from engine.device_cache import KV_WIDTHS
-
     for k in KV_WIDTHS:
         for name, (nodes, host) in _ops(helper, TensorProto, k).items():
             data = [_value(helper, TensorProto.FLOAT, f"data{i}") for i in range(k)]
@@ -72,23 +73,23 @@ def _greedy(helper, tp) -> tuple:
     one = helper.make_tensor("one", tp.FLOAT, [], [1.0])
     last = helper.make_tensor("last", tp.INT64, [1], [-1])
     nodes = [
-        helper.make_node("ArgMax", ["logits"], ["ids"], axis=-1, keepdims=0),
-        helper.make_node("ReduceMax", ["logits"], ["top"], axes=[-1], keepdims=1),
-        helper.make_node("Equal", ["logits", "top"], ["at_top"]),
+        helper.make_node("ArgMax", [LOGITS], ["ids"], axis=-1, keepdims=0),
+        helper.make_node("ReduceMax", [LOGITS], ["top"], axes=[-1], keepdims=1),
+        helper.make_node("Equal", [LOGITS, "top"], ["at_top"]),
         helper.make_node("Cast", ["at_top"], ["at_top_f"], to=tp.FLOAT),
         helper.make_node("Constant", [], ["axis"], value=last),
         helper.make_node("ReduceSum", ["at_top_f", "axis"], ["tops"], keepdims=0),
         helper.make_node("Constant", [], ["one"], value=one),
         helper.make_node("Greater", ["tops", "one"], ["tied"]),
-        helper.make_node("IsNaN", ["logits"], ["nan"]),
-        helper.make_node("IsInf", ["logits"], ["inf"], detect_negative=0),
+        helper.make_node("IsNaN", [LOGITS], ["nan"]),
+        helper.make_node("IsInf", [LOGITS], ["inf"], detect_negative=0),
         helper.make_node("Or", ["nan", "inf"], ["odd"]),
         helper.make_node("Cast", ["odd"], ["odd_f"], to=tp.FLOAT),
         helper.make_node("ReduceMax", ["odd_f"], ["odd_any"], axes=[-1], keepdims=0),
         helper.make_node("Cast", ["odd_any"], ["odd_b"], to=tp.BOOL),
         helper.make_node("Or", ["tied", "odd_b"], ["flag"]),
     ]
-    inputs = [helper.make_tensor_value_info("logits", tp.FLOAT, None)]
+    inputs = [helper.make_tensor_value_info(LOGITS, tp.FLOAT, None)]
     outputs = [
         helper.make_tensor_value_info("ids", tp.INT64, None),
         helper.make_tensor_value_info("flag", tp.BOOL, None),

@@ -1,5 +1,5 @@
 """A T5 decoder graph with an explicit per-row self-attention mask and explicit positions, and a
-small graph projecting the cross-attention key/values once per prompt (issue 11).
+small graph projecting the cross-attention key/values once per prompt.
 
 `decoder_masked_model.onnx` writes the new tokens' key/values into their slots (`new_slots`) of
 the one key/value buffer it is given, then attends from each new token to the slots its mask
@@ -7,8 +7,9 @@ allows, with T5's relative position bias from the positions fed, so one call car
 padding, rejected drafts left in the cache as masked holes, and tree branches at depth positions.
 Every key sits at its slot's index in every reduction, so a row's logits are the same bits
 whatever else shares the call. It returns the key/values of the new tokens only; the cache writes
-them into its preallocated slots (nothing else is copied between calls). `cross_kv_model.onnx` holds the cross-attention k/v projections, which
-the masked decoder does not: every decoder weight is resident once across the two graphs.
+them into its preallocated slots (nothing else is copied between calls). `cross_kv_model.onnx`
+holds the cross-attention k/v projections, which the masked decoder does not: every decoder
+weight is resident once across the two graphs.
 
 Padding queries (a query whose mask row allows no slot at all) give finite, meaningless logits
 and present key/values (uniform attention over the slots, as in HF, where every masked score gets
@@ -17,38 +18,40 @@ the same dtype-minimum added); mask their slots out in later calls and ignore th
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from engine.model import EXPORT_ID_KEY  # the metadata key the engine checks, named once
+from engine import layout
+from engine.layout import (
+    ATTENTION_MASK,
+    CROSS_FILE,
+    DECODER_FILE,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_FILE,
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    NEW_SLOTS,
+    PAST_POSITIONS,
+    POSITIONS,
+)
 
 from .errors import CheckpointError, ConversionError, OptionError, ValidationError
-
-# The one definition of both file names in export/ (export.core and the manifest use these).
-DECODER_FILE = "decoder_masked_model.onnx"
-CROSS_FILE = "cross_kv_model.onnx"
-ENCODER_FILE = "encoder_model.onnx"  # optimum's name and inputs, so either exporter's loads
-DEFAULT_OPSET = 17
-# A graph with more weight bytes than this is written with one external data file beside it:
-# ONNX Runtime then holds its weights once (inside the protobuf they sit in memory twice while
-# it loads: 2.15 GB anonymous RSS for a 1.44 GB decoder), and protobuf's 2 GB cap never applies.
-EXTERNAL_BYTES = 256 << 20
-QUERY_ROWS_KEY = "stairs.attention_query_rows"  # metadata: the attention's fewest query rows
+from .graphs import DEFAULT_OPSET, check_opset, mark_query_rows, save_exported
 
 
 def _io_names(layers: int) -> dict:
-    """Input/output names of both graphs for a decoder of `layers` layers."""
-    past = [f"past_key_values.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
-    present = [f"present.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
-    cross = [f"cross_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
-    # the whole buffer after the new tokens' writes: a device cache binds it to its past input,
-    # so the graph updates the cache in place (engine.device_cache)
-    full = [f"kv_cache.{i}.decoder.{kv}" for i in range(layers) for kv in ("key", "value")]
-    return {"past": past, "present": present, "cross": cross, "full": full}
+    """Input/output names of both graphs for a decoder of `layers` layers (engine.layout's)."""
+    return {
+        "past": layout.past_names(layers),
+        "present": layout.present_names(layers),
+        "cross": layout.cross_names(layers),
+        "full": layout.full_names(layers),
+    }
 
 
 def _bucket_table(attn):
@@ -73,16 +76,17 @@ def _split(x, b, heads, d_kv):
     return x.view(b, -1, heads, d_kv).transpose(1, 2)
 
 
-def _attend(q, k, v, bias, o, b, heads, d_kv):
+def _attend(q, k, v, bias, o, b, heads, d_kv, per_query: bool):
     """One attention of the masked graphs: T5's (no 1/sqrt(d_kv) scaling), softmax in fp32 as
     HF, over one extra query row (a copy of the first, dropped after): ORT multiplies a single
     query row by another kernel path, so with >= 2 rows a token's attention is the same bits
-    however many share its row."""
+    however many share its row. per_query: bias has a row per query (self attention), else one
+    row broadcast to all (cross); a flag, not bias's shape, which the trace cannot branch on."""
     import torch
 
     t = q.shape[2]
     q = torch.cat([q, q[:, :, :1]], dim=2)
-    if bias.shape[2] > 1:  # self attention: a bias row per query (cross: one, broadcast)
+    if per_query:
         bias = torch.cat([bias, bias[:, :, :1]], dim=2)
     scores = torch.matmul(q, k.transpose(3, 2)) + bias
     weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
@@ -166,11 +170,11 @@ def _masked_decoder(model):
                 v = past[2 * i + 1].scatter(2, slot_idx, v_new)
                 full += [k, v]
                 q = _split(sa.SelfAttention.q(x), b, heads, d_kv)
-                h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv)
+                h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv, True)
                 ca = block.layer[1]
                 q = _split(ca.EncDecAttention.q(ca.layer_norm(h)), b, heads, d_kv)
-                cross_kv = cross[2 * i], cross[2 * i + 1]
-                h = h + _attend(q, *cross_kv, cross_bias, ca.EncDecAttention.o, b, heads, d_kv)
+                k, v = cross[2 * i], cross[2 * i + 1]
+                h = h + _attend(q, k, v, cross_bias, ca.EncDecAttention.o, b, heads, d_kv, False)
                 h = block.layer[2](h)
             h = dec.final_layer_norm(h)
             if cfg.tie_word_embeddings:
@@ -213,61 +217,6 @@ def _modules(model):
     return _masked_decoder(model).eval(), _cross_kv(model).eval(), names
 
 
-def _save(tmp_dir: Path, name: str, out_dir: Path) -> list[str]:
-    """Move the exported `name` from tmp_dir to out_dir, its weights in one `name`_data file
-    when it is over EXTERNAL_BYTES (or torch wrote external data). Returns the file names."""
-    import onnx
-
-    written = [name]
-    if len(list(tmp_dir.iterdir())) > 1 or (tmp_dir / name).stat().st_size > EXTERNAL_BYTES:
-        proto = onnx.load(str(tmp_dir / name))  # loads the external tensors
-        packed = tmp_dir / "packed"
-        packed.mkdir()
-        onnx.save_model(
-            proto,
-            str(packed / name),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=name + "_data",
-        )
-        del proto
-        src = packed
-        if (packed / (name + "_data")).is_file():  # absent when every tensor was small
-            written.append(name + "_data")
-    else:
-        src = tmp_dir
-    for f in reversed(written):  # the data file first, so the graph never names a missing one
-        follow_umask(src / f)
-        os.replace(src / f, out_dir / f)
-    return written
-
-
-def save_graph(model, path: Path, external: bool) -> None:
-    """Write an ONNX model over path (a previous data file of path removed first), its weights
-    in one `name`_data file beside it if external; every file follows the umask."""
-    import onnx
-
-    for old in path.parent.glob(path.name + "*data"):
-        old.unlink()
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=external,
-        all_tensors_to_one_file=True,
-        location=path.name + "_data",
-    )
-    for f in (path, path.parent / (path.name + "_data")):
-        if f.is_file():
-            follow_umask(f)
-
-
-def follow_umask(path: Path) -> None:
-    """Give a written file the mode the umask allows (onnx writes external data 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _decoder_job(decoder, names: dict, cfg) -> tuple:
     """The masked decoder's export job (file, module, sample args, inputs, outputs, dynamic
     axes): 2 rows of 3 new tokens over 4 past slots, prompts of 5."""
@@ -287,22 +236,22 @@ def _decoder_job(decoder, names: dict, cfg) -> tuple:
         *[torch.zeros(b, h, s, d) for _ in names["cross"]],
         torch.ones(b, s, dtype=torch.long),
     )
-    dec_in = ["input_ids", "positions", "past_positions", "attention_mask", "new_slots"]
-    dec_in += names["past"] + names["cross"] + ["encoder_attention_mask"]
-    dec_out = ["logits"] + names["present"] + names["full"]
+    dec_in = [INPUT_IDS, POSITIONS, PAST_POSITIONS, ATTENTION_MASK, NEW_SLOTS]
+    dec_in += names["past"] + names["cross"] + [ENCODER_ATTENTION_MASK]
+    dec_out = [LOGITS] + names["present"] + names["full"]
     return (DECODER_FILE, decoder, dec_args, dec_in, dec_out, _decoder_axes(names))
 
 
 def _decoder_axes(names: dict) -> dict:
     """The masked decoder's dynamic axes, by input/output name."""
     axes = {
-        "input_ids": {0: "batch", 1: "tokens"},
-        "positions": {0: "batch", 1: "tokens"},
-        "past_positions": {0: "batch", 1: "past"},
-        "attention_mask": {0: "batch", 1: "tokens", 2: "past"},
-        "new_slots": {0: "batch", 1: "tokens"},
-        "encoder_attention_mask": {0: "batch", 1: "source"},
-        "logits": {0: "batch", 1: "tokens"},
+        INPUT_IDS: {0: "batch", 1: "tokens"},
+        POSITIONS: {0: "batch", 1: "tokens"},
+        PAST_POSITIONS: {0: "batch", 1: "past"},
+        ATTENTION_MASK: {0: "batch", 1: "tokens", 2: "past"},
+        NEW_SLOTS: {0: "batch", 1: "tokens"},
+        ENCODER_ATTENTION_MASK: {0: "batch", 1: "source"},
+        LOGITS: {0: "batch", 1: "tokens"},
     }
     axes.update({n: {0: "batch", 2: "past"} for n in names["past"]})
     axes.update({n: {0: "batch", 2: "source"} for n in names["cross"]})
@@ -320,9 +269,9 @@ def _cross_job(cross, names: dict, cfg) -> tuple:
         CROSS_FILE,
         cross,
         (torch.zeros(b, s, cfg.d_model),),
-        ["encoder_hidden_states"],
+        [ENCODER_HIDDEN_STATES],
         names["cross"],
-        {"encoder_hidden_states": {0: "batch", 1: "source"}}
+        {ENCODER_HIDDEN_STATES: {0: "batch", 1: "source"}}
         | {n: {0: "batch", 2: "source"} for n in names["cross"]},
     )
 
@@ -332,8 +281,6 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     `T5ForConditionalGeneration` (float32, eval) into out_dir; returns the file names written.
     Each file is written in a temporary folder inside out_dir and moved in when complete."""
     import torch
-
-    from .core import check_opset  # the range stairs-export accepts: a valid --opset works here
 
     opset = DEFAULT_OPSET if opset is None else opset
     check_opset(opset, "opset")
@@ -359,41 +306,20 @@ def check_in_place(path: Path) -> None:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     producer = {o: n for n in graph.node for o in n.output}
-    for out in (o.name for o in graph.output if o.name.startswith("kv_cache.")):
+    # each whole-buffer output's past input (names for more layers than any graph has)
+    most = len(graph.output)
+    past_of = dict(zip(layout.full_names(most), layout.past_names(most)))
+    for out in (o.name for o in graph.output if o.name in past_of):
         stack, before = [producer[out]], set()
         while stack:  # the ancestors of the writer, itself included
             node = stack.pop()
             if id(node) not in before:
                 before.add(id(node))
                 stack += [producer[i] for i in node.input if i in producer]
-        past = out.replace("kv_cache", "past_key_values")
+        past = past_of[out]
         late = [n.name or n.op_type for n in graph.node if past in n.input and id(n) not in before]
         if late:
             raise ConversionError(f"{path.name}: {late} read {past} after {out} is written")
-
-
-def mark_query_rows(path: Path) -> None:
-    """Record in the graph's metadata that its attention runs >= 2 query rows (the engine then
-    pads only one-row, one-token calls to two tokens; older graphs get every row padded)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    if not any(p.key == QUERY_ROWS_KEY for p in proto.metadata_props):
-        proto.metadata_props.add(key=QUERY_ROWS_KEY, value="2")
-        onnx.save_model(proto, str(path))
-
-
-def mark_export_id(path: Path, export_id: str) -> None:
-    """Record in the graph's metadata the id its export gives all its graphs (the engine refuses
-    a folder whose graphs name different exports); its external data file is not rewritten."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    kept = [p for p in proto.metadata_props if p.key != EXPORT_ID_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    proto.metadata_props.add(key=EXPORT_ID_KEY, value=export_id)
-    onnx.save_model(proto, str(path))
 
 
 def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
@@ -401,8 +327,6 @@ def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
     last_hidden_state) of a loaded float32 T5 into out_dir; returns the file names written."""
     import torch
     from torch import nn
-
-    from .core import check_opset
 
     opset = DEFAULT_OPSET if opset is None else opset
     check_opset(opset, "opset")
@@ -418,15 +342,15 @@ def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
             return self.enc(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     axes = {"batch": 0, "encoder_sequence_length": 1}
-    dyn = {n: {v: k for k, v in axes.items()} for n in ("input_ids", "attention_mask")}
-    dyn["last_hidden_state"] = dict(dyn["input_ids"])
+    dyn = {n: {v: k for k, v in axes.items()} for n in (INPUT_IDS, ATTENTION_MASK)}
+    dyn[LAST_HIDDEN_STATE] = dict(dyn[INPUT_IDS])
     ids = torch.ones(2, 5, dtype=torch.long)
     job = (
         ENCODER_FILE,
         Encoder().eval(),
         (ids, torch.ones_like(ids)),
-        ["input_ids", "attention_mask"],
-        ["last_hidden_state"],
+        [INPUT_IDS, ATTENTION_MASK],
+        [LAST_HIDDEN_STATE],
         dyn,
     )
     return _export_jobs([job], out_dir, opset)
@@ -434,7 +358,7 @@ def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
 
 def _export_jobs(jobs: list, out_dir: Path, opset: int) -> list[str]:
     """torch.onnx.export each (file, module, args, inputs, outputs, dynamic axes) into a temporary
-    folder inside out_dir, then move it in (`_save`); returns the file names written."""
+    folder inside out_dir, then move it in (`save_exported`); returns the file names written."""
     import torch
 
     written = []
@@ -461,7 +385,7 @@ def _export_jobs(jobs: list, out_dir: Path, opset: int) -> list[str]:
                 raise ConversionError(
                     f"torch.onnx.export of {name} failed: {type(exc).__name__}: {text}"
                 ) from exc
-            written += _save(tmp, name, out_dir)
+            written += save_exported(tmp, name, out_dir)
         finally:  # Ctrl-C included: nothing half-written stays behind
             shutil.rmtree(tmp, ignore_errors=True)
     return written
@@ -490,7 +414,7 @@ class _Graphs:
         self.heads, self.d_kv = heads, d_kv
 
     def cross_kv(self, enc: np.ndarray) -> dict:
-        outs = self.cross.run(None, {"encoder_hidden_states": enc})
+        outs = self.cross.run(None, {ENCODER_HIDDEN_STATES: enc})
         return dict(zip(self.names["cross"], outs))
 
     def empty_past(self, b: int) -> dict:
@@ -506,18 +430,16 @@ class _Graphs:
         p = np.asarray(past_pos).reshape(b, -1).shape[1]
         room = np.zeros((b, self.heads, t, self.d_kv), np.float32)
         feed = {
-            "input_ids": ids,
-            "positions": pos,
-            "past_positions": np.concatenate(
-                [np.asarray(past_pos, np.int64).reshape(b, p), pos], 1
-            ),
-            "attention_mask": np.asarray(mask, np.int64),
-            "new_slots": np.tile(np.arange(p, p + t), (b, 1)),
-            "encoder_attention_mask": enc_mask,
+            INPUT_IDS: ids,
+            POSITIONS: pos,
+            PAST_POSITIONS: np.concatenate([np.asarray(past_pos, np.int64).reshape(b, p), pos], 1),
+            ATTENTION_MASK: np.asarray(mask, np.int64),
+            NEW_SLOTS: np.tile(np.arange(p, p + t), (b, 1)),
+            ENCODER_ATTENTION_MASK: enc_mask,
             **{k: np.concatenate([v, room], axis=2) for k, v in past.items()},
             **cross,
         }
-        logits, *presents = self.dec.run(["logits", *self.names["present"]], feed)
+        logits, *presents = self.dec.run([LOGITS, *self.names["present"]], feed)
         grown = {
             p: np.concatenate([past[p], new], axis=2)
             for p, new in zip(self.names["past"], presents)
@@ -559,17 +481,18 @@ def _hf_cross(model, prompts: list[list[int]], enc: np.ndarray) -> list[dict]:
     import torch
 
     cfg = model.config
+    lins = [(a.k, a.v) for a in (block.layer[1].EncDecAttention for block in model.decoder.block)]
+    names = layout.cross_names(len(lins))  # each layer's key, then value
     cross = []
     with torch.no_grad():
         for r, p in enumerate(prompts):
             h = torch.from_numpy(enc[r : r + 1, : len(p)])
-            row = {}
-            for i, block in enumerate(model.decoder.block):
-                att = block.layer[1].EncDecAttention
-                for kv, lin in (("key", att.k), ("value", att.v)):
-                    want = lin(h).view(1, -1, cfg.num_heads, cfg.d_kv).transpose(1, 2).numpy()
-                    row[f"cross_key_values.{i}.{kv}"] = want
-            cross.append(row)
+            want = [
+                lin(h).view(1, -1, cfg.num_heads, cfg.d_kv).transpose(1, 2).numpy()
+                for pair in lins
+                for lin in pair
+            ]
+            cross.append(dict(zip(names, want)))
     return cross
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from engine.layout import LOGITS
+
 from .errors import OptionError
-from .masked import EXTERNAL_BYTES, save_graph  # graphs above it: external data
+from .graphs import EXTERNAL_BYTES, save_graph
 
 # A main's settings: the fastest 1- and 5-token masked decoder calls among those whose greedy
 # continuations are >= 80% the fp32 main's on 32, 64 and 128 prompts (int8: the feed-forward
@@ -83,13 +85,13 @@ def _keep_list(keep) -> list[str]:
 
 def _kept_nodes(graph, keep) -> list[str]:
     """Names of the MatMuls of `keep` ("wo": DenseReluDense/wo; "lm_head": the MatMul writing
-    `logits`, tied heads included)."""
+    the logits, tied heads included)."""
     names = []
     for node in graph.node:
         if node.op_type != "MatMul":
             continue
         wo = "wo" in keep and "DenseReluDense/wo" in node.name
-        head = "lm_head" in keep and ("lm_head" in node.name or "logits" in node.output)
+        head = "lm_head" in keep and ("lm_head" in node.name or LOGITS in node.output)
         if wo or head:
             names.append(node.name)
     return names

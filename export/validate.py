@@ -6,6 +6,18 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.layout import (
+    ATTENTION_MASK,
+    ENCODER_ATTENTION_MASK,
+    ENCODER_FILE,
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LOGITS,
+    OPTIMUM_DECODER_FILE,
+    OPTIMUM_PAST_FILE,
+)
+
 from .errors import ValidationError
 
 SAMPLE_TEXT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
@@ -86,9 +98,9 @@ def validate_folder(
     report: dict = {}
     mask_np = ref["mask"]
 
-    sess = _session(folder / "encoder_model.onnx")
-    enc_ort = sess.run(None, {"input_ids": ref["ids"], "attention_mask": mask_np})[0]
-    _check("encoder_model.onnx", "last_hidden_state", enc_ort, ref["enc"], rtol, report)
+    sess = _session(folder / ENCODER_FILE)
+    enc_ort = sess.run(None, {INPUT_IDS: ref["ids"], ATTENTION_MASK: mask_np})[0]
+    _check(ENCODER_FILE, LAST_HIDDEN_STATE, enc_ort, ref["enc"], rtol, report)
     del sess
     if decoders:
         _check_decoders(ref, folder, enc_ort, rtol, report)
@@ -101,45 +113,47 @@ def validate_folder(
 
 
 def _check_decoders(ref: dict, folder: Path, enc_ort, rtol: float, report: dict) -> None:
-    """validate_folder's part for optimum's decoder_model and decoder_with_past_model."""
+    """validate_folder's part for optimum's decoder_model and decoder_with_past_model (their
+    key/values named present.{layer}.{decoder|encoder}.{key|value}, optimum's own names)."""
     dec, mask_np = ref["dec"], ref["mask"]
     # decoder_model: the first 3 decoder tokens, no past; outputs logits and all key/values.
-    sess = _session(folder / "decoder_model.onnx")
+    sess = _session(folder / OPTIMUM_DECODER_FILE)
     names = [o.name for o in sess.get_outputs()]
     outs = sess.run(
         None,
         {
-            "input_ids": np.array([dec[:3]], np.int64),
-            "encoder_hidden_states": enc_ort,
-            "encoder_attention_mask": mask_np,
+            INPUT_IDS: np.array([dec[:3]], np.int64),
+            ENCODER_HIDDEN_STATES: enc_ort,
+            ENCODER_ATTENTION_MASK: mask_np,
         },
     )
-    _check("decoder_model.onnx", "logits", outs[0], ref["first_logits"], rtol, report)
+    _check(OPTIMUM_DECODER_FILE, LOGITS, outs[0], ref["first_logits"], rtol, report)
     past = {}
     for name, arr in zip(names[1:], outs[1:]):
-        layer, kind, kv = name.split(".")[1:4]
-        want = ref["first_kv"][int(layer)][(0 if kind == "decoder" else 2) + (kv == "value")]
-        _check("decoder_model.onnx", name, arr, want, rtol, report)
+        _check(OPTIMUM_DECODER_FILE, name, arr, _kv_ref(ref["first_kv"], name), rtol, report)
         past[name.replace("present", "past_key_values")] = arr
     del sess
 
     # decoder_with_past_model: 3 new tokens at once on top of the 3-token past (what verify feeds).
-    sess = _session(folder / "decoder_with_past_model.onnx")
-    feed = {"input_ids": np.array([dec[3:]], np.int64), "encoder_attention_mask": mask_np}
+    sess = _session(folder / OPTIMUM_PAST_FILE)
+    feed = {INPUT_IDS: np.array([dec[3:]], np.int64), ENCODER_ATTENTION_MASK: mask_np}
     in_names = {i.name for i in sess.get_inputs()}
     feed.update({k: v for k, v in past.items() if k in in_names})
-    if "encoder_hidden_states" in in_names:
-        feed["encoder_hidden_states"] = enc_ort
+    if ENCODER_HIDDEN_STATES in in_names:
+        feed[ENCODER_HIDDEN_STATES] = enc_ort
     outs = sess.run(None, feed)
     names = [o.name for o in sess.get_outputs()]
-    _check(
-        "decoder_with_past_model.onnx", "logits", outs[0], ref["full_logits"][:, 3:], rtol, report
-    )
+    _check(OPTIMUM_PAST_FILE, LOGITS, outs[0], ref["full_logits"][:, 3:], rtol, report)
     for name, arr in zip(names[1:], outs[1:]):
-        layer, kind, kv = name.split(".")[1:4]
-        want = ref["full_kv"][int(layer)][(0 if kind == "decoder" else 2) + (kv == "value")]
-        _check("decoder_with_past_model.onnx", name, arr, want, rtol, report)
+        _check(OPTIMUM_PAST_FILE, name, arr, _kv_ref(ref["full_kv"], name), rtol, report)
     del sess
+
+
+def _kv_ref(kv: list, name: str) -> np.ndarray:
+    """The reference of optimum's key/value output `name` in kv (per layer: self k, self v,
+    cross k, cross v)."""
+    layer, kind, which = name.split(".")[1:4]
+    return kv[int(layer)][(0 if kind == "decoder" else 2) + (which == "value")]
 
 
 def check_onnx(folder: Path, files: list[str]) -> None:

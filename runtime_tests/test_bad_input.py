@@ -11,10 +11,10 @@ import pytest
 
 import engine.api
 from bench.core import DEFAULT_STRATEGIES, parse_strategy
-from engine import STRATEGIES, Engine, InputError, ProviderError
+from engine import STRATEGIES, Engine, InputError, LoadConfig, ProviderError
 from engine import options as opt
+from engine.cli import Parser, add_load_flags, load_config, read_prompts, tune_main
 from engine.cli import main as generate_cli
-from engine.cli import read_prompts, tune_main
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +284,43 @@ def test_main_path_type_and_unknown_provider(tiny_models):
         Engine.load(tiny_models["v1_1"]["main"], provider="tpu")
 
 
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"provider": ""}, "provider must be a string"),
+        ({"assistant_provider": 1}, "assistant_provider must be a string"),
+        ({"threads": 1025}, "threads must be None or an integer from 1 to 1024"),
+        ({"assistant_threads": 0}, "assistant_threads must be None or an integer"),
+        ({"provider_options": ["x"]}, "provider_options must be a dict or None"),
+        ({"shared_thread_pool": "no"}, "shared_thread_pool must be True or False"),
+        ({"weights_cache": ""}, "weights_cache must be True, False or a folder path"),
+        ({"weights_cache": 0.5}, "weights_cache must be True, False or a folder path"),
+        ({"kv_cache": "gpu"}, "kv_cache must be one of auto, numpy, device"),
+    ],
+)
+def test_a_bad_load_config_is_refused(kwargs, words):
+    with pytest.raises(InputError, match=words):
+        LoadConfig(**kwargs)
+
+
+def test_load_config_and_keyword_settings(tiny_models, no_model_loads, tmp_path):
+    """Engine.load takes its load settings as config=LoadConfig(...) or as keywords, not both;
+    the commands' flags make the same LoadConfig."""
+    main = tiny_models["v1_1"]["main"]
+    with pytest.raises(InputError, match=r"not both \(config and threads\)"):
+        Engine.load(main, threads=2, config=LoadConfig(threads=2))
+    with pytest.raises(InputError, match="config must be an engine.LoadConfig"):
+        Engine.load(main, config={"threads": 2})
+    with pytest.raises(AssertionError, match="a model was loaded"):  # checked, then loading
+        Engine.load(main, config=LoadConfig(threads=2, kv_cache="numpy"))
+    assert LoadConfig(weights_cache=tmp_path).weights_cache == str(tmp_path)
+    p = Parser()
+    add_load_flags(p)
+    got = load_config(p.parse_args(["--threads", "3", "--no-verify", "--no-weights-cache"]))
+    assert got == LoadConfig(threads=3, verify=False, weights_cache=False)
+    assert load_config(p.parse_args([])) == LoadConfig()
+
+
 def test_truncation_of_id_lists(tiny):
     ids = [10, 11, 12, 13, 14, 15, 1]
     assert tiny.encode(ids, 4, "left")[0].tolist() == [13, 14, 15, 1]
@@ -427,6 +464,26 @@ def test_cli_help_shows_defaults(capsys):
     assert "(default: 64)" in text and "(default: greedy)" in text
     assert "assisted 5" in text and "tree 4" in text  # per-strategy option defaults
     assert "--no-verify" in text
+
+
+def test_every_option_has_help_showing_its_default_once():
+    """stairs-generate, stairs-tune, stairs-verify and stairs-serve: each option's help says
+    its default exactly once (a required option has none), never "(default: None)"."""
+    import argparse
+
+    from engine import cli, verify
+    from serve import cli as serve_cli
+
+    parsers = [cli._generate_parser(), cli._tune_parser(), verify._parser(), serve_cli._parser()]
+    for p in parsers:
+        fmt = p._get_formatter()
+        for a in p._actions:
+            if not a.option_strings or a.help == argparse.SUPPRESS or a.dest == "help":
+                continue
+            assert a.help, f"{p.prog} {a.option_strings[0]}: no help"
+            text = fmt._expand_help(a)
+            assert text.count("default") == (0 if a.required else 1), (p.prog, text)
+            assert "(default: None)" not in text
 
 
 def test_memory_estimate_is_the_strategies_row_shape(tiny):

@@ -150,12 +150,12 @@ def test_pycode_main_exports_validates_and_decodes(tmp_path, pycode_prompts):
 
 
 def test_external_data_is_packed_into_one_file(tmp_path):
-    """Above 2 GB torch writes one file per tensor beside the graph; _save packs them into
+    """Above 2 GB torch writes one file per tensor beside the graph; save_exported packs them into
     `<name>_data` (checked here on a small graph saved the same way)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.masked import _save
+    from export.graphs import save_exported
 
     # 40 x 40 weights: above onnx's 1 KB threshold for external tensors.
     w1, w2 = np.eye(40, dtype=np.float32) * 2, np.eye(40, dtype=np.float32) * 3
@@ -180,7 +180,7 @@ def test_external_data_is_packed_into_one_file(tmp_path):
         size_threshold=0,
     )
     assert len(list(tmp.iterdir())) == 3
-    assert _save(tmp, "g.onnx", out) == ["g.onnx", "g.onnx_data"]
+    assert save_exported(tmp, "g.onnx", out) == ["g.onnx", "g.onnx_data"]
     assert sorted(p.name for p in out.iterdir()) == ["g.onnx", "g.onnx_data"]
     sess = ort.InferenceSession(str(out / "g.onnx"), providers=["CPUExecutionProvider"])
     y = sess.run(None, {"x": np.ones((1, 40), np.float32)})[0]
@@ -196,7 +196,7 @@ def test_big_graphs_are_written_with_external_data(tmp_path, monkeypatch):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from export import masked
+    from export import graphs
 
     w = np.eye(40, dtype=np.float32)
     graph = helper.make_graph(
@@ -209,6 +209,6 @@ def test_big_graphs_are_written_with_external_data(tmp_path, monkeypatch):
     tmp, out = tmp_path / "tmp", tmp_path / "out"
     tmp.mkdir(), out.mkdir()
     onnx.save_model(helper.make_model(graph), str(tmp / "g.onnx"))  # weights inside
-    monkeypatch.setattr(masked, "EXTERNAL_BYTES", 1000)
-    assert masked._save(tmp, "g.onnx", out) == ["g.onnx", "g.onnx_data"]
+    monkeypatch.setattr(graphs, "EXTERNAL_BYTES", 1000)
+    assert graphs.save_exported(tmp, "g.onnx", out) == ["g.onnx", "g.onnx_data"]
     assert (out / "g.onnx").stat().st_size < 1000 < (out / "g.onnx_data").stat().st_size

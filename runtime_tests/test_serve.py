@@ -4,6 +4,7 @@ recovers from bad requests, overload, timeouts, failures, disconnects and SIGTER
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import importlib
 import importlib.util
@@ -110,6 +111,74 @@ def wait_for(cond, what: str) -> None:
     while not cond():
         assert time.monotonic() < end, f"{what}: not after {HANG_S} s (hung)"
         time.sleep(0.02)
+
+
+# -- Generation on its own: a fake schedule callable, no app -------------------------------------
+
+
+class FakeStream:
+    """Stands in for an engine handle: fixed token lists, then its result."""
+
+    def __init__(self, steps: list[list[int]]):
+        self.steps, self.cancelled = steps, False
+
+    def tokens(self):
+        yield from self.steps
+
+    def result(self, timeout=None):
+        ids = [t for step in self.steps for t in step]
+        return SimpleNamespace(token_ids=ids, stats=SimpleNamespace(new_tokens=len(ids)))
+
+    def stats(self):
+        return None
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_generation_streams_without_the_app():
+    """Generation takes only a schedule callable, a tokenizer, the timeout, the slots and a
+    metrics hook: it streams each prompt's text in deltas, cuts at a stop string (cancelling the
+    rest), holds the slots one prompt at a time, and reports each first token to the hook."""
+    from serve.generation import Choice, Generation
+
+    eos, pieces = 1, {2: "he", 3: "l", 4: "lo", 5: " wo", 6: "rld"}
+    tokenizer = SimpleNamespace(
+        eos_id=eos, decode=lambda ids: "".join(pieces.get(i, "") for i in ids)
+    )
+    steps = {10: [[2, 3], [4, eos]], 20: [[5], [6]]}
+    streams, scheduled = {}, []
+
+    def schedule(ids, max_new_tokens):
+        scheduled.append((ids, max_new_tokens))
+        streams[ids[0]] = FakeStream(steps[ids[0]])
+        return streams[ids[0]]
+
+    async def run():
+        slots, ttft = asyncio.Semaphore(1), []
+        choices = [Choice(0, [10]), Choice(1, [20])]
+        gen = Generation(
+            schedule, tokenizer, choices, 8, ["rld"], timeout=HANG_S, slots=slots, ttft=ttft.append
+        )
+        gen.start()
+        got = [(ch.index, delta) async for ch, delta in gen.deltas()]
+        for _ in range(500):  # the last slot comes back on the loop right after the last event
+            if not slots.locked():
+                break
+            await asyncio.sleep(0.01)
+        return choices, got, ttft, slots
+
+    choices, got, ttft, slots = asyncio.run(run())
+    assert [d for i, d in got if i == 0] == ["hel", "lo", ""]
+    assert [d for i, d in got if i == 1] == [" wo", ""]
+    assert [(ch.sent, ch.finish, ch.count) for ch in choices] == [
+        ("hello", "stop", 4),
+        (" wo", "stop", 2),
+    ]
+    assert sorted(scheduled) == [([10], 8), ([20], 8)]
+    assert streams[20].cancelled and not streams[10].cancelled
+    assert len(ttft) == 2 and all(0 <= s < HANG_S for s in ttft)
+    assert not slots.locked()
 
 
 # -- the openai client against a live server ----------------------------------------------------
@@ -640,6 +709,9 @@ def test_the_drain_grace_ends_by_itself(pycode_pair):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(HANG_S) == 0
         assert _ready_status(url) is None
+        log = proc.stdout.read().decode()  # the drain is logged, not silent
+        assert "SIGTERM: draining (prompts in flight: 0); the listener closes in 1 s" in log, log
+        assert "stopped (prompts unfinished: 0)" in log, log
     finally:
         if proc.poll() is None:
             proc.kill()

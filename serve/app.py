@@ -1,8 +1,9 @@
 """The ASGI app of stairs-serve (FastAPI): create_app(engine, config) and its endpoints.
 
-Every prompt is `Engine.submit`ted to the engine's one scheduler, so concurrent requests share
-main calls. Endpoints: POST /v1/completions (OpenAI's schema, greedy only, SSE streaming), GET
-/v1/models, /health, /ready, /metrics (Prometheus). Only the engine's public API is used.
+Every prompt is scheduled on the engine's one scheduler (serve.backend: Engine.submit), so
+concurrent requests share main calls. Endpoints: POST /v1/completions (OpenAI's schema, greedy
+only, SSE streaming), GET /v1/models, /health, /ready, /metrics (Prometheus). Only the engine's
+public API is used.
 """
 
 from __future__ import annotations
@@ -27,17 +28,12 @@ from starlette.requests import ClientDisconnect
 
 from engine import Engine, InputError, selfcheck
 
+from .backend import Backend
 from .config import DRAIN_TIMEOUT_S, ServeConfig
-from .generation import Choice, ClientGone, Generation
+from .errors import ApiError, ClientGone
+from .generation import Choice, Generation
 from .metrics import Metrics
-from .schema import (
-    MAX_PROMPTS,
-    ApiError,
-    CompletionRequest,
-    greedy_only,
-    stops_of,
-    validation_message,
-)
+from .schema import MAX_PROMPTS, CompletionRequest, greedy_only, stops_of, validation_message
 
 MAX_BODY_BYTES = 8 << 20  # a request body is read into memory: bound it
 RETRY_AFTER_S = 1
@@ -46,9 +42,11 @@ CLOSE = {"Connection": "close"}  # the rest of an unread body is not wanted
 
 @dataclass
 class State:
-    """What the app shares between requests."""
+    """What the app shares between requests. Generation reaches the scheduler only through
+    backend; engine is read for the tokenizer, limits and weights-cache entries."""
 
     engine: Engine
+    backend: Backend
     config: ServeConfig
     model_name: str
     ran: str  # what the strategy runs (auto: assisted or lookup) and with which options
@@ -59,16 +57,12 @@ class State:
     slots: asyncio.Semaphore | None = None  # max_active; made on the event loop
 
     def __post_init__(self):
-        self.metrics = Metrics(self.engine, lambda: self.inflight)
+        self.metrics = Metrics(self.backend.health, lambda: self.inflight)
 
     @property
     def strategy(self) -> str:
         """What each request is submitted with ("auto": draft length by load)."""
         return self.config.strategy
-
-    @property
-    def options(self) -> dict:
-        return self.config.options
 
     @property
     def timeout(self) -> float:
@@ -94,11 +88,10 @@ class State:
             )  # fmt: skip
 
 
-def warm_up(engine: Engine, strategy: str, options: dict) -> tuple[str, dict]:
+def warm_up(backend: Backend, eos_id: int) -> tuple[str, dict]:
     """One 1-token request through the scheduler with the server's strategy: validates it
     (InputError), loads the batched sessions, and returns what actually ran (strategy, options)."""
-    h = engine.submit([engine.tokenizer.eos_id], strategy=strategy, max_new_tokens=1, **options)
-    res = h.result(timeout=600)
+    res = backend.schedule([eos_id], 1).result(timeout=600)
     return res.strategy, res.options
 
 
@@ -122,8 +115,9 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **settings) ->
     elif settings:
         config = config.replace(**settings)
     engine.start(max_batch_tokens=config.max_batch_tokens)
-    ran, ran_options = warm_up(engine, config.strategy, config.options)
-    state = State(engine, config, config.model_name or engine.name, ran, ran_options)
+    backend = Backend(engine, config.strategy, config.options)
+    ran, ran_options = warm_up(backend, engine.tokenizer.eos_id)
+    state = State(engine, backend, config, config.model_name or engine.name, ran, ran_options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -134,7 +128,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, **settings) ->
         # inside the scheduler finish, bounded
         state.draining = True
         end = time.monotonic() + DRAIN_TIMEOUT_S
-        while (state.inflight or engine.health().busy) and time.monotonic() < end:
+        while (state.inflight or backend.health().busy) and time.monotonic() < end:
             await asyncio.sleep(0.05)
 
     docs = config.api_key is None
@@ -215,16 +209,7 @@ def build_app(config: ServeConfig) -> FastAPI:
     the command line and each Ray replica run."""
     if config.main is None:
         raise InputError("main (the exported main model folder) is required")
-    eng = Engine.load(
-        config.main,
-        config.assistant,
-        provider=config.provider,
-        threads=config.threads,
-        shared_thread_pool=config.shared_thread_pool,
-        verify=config.verify,
-        weights_cache=config.weights_cache,
-        kv_cache=config.kv_cache,
-    )
+    eng = Engine.load(config.main, config.assistant, config=config.load)
     if config.self_check:  # EngineError (the server exits 2) unless every row is exact here
         selfcheck.require(eng)
     return create_app(eng, config)
@@ -354,7 +339,10 @@ async def _complete(state: State, request: Request):
             code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)},
         )  # fmt: skip
     choices = [Choice(i, ids) for i, ids in enumerate(prompts)]
-    gen = Generation(state, choices, max_tokens, stops)
+    gen = Generation(
+        state.backend.schedule, state.engine.tokenizer, choices, max_tokens, stops,
+        timeout=state.timeout, slots=state.slots, ttft=state.metrics.ttft.observe,
+    )  # fmt: skip
     state.inflight += len(choices)
     gen.start()
     meta = {
@@ -363,7 +351,7 @@ async def _complete(state: State, request: Request):
         "created": int(time.time()),
         "model": state.model_name,
     }
-    gen.poll = request
+    gen.poll = request.is_disconnected
     if req.stream:
         return await _stream(state, gen, meta, req)
     try:

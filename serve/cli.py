@@ -9,30 +9,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from engine import EngineError, InputError
 from engine import options as opt
-from engine.cli import add_load_flags, add_option_flags, load_args
+from engine.cli import ASSISTANT_HELP, Parser, add_load_flags, add_option_flags, load_config
 
 from . import config as c
 from .config import ServeConfig
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2) and defaults shown in --help."""
-
-    def __init__(self, **kw):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+log = logging.getLogger("stairs.serve")
 
 
 def _seconds(zero_ok: bool):
@@ -54,7 +47,7 @@ def _seconds(zero_ok: bool):
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--main", required=True, help="exported main model folder")
-    p.add_argument("--assistant", help="exported assistant model folder")
+    p.add_argument("--assistant", help=ASSISTANT_HELP)
     p.add_argument(
         "--strategy",
         default="auto",
@@ -63,10 +56,6 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
         " draft length by the number of active requests)",
     )
     add_option_flags(p)  # one flag per option of the engine's schema
-    p.add_argument(
-        "--threads", type=opt.count_type(c.MAX_THREADS), help="ORT threads (default: ORT's)"
-    )
-    p.add_argument("--provider", default="cpu", help="cpu, cuda, coreml or auto")
     add_load_flags(p)
     p.add_argument(
         "--self-check", action="store_true",
@@ -104,7 +93,7 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-active",
         type=opt.count_type(c.MAX_COUNT),
-        help="prompts generating at once (1: one at a time)",
+        help="prompts generating at once (1: one at a time; default: every one admitted)",
     )
     for flag, default, text in SECONDS_FLAGS:
         p.add_argument(flag, type=_seconds(False), default=default, help=text)
@@ -147,21 +136,27 @@ def _add_process_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> ServeConfig:
-    """stairs-serve's arguments as a ServeConfig; api_key falls back to $STAIRS_API_KEY."""
-    p = _Parser(prog="stairs-serve", description=__doc__.split("\n\n")[0])
+def _parser() -> Parser:
+    """stairs-serve's flags."""
+    p = Parser(prog="stairs-serve", description=__doc__.split("\n\n")[0])
     _add_model_flags(p)
     _add_serving_flags(p)
     _add_process_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServeConfig:
+    """stairs-serve's arguments as a ServeConfig; api_key falls back to $STAIRS_API_KEY."""
+    p = _parser()
     ns = p.parse_args(argv)
-    loading = load_args(ns)
-    a = vars(ns)
-    for k in ("no_verify", "no_weights_cache", "listen_fd"):
-        a.pop(k)
-    given = {k: a.pop(k) for k in opt.OPTIONS}
+    # ServeConfig's fields from their flags; its load settings from add_load_flags' LoadConfig
+    named = {f.name for f in fields(ServeConfig)} - set(c.LOAD_FIELDS) - {"options"}
+    a = {k: v for k, v in vars(ns).items() if k in named}
     try:
-        options = opt.flag_options(a["strategy"], given)
-        cfg = ServeConfig(options=options, **{**a, **loading})
+        load = load_config(ns)
+        a.update((k, getattr(load, k)) for k in c.LOAD_FIELDS)
+        options = opt.flag_options(ns.strategy, {k: getattr(ns, k) for k in opt.OPTIONS})
+        cfg = ServeConfig(options=options, **a)
     except InputError as exc:
         p.error(str(exc))
     if cfg.workers > 1 and cfg.ray:
@@ -337,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
-    fd = _Parser(prog="stairs-serve", add_help=False)
+    fd = Parser(prog="stairs-serve", add_help=False)
     fd.add_argument("--listen-fd", type=int)
     listen_fd = fd.parse_known_args(argv)[0].listen_fd
     try:
@@ -356,8 +351,54 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
         flush=True,
     )
-    Server(app, log_level="info", **({"fd": listen_fd} if listen_fd is not None else {})).run()
+    server = Server(app, log_level="info", **({"fd": listen_fd} if listen_fd is not None else {}))
+    _log_to_stderr(worker=listen_fd is not None)
+    _log_drain(server)
+    server.run()
+    log.info("stopped (prompts unfinished: %d)", st.inflight)
     return 0
+
+
+def _log_to_stderr(worker: bool) -> None:
+    """Send stairs.serve's records (INFO and up) to stderr, as the other lines the command
+    prints; a worker's carry its pid (several share the terminal)."""
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    tag = f"stairs-serve[{os.getpid()}]" if worker else "stairs-serve"
+    handler.setFormatter(logging.Formatter(f"{tag}: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _log_drain(server) -> None:
+    """Log the drain of a serve.server.Server (which runs it): once when the first signal
+    starts it (prompts in flight, seconds until the listener closes) and once when the
+    listener closes. Wraps its uvicorn server's signal handler and tick, which uvicorn looks
+    up on the instance when it runs."""
+    uv, state = server.server, server.state
+    handle_exit, on_tick = uv.handle_exit, uv.on_tick
+    closed = []
+
+    def handle(sig, frame):
+        if not state.draining:
+            log.info(
+                "%s: draining (prompts in flight: %d); the listener closes in %g s",
+                signal.Signals(sig).name, state.inflight, state.config.drain_grace,
+            )  # fmt: skip
+        handle_exit(sig, frame)
+
+    async def tick(counter: int) -> bool:
+        stop = await on_tick(counter)
+        if uv.should_exit and not closed:
+            closed.append(True)
+            log.info(
+                "closing the listener (prompts in flight: %d, given up to %g s to finish)",
+                state.inflight, c.DRAIN_TIMEOUT_S,
+            )  # fmt: skip
+        return stop
+
+    uv.handle_exit, uv.on_tick = handle, tick
 
 
 # -- Ray Serve ---------------------------------------------------------------------------------

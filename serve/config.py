@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from engine import InputError
+from engine import InputError, LoadConfig
 from engine import options as opt
+from engine.layout import MAX_THREADS
 
 API_KEY_ENV = "STAIRS_API_KEY"
 DEFAULT_MAX_QUEUE = 256
@@ -26,8 +27,8 @@ DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_DRAIN_GRACE_S = 5.0
 DRAIN_TIMEOUT_S = 60.0  # after the grace: how long open requests may take to finish
 MAX_COUNT = 1 << 20
-MAX_THREADS = 1024
 MAX_WORKERS = 256
+_LOAD = LoadConfig()  # the load settings' defaults
 # settings of the uvicorn process itself: under Ray its proxy serves HTTP, so Ray args refuse them
 SERVER_ONLY = (
     "host", "port", "max_connections", "drain_grace", "ray", "ray_address", "workers",
@@ -39,9 +40,9 @@ SERVER_ONLY = (
 class ServeConfig:
     """What stairs-serve loads and how it serves.
 
-    main/assistant/provider/threads/shared_thread_pool/verify/weights_cache/kv_cache: the pair
-    (build_app loads it; weights_cache: True, a folder or False; kv_cache: auto, numpy or
-    device; as Engine.load).
+    main/assistant: the pair build_app loads. provider/threads/shared_thread_pool/verify/
+    weights_cache/kv_cache: how (LOAD_FIELDS; the `load` property is their LoadConfig, which
+    checks them).
     strategy/options: what every request runs (any strategy; auto: draft length by load).
     model_name: the id clients send (None: the main folder's name).
     max_batch_tokens: rows x padded tokens of one main call (None: the engine's default).
@@ -58,12 +59,12 @@ class ServeConfig:
 
     main: str | None = None
     assistant: str | None = None
-    provider: str = "cpu"
-    threads: int | None = None
-    shared_thread_pool: bool = False
-    verify: bool = True
-    weights_cache: bool | str = True
-    kv_cache: str = "auto"
+    provider: str = _LOAD.provider
+    threads: int | None = _LOAD.threads
+    shared_thread_pool: bool = _LOAD.shared_thread_pool
+    verify: bool = _LOAD.verify
+    weights_cache: bool | str = _LOAD.weights_cache
+    kv_cache: str = _LOAD.kv_cache
     strategy: str = "auto"
     options: dict = field(default_factory=dict)
     model_name: str | None = None
@@ -92,21 +93,14 @@ class ServeConfig:
                 object.__setattr__(self, name, str(v))
             elif v is not None and (not isinstance(v, str) or not v):
                 raise InputError(f"{name} must be a folder path or None, not {v!r}")
-        for name in ("provider", "host"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise InputError(f"{name} must be a non-empty string, not {getattr(self, name)!r}")
-        for name in ("shared_thread_pool", "verify", "ray", "self_check"):
+        load = self.load  # checks the load settings (InputError)
+        for name in LOAD_FIELDS:  # as LoadConfig keeps them (a weights_cache Path as str)
+            object.__setattr__(self, name, getattr(load, name))
+        if not isinstance(self.host, str) or not self.host:
+            raise InputError(f"host must be a non-empty string, not {self.host!r}")
+        for name in ("ray", "self_check"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be True or False, not {getattr(self, name)!r}")
-        if isinstance(self.weights_cache, Path):
-            object.__setattr__(self, "weights_cache", str(self.weights_cache))
-        if not isinstance(self.weights_cache, (bool, str)) or self.weights_cache == "":
-            raise InputError(
-                f"weights_cache must be True, False or a folder path, not {self.weights_cache!r}"
-            )
-        if self.kv_cache not in opt.KV_CACHES:
-            choices = ", ".join(opt.KV_CACHES)
-            raise InputError(f"kv_cache must be one of {choices}, not {self.kv_cache!r}")
         opt.check_strategy(self.strategy)
         object.__setattr__(self, "options", opt.validate(self.strategy, self.options or {}))
         self._check_counts()
@@ -116,9 +110,13 @@ class ServeConfig:
             if v is not None and (not isinstance(v, str) or not v.strip()):
                 raise InputError(f"{name} must be a non-empty string or None, not {v!r}")
 
+    @property
+    def load(self) -> LoadConfig:
+        """How build_app loads the pair (Engine.load(main, assistant, config=cfg.load))."""
+        return LoadConfig(**{name: getattr(self, name) for name in LOAD_FIELDS})
+
     def _check_counts(self) -> None:
         counts = {
-            "threads": (MAX_THREADS, True),
             "max_batch_tokens": (MAX_COUNT, True),  # its ceiling: Engine.start's check
             "max_queue": (MAX_COUNT, False),
             "max_active": (MAX_COUNT, True),
@@ -166,3 +164,6 @@ class ServeConfig:
 
 
 RAY_ARGS = tuple(f.name for f in fields(ServeConfig) if f.name not in SERVER_ONLY)
+# ServeConfig's fields that are LoadConfig settings (the others keep LoadConfig's defaults)
+_LOADS = {f.name for f in fields(LoadConfig)}
+LOAD_FIELDS = tuple(f.name for f in fields(ServeConfig) if f.name in _LOADS)

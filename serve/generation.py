@@ -2,6 +2,8 @@
 
 The engine's blocking handles run in a thread per prompt that hands each step's tokens to the
 event loop, so the loop never blocks on a model; stop strings are applied exactly to the text.
+Generation is given only what it uses (a schedule callable, the tokenizer, the timeout, the slots,
+a metrics hook), so it runs without the app.
 """
 
 from __future__ import annotations
@@ -11,18 +13,14 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from fastapi import Request
+from typing import Any
 
 from engine import CancelledError, InputError
 
-from .schema import ApiError
-
-if TYPE_CHECKING:
-    from .app import State
+from .backend import Schedule
+from .errors import ApiError, ClientGone
 
 POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
@@ -62,11 +60,35 @@ def _held(text: str, stops: list[str]) -> int:
     return best
 
 
-class Generation:
-    """The prompts of one request under the scheduler, as an async stream of text deltas."""
+def _ignore(_seconds: float) -> None:
+    pass
 
-    def __init__(self, state: State, choices: list[Choice], max_tokens: int, stops: list[str]):
-        self.state, self.choices, self.max_tokens, self.stops = state, choices, max_tokens, stops
+
+class Generation:
+    """The prompts of one request under the scheduler, as an async stream of text deltas.
+
+    schedule: (ids, max_new_tokens) -> stream (serve.backend); tokenizer: decode(ids) and eos_id;
+    timeout: seconds from now until 504; slots: a semaphore bounding the prompts in the
+    scheduler (None: no bound); ttft: called with the seconds to each prompt's first token.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        tokenizer,
+        choices: list[Choice],
+        max_tokens: int,
+        stops: list[str],
+        *,
+        timeout: float,
+        slots: asyncio.Semaphore | None = None,
+        ttft: Callable[[float], None] = _ignore,
+    ):
+        self.schedule, self.choices, self.max_tokens, self.stops = (
+            schedule, choices, max_tokens, stops,
+        )  # fmt: skip
+        self.decode, self.eos_id = tokenizer.decode, tokenizer.eos_id
+        self.timeout, self.slots, self.ttft = timeout, slots, ttft
         self.loop = asyncio.get_running_loop()
         # (choice index, "tokens" | "end" | "error", payload), filled on the loop's thread;
         # a deque and an Event rather than wait_for(queue.get()), which can lose an item
@@ -74,21 +96,18 @@ class Generation:
         self.wake = asyncio.Event()
         self.t0 = time.perf_counter()
         self.tasks: list[asyncio.Task] = []
-        self.decode = state.engine.tokenizer.decode
-        self.poll: Request | None = None  # polled for a disconnect while waiting
+        # awaited while waiting: True once the client is gone (a Request's is_disconnected)
+        self.poll: Callable[[], Awaitable[bool]] | None = None
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._start(ch)) for ch in self.choices]
 
     async def _start(self, ch: Choice) -> None:
-        """Submit one prompt (after a free slot when max_active is set); a thread pumps it."""
-        st = self.state
-        if st.slots is not None:
-            await st.slots.acquire()
+        """Schedule one prompt (after a free slot when there are slots); a thread pumps it."""
+        if self.slots is not None:
+            await self.slots.acquire()
         try:
-            ch.handle = st.engine.submit(
-                ch.ids, strategy=st.strategy, max_new_tokens=self.max_tokens, **st.options
-            )
+            ch.handle = self.schedule(ch.ids, self.max_tokens)
         except Exception as exc:  # noqa: BLE001 - reported to the client as its answer
             self._release()
             self._put((ch.index, "error", exc))
@@ -101,8 +120,8 @@ class Generation:
         self.wake.set()
 
     def _release(self) -> None:
-        if self.state.slots is not None:
-            self.state.slots.release()
+        if self.slots is not None:
+            self.slots.release()
 
     def _pump(self, ch: Choice) -> None:
         """Thread: hand the handle's token lists to the event loop as the scheduler emits them."""
@@ -137,19 +156,17 @@ class Generation:
     async def deltas(self) -> AsyncIterator[tuple[Choice, str]]:
         """(choice, new text) as text becomes final, (choice, "") when a choice finishes; ends
         when every prompt is done. ApiError 504 after the timeout, 500 if the engine failed;
-        ClientGone when self.poll (a Request, or None) finds its client gone."""
-        deadline = self.t0 + self.state.timeout
+        ClientGone when self.poll (None: not polled) finds its client gone."""
+        deadline = self.t0 + self.timeout
         polled = time.perf_counter()
         while not all(ch.ended for ch in self.choices):
             now = time.perf_counter()
             left = deadline - now
             if left <= 0:
-                raise ApiError(
-                    504, f"request timed out after {self.state.timeout:g} s", code="timeout"
-                )
+                raise ApiError(504, f"request timed out after {self.timeout:g} s", code="timeout")
             if self.poll is not None and now - polled >= POLL_S:
                 polled = now
-                if await self.poll.is_disconnected():
+                if await self.poll():
                     raise ClientGone()
             if not self.events:
                 self.wake.clear()
@@ -157,36 +174,38 @@ class Generation:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), wait)
                 continue
-            index, kind, payload = self.events.popleft()
-            ch = self.choices[index]
-            if kind == "error":
-                ch.ended = True
-                if isinstance(payload, InputError):
-                    raise ApiError(400, str(payload), "prompt")
-                msg = str(payload) or type(payload).__name__
-                raise ApiError(500, f"generation failed: {msg}", code="engine_error")
-            if kind == "tokens":
-                now = time.perf_counter()
-                if ch.t_first is None:
-                    ch.t_first = now
-                    self.state.metrics.ttft.observe(now - self.t0)
-                ch.t_last = now
-                ch.seq += payload
-                if ch.finish is None:
-                    delta = self._advance(ch, final=False)
-                    if delta:
-                        yield ch, delta
-                continue
-            # "end": the engine's result (None: cancelled); the text is final now
+            for out in self._event(*self.events.popleft()):
+                yield out
+
+    def _event(self, index: int, kind: str, payload) -> list[tuple[Choice, str]]:
+        """What one event from a pump makes final: deltas, then (choice, "") at its end."""
+        ch = self.choices[index]
+        if kind == "error":
             ch.ended = True
-            ch.stats = payload.stats if payload is not None else _stats_so_far(ch.handle)
-            if ch.finish is None:
-                if payload is not None:
-                    ch.seq = list(payload.token_ids)
-                delta = self._advance(ch, final=True)
-                if delta:
-                    yield ch, delta
-            yield ch, ""
+            if isinstance(payload, InputError):
+                raise ApiError(400, str(payload), "prompt")
+            msg = str(payload) or type(payload).__name__
+            raise ApiError(500, f"generation failed: {msg}", code="engine_error")
+        if kind == "tokens":
+            now = time.perf_counter()
+            if ch.t_first is None:
+                ch.t_first = now
+                self.ttft(now - self.t0)
+            ch.t_last = now
+            ch.seq += payload
+            delta = self._advance(ch, final=False) if ch.finish is None else ""
+            return [(ch, delta)] if delta else []
+        # "end": the engine's result (None: cancelled); the text is final now
+        ch.ended = True
+        ch.stats = payload.stats if payload is not None else _stats_so_far(ch.handle)
+        out = []
+        if ch.finish is None:
+            if payload is not None:
+                ch.seq = list(payload.token_ids)
+            delta = self._advance(ch, final=True)
+            if delta:
+                out.append((ch, delta))
+        return [*out, (ch, "")]
 
     def _advance(self, ch: Choice, final: bool) -> str:
         """The text of ch that became final since the last call (stop strings applied)."""
@@ -197,8 +216,7 @@ class Generation:
             ch.count = len(ch.seq)
             ch.handle.cancel()  # the rest is not wanted: free the rows
         elif final:
-            eos = self.state.engine.tokenizer.eos_id
-            ch.finish = "stop" if ch.seq and ch.seq[-1] == eos else "length"
+            ch.finish = "stop" if ch.seq and ch.seq[-1] == self.eos_id else "length"
             ch.count = len(ch.seq)
         else:
             if text.endswith("\ufffd"):  # a UTF-8 character is still incomplete
@@ -216,7 +234,3 @@ class Generation:
 def _stats_so_far(handle):
     """Stats of a request that result() will not give (cancelled: CancelledError)."""
     return handle.stats()
-
-
-class ClientGone(Exception):
-    """The client closed its connection before the answer was complete."""

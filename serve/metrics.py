@@ -1,21 +1,24 @@
-"""The server's Prometheus metrics; the scheduler's come from Engine.health()."""
+"""The server's Prometheus metrics; the scheduler's come from the backend's health()."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import prometheus_client as prom
 
-from engine import Engine
+from engine import Health
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """The server's Prometheus metrics, in a registry of its own (one per app). inflight: a
-    callable giving the prompts in the server (waiting or generating)."""
+    """The server's Prometheus metrics, in a registry of its own (one per app). health: the
+    backend's (serve.backend); inflight: a callable giving the prompts in the server (waiting or
+    generating)."""
 
-    def __init__(self, engine: Engine, inflight):
-        self.engine = engine
+    def __init__(self, health: Callable[[], Health], inflight: Callable[[], int]):
+        self.health = health
         r = self.registry = prom.CollectorRegistry()
         self.requests = prom.Counter(
             "stairs_requests", "completion requests by outcome (HTTP status; 499: client left)",
@@ -71,9 +74,9 @@ class Metrics:
         self.closed.labels(reason).inc()
 
     def scrape(self) -> bytes:
-        """Prometheus text; first the scheduler's state is read (Engine.health()) and the main
-        calls made since the last scrape are observed (those still among its recent calls)."""
-        h = self.engine.health()
+        """Prometheus text; first the scheduler's state is read (health()) and the main calls
+        made since the last scrape are observed (those still among its recent calls)."""
+        h = self.health()
         self.active.set(h.active)
         self.waiting.set(h.waiting)
         recent = h.recent_calls

@@ -1,11 +1,10 @@
-"""The request schema of POST /v1/completions and OpenAI-style errors."""
+"""The request schema of POST /v1/completions and its checks (ApiError 400)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ApiError
 
 MAX_PROMPTS = 64  # prompts in one request (each is one scheduler request)
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
@@ -47,37 +46,6 @@ FIELD_TYPES = {
     "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
     "stop": "a string, a list of strings or null",
 }
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI does: {"error": {message, type, param, code}}."""
-
-    TYPES: ClassVar[dict] = {
-        400: "invalid_request_error",
-        401: "authentication_error",
-        404: "not_found_error",
-        408: "invalid_request_error",
-        413: "invalid_request_error",
-        415: "invalid_request_error",
-    }
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code=None, headers=None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        kind = self.TYPES.get(self.status, "server_error" if self.status >= 500 else "error")
-        if self.status == 429:
-            kind = "rate_limit_error"
-        return {
-            "error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str | None]:
