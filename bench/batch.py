@@ -1,12 +1,15 @@
-"""Batch mode of stairs-bench: aggregate tokens/s and per-request latency at each batch size.
+"""`stairs-bench batch`: aggregate tokens/s and per-request latency at each batch size, the
+engine's batched strategies against HF generate with padding and CTranslate2 translate_batch.
 
 Every method gets the same prompts split into batches of B; for each batch, every method runs on
 it in turn (the order rotated from batch to batch), so machine drift hits all methods alike. A
 request's latency is the wall time of its batch, since a batch's results return together.
+Writes results.json, results.md and batch_throughput.png into --out.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import time
@@ -16,20 +19,33 @@ from pathlib import Path
 import numpy as np
 
 from bench import core, report
+from bench.common import (
+    default_out,
+    ensure_exported,
+    expected_errors,
+    machine,
+    make_parser,
+    quiet_start,
+    read_prompt_ids,
+    warn,
+    warn_not_quiet,
+    write_atomic,
+    wrote,
+)
 from bench.peers import max_rss_mb, strip
-from bench.quiet import Monitor
-from bench.run import quiet_start, warn
+from bench.quiet import Monitor, QuietPolicy, add_quiet_arguments, check_quiet_arguments
+from bench.workload import (
+    EPILOG,
+    Workload,
+    add_workload_arguments,
+    check_counts,
+    exit_status,
+    workload_kwargs,
+)
 from engine.options import MAX_BATCH_SIZE
 
-DEFAULT_STRATEGIES = [
-    "greedy",
-    "assisted:draft_tokens=4",
-    "assisted:draft_tokens=5,schedule=heuristic",
-    "lookup",
-]
-DEFAULT_PEERS = ["hf", "ct2"]
-BATCH_PEERS = ("hf", "ct2", "ct2-int8")
-QUICK_SIZES = [1, 2, 4]
+DEFAULT_SIZES = (1, 2, 4, 8, 16)
+QUICK_SIZES = (1, 2, 4)
 ENGINE_REF = "stairs/greedy"  # mismatches are counted against these at batch 1
 HF_REF = "hf/greedy"
 
@@ -88,8 +104,8 @@ def engine_batch_method(eng, spec: str, max_new: int, max_batch_tokens=None) -> 
 
 
 def single_method(eng, max_new: int) -> BatchMethod:
-    """Today's single-request path (Engine.generate, greedy) at batch 1: the issue's bar for
-    generate_batch at batch 1."""
+    """The single-request path (Engine.generate, greedy) at batch 1: what generate_batch at
+    batch 1 is measured against."""
 
     def fn(batch):
         r = eng.generate(batch[0], strategy="greedy", max_new_tokens=max_new)
@@ -297,161 +313,165 @@ def batch_rows(methods, n: int, sizes, quiet_summary=None) -> list[dict]:
     return rows
 
 
-def run_batch_bench(
-    main="models/pycode-t5-main",
-    assistant="models/pycode-t5-draft",
-    prompts="../shared/prompts/pycode_public.jsonl",
-    n=40,
-    max_new_tokens=64,
-    threads=2,
-    provider="cpu",
-    strategies=None,
-    peers=None,
-    batch_sizes=(1, 2, 4, 8, 16),
-    out="results/batch",
-    quick=False,
-    quiet=False,
-    quiet_threshold=0.10,
-    quiet_load=0.5,
-    wait_quiet=0.0,
-    require_quiet=False,
-    single=True,
-    max_batch_tokens=None,
-    shared_thread_pool=False,
-    extra_mains=(),
-) -> dict:
+@dataclass(frozen=True)
+class BatchOptions(Workload):
+    """One `stairs-bench batch`, built once (BatchOptions.create) from the flags or by a
+    caller."""
+
+    strategies: tuple[str, ...] = tuple(core.BATCH_STRATEGIES)
+    peers: tuple[str, ...] = tuple(core.BATCH_DEFAULT_PEERS)
+    out: Path = field(default_factory=lambda: default_out("batch"))
+    batch_sizes: tuple[int, ...] = DEFAULT_SIZES
+    single: bool = True  # also Engine.generate greedy (one request at a time) at batch 1
+    max_batch_tokens: int | None = None  # Engine.generate_batch's bound (None: the engine's)
+    shared_thread_pool: bool = False  # Engine.load(shared_thread_pool=True)
+    # other exports of the same main (--dtype int8, int4): every strategy again on each,
+    # labelled @folder name, with mismatches against its own greedy at batch 1
+    extra_mains: tuple[str, ...] = ()
+
+    @classmethod
+    def create(cls, **kw) -> BatchOptions:
+        """The options with --quick applied (8 prompts, 16 tokens, at most 3 sizes <= 4), the
+        defaults where strategies, peers, out or batch_sizes are None, and the sizes, peers and
+        specs checked (InputError before any model loads)."""
+        from engine import InputError
+
+        kw = {
+            k: v for k, v in kw.items() if v is not None or k in ("assistant", "max_batch_tokens")
+        }
+        given = kw.get("batch_sizes", DEFAULT_SIZES)
+        sizes = sorted(set(given))
+        if kw.get("quick"):
+            kw.update(n=8, max_new_tokens=16)
+            sizes = [b for b in sizes if b <= 4][:3] or list(QUICK_SIZES)
+        if not sizes or not all(isinstance(b, int) and 1 <= b <= MAX_BATCH_SIZE for b in sizes):
+            raise InputError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {given!r}")
+        kw["batch_sizes"] = tuple(sizes)
+        kw.setdefault("out", default_out("batch"))
+        opts = cls(**kw)
+        bad = ", ".join(p for p in opts.peers if p not in core.BATCH_PEERS)
+        if bad:
+            peers = ", ".join(core.BATCH_PEERS)
+            raise InputError(f"batch mode runs the peers {peers} (or none), not {bad}")
+        for spec in opts.strategies:
+            core.parse_strategy(spec)
+        return opts
+
+    @property
+    def asst(self) -> Path | None:
+        return Path(self.assistant) if self.assistant else None
+
+    def settings(self, ids: list[list[int]], shared_pool: bool) -> dict:
+        """results.json's settings record; shared_pool: whether the sessions got one (ORT may
+        refuse a shared pool once its environment exists)."""
+        return {
+            "main": str(self.main),
+            "assistant": str(self.asst) if self.asst else None,
+            "prompts": len(ids),
+            "max_new_tokens": self.max_new_tokens,
+            "threads": self.threads,
+            "provider": self.provider,
+            "batch_sizes": list(self.batch_sizes),
+            "strategies": list(self.strategies),
+            "peers": list(self.peers),
+            "quick": self.quick,
+            "max_batch_tokens": self.max_batch_tokens,
+            "shared_thread_pool": shared_pool,
+            "generate_row": self.single,
+            "mean_input_tokens": sum(map(len, ids)) / len(ids),
+            "quiet_threshold": self.policy.threshold,
+            "quiet_load": self.policy.load,
+            "wait_quiet": self.policy.wait_s,
+        }
+
+
+def run_batch_bench(opts: BatchOptions) -> dict:
     """Batched engine strategies against HF padded generate and CTranslate2 translate_batch
     (float32; int8 with peer ct2-int8) at each batch size; writes results.json, results.md,
-    batch_throughput.png.
-
-    quick: 8 prompts, 16 tokens, sizes limited to 3 of at most 4 (default 1, 2, 4).
-    single: also time Engine.generate greedy (one request at a time) at batch 1.
-    max_batch_tokens: passed to Engine.generate_batch (None: the engine's default).
-    shared_thread_pool: passed to Engine.load (one process-wide ORT pool).
-    extra_mains: other exports of the same main (--dtype int8, int4): every strategy again on
-    each, labelled @folder name, with mismatches against its own greedy at batch 1.
-    The machine is watched as in run_bench (bench.quiet); require_quiet raises NotQuietError
-    before the timed runs if it never became quiet.
-    Over 60 lines: its 21 arguments and the settings record are flat lists; phases are helpers."""
-    from tqdm.auto import tqdm
-
-    from engine import Engine, InputError
-    from engine.cli import read_prompts
+    batch_throughput.png. The machine is watched as in run_bench (bench.quiet); with
+    opts.policy.require, NotQuietError is raised before the timed runs if it never became
+    quiet."""
     from engine.providers import shared_pool_in_use
 
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    progress = lambda **kw: tqdm(disable=quiet, **kw)
-    sizes, n, max_new_tokens, peers, strategies = _batch_options(
-        batch_sizes, quick, n, max_new_tokens, peers, strategies
-    )
-    texts = read_prompts(prompts, n)
-    if max(sizes) > len(texts):
-        raise InputError(
-            f"batch size {max(sizes)} is more than the {len(texts)} prompts: use -n >= {max(sizes)}"
-        )
-    if not hasattr(Engine, "generate_batch"):
-        raise InputError("this engine has no Engine.generate_batch: batch mode needs it")
-    main, out = Path(main), Path(out)
-    asst = Path(assistant) if assistant else None
-    single = single and 1 in sizes
-    eng, ids = _load_batch_engine(main, asst, texts, provider, threads, shared_thread_pool, log)
-    hf_main, workdir = _peer_inputs(main, out)
-    methods = _engine_methods(
-        eng, asst, strategies, extra_mains, provider, threads, max_new_tokens, max_batch_tokens
-    )
-    if single:
-        methods.append(single_method(eng, max_new_tokens))
-    methods += peer_batch_methods(peers, hf_main, threads, max_new_tokens, workdir, log)
-    monitor = Monitor(quiet_threshold, quiet_load)
-    quiet_start(monitor, wait_quiet, require_quiet, log)
+    monitor = Monitor(opts.policy.threshold, opts.policy.load)
+    opts = _check_prompts(opts)
+    eng, ids = _load_batch_engine(opts)
+    methods = _methods(opts, eng)
+    quiet_start(monitor, opts.policy, opts.log)
     t0 = time.perf_counter()
-    memory = _time_batches(methods, ids, sizes, monitor, progress, log)
+    sizes = list(opts.batch_sizes)
+    memory = _time_batches(methods, ids, sizes, monitor, opts.progress, opts.log)
     quiet_summary = monitor.summary()
+    shared = opts.shared_thread_pool and shared_pool_in_use(opts.threads)
     results = {
         "mode": "batch",
-        "settings": {
-            "main": str(main),
-            "assistant": str(asst) if asst else None,
-            "prompts": len(ids),
-            "max_new_tokens": max_new_tokens,
-            "threads": threads,
-            "provider": provider,
-            "batch_sizes": sizes,
-            "strategies": strategies,
-            "peers": peers,
-            "quick": quick,
-            "max_batch_tokens": max_batch_tokens,
-            # what the sessions got (ORT may refuse a shared pool once its environment exists)
-            "shared_thread_pool": shared_thread_pool and shared_pool_in_use(threads),
-            "generate_row": single,
-            "mean_input_tokens": sum(map(len, ids)) / len(ids),
-            "quiet_threshold": quiet_threshold,
-            "quiet_load": quiet_load,
-            "wait_quiet": wait_quiet,
-        },
-        "machine": core.machine(),
+        "settings": opts.settings(ids, shared),
+        "machine": machine(),
         "quiet": quiet_summary,
         "rows": batch_rows(methods, len(ids), sizes, quiet_summary),
         "memory": memory,
         "errors": {m.name: m.error for m in methods if m.error},
         "seconds": time.perf_counter() - t0,
     }
-    _write_batch_results(results, out, log)
+    _write_batch_results(results, opts.out, opts.log)
     return results
 
 
-def _batch_options(batch_sizes, quick: bool, n: int, max_new_tokens: int, peers, strategies):
-    """Apply --quick and check sizes, peers and specs before any model loads."""
-    from engine import InputError
+def _check_prompts(opts: BatchOptions) -> BatchOptions:
+    """InputError unless there are prompts for the largest batch and the engine batches;
+    the options with single off when batch 1 is not measured."""
+    from dataclasses import replace
 
-    sizes = sorted(set(batch_sizes))
-    if quick:
-        n, max_new_tokens = 8, 16
-        sizes = [b for b in sizes if b <= 4][:3] or list(QUICK_SIZES)
-    if not sizes or not all(isinstance(b, int) and 1 <= b <= MAX_BATCH_SIZE for b in sizes):
-        raise InputError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {batch_sizes!r}")
-    peers = list(DEFAULT_PEERS if peers is None else peers)
-    bad = [p for p in peers if p not in BATCH_PEERS]
-    if bad:
-        raise InputError(
-            f"batch mode runs the peers {', '.join(BATCH_PEERS)} (or none), not {', '.join(bad)}"
-        )
-    strategies = list(strategies or DEFAULT_STRATEGIES)
-    for spec in strategies:  # a typo in a spec fails before any model loads
-        core.parse_strategy(spec)
-    return sizes, n, max_new_tokens, peers, strategies
+    from engine import Engine, InputError
+    from engine.cli import read_prompts
+
+    texts = read_prompts(opts.prompts, opts.n)
+    top = max(opts.batch_sizes)
+    if top > len(texts):
+        raise InputError(f"batch size {top} is more than the {len(texts)} prompts: use -n >= {top}")
+    if not hasattr(Engine, "generate_batch"):
+        raise InputError("this engine has no Engine.generate_batch: batch mode needs it")
+    return replace(opts, single=opts.single and 1 in opts.batch_sizes)
 
 
-def _load_batch_engine(main: Path, asst, texts, provider, threads: int, shared_pool: bool, log):
+def _load_batch_engine(opts: BatchOptions):
     """Export the pair if needed, load the engine; return it and the prompts' token ids."""
-    from bench.run import ensure_exported
     from engine import Engine
 
-    if asst is not None:
-        ensure_exported(main, asst, log)
+    if opts.asst is not None:
+        ensure_exported(opts.main, opts.asst, opts.log)
     eng = Engine.load(
-        main,
-        asst,
-        provider=provider,
-        threads=threads,
-        shared_thread_pool=shared_pool,
+        opts.main,
+        opts.asst,
+        provider=opts.provider,
+        threads=opts.threads,
+        shared_thread_pool=opts.shared_thread_pool,
     )
     sp = eng.tokenizer
-    # The pair's convention: spiece.encode(context)[-255:] + [eos].
-    return eng, [sp.encode(text)[-255:] + [sp.eos_id] for text in texts]
+    return eng, read_prompt_ids(opts.prompts, opts.n, sp.encode, sp.eos_id)
 
 
-def _engine_methods(
-    eng, asst, strategies, extra_mains, provider, threads: int, max_new: int, max_batch_tokens
-) -> list[BatchMethod]:
+def _methods(opts: BatchOptions, eng) -> list[BatchMethod]:
+    """The engine's methods (every strategy on each main, the generate row), then the peers."""
+    new = opts.max_new_tokens
+    methods = _engine_methods(opts, eng)
+    if opts.single:
+        methods.append(single_method(eng, new))
+    hf_main, workdir = _peer_inputs(opts.main, opts.out)
+    methods += peer_batch_methods(opts.peers, hf_main, opts.threads, new, workdir, opts.log)
+    return methods
+
+
+def _engine_methods(opts: BatchOptions, eng) -> list[BatchMethod]:
     """Every strategy on the main, then again on each extra export of it (labelled @folder)."""
     from engine import Engine
 
-    methods = [engine_batch_method(eng, s, max_new, max_batch_tokens) for s in strategies]
-    for extra in extra_mains:
-        e = Engine.load(extra, asst, provider=provider, threads=threads)
-        for s in strategies:
-            m = engine_batch_method(e, s, max_new, max_batch_tokens)
+    new, cap = opts.max_new_tokens, opts.max_batch_tokens
+    methods = [engine_batch_method(eng, s, new, cap) for s in opts.strategies]
+    for extra in opts.extra_mains:
+        e = Engine.load(extra, opts.asst, provider=opts.provider, threads=opts.threads)
+        for s in opts.strategies:
+            m = engine_batch_method(e, s, new, cap)
             m.name += f"@{Path(extra).name}"
             methods.append(m)
     return methods
@@ -493,15 +513,108 @@ def _time_batches(methods, ids, sizes, monitor: Monitor, progress, log) -> list[
 
 
 def _write_batch_results(results: dict, out: Path, log) -> None:
-    """Write batch_throughput.png, results.json and results.md; warn if not quiet."""
+    """Write batch_throughput.png, results.json and results.md; warn if not quiet; say where
+    the report is."""
     results["plots"] = report.batch_plots(results, out)
-    core.write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+    write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     md = report.batch_markdown(results)
-    core.write_atomic(out / "results.md", md)
+    write_atomic(out / "results.md", md)
     log(md)
-    quiet_summary = results["quiet"]
-    if not quiet_summary["ok"]:
-        warn(
-            "machine was NOT quiet; these figures are not a fair comparison:\n  "
-            + "\n  ".join(quiet_summary["reasons"])
-        )
+    warn_not_quiet(results["quiet"])
+    wrote("stairs-bench", out / "results.md", "results.json", *results["plots"])
+
+
+def add_batch_arguments(p: argparse.ArgumentParser, either: bool = False) -> None:
+    """The flags of batch mode only; either: plain stairs-bench, where --batch-sizes picks it
+    (no default) and every such flag says it is batch mode's."""
+    tag = "batch mode: " if either else ""
+    p.add_argument(
+        "--batch-sizes",
+        metavar="B,B,...",
+        default=None if either else ",".join(map(str, DEFAULT_SIZES)),
+        help=tag
+        + "aggregate tokens/s and latency at each batch size"
+        + (
+            " (e.g. 1,2,4,8,16) for the engine's batched strategies, HF generate with padding and"
+            " CTranslate2 float32 translate_batch; --rounds, --alone and the sweeps do not apply"
+            if either
+            else ""
+        ),
+    )
+    p.add_argument(
+        "--no-single",
+        action="store_true",
+        help=tag + "leave out Engine.generate (one prompt at a time) at batch 1",
+    )
+    p.add_argument(
+        "--extra-mains",
+        metavar="DIR[,DIR]",
+        help=tag + "other exports of the main (e.g. --dtype int8, int4), every strategy again on"
+        " each, with mismatches against its own greedy; peer ct2-int8 for CTranslate2 int8",
+    )
+    p.add_argument(
+        "--shared-thread-pool",
+        action="store_true",
+        help=tag + "Engine.load(shared_thread_pool=True), one process-wide ORT pool for main and"
+        " assistant",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        metavar="N",
+        help=tag + "the engine's bound on rows x tokens of one main call (default: the engine's)",
+    )
+
+
+def check_batch_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> list[int]:
+    """p.error (exit 2) for a bad batch flag; the parsed --batch-sizes."""
+    from engine.options import parse_sizes
+
+    if a.max_batch_tokens is not None and not 1 <= a.max_batch_tokens <= 65536:
+        p.error("--max-batch-tokens must be between 1 and 65536")
+    try:
+        return parse_sizes(a.batch_sizes)
+    except ValueError as exc:
+        p.error(f"--batch-sizes: {exc}")
+
+
+def parser(prog: str = "stairs-bench batch") -> argparse.ArgumentParser:
+    """`stairs-bench batch`'s flags."""
+    p = make_parser(prog, __doc__, EPILOG)
+    add_workload_arguments(p, "batch")
+    add_batch_arguments(p)
+    add_quiet_arguments(p, "60; --quick: 0")
+    return p
+
+
+def execute(a: argparse.Namespace, policy: QuietPolicy, sizes: list[int]) -> int:
+    """Run batch mode with checked flags; the exit status."""
+    res = expected_errors(
+        "stairs-bench",
+        lambda: run_batch_bench(
+            BatchOptions.create(
+                **workload_kwargs(a, policy),
+                batch_sizes=tuple(sizes),
+                single=not a.no_single,
+                max_batch_tokens=a.max_batch_tokens,
+                shared_thread_pool=a.shared_thread_pool,
+                extra_mains=tuple(a.extra_mains.split(",")) if a.extra_mains else (),
+            )
+        ),
+    )
+    return exit_status(res, policy)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`stairs-bench batch ...`: the exit status."""
+    p = parser()
+    a = p.parse_args(argv)
+    check_counts(p, a)
+    sizes = check_batch_arguments(p, a)
+    return execute(a, check_quiet_arguments(p, a, default_wait=0.0 if a.quick else 60.0), sizes)
+
+
+if __name__ == "__main__":
+    from bench.common import alias
+
+    raise SystemExit(alias("batch"))

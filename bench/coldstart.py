@@ -1,16 +1,16 @@
-"""`python -m bench.coldstart`: Engine.load -> first token, today's plain load against the
-weights cache (prepacked weights written once, then memory-mapped), cold and warm; the memory
-of several serving processes against one; tokens checked identical throughout.
+"""`stairs-bench coldstart`: Engine.load -> first token, the plain load against the weights
+cache (prepacked weights written once, then memory-mapped), cold and warm; the memory of
+several serving processes against one; tokens checked identical throughout.
 
-    python -m bench.coldstart --model pycode=MAIN,ASSISTANT --model t5-large=DIR \\
+    stairs-bench coldstart --model pycode=MAIN,ASSISTANT --model t5-large=DIR \\
         --serve t5-large --workers 4 --out results/coldstart
 
 Every measurement runs in a fresh process, one at a time; warm runs of a mode back to back
 after one run that only brings its pages in. Cold: the page cache is dropped
 (`/proc/sys/vm/drop_caches` as root, else posix_fadvise DONTNEED on every file involved)
-before the process starts. Modes: plain (weights_cache=False, every file hashed: what
-Engine.load did before the cache), build (the first load on a machine: an empty cache), cache
-(the cache built, hashes remembered). Writes results.json and results.md into --out.
+before the process starts. Modes: plain (weights_cache=False: every file hashed and loaded by
+ONNX Runtime itself), build (the first load on a machine: an empty cache), cache (the cache
+built, hashes remembered). Writes results.json and results.md into --out.
 """
 
 from __future__ import annotations
@@ -25,10 +25,20 @@ import sys
 import time
 from pathlib import Path
 
-from bench.core import machine, write_atomic
+from bench.common import (
+    PUBLIC_PROMPTS,
+    ROOT,
+    default_out,
+    machine,
+    make_parser,
+    out_help,
+    weight_bytes,
+    write_atomic,
+    wrote,
+)
 from bench.quiet import Monitor, describe_check
 
-ROOT = Path(__file__).resolve().parents[1]
+PROG = "stairs-bench coldstart"
 PROMPT = 'def list_files(path):\n    """Return the names of the files in path."""\n'
 CHILD = r"""
 import json, sys, time
@@ -176,8 +186,6 @@ def measure_model(name: str, main: Path, assistant: Path | None, cache: Path, a)
 
 def summarize(name: str, main: Path, assistant: Path | None, runs: dict) -> dict:
     """Medians per mode, and whether every run gave the same tokens."""
-    from bench.memory import weight_bytes
-
     texts = {r["text"] for rs in runs.values() for r in rs}
     modes = {}
     for mode, rs in runs.items():
@@ -341,25 +349,30 @@ def _pair(text: str) -> tuple[str, Path, Path | None]:
     return name, Path(main), Path(asst) if asst else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__)
+def parser() -> argparse.ArgumentParser:
+    """`stairs-bench coldstart`'s flags."""
+    p = make_parser(PROG, __doc__)
     p.add_argument("--model", type=_pair, action="append", required=True,
-                   metavar="NAME=MAIN[,ASSISTANT]")  # fmt: skip
+                   metavar="NAME=MAIN[,ASSISTANT]",
+                   help="a pair to measure, named in the report (repeat for more)")  # fmt: skip
     p.add_argument("--serve", action="append", default=[], metavar="NAME",
                    help="also measure --workers serving processes of this model")  # fmt: skip
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=4, help="serving processes with --serve")
     p.add_argument("--repeat", type=int, default=3, help="warm runs per mode")
     p.add_argument("--cold-repeat", type=int, default=2, help="cold runs per mode")
     p.add_argument("--new", type=int, default=16, help="new tokens per run")
-    p.add_argument("--out", type=Path, default=Path("results/coldstart"))
+    p.add_argument("--out", type=Path, help=out_help("coldstart"))
     p.add_argument("--speed", metavar="NAME", help="also compare tokens/s of this model's pair")
-    p.add_argument(
-        "--prompts", type=Path, default=ROOT.parent / "shared/prompts/pycode_public.jsonl"
-    )
-    p.add_argument("--speed-prompts", type=int, default=32)
+    p.add_argument("--prompts", type=Path, default=PUBLIC_PROMPTS, help="JSONL prompts (--speed)")
+    p.add_argument("--speed-prompts", type=int, default=32, help="prompts --speed runs")
     p.add_argument("--wait-quiet", type=float, default=120, help="seconds to wait for quiet")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`stairs-bench coldstart ...`: the exit status."""
+    a = parser().parse_args(argv)
+    a.out = a.out or default_out("coldstart")
     mon = Monitor()
     before = mon.wait_quiet(a.wait_quiet)
     print(f"quiet before: {before['quiet']} ({describe_check(before)})", flush=True)
@@ -379,8 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(a.out / "results.json", json.dumps(res, indent=1))
     write_atomic(a.out / "results.md", report(res))
     print(report(res))
+    wrote(PROG, a.out / "results.md", "results.json")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.common import alias
+
+    raise SystemExit(alias("coldstart"))

@@ -1,13 +1,11 @@
-"""The benchmark: methods interleaved prompt by prompt, rows, sweeps."""
+"""The interleaved benchmark's machinery (methods run prompt by prompt in turn, the table rows,
+the sweeps), and what every engine benchmark shares: strategy specs, the default method lists,
+the engine cells that fail a run."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import platform
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,16 @@ DEFAULT_STRATEGIES = [
 ]
 NO_ASSISTANT = ("greedy", "lookup")
 DEFAULT_PEERS = ["hf", "optimum", "ct2"]
+# batch mode: the engine's batched strategies, and the peers that batch (HF with padding,
+# CTranslate2 float32 and int8 translate_batch)
+BATCH_STRATEGIES = [
+    "greedy",
+    "assisted:draft_tokens=4",
+    "assisted:draft_tokens=5,schedule=heuristic",
+    "lookup",
+]
+BATCH_DEFAULT_PEERS = ["hf", "ct2"]
+BATCH_PEERS = ("hf", "ct2", "ct2-int8")
 
 
 def parse_strategy(spec: str) -> tuple[str, dict]:
@@ -276,58 +284,6 @@ def sweep(eng, prompts, max_new: int, name: str, key: str, values, progress) -> 
             }
         )
     return res
-
-
-def machine() -> dict:
-    """What ran the benchmark."""
-    import onnxruntime
-
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    info["CT2_USE_MKL"] = __import__("os").environ.get("CT2_USE_MKL", "default")
-    for pkg in ("torch", "transformers", "optimum", "ctranslate2"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:  # noqa: BLE001 - a version is optional
-            info[pkg] = None
-    return info
-
-
-def write_atomic(path: Path, data) -> None:
-    """Write path through a temporary file beside it and a rename, so an interrupted run never
-    leaves half a file (or loses the previous one). data: text, bytes, or a function writing a
-    path (the temporary name keeps path's suffix: savefig takes its format from it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}.{threading.get_ident()}"  # unique per writer
-    tmp = path.with_name(f".{path.stem}.{tag}.tmp{path.suffix}")
-    try:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        elif isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            data(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save(results: dict, out: Path) -> None:
-    """results.json in out, written atomically."""
-    write_atomic(Path(out) / "results.json", json.dumps(results, indent=2, default=str))
 
 
 # each engine row's count against its own main's greedy, by mode: an extra main (batch), the main

@@ -1,11 +1,11 @@
-"""`python -m bench.exact`: the exactness table. Every strategy at batch sizes 1, 2, 5 and 8,
+"""`stairs-bench exact`: the exactness table. Every strategy at batch sizes 1, 2, 5 and 8,
 on the pycode main exported fp32, fp16, int8 and int4 (weight-only), against that main's own
 greedy `generate` (0 mismatches is the product's promise), plus the share of continuations
 identical to the fp32 main's greedy. Public API only: export.export_model, Engine.
 
 Prompts: the public ones, mixed in length (prompt i keeps its last 4 + (i * 37) % 126 tokens
-and the final EOS, so rows of 5 to 130 input tokens share calls). Writes results.json and
-results.md to --out.
+and the final EOS, so rows of 5 to 130 input tokens share calls). The mains are exported once
+into --models and reused by later runs. Writes results.json and results.md to --out.
 """
 
 from __future__ import annotations
@@ -15,9 +15,19 @@ import json
 import time
 from pathlib import Path
 
-from bench.core import write_atomic
+from bench.common import (
+    LOCAL_RESULTS,
+    PUBLIC_PROMPTS,
+    SHARED,
+    default_out,
+    make_parser,
+    out_help,
+    write_atomic,
+    wrote,
+)
+from engine.layout import MANIFEST
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PROG = "stairs-bench exact"
 STRATEGIES = [
     ("greedy", {}),
     ("assisted", {"draft_tokens": 4}),
@@ -33,7 +43,7 @@ DTYPES = ("fp32", "fp16", "int8", "int4")
 
 def prompts(engine, n: int) -> list[list[int]]:
     """n public prompts as encoder ids, mixed in length."""
-    rows = [json.loads(x) for x in (SHARED / "prompts" / "pycode_public.jsonl").open()][:n]
+    rows = [json.loads(x) for x in PUBLIC_PROMPTS.open()][:n]
     out = []
     for i, r in enumerate(rows):
         ids = engine.encode(r["context"], 255, "left")[0].tolist()
@@ -42,15 +52,15 @@ def prompts(engine, n: int) -> list[list[int]]:
     return out
 
 
-def folders(out: Path, dtypes, log) -> dict:
-    """The pycode main in each dtype (exported once into out/models) and the int8 assistant."""
+def folders(models: Path, dtypes, log) -> dict:
+    """The pycode main in each dtype (exported once into models) and the int8 assistant."""
     from export import export_model
 
-    models, found = out / "models", {}
+    found = {}
     for d in dtypes:
         main = models / f"pycode-t5-main-{d}"
         asst = models / "pycode-t5-draft"
-        if not (main / "stairs.json").is_file():
+        if not (main / MANIFEST).is_file():
             log(f"exporting the pycode main as {d}")
             export_model(
                 str(SHARED / "models" / "pycode-t5-main"),
@@ -113,19 +123,29 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parser() -> argparse.ArgumentParser:
+    """`stairs-bench exact`'s flags."""
+    p = make_parser(PROG, __doc__)
+    p.add_argument("-n", type=int, default=50, help="public prompts")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per prompt")
+    p.add_argument("--batch-sizes", default="1,2,5,8", help="comma list of batch sizes")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of the main's dtypes")
+    p.add_argument(
+        "--models",
+        default=str(LOCAL_RESULTS / "exact-models"),
+        help="folder of the exported mains, made on first use and reused",
+    )
+    p.add_argument("--out", help=out_help("exact"))
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m bench.exact", description=__doc__)
-    p.add_argument("-n", type=int, default=50, help="public prompts (default 50)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--batch-sizes", default="1,2,5,8")
-    p.add_argument("--dtypes", default=",".join(DTYPES))
-    p.add_argument("--out", default="results/exact")
-    a = p.parse_args(argv)
-    out, dtypes = Path(a.out), a.dtypes.split(",")
+    """`stairs-bench exact ...`: 0 when every cell is 0 mismatches, else 1."""
+    a = parser().parse_args(argv)
+    out, dtypes = Path(a.out) if a.out else default_out("exact"), a.dtypes.split(",")
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     out.mkdir(parents=True, exist_ok=True)
-    found = folders(out, dtypes, print)
+    found = folders(Path(a.models), dtypes, print)
     from engine import Engine
 
     ids = prompts(Engine.load(found[dtypes[0]][0]), a.n)
@@ -139,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(out / "results.json", json.dumps(results, indent=2))
     write_atomic(out / "results.md", markdown(results))
     print(markdown(results))
+    wrote(PROG, out / "results.md", "results.json")
     bad = sum(r["mismatches"] for d in dtypes for r in results[d]["rows"])
     return 0 if bad == 0 else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.common import alias
+
+    raise SystemExit(alias("exact"))

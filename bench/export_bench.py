@@ -1,7 +1,8 @@
-"""Export benchmark: a random-weight model with a real config (default t5-3b) exported in fp32 and
-fp16; records wall time and peak RSS of each export (each in a child process: its own peak).
+"""`stairs-bench export`: a random-weight model with a real config (default t5-3b) exported in
+fp32 and fp16; records wall time and peak RSS of each export (each in a child process: its own
+peak).
 
-    python -m bench.export_bench [--config ../shared/models/configs/t5-3b.json] [--dtypes fp32,fp16]
+    stairs-bench export [--config ../shared/models/configs/t5-3b.json] [--dtypes fp32,fp16]
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.core import write_atomic
+from bench.common import LOCAL_RESULTS, SHARED, default_out, make_parser, write_atomic, wrote
+from engine.layout import MANIFEST, SPIECE_FILE
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PROG = "stairs-bench export"
 
 BUILD = """
 import json, sys, shutil, torch
@@ -26,7 +28,7 @@ cfg = T5Config(**{k: v for k, v in json.load(open(sys.argv[1])).items() if k != 
 torch.manual_seed(0)
 model = T5ForConditionalGeneration(cfg).eval()
 model.save_pretrained(sys.argv[2])
-shutil.copy(sys.argv[3], sys.argv[2] + "/spiece.model")
+shutil.copy(sys.argv[3], sys.argv[2] + "/" + sys.argv[4])
 """
 # Each child prints its own peak resident memory (KiB on Linux) as its last line.
 PEAK = "\nimport resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
@@ -47,42 +49,65 @@ def child(code: str, *args: str) -> tuple[float, float]:
     return time.perf_counter() - t, int(done.stdout.strip().splitlines()[-1]) / 2**20
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", default=str(SHARED / "models" / "configs" / "t5-3b.json"))
-    p.add_argument("--dtypes", default="fp32,fp16")
-    p.add_argument("--workdir", default=None, help="scratch folder (needs ~25 GB for t5-3b)")
-    p.add_argument("--out", default="results/export_bench.json")
-    a = p.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    """`stairs-bench export`'s flags."""
+    p = make_parser(PROG, __doc__)
+    p.add_argument(
+        "--config",
+        default=str(SHARED / "models" / "configs" / "t5-3b.json"),
+        help="the Hugging Face model config (JSON) to build with random weights",
+    )
+    p.add_argument("--dtypes", default="fp32,fp16", help="comma list of stairs-export --dtype")
+    p.add_argument(
+        "--workdir", help="scratch folder (default: a new temporary one; ~25 GB for t5-3b)"
+    )
+    p.add_argument(
+        "--out",
+        help=f"results file (default: {LOCAL_RESULTS}/export-DATE-TIME.json, untracked)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`stairs-bench export ...`: builds the model, exports it in each dtype, writes --out."""
+    a = parser().parse_args(argv)
+    out = Path(a.out) if a.out else Path(f"{default_out('export')}.json")
     work = Path(a.workdir or tempfile.mkdtemp(prefix="stairs-export-bench-"))
-    hf = work / "hf"
     results = {"config": a.config, "runs": []}
     try:
-        sec, rss = child(
-            BUILD, a.config, str(hf), str(SHARED / "models" / "t5-small-tokenizer" / "spiece.model")
-        )
-        results["build"] = {"seconds": sec, "peak_rss_gib": rss}
-        print(f"built random model in {sec:.0f} s (peak RSS {rss:.1f} GiB)", flush=True)
-        for dtype in a.dtypes.split(","):
-            out = work / f"onnx-{dtype}"
-            sec, rss = child(EXPORT, str(hf), str(out), dtype)
-            manifest = json.loads((out / "stairs.json").read_text())
-            size = sum(f.stat().st_size for f in out.iterdir()) / 2**30
-            run = {
-                "dtype": dtype,
-                "seconds": sec,
-                "peak_rss_gib": rss,
-                "folder_gib": size,
-                "max_abs_diff": manifest["validation"]["max_abs_diff"],
-            }
-            results["runs"].append(run)
-            print(json.dumps(run), flush=True)
-            shutil.rmtree(out)
+        _measure(a, work, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        write_atomic(Path(a.out), json.dumps(results, indent=2))
+        write_atomic(out, json.dumps(results, indent=2))
+        wrote(PROG, out)
     return 0
 
 
+def _measure(a: argparse.Namespace, work: Path, results: dict) -> None:
+    """Build the random model, then export and measure it in each dtype (into results)."""
+    hf = work / "hf"
+    spiece = SHARED / "models" / "t5-small-tokenizer" / SPIECE_FILE
+    sec, rss = child(BUILD, a.config, str(hf), str(spiece), SPIECE_FILE)
+    results["build"] = {"seconds": sec, "peak_rss_gib": rss}
+    print(f"built random model in {sec:.0f} s (peak RSS {rss:.1f} GiB)", flush=True)
+    for dtype in a.dtypes.split(","):
+        out = work / f"onnx-{dtype}"
+        sec, rss = child(EXPORT, str(hf), str(out), dtype)
+        manifest = json.loads((out / MANIFEST).read_text())
+        size = sum(f.stat().st_size for f in out.iterdir()) / 2**30
+        run = {
+            "dtype": dtype,
+            "seconds": sec,
+            "peak_rss_gib": rss,
+            "folder_gib": size,
+            "max_abs_diff": manifest["validation"]["max_abs_diff"],
+        }
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        shutil.rmtree(out)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.common import alias
+
+    raise SystemExit(alias("export"))

@@ -1,12 +1,13 @@
-"""Load benchmark of stairs-serve: continuous batching vs one request at a time.
+"""`stairs-bench load`: stairs-serve under load, continuous batching vs one request at a time.
 
 For each mode (a `stairs-serve` process: `batched`, `single` = `--max-active 1`, `shared` =
 batched with `--shared-thread-pool`) and each number of concurrent clients, the clients stream
 completions back to back for a fixed time; reported: completion tokens/s, time to first token
-and per-token latency p50/p90/p99. Writes results.json, results.md and load.png into --out. Every answer is also checked against the first
-answer the same prompt got (mismatches are counted: greedy output never depends on load).
+and per-token latency p50/p90/p99. Writes results.json, results.md and load.png into --out.
+Every answer is also checked against the first answer the same prompt got (mismatches are
+counted: greedy output never depends on load).
 
-    python -m bench.load --main models/pycode-t5-main --assistant models/pycode-t5-draft \\
+    stairs-bench load --main models/pycode-t5-main --assistant models/pycode-t5-draft \\
         --clients 1,2,4,8,16,32 --duration 20 --out results/load
 """
 
@@ -23,10 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.core import write_atomic
+from bench.common import (
+    PUBLIC_PROMPTS,
+    ROOT,
+    default_out,
+    make_parser,
+    out_help,
+    quiet_start,
+    warn_not_quiet,
+    write_atomic,
+    wrote,
+)
 from bench.quiet import Monitor, NotQuietError, add_quiet_arguments, check_quiet_arguments
 
-ROOT = Path(__file__).resolve().parents[1]
+PROG = "stairs-bench load"
 # shared: batched on one process-wide ORT pool (stairs-serve --shared-thread-pool)
 MODES = {"batched": [], "single": ["--max-active", "1"], "shared": ["--shared-thread-pool"]}
 MAX_CLIENTS = 1024
@@ -217,22 +228,35 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _parser() -> argparse.ArgumentParser:
-    """The bench.load argument parser."""
-    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__.split("\n\n")[0])
-    p.add_argument("--main", required=True)
-    p.add_argument("--assistant")
-    p.add_argument("--strategy", default="auto", choices=["auto", "greedy", "assisted", "lookup"])
-    p.add_argument("--clients", type=_counts, default=[1, 2, 4, 8, 16, 32])
+def parser() -> argparse.ArgumentParser:
+    """`stairs-bench load`'s flags."""
+    p = make_parser(PROG, __doc__)
+    p.add_argument("--main", required=True, help="exported main folder the server loads")
+    p.add_argument("--assistant", help="exported assistant folder (default: none)")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=["auto", "greedy", "assisted", "lookup"],
+        help="the server's --strategy",
+    )
+    p.add_argument(
+        "--clients",
+        type=_counts,
+        default="1,2,4,8,16,32",
+        metavar="N,N,...",
+        help="concurrent clients at each level",
+    )
     p.add_argument("--duration", type=float, default=20.0, help="seconds per level")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompts", default=str(ROOT.parent / "shared/prompts/pycode_public.jsonl"))
+    p.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
+    p.add_argument("--threads", type=int, default=2, help="the server's --threads")
+    p.add_argument("--prompts", default=str(PUBLIC_PROMPTS), help="JSONL prompts file")
     p.add_argument("-n", type=int, default=40, help="prompts used, round robin")
     p.add_argument("--modes", default="batched,single", help="batched, single and/or shared")
-    p.add_argument("--request-timeout", type=float, default=300.0)
-    p.add_argument("--out", default="results/load")
-    add_quiet_arguments(p, "default 60")
+    p.add_argument(
+        "--request-timeout", type=float, default=300.0, help="seconds one request may take"
+    )
+    p.add_argument("--out", help=out_help("load"))
+    add_quiet_arguments(p, "60")
     return p
 
 
@@ -295,46 +319,41 @@ def _write_results(a, out: Path, prompts, rows: list[dict], monitor: Monitor) ->
     write_atomic(out / "results.md", markdown(res))
     write_atomic(out / "load.png", lambda f: plot(res, f))
     print(markdown(res))
-    print(f"wrote {out}/results.json, results.md, load.png")
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = _parser()
+    """`stairs-bench load ...`: the exit status."""
+    p = parser()
     a = p.parse_args(argv)
-    check_quiet_arguments(p, a, default_wait=60.0)
+    policy = check_quiet_arguments(p, a, default_wait=60.0)
     modes = _modes(p, a)
     from engine.cli import read_prompts
     from serve import free_port
 
     prompts = read_prompts(a.prompts, a.n)
     model = Path(a.main).name
-    out = Path(a.out)
+    out = Path(a.out) if a.out else default_out("load")
     rows, first_text = [], {}
-    from bench.run import quiet_start, warn  # the engine's imports: after the flags are checked
-
     # the server is a child process: its CPU counts as ours, everything else as others'
-    monitor = Monitor(a.quiet_threshold, a.quiet_load)
+    monitor = Monitor(policy.threshold, policy.load)
     try:
-        quiet_start(monitor, a.wait_quiet, a.require_quiet, print, "bench.load")
+        quiet_start(monitor, policy, print, PROG)
     except NotQuietError as exc:
-        print(f"bench.load: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     for mode in modes:
         _run_mode(a, mode, free_port(), monitor, model, prompts, first_text, rows)
     res = _write_results(a, out, prompts, rows, monitor)
-    if not res["quiet"]["ok"]:
-        warn(
-            "machine was NOT quiet; these figures are not a fair comparison:\n  "
-            + "\n  ".join(res["quiet"]["reasons"]),
-            "bench.load",
-        )
-        if a.require_quiet:
-            print("bench.load: error: --require-quiet: the machine was not quiet", file=sys.stderr)
-            return 2
+    warn_not_quiet(res["quiet"], PROG)
+    wrote(PROG, out / "results.md", "results.json", "load.png")
+    if policy.require and not res["quiet"]["ok"]:
+        print(f"{PROG}: error: --require-quiet: the machine was not quiet", file=sys.stderr)
+        return 2
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.common import alias
+
+    raise SystemExit(alias("load"))

@@ -1,4 +1,4 @@
-"""`python -m bench.memory --main DIR [--assistant DIR]`: peak RSS of a default Engine.load
+"""`stairs-bench memory --main DIR [--assistant DIR]`: peak RSS of a default Engine.load
 after loading and after one generation, against the weight bytes of the graphs it loads
 (encoder, masked decoder, cross key/values of main and assistant, external data included).
 Each measurement runs in a fresh process, so earlier allocations do not count. Public API only.
@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-GRAPHS = ("encoder_model.onnx", "decoder_masked_model.onnx", "cross_kv_model.onnx")
+from bench.common import make_parser, weight_bytes
+
+PROG = "stairs-bench memory"
 CHILD = r"""
 import json, sys
 from engine import Engine
@@ -29,17 +31,6 @@ res = eng.generate(args["prompt"], strategy=args["strategy"], max_new_tokens=arg
 print(json.dumps({"after_load": after_load, "after_generate": peak(),
                   "tokens": len(res.token_ids)}))
 """
-
-
-def graph_bytes(path: Path) -> int:
-    """Bytes of one graph file and its external data file."""
-    data = path.with_name(path.name + "_data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
-def weight_bytes(folder: Path | None) -> int:
-    """Bytes of the graphs the engine loads from folder (their external data included)."""
-    return 0 if folder is None else sum(graph_bytes(folder / g) for g in GRAPHS)
 
 
 def measure(main: Path, assistant: Path | None, strategy: str, new: int) -> dict:
@@ -66,14 +57,21 @@ def measure(main: Path, assistant: Path | None, strategy: str, new: int) -> dict
     }
 
 
+def parser() -> argparse.ArgumentParser:
+    """`stairs-bench memory`'s flags."""
+    p = make_parser(PROG, __doc__)
+    p.add_argument("--main", required=True, help="exported main folder")
+    p.add_argument("--assistant", help="exported assistant folder (default: none)")
+    p.add_argument(
+        "--strategy", default="assisted", help="strategy of the generation (greedy without one)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens generated")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point: prints one JSON line."""
-    p = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__)
-    p.add_argument("--main", required=True)
-    p.add_argument("--assistant")
-    p.add_argument("--strategy", default="assisted")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    a = p.parse_args(argv)
+    """`stairs-bench memory ...`: prints one JSON line (it writes no file)."""
+    a = parser().parse_args(argv)
     asst = Path(a.assistant) if a.assistant else None
     strategy = a.strategy if asst is not None else "greedy"
     print(json.dumps(measure(Path(a.main), asst, strategy, a.max_new_tokens)))
@@ -81,4 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.common import alias
+
+    raise SystemExit(alias("memory"))

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from engine.layout import CONFIG_FILE, GENERATION_CONFIG_FILE, SPIECE_FILE
+
 EOS = 1
 
 
@@ -164,16 +166,16 @@ class CT2:
             with tempfile.TemporaryDirectory(dir=workdir, prefix=".ct2-") as tmp:
                 src, conv = Path(tmp) / "hf", Path(tmp) / "ct2"
                 src.mkdir()
-                for f in ("config.json", "model.safetensors", "generation_config.json"):
+                for f in (CONFIG_FILE, "model.safetensors", GENERATION_CONFIG_FILE):
                     if (main_dir / f).exists():
                         os.symlink((main_dir / f).resolve(), src / f)
                 # The converter reads the vocabulary from the tokenizer: build it without the
                 # 100 sentinels the T5 tokenizer adds by default, or 8292 != 8192 pieces.
-                T5Tokenizer(str(main_dir / "spiece.model"), extra_ids=0).save_pretrained(src)
+                T5Tokenizer(str(main_dir / SPIECE_FILE), extra_ids=0).save_pretrained(src)
                 TransformersConverter(str(src)).convert(str(conv), quantization=compute_type)
                 if not out.exists():  # else a concurrent run finished first: use its model
                     os.replace(conv, out)
-        self.sp = spm.SentencePieceProcessor(model_file=str(main_dir / "spiece.model"))
+        self.sp = spm.SentencePieceProcessor(model_file=str(main_dir / SPIECE_FILE))
         self.tr = ctranslate2.Translator(
             str(out),
             device="cpu",

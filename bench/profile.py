@@ -1,4 +1,4 @@
-"""`python -m bench.profile --main DIR [--assistant DIR] [--batch-sizes 1,8,16] [--tokens 1,4]`:
+"""`stairs-bench profile --main DIR [--assistant DIR] [--batch-sizes 1,8,16] [--tokens 1,4]`:
 where one call's time goes, next to what it cannot go below.
 
 For each call shape the engine makes (rows x new tokens; a call of one token in all gets the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,15 +26,23 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bench.common import (
+    LOCAL_RESULTS,
+    default_out,
+    graph_bytes,
+    machine,
+    make_parser,
+    write_atomic,
+    wrote,
+)
+from engine import layout
 from engine.cache import CHUNK
 from engine.model import MIN_TOKENS
 from engine.providers import session_options
 
-from .core import machine, write_atomic
-from .memory import graph_bytes
-
-DECODER = "decoder_masked_model.onnx"
-ENCODER = "encoder_model.onnx"
+PROG = "stairs-bench profile"
+DECODER = layout.DECODER_FILE
+ENCODER = layout.ENCODER_FILE
 PARTS = ("self-attention", "kv writes", "cross-attention", "feed-forward", "LM head",
          "layer norms", "position bias", "embedding and masks")  # fmt: skip
 
@@ -87,20 +94,21 @@ def decoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
     mask[:, :, :p] = True
     mask[:, np.arange(t), p + np.arange(t)] = True
     values = {
-        "input_ids": np.full((b, t), 5, np.int64),
-        "positions": slots,
-        "new_slots": slots,
-        "past_positions": np.broadcast_to(np.arange(cap), (b, cap)).copy(),
-        "attention_mask": mask,
-        "encoder_attention_mask": np.ones((b, s), bool),
+        layout.INPUT_IDS: np.full((b, t), 5, np.int64),
+        layout.POSITIONS: slots,
+        layout.NEW_SLOTS: slots,
+        layout.PAST_POSITIONS: np.broadcast_to(np.arange(cap), (b, cap)).copy(),
+        layout.ATTENTION_MASK: mask,
+        layout.ENCODER_ATTENTION_MASK: np.ones((b, s), bool),
     }
+    past = _past_inputs(sess)
     feed = {}
     for i in sess.get_inputs():
         dt = _dtype(i.type)
         if i.name in values:
             feed[i.name] = values[i.name].astype(dt)
         else:  # past (cap slots) or cross (source) key/values [B, H, L, D]
-            length = cap if i.name.startswith("past") else s
+            length = cap if i.name in past else s
             feed[i.name] = rng.standard_normal((b, i.shape[1], length, i.shape[3])).astype(dt)
     return feed
 
@@ -109,15 +117,22 @@ def encoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
     """The encoder's feed: rows prompts of `source` tokens."""
     n = (shape.rows, shape.source)
     types = {i.name: _dtype(i.type) for i in sess.get_inputs()}
-    feed = {"input_ids": np.full(n, 5, types["input_ids"])}
-    if "attention_mask" in types:
-        feed["attention_mask"] = np.ones(n, types["attention_mask"])
+    feed = {layout.INPUT_IDS: np.full(n, 5, types[layout.INPUT_IDS])}
+    if layout.ATTENTION_MASK in types:
+        feed[layout.ATTENTION_MASK] = np.ones(n, types[layout.ATTENTION_MASK])
     return feed
 
 
+def _past_inputs(sess: ort.InferenceSession) -> set[str]:
+    """The decoder's cache inputs (layout.past_names; fewer layers than inputs, surely)."""
+    return set(layout.past_names(len(sess.get_inputs())))
+
+
 def outputs(sess: ort.InferenceSession) -> list[str]:
-    """What the engine's numpy cache asks for (never the whole-buffer kv_cache.* outputs)."""
-    return [o.name for o in sess.get_outputs() if not o.name.startswith("kv_cache.")]
+    """What the engine's numpy cache asks for (never the whole-buffer outputs a device cache
+    binds, layout.full_names)."""
+    full = set(layout.full_names(len(sess.get_outputs())))
+    return [o.name for o in sess.get_outputs() if o.name not in full]
 
 
 def wall_ms(sess: ort.InferenceSession, feed: dict, runs: int) -> float:
@@ -199,7 +214,8 @@ def matmul_weights(path: Path) -> int:
 def decoder_flops(path: Path, sess: ort.InferenceSession, shape: Shape) -> float:
     """Multiply-adds x 2 of one masked-decoder call: every new token through every weight, and
     attention (one extra query row) over the capacity's slots and the source."""
-    past = [i for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    names = _past_inputs(sess)
+    past = [i for i in sess.get_inputs() if i.name in names]
     layers, heads, d_kv = len(past) // 2, past[0].shape[1], past[0].shape[3]
     cap = -(-(shape.past + shape.tokens) // CHUNK) * CHUNK
     queries = shape.rows * (shape.tokens + 1) * heads
@@ -324,20 +340,32 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.profile", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )  # fmt: skip
+def parser() -> argparse.ArgumentParser:
+    """`stairs-bench profile`'s flags."""
+    p = make_parser(PROG, __doc__.split("\n\n")[0])
     p.add_argument("--main", type=Path, required=True, help="exported main model folder")
-    p.add_argument("--assistant", type=Path, help="exported assistant folder (its decoder too)")
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 16], help="rows per call")
-    p.add_argument("--tokens", type=_ints, default=[1, 4], help="new tokens per row")
+    p.add_argument(
+        "--assistant",
+        type=Path,
+        help="exported assistant folder, its decoder profiled too (default: none)",
+    )
+    p.add_argument("--batch-sizes", type=_ints, default="1,8,16", help="rows per call")
+    p.add_argument("--tokens", type=_ints, default="1,4", help="new tokens per row")
     p.add_argument("--past", type=int, default=96, help="slots already cached per row")
     p.add_argument("--source", type=int, default=256, help="encoder positions (255 + EOS)")
     p.add_argument("--threads", type=int, default=2, help="ORT intra-op threads")
     p.add_argument("--runs", type=int, default=20, help="timed runs per shape")
-    p.add_argument("--out", type=Path, help="folder (default: results/profile-<main's name>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"folder (default: {LOCAL_RESULTS}/profile-<main's name>-DATE-TIME, untracked)",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The checked flags, --out filled in."""
+    p = parser()
     a = p.parse_args(argv)
     for name in ("past", "source", "threads", "runs"):
         if not 1 <= getattr(a, name) <= 4096:
@@ -345,13 +373,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for folder in (a.main, a.assistant):
         if folder is not None and not (folder / DECODER).is_file():
             p.error(f"{folder}: no {DECODER} (export it with stairs-export)")
-    a.out = a.out or Path("results") / f"profile-{a.main.name}"
+    a.out = a.out or default_out(f"profile-{a.main.name}")
     return a
 
 
 def main(argv: list[str] | None = None) -> int:
     """Profile the graphs, print the report and write profile.json and profile.md to --out."""
-    from .quiet import Monitor
+    from bench.quiet import Monitor
 
     a = parse_args(argv)
     mon = Monitor()
@@ -376,9 +404,11 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(a.out / "profile.json", json.dumps(result, indent=2))
     write_atomic(a.out / "profile.md", text)
     print(text)
-    print(f"written: {a.out}/profile.md, profile.json", file=sys.stderr)
+    wrote(PROG, a.out / "profile.md", "profile.json")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.common import alias
+
+    raise SystemExit(alias("profile"))

@@ -17,6 +17,9 @@ from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 LOAD_TAU_S = 60.0  # the 1-minute load average's time constant
+# the 1-minute load average this far below the 5-minute one is falling, past the wobble of a
+# steady load's samples
+FALLING = 0.9
 
 
 class NotQuietError(RuntimeError):
@@ -40,6 +43,7 @@ class Snapshot:
     load1: float
     procs: dict[int, Proc]
     own: frozenset[int]
+    load5: float | None = None  # the 5-minute load average, to tell a falling load1
 
     @property
     def own_cpu_s(self) -> float:
@@ -82,24 +86,28 @@ def descendants(procs: dict[int, Proc], roots) -> set[int]:
     return out
 
 
-def _read_float(path: str, default: float = 0.0) -> float:
+def _read_floats(path: str, count: int = 1, default: float = 0.0) -> list[float]:
+    """The first count numbers of a /proc file (default each where it cannot be read)."""
     try:
         with open(path) as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return default
+            fields = f.read().split()[:count]
+        return [float(x) for x in fields] + [default] * (count - len(fields))
+    except (OSError, ValueError):
+        return [default] * count
 
 
 def snapshot(exclude=None) -> Snapshot:
     """Now. exclude: pids not counted as others; None: this process and its descendants."""
     procs = read_procs()
     own = descendants(procs, [os.getpid()]) if exclude is None else set(exclude)
+    load1, load5 = _read_floats("/proc/loadavg", 2)
     return Snapshot(
         t=time.monotonic(),
-        uptime_s=_read_float("/proc/uptime"),
-        load1=_read_float("/proc/loadavg"),
+        uptime_s=_read_floats("/proc/uptime")[0],
+        load1=load1,
         procs=procs,
         own=frozenset(own),
+        load5=load5,
     )
 
 
@@ -217,23 +225,31 @@ class Monitor:
         return rate * (1 - math.exp(-dt / LOAD_TAU_S))
 
     def check(self, seconds: float = 1.0) -> dict:
-        """Watch the machine for `seconds` with this process idle: is it quiet now?"""
+        """Watch the machine for `seconds` with this process idle: is it quiet now?
+
+        Quiet: other processes' CPU within the threshold, and the load average (less our share)
+        within load_threshold or falling (see load_falling). The load average trails by a
+        minute: a falling one is earlier work winding down, while a steady or rising one with
+        other processes idle means load this process cannot see (another container's)."""
         w = Window()
         before = self.snap()
         time.sleep(seconds)
         after = self.snap()
         w.add(before, after)
         own = self.own_load(after)
-        excess = after.load1 - own
-        return {
+        c = {
             "seconds": w.wall_s,
             "others_cpu_per_s": w.others_per_s,
             "top_others": [[n, round(s, 3)] for n, s in w.top()],
             "load1": after.load1,
             "own_load_estimate": own,
-            "load_excess": excess,
-            "quiet": w.others_per_s <= self.threshold and excess <= self.load_threshold,
+            "load_excess": after.load1 - own,
         }
+        if after.load5 is not None:
+            c["load5"] = after.load5
+        c["load1_first"] = self.born.load1  # when this Monitor began watching
+        c["quiet"] = not check_findings(c, self.threshold, self.load_threshold)[0]
+        return c
 
     def wait_quiet(self, max_wait_s: float, log=print, window_s: float = 1.0) -> dict:
         """Check until quiet or max_wait_s passed; the last check is the run's start check."""
@@ -244,7 +260,9 @@ class Monitor:
             if c["quiet"] or time.monotonic() - t0 + window_s > max_wait_s:
                 break
             if not said:
-                log(f"waiting up to {max_wait_s:.0f} s for a quiet machine: {describe_check(c)}")
+                failed = check_findings(c, self.threshold, self.load_threshold)[0]
+                why = "; ".join(failed) or describe_check(c)
+                log(f"waiting up to {max_wait_s:.0f} s for a quiet machine: {why}")
                 said = True
         self.waited_s = time.monotonic() - t0
         self.start_check = c
@@ -255,7 +273,8 @@ class Monitor:
         reasons = []
         c = self.start_check
         if c is not None and not c["quiet"]:
-            reasons.append(f"at the start: {describe_check(c)}")
+            failed = check_findings(c, self.threshold, self.load_threshold)[0]
+            reasons.append(f"at the start: {'; '.join(failed) or describe_check(c)}")
         phases = {}
         for phase, ws in self.windows.items():
             phases[phase] = {name: w.as_dict(self.threshold) for name, w in ws.items()}
@@ -277,12 +296,73 @@ class Monitor:
 
 
 def describe_check(c: dict) -> str:
-    """One line for a start check."""
+    """One line for a start check: every measure, whether it passed or not."""
+    load5 = c.get("load5")
+    trend = f", 5-min {load5:.2f}" if load5 is not None else ""
     return (
         f"other processes {c['others_cpu_per_s']:.2f} CPU-s/s"
         f" ({_top_text(c.get('top_others') or [])}), load average {c['load1']:.2f}"
-        f" (ours ~{c['own_load_estimate']:.2f}, excess {c['load_excess']:.2f})"
+        f" (ours ~{c['own_load_estimate']:.2f}, excess {c['load_excess']:.2f}{trend})"
     )
+
+
+def load_falling(c: dict) -> bool:
+    """Is the load average of a start check falling? Its 1-minute figure well below the
+    5-minute one (a long load that stopped), or the load less our share below the load when
+    the Monitor began watching (a short one: its 5-minute figure never rose)."""
+    if c.get("load5") is not None and c["load1"] < FALLING * c["load5"]:
+        return True
+    first = c.get("load1_first")
+    return first is not None and c["load_excess"] < first - 0.01
+
+
+def _trend(c: dict) -> str:
+    """The figures a load average's trend is judged by."""
+    parts = [f"5-min {c['load5']:.2f}"] if c.get("load5") is not None else []
+    if c.get("load1_first") is not None:
+        parts.append(f"{c['load1_first']:.2f} when the run began watching")
+    return ", ".join(parts)
+
+
+def check_findings(c: dict, threshold: float, load_threshold: float) -> tuple[list[str], list[str]]:
+    """(the measures that make a start check not quiet, each with its value and limit; notes on
+    a measure over its limit that does not count, and why)."""
+    failed, notes = [], []
+    others = c["others_cpu_per_s"]
+    if others > threshold:
+        failed.append(
+            f"other processes used {others:.2f} CPU-s/s (limit {threshold:.2f}):"
+            f" {_top_text(c.get('top_others') or [])}"
+        )
+    if c["load_excess"] > load_threshold:
+        load = (
+            f"load average {c['load1']:.2f}, less ours ~{c['own_load_estimate']:.2f}, is"
+            f" {c['load_excess']:.2f} (limit {load_threshold:.2f})"
+        )
+        if load_falling(c):
+            notes.append(
+                f"{load} but falling ({_trend(c)}): earlier work winding down, not counted"
+            )
+        else:
+            trend = f" and not falling ({_trend(c)})" if _trend(c) else ""
+            seen = (
+                f"; other processes seen here used only {others:.2f} CPU-s/s (the load may be"
+                " another container's)"
+                if not failed
+                else ""
+            )
+            failed.append(load + trend + seen)
+    return failed, notes
+
+
+@dataclass(frozen=True)
+class QuietPolicy:
+    """How a run judges and waits for a quiet machine (the --quiet-* and --*-quiet flags)."""
+
+    threshold: float = 0.10  # other processes' CPU-s per s allowed during a method
+    load: float = 0.5  # 1-min load average, less our share, allowed at the start
+    wait_s: float = 0.0  # how long to wait for a quiet machine before starting
+    require: bool = False  # refuse to run (exit 2) when it is not quiet
 
 
 def add_quiet_arguments(p, wait_default: str) -> None:
@@ -299,13 +379,14 @@ def add_quiet_arguments(p, wait_default: str) -> None:
         type=float,
         default=0.5,
         metavar="LOAD",
-        help="1-min load average, less our own share, above which the start is not quiet",
+        help="1-min load average, less our own share, above which the start is not quiet"
+        " (unless it is falling while other processes are idle)",
     )
     p.add_argument(
         "--wait-quiet",
         type=float,
         metavar="S",
-        help=f"wait up to S seconds for a quiet machine before starting ({wait_default})",
+        help=f"wait up to S seconds for a quiet machine before starting (default: {wait_default})",
     )
     p.add_argument(
         "--require-quiet",
@@ -314,8 +395,8 @@ def add_quiet_arguments(p, wait_default: str) -> None:
     )
 
 
-def check_quiet_arguments(p, a, default_wait: float) -> None:
-    """p.error (exit 2) for a bad quiet flag; fills in the default wait."""
+def check_quiet_arguments(p, a, default_wait: float) -> QuietPolicy:
+    """p.error (exit 2) for a bad quiet flag; fills in the default wait; returns the policy."""
     for name in ("quiet_threshold", "quiet_load"):
         if not (math.isfinite(getattr(a, name)) and getattr(a, name) >= 0):
             p.error(f"--{name.replace('_', '-')} must be a number >= 0")
@@ -323,3 +404,4 @@ def check_quiet_arguments(p, a, default_wait: float) -> None:
         a.wait_quiet = default_wait
     if not (math.isfinite(a.wait_quiet) and 0 <= a.wait_quiet <= 3600):
         p.error("--wait-quiet must be between 0 and 3600 seconds")
+    return QuietPolicy(a.quiet_threshold, a.quiet_load, a.wait_quiet, a.require_quiet)

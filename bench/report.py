@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.core import write_atomic
+from bench.common import write_atomic
+from bench.quiet import check_findings
 
 
 def _f(v, fmt):
@@ -36,6 +37,7 @@ def quiet_lines(res: dict) -> list[str]:
                 f"Machine was quiet: other processes used at most {worst:.2f} CPU-s/s during any"
                 f" method (threshold {q['threshold']:.2f}); load average at the start"
                 f" {st.get('load1', float('nan')):.2f} (ours ~{st.get('own_load_estimate', 0):.2f})."
+                + _start_notes(q)
             ),
             "",
         ]
@@ -50,6 +52,16 @@ def quiet_lines(res: dict) -> list[str]:
         ),
         "",
     ]
+
+
+def _start_notes(q: dict) -> str:
+    """The start check's measures over their limits that did not count, and why (a falling
+    load average), so a quiet verdict never hides a high figure."""
+    st = q.get("start")
+    if not st or "load_excess" not in st:
+        return ""
+    notes = check_findings(st, q["threshold"], q.get("load_threshold", float("inf")))[1]
+    return "".join(f" At the start the {n}." for n in notes)
 
 
 def machine_line(res: dict) -> str:
@@ -246,23 +258,35 @@ def alone_lines(res: dict, thr) -> list[str]:
             f"{_f(r.get('speedup_alone_vs_engine_greedy'), '.2f')} | "
             f"{f'**{d}**' if d else '0'} | {_others(r.get('others_cpu_per_s_alone'), thr)} |"
         )
-    engine = [r for r in al if r.get("kind") == "engine"]
-    if engine:
-        best = max(engine, key=lambda r: r["tokens_per_s_alone"])
-        vs = [
-            f"{best['tokens_per_s_alone'] / r['tokens_per_s_alone']:.2f}x {r['method']}"
-            for r in al
-            if r.get("kind") != "engine"
-        ]
-        if vs:
-            lines += [
-                "",
-                (
-                    f"Fastest engine row alone: {best['method']}, {best['tokens_per_s_alone']:.0f}"
-                    f" tok/s = {', '.join(vs)} (all alone)."
-                ),
-            ]
+    lines += _fastest_alone_lines(res["rows"], al)
     return lines
+
+
+def _fastest_alone_lines(rows: list[dict], al: list[dict]) -> list[str]:
+    """The fastest of the engine rows measured alone against each peer alone; it names the
+    rows it was chosen from when other engine rows ran interleaved only."""
+    engine = [r for r in al if r.get("kind") == "engine"]
+    peers = [r for r in al if r.get("kind") != "engine"]
+    if not engine or not peers:
+        return []
+    best = max(engine, key=lambda r: r["tokens_per_s_alone"])
+    vs = [
+        f"{best['tokens_per_s_alone'] / r['tokens_per_s_alone']:.2f}x {r['method']}" for r in peers
+    ]
+    figure = f"{best['method']}, {best['tokens_per_s_alone']:.0f} tok/s = {', '.join(vs)}"
+    others = [
+        r for r in rows if r.get("kind") == "engine" and "tokens_per_s" in r and r not in engine
+    ]
+    if not others:
+        return ["", f"Fastest engine row alone: {figure} (all alone)."]
+    which = "Engine row" if len(engine) == 1 else f"Fastest of the {len(engine)} engine rows"
+    return [
+        "",
+        (
+            f"{which} measured alone: {figure} (all alone; the other {len(others)} engine rows"
+            " ran interleaved only: --alone all measures every row alone)."
+        ),
+    ]
 
 
 def plots(res: dict, out: Path) -> list[str]:

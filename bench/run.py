@@ -1,32 +1,105 @@
-"""run_bench: the whole benchmark as a library function (the CLI only maps arguments)."""
+"""`stairs-bench run`: engine strategies against the real peers (HF transformers generate,
+optimum's ORTModelForSeq2SeqLM, CTranslate2), one prompt at a time, side by side in one run.
+
+Every method runs on every prompt in turn (interleaved, so machine drift hits all alike), then
+the default ones again alone; the table gives tok/s, latency, main calls, acceptance and
+mismatches, then sweeps of the stairs batch size and the assisted draft length. Writes
+results.json, results.md and plots into --out.
+"""
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import core, report
-from bench.quiet import Monitor, NotQuietError, describe_check
-from engine.cli import read_prompts
-from engine.verify import read_manifest
+from bench.common import (
+    default_out,
+    ensure_exported,
+    expected_errors,
+    machine,
+    make_parser,
+    note,
+    quiet_start,
+    read_prompt_ids,
+    save,
+    warn_not_quiet,
+    write_atomic,
+    wrote,
+)
+from bench.quiet import Monitor, QuietPolicy, add_quiet_arguments, check_quiet_arguments
+from bench.workload import (
+    EPILOG,
+    Workload,
+    add_workload_arguments,
+    check_counts,
+    exit_status,
+    workload_kwargs,
+)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+QUICK_STRATEGIES = (
+    "greedy",
+    "assisted:draft_tokens=4",
+    "stairs:batch_size=3",
+    "lookup",
+    "staged",
+)
+QUICK_PEERS = ("hf",)
 
 
-def ensure_exported(main: Path, assistant: Path, log) -> None:
-    """Export the ../shared pycode pair on first use, so the defaults work on a fresh clone."""
-    if main.is_dir() and assistant.is_dir():
-        return
-    src = SHARED / "models" / main.name
-    src_a = SHARED / "models" / assistant.name
-    if not src.is_dir():
-        raise FileNotFoundError(f"{main} does not exist: export it with stairs-export")
-    from export import export_model
+@dataclass(frozen=True)
+class RunOptions(Workload):
+    """One `stairs-bench run`, built once (RunOptions.create) from the flags or by a caller."""
 
-    log(f"exporting {src} and {src_a} (first run)")
-    export_model(str(src), main, assistant=str(src_a) if src_a.is_dir() else None, quiet=True)
+    strategies: tuple[str, ...] = tuple(core.DEFAULT_STRATEGIES)
+    peers: tuple[str, ...] = tuple(core.DEFAULT_PEERS)
+    rounds: int = 1  # interleaved rounds, the median reported
+    sweeps: bool = True
+    sweep_prompts: int = 10
+    alone: str = "default"  # methods also measured alone: see select_alone
+
+    @classmethod
+    def create(cls, **kw) -> RunOptions:
+        """The options with --quick applied, the defaults where strategies, peers or out are
+        None, and every strategy spec parsed (a typo fails before any model loads)."""
+        kw = {
+            k: v for k, v in kw.items() if v is not None or k not in ("strategies", "peers", "out")
+        }
+        if kw.get("quick"):
+            kw.update(n=3, max_new_tokens=16, rounds=1, sweep_prompts=2)
+            kw.setdefault("strategies", QUICK_STRATEGIES)
+            kw.setdefault("peers", QUICK_PEERS)
+        kw.setdefault("out", default_out("run"))
+        opts = cls(**kw)
+        for spec in opts.strategies:
+            core.parse_strategy(spec)
+        return opts
+
+    @property
+    def assistants(self) -> list[Path | None]:
+        """Several assistants (a comma list) give one set of engine rows each, labelled @name."""
+        return [Path(a) for a in str(self.assistant).split(",")] if self.assistant else [None]
+
+    def settings(self, ids: list[list[int]], alone: list) -> dict:
+        """results.json's settings record."""
+        return {
+            "main": str(self.main),
+            "assistant": ",".join(map(str, self.assistants)),
+            "prompts": len(ids),
+            "max_new_tokens": self.max_new_tokens,
+            "threads": self.threads,
+            "rounds": self.rounds,
+            "provider": self.provider,
+            "quick": self.quick,
+            "mean_input_tokens": sum(map(len, ids)) / len(ids),
+            "alone": [m.name for m in alone],
+            "quiet_threshold": self.policy.threshold,
+            "quiet_load": self.policy.load,
+            "wait_quiet": self.policy.wait_s,
+        }
 
 
 # Measured alone by default: the peers' greedy rows and the engine's greedy and auto rows, so that
@@ -141,202 +214,187 @@ def add_quiet(rows: list[dict], summary: dict) -> None:
             r["quiet"] = all(flags)
 
 
-def quiet_start(
-    monitor, wait_quiet: float, require_quiet: bool, log, prog: str = "stairs-bench"
-) -> dict:
-    """Wait up to wait_quiet s for a quiet machine; NotQuietError if required, else a warning."""
-    log(f"checking that the machine is quiet (waiting up to {wait_quiet:.0f} s)")
-    start = monitor.wait_quiet(wait_quiet, log)
-    if not start["quiet"]:
-        if require_quiet:
-            raise NotQuietError(
-                f"machine not quiet after {monitor.waited_s:.0f} s: " + describe_check(start)
-            )
-        warn(f"machine not quiet at the start: {describe_check(start)}", prog)
-    return start
-
-
-def warn(msg: str, prog: str = "stairs-bench") -> None:
-    """Always shown, -q or not: a noisy run must not pass unnoticed."""
-    print(f"{prog}: WARNING: {msg}", file=sys.stderr, flush=True)
-
-
-QUICK_STRATEGIES = [
-    "greedy",
-    "assisted:draft_tokens=4",
-    "stairs:batch_size=3",
-    "lookup",
-    "staged",
-]
-
-
-def run_bench(
-    main="models/pycode-t5-main",
-    assistant="models/pycode-t5-draft",
-    prompts="../shared/prompts/pycode_public.jsonl",
-    n=40,
-    max_new_tokens=64,
-    threads=2,
-    rounds=1,
-    provider="cpu",
-    strategies=None,
-    peers=("hf", "optimum", "ct2"),
-    sweeps=True,
-    sweep_prompts=10,
-    out="results/latest",
-    quick=False,
-    quiet=False,
-    alone="default",
-    quiet_threshold=0.10,
-    quiet_load=0.5,
-    wait_quiet=0.0,
-    require_quiet=False,
-) -> dict:
+def run_bench(opts: RunOptions) -> dict:
     """Benchmark engine strategies and peers side by side; write results.json/.md and plots.
 
     Other processes' CPU time is accounted around every timed call (bench.quiet): a run where
-    they used more than quiet_threshold CPU-s per s during a method, or where the load average
-    (less our share) exceeded quiet_load at the start, is marked not quiet in results["quiet"].
-    wait_quiet: seconds to wait for a quiet machine first; require_quiet: raise NotQuietError
-    if it does not become quiet (checked before the timed runs).
-    Over 60 lines: its 20 arguments and the settings record are flat lists; phases are helpers."""
-    from tqdm.auto import tqdm
-
-    monitor = Monitor(quiet_threshold, quiet_load)
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, flush=True))
-    progress = lambda **kw: tqdm(disable=quiet, **kw)
-    if quick:
-        n, max_new_tokens, rounds, sweep_prompts = 3, 16, 1, 2
-        strategies = strategies or list(QUICK_STRATEGIES)
-        peers = [p for p in peers if p == "hf"]
-    strategies = strategies or core.DEFAULT_STRATEGIES
-    for spec in strategies:  # a typo in a spec fails before any model loads
-        core.parse_strategy(spec)
-    # Several assistants (comma list) give one set of engine rows each, labelled @name.
-    assistants = [Path(a) for a in str(assistant).split(",")] if assistant else [None]
-    main, out = Path(main), Path(out)
-    engines, ids = _load_engines(main, assistants, prompts, n, provider, threads, log)
-    methods = _bench_methods(
-        engines, assistants, strategies, peers, main, threads, max_new_tokens, out, log
-    )
-    alone_methods = select_alone(methods, alone)
-    quiet_start(monitor, wait_quiet, require_quiet, log)
+    they used more than the policy's threshold CPU-s per s during a method, or where the load
+    average (less our share) exceeded its load limit at the start and was not falling, is
+    marked not quiet in results["quiet"]. With policy.require, NotQuietError is raised before
+    the timed runs if the machine does not become quiet within policy.wait_s."""
+    monitor = Monitor(opts.policy.threshold, opts.policy.load)
+    engines, ids = _load_engines(opts)
+    methods = _bench_methods(opts, engines)
+    alone_methods = select_alone(methods, opts.alone)
+    quiet_start(monitor, opts.policy, opts.log)
     t0 = time.perf_counter()
-    table, alone_res, quiet_summary = _measure(
-        methods, alone_methods, ids, rounds, progress, monitor
-    )
-    settings = {
-        "main": str(main),
-        "assistant": ",".join(map(str, assistants)),
-        "prompts": len(ids),
-        "max_new_tokens": max_new_tokens,
-        "threads": threads,
-        "rounds": rounds,
-        "provider": provider,
-        "quick": quick,
-        "mean_input_tokens": sum(map(len, ids)) / len(ids),
-        "alone": [m.name for m in alone_methods],
-        "quiet_threshold": quiet_threshold,
-        "quiet_load": quiet_load,
-        "wait_quiet": wait_quiet,
-    }
+    table, alone_res, quiet_summary = _measure(methods, alone_methods, ids, opts, monitor)
     results = {
-        "settings": settings,
-        "machine": core.machine(),
+        "settings": opts.settings(ids, alone_methods),
+        "machine": machine(),
         "quiet": quiet_summary,
         "rows": table,
         "alone": alone_res,
     }
-    if sweeps:  # with the last assistant given
-        results["sweeps"] = _sweeps(
-            engines[-1], ids[:sweep_prompts], max_new_tokens, quick, progress
-        )
+    if opts.sweeps:  # with the last assistant given
+        results["sweeps"] = _sweeps(engines[-1], ids[: opts.sweep_prompts], opts)
     results["seconds"] = time.perf_counter() - t0
-    _write_results(results, out, log)
+    _write_results(results, opts.out, opts.log)
     return results
 
 
-def _measure(methods: list, alone_methods: list, ids, rounds: int, progress, monitor):
+def _measure(methods: list, alone_methods: list, ids, opts: RunOptions, monitor: Monitor):
     """Interleaved rounds, then the alone runs; return the table, alone figures, quiet summary."""
-    core.interleave(methods, ids, rounds, progress, monitor.watch)
+    core.interleave(methods, ids, opts.rounds, opts.progress, monitor.watch)
     monitor.phase = "alone"
-    alone_res = measure_alone(alone_methods, ids, rounds, progress, monitor.watch)
+    alone_res = measure_alone(alone_methods, ids, opts.rounds, opts.progress, monitor.watch)
     quiet_summary = monitor.summary()
-    table = core.rows(methods, len(ids), rounds)
+    table = core.rows(methods, len(ids), opts.rounds)
     add_alone(table, alone_res)
     add_quiet(table, quiet_summary)
     return table, alone_res, quiet_summary
 
 
-def _load_engines(main: Path, assistants: list, prompts, n: int, provider, threads: int, log):
+def _load_engines(opts: RunOptions):
     """Load the main with each assistant; return the engines and the prompts' token ids."""
     from engine import Engine
 
-    ensure_exported(main, assistants[0], log)
-    engines = [Engine.load(main, a, provider=provider, threads=threads) for a in assistants]
+    assistants = opts.assistants
+    ensure_exported(opts.main, assistants[0], opts.log)
+    engines = [
+        Engine.load(opts.main, a, provider=opts.provider, threads=opts.threads) for a in assistants
+    ]
     sp = engines[0].tokenizer
-    # The pair's convention: spiece.encode(context)[-255:] + [eos].
-    ids = [sp.encode(text)[-255:] + [sp.eos_id] for text in read_prompts(prompts, n)]
-    return engines, ids
+    return engines, read_prompt_ids(opts.prompts, opts.n, sp.encode, sp.eos_id)
 
 
-def _bench_methods(
-    engines, assistants, strategies, peers, main: Path, threads: int, max_new: int, out: Path, log
-) -> list:
+def _bench_methods(opts: RunOptions, engines: list) -> list:
     """Engine rows per strategy (and per assistant), then the peers."""
+    from engine.verify import read_manifest
+
+    assistants = opts.assistants
     eng, assistant = engines[0], assistants[0]
-    hf_main = Path((read_manifest(main) or {}).get("source", main))
+    hf_main = Path((read_manifest(opts.main) or {}).get("source", opts.main))
     hf_asst = Path((read_manifest(assistant) or {}).get("source", "")) if assistant else None
-    workdir = out / "work"
+    workdir = opts.out / "work"
     workdir.mkdir(parents=True, exist_ok=True)
+    new = opts.max_new_tokens
     methods = []
     for e, a in zip(engines, assistants):
         label = f"@{a.name}" if len(engines) > 1 else ""
         methods += [
-            core.engine_method(e, s, max_new, label)
-            for s in strategies
+            core.engine_method(e, s, new, label)
+            for s in opts.strategies
             if e is eng or core.parse_strategy(s)[0] not in core.NO_ASSISTANT
         ]
     methods += core.peer_methods(
-        list(peers), hf_main, hf_asst, main, assistant, threads, max_new, workdir, log
-    )
+        list(opts.peers), hf_main, hf_asst, opts.main, assistant, opts.threads, new, workdir,
+        opts.log,
+    )  # fmt: skip
     return methods
 
 
-def _sweeps(eng, sw_ids, max_new: int, quick: bool, progress) -> dict:
+def _sweeps(eng, sw_ids, opts: RunOptions) -> dict:
     """Speed-up against stairs batch size and assisted draft length."""
+    quick, new, progress = opts.quick, opts.max_new_tokens, opts.progress
+    sizes = [2, 3] if quick else list(range(2, 11))
+    drafts = [1, 2] if quick else list(range(1, 11))
     return {
-        "batch_size": core.sweep(
-            eng,
-            sw_ids,
-            max_new,
-            "stairs",
-            "batch_size",
-            [2, 3] if quick else list(range(2, 11)),
-            progress,
-        ),
-        "draft_tokens": core.sweep(
-            eng,
-            sw_ids,
-            max_new,
-            "assisted",
-            "draft_tokens",
-            [1, 2] if quick else list(range(1, 11)),
-            progress,
-        ),
+        "batch_size": core.sweep(eng, sw_ids, new, "stairs", "batch_size", sizes, progress),
+        "draft_tokens": core.sweep(eng, sw_ids, new, "assisted", "draft_tokens", drafts, progress),
     }
 
 
 def _write_results(results: dict, out: Path, log) -> None:
-    """Write results.json, results.md and the plots; warn if the machine was not quiet."""
-    core.save(results, out)
-    core.write_atomic(out / "results.md", report.markdown(results))
+    """Write results.json, results.md and the plots; warn if the machine was not quiet; say
+    where the report is."""
+    save(results, out)
+    write_atomic(out / "results.md", report.markdown(results))
     results["plots"] = report.plots(results, out)
-    core.save(results, out)
+    save(results, out)
     log((out / "results.md").read_text())
-    quiet_summary = results["quiet"]
-    if not quiet_summary["ok"]:
-        warn(
-            "machine was NOT quiet; these figures are not a fair comparison:\n  "
-            + "\n  ".join(quiet_summary["reasons"])
-        )
+    warn_not_quiet(results["quiet"])
+    wrote("stairs-bench", out / "results.md", "results.json", *results["plots"])
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the interleaved run only: rounds, the alone runs, the sweeps."""
+    p.add_argument(
+        "--rounds",
+        type=int,
+        metavar="R",
+        default=1,
+        help="interleaved rounds (median reported; --quick: 1)",
+    )
+    p.add_argument(
+        "--alone",
+        metavar="SPEC",
+        default="default",
+        help="methods also measured alone after the interleaved rounds: 'all', 'none',"
+        " ';'-separated method names, or 'default' (the default): the peers' greedy rows,"
+        " engine greedy and auto",
+    )
+    p.add_argument(
+        "--no-sweeps",
+        action="store_true",
+        help="leave out the sweeps (stairs batch size 2-10, assisted draft length 1-10)",
+    )
+    p.add_argument(
+        "--sweep-prompts",
+        type=int,
+        metavar="N",
+        default=10,
+        help="prompts each sweep point runs (--quick: 2)",
+    )
+
+
+def parser(prog: str = "stairs-bench run") -> argparse.ArgumentParser:
+    """`stairs-bench run`'s flags."""
+    p = make_parser(prog, __doc__, EPILOG)
+    add_workload_arguments(p, "run")
+    add_run_arguments(p)
+    add_quiet_arguments(p, "60; --quick: 0")
+    return p
+
+
+def quick_note(a: argparse.Namespace) -> None:
+    """Say what --quick leaves out, and how to bring it back."""
+    if not a.quick:
+        return
+    left = "" if a.peers is not None else (
+        ", the hf peer only (--peers hf,optimum,ct2 brings back optimum and CTranslate2)"
+    )  # fmt: skip
+    strategies = "" if a.strategies else f", strategies {';'.join(QUICK_STRATEGIES)}"
+    note(f"--quick: 3 prompts, 16 new tokens{strategies}{left}")
+
+
+def execute(a: argparse.Namespace, policy: QuietPolicy) -> int:
+    """Run with checked flags; the exit status."""
+    quick_note(a)
+    res = expected_errors(
+        "stairs-bench",
+        lambda: run_bench(
+            RunOptions.create(
+                **workload_kwargs(a, policy),
+                rounds=a.rounds,
+                sweeps=not a.no_sweeps,
+                sweep_prompts=a.sweep_prompts,
+                alone=a.alone,
+            )
+        ),
+    )
+    return exit_status(res, policy)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`stairs-bench run ...`: the exit status."""
+    p = parser()
+    a = p.parse_args(argv)
+    check_counts(p, a)
+    return execute(a, check_quiet_arguments(p, a, default_wait=0.0 if a.quick else 60.0))
+
+
+if __name__ == "__main__":
+    from bench.common import alias
+
+    raise SystemExit(alias("run"))

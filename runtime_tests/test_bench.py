@@ -1,4 +1,5 @@
-"""bench helpers: the CTranslate2 worker's errors, the quiet-machine monitor, the runs."""
+"""stairs-bench: the CTranslate2 worker's errors, the quiet-machine monitor, the runs, the
+command's subcommands, their help and default output folders."""
 
 from __future__ import annotations
 
@@ -149,7 +150,7 @@ def test_bench_cli_rejects_bad_quiet_options_before_loading(args, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-# ---- batch mode (bench.batch): tables, plot, interleaving, the batched peers ----
+# ---- batch mode (stairs-bench batch): tables, plot, interleaving, the batched peers ----
 
 
 def batch_results(mismatch: int = 0) -> dict:
@@ -339,8 +340,9 @@ def test_batch_mode_refuses_unbatched_peers_and_too_few_prompts(tmp_path, capsys
 
 def test_ct2_batched_worker_equals_its_batch_1_greedy(tmp_path, pycode_prompts):
     pytest.importorskip("ctranslate2")
+    from conftest import PYCODE_MAIN
+
     from bench.peers import CT2Worker
-    from runtime_tests.conftest import PYCODE_MAIN
 
     prompts = pycode_prompts[:3]
     assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is padded
@@ -360,8 +362,9 @@ def test_ct2_batched_worker_equals_its_batch_1_greedy(tmp_path, pycode_prompts):
 
 def test_hf_padded_batch_equals_hf_batch_1_greedy(pycode_prompts):
     pytest.importorskip("torch")
+    from conftest import PYCODE_MAIN
+
     from bench.peers import HF
-    from runtime_tests.conftest import PYCODE_MAIN
 
     prompts = pycode_prompts[:3]
     assert len({len(p) for p in prompts}) > 1
@@ -429,7 +432,7 @@ def test_batch_bench_end_to_end_on_a_tiny_model(tiny_models, tmp_path, monkeypat
 
 
 def test_write_atomic_keeps_the_previous_file_when_writing_fails(tmp_path):
-    from bench.core import save, write_atomic
+    from bench.common import save, write_atomic
 
     save({"a": 1}, tmp_path)
     target = tmp_path / "results.json"
@@ -487,9 +490,9 @@ def test_load_bench_records_whether_the_machine_was_quiet(
 
 
 def test_coldstart_bench_on_a_tiny_model(tiny_models, tmp_path):
-    """bench.coldstart end to end (warm runs only: a cold run drops the machine's page cache):
-    every mode measured in its own process, the same text from each, the cache's entries built
-    under --out, and a report naming the modes."""
+    """stairs-bench coldstart end to end (warm runs only: a cold run drops the machine's page
+    cache): every mode measured in its own process, the same text from each, the cache's entries
+    built under --out, and a report naming the modes."""
     from bench import coldstart
 
     main = tiny_models["v1_1"]["main"]
@@ -506,7 +509,7 @@ def test_coldstart_bench_on_a_tiny_model(tiny_models, tmp_path):
 
 
 def test_gpu_bench_runs_every_section_on_the_cpu(tiny_models, tmp_path):
-    """bench.gpu (the device cache's tables) end to end on the CPU provider: both back ends
+    """stairs-bench gpu (the device cache's tables) end to end on the CPU provider: both back ends
     exact (0 mismatches against their own and the CPU's greedy), logits bit-identical across
     call shapes, and a step-cost and a throughput row per back end."""
     from conftest import PROMPTS
@@ -536,7 +539,7 @@ def test_bench_exits_1_naming_each_engine_cell_that_differs_from_its_own_greedy(
     main's own greedy fails the run and is named; a peer's differences (another
     implementation) are reported in the table only. Batch mode: an extra main's rows against
     that main's greedy, not the fp32 main's."""
-    from bench import batch, cli, core
+    from bench import batch, cli, core, run
 
     def method(name, outs, kind="engine"):
         return core.Method(name, id, kind, seconds=[1.0] * 2, tokens=[3, 3], outputs=outs)
@@ -554,7 +557,7 @@ def test_bench_exits_1_naming_each_engine_cell_that_differs_from_its_own_greedy(
     by = {r["method"]: r for r in table}
     assert by["stairs/lookup"]["mismatches_vs_engine_greedy"] == 1
     assert by["ct2/int8"]["mismatches"] == 1 and "mismatches_vs_engine_greedy" not in by["ct2/int8"]
-    monkeypatch.setattr(cli, "run_bench", lambda **kw: {"rows": table, "quiet": {"ok": True}})
+    monkeypatch.setattr(run, "run_bench", lambda opts: {"rows": table, "quiet": {"ok": True}})
     argv = ["--main", str(tmp_path), "--out", str(tmp_path / "out"), "--wait-quiet", "0"]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
@@ -568,7 +571,7 @@ def test_bench_exits_1_naming_each_engine_cell_that_differs_from_its_own_greedy(
          "mismatches_vs_engine_greedy_b1": 5, "mismatches_vs_own_greedy_b1": 2},
     ]  # fmt: skip
     monkeypatch.setattr(
-        batch, "run_batch_bench", lambda **kw: {"rows": rows, "quiet": {"ok": True}}
+        batch, "run_batch_bench", lambda opts: {"rows": rows, "quiet": {"ok": True}}
     )
     assert cli.main([*argv, "--batch-sizes", "1,4"]) == 1
     assert "stairs/auto@m-int8 at B=4: 2 prompts differ" in capsys.readouterr().err
@@ -593,3 +596,170 @@ def test_a_failed_engine_cell_fails_the_bench_and_a_peer_never_does():
         "stairs/assisted at B=4: failed (boom)",
         "stairs/lookup at B=8: failed (InputError: x)",
     ]
+
+
+# ---- the command: subcommands, help, where a run writes, what its report claims ----
+
+
+def _parsers():
+    """Every parser stairs-bench has: plain stairs-bench's and each subcommand's."""
+    from bench import cli
+
+    return {"stairs-bench": cli.parser()} | {
+        name: cli.subcommand(name).parser() for name in cli.SUBCOMMANDS
+    }
+
+
+def test_every_subcommand_has_a_module_with_main_and_parser():
+    import importlib
+
+    from bench import cli
+
+    assert list(cli.SUBCOMMANDS) == [
+        "run", "batch", "load", "exact", "memory", "coldstart", "profile", "gpu", "export",
+    ]  # fmt: skip
+    for name, module in cli.SUBCOMMANDS.items():
+        mod = importlib.import_module(module)
+        assert callable(mod.main) and mod.parser().prog == f"stairs-bench {name}"
+
+
+def test_help_gives_every_option_a_text_and_its_default():
+    import argparse
+
+    for name, p in _parsers().items():
+        text = " ".join(p.format_help().split())  # unwrapped
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[-1]
+            assert action.help, f"{name} {flag}: no help text"
+            if action.default not in (None, False, []):
+                assert "default" in p._get_formatter()._get_help_string(action), (name, flag)
+        assert "%(" not in text and "(default: None)" not in text, name
+
+
+def test_subcommand_help_exits_0_and_plain_help_lists_the_subcommands(capsys):
+    from bench import cli
+
+    for argv in (["--help"], *([name, "--help"] for name in cli.SUBCOMMANDS)):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0, argv
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in cli.SUBCOMMANDS)
+
+
+def test_default_output_is_a_new_untracked_folder(tmp_path, monkeypatch):
+    """A run without --out writes under results/local/ (git-ignored), a new folder each time,
+    and says where (the last line)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from bench import batch, common, run
+
+    root = Path(__file__).resolve().parents[1]
+    out = run.RunOptions.create(quick=True).out
+    assert out.parts[:2] == ("results", "local") and out.name.startswith("run-")
+    assert batch.BatchOptions.create(quick=True).out.name.startswith("batch-")
+    if shutil.which("git") and (root / ".git").exists():
+        ignored = subprocess.run(
+            ["git", "check-ignore", "-q", str(out / "results.md")], cwd=root, check=False
+        )
+        assert ignored.returncode == 0, f"{out} is not ignored by .gitignore"
+    monkeypatch.chdir(tmp_path)
+    first = common.default_out("run")
+    first.mkdir(parents=True)
+    assert common.default_out("run") != first  # a run of the same second gets its own
+
+
+def test_quick_says_what_it_leaves_out_and_honours_given_peers(capsys):
+    from types import SimpleNamespace
+
+    from bench import run
+
+    assert run.RunOptions.create(quick=True).peers == ("hf",)
+    assert run.RunOptions.create(quick=True, peers=("hf", "ct2")).peers == ("hf", "ct2")
+    assert run.RunOptions.create(quick=True, n=40).n == 3
+    run.quick_note(SimpleNamespace(quick=True, peers=None, strategies=None))
+    err = capsys.readouterr().err
+    assert "hf peer only" in err and "--peers hf,optimum,ct2" in err
+    run.quick_note(SimpleNamespace(quick=True, peers="hf,ct2", strategies="greedy"))
+    assert "peer" not in capsys.readouterr().err
+
+
+def test_a_falling_load_average_with_idle_others_is_quiet_and_a_steady_one_says_so():
+    """The start check's verdict agrees with its reason: a load average over the limit but
+    falling while other processes are idle is earlier work winding down (quiet, with a note in
+    the report); a steady one fails and the reason names the load average, not the idle CPU."""
+    from bench import quiet, report
+
+    def check(load1, load5):
+        snaps = iter([fake_snap(0.0, 0.0), fake_snap(0.0, 0.0), fake_snap(0.01, 0.0, load1)])
+        m = quiet.Monitor(threshold=0.10, load_threshold=0.5, snap=lambda: next(snaps))
+        return m, m.check(0.0) | {"load5": load5}
+
+    m, c = check(2.0, 3.0)
+    c["quiet"] = not quiet.check_findings(c, 0.10, 0.5)[0]
+    assert c["quiet"]
+    m.start_check = c
+    s = m.summary()
+    assert s["ok"]
+    res = {"quiet": s}
+    line = report.quiet_lines(res)[0]
+    assert line.startswith("Machine was quiet") and "but falling (5-min 3.00" in line
+    m, c = check(2.0, 2.0)
+    failed = quiet.check_findings(c, 0.10, 0.5)[0]
+    assert len(failed) == 1 and failed[0].startswith("load average 2.00")
+    assert "not falling" in failed[0] and "seen here used only 0.00" in failed[0]
+    m.start_check = {**c, "quiet": False}
+    assert m.summary()["reasons"] == [f"at the start: {failed[0]}"]
+    # a short burst that ended: its 5-minute figure never rose, but the load fell since the run
+    # began watching
+    assert quiet.load_falling({**c, "load1": 2.0, "load5": 1.0, "load1_first": 2.5})
+    assert not quiet.load_falling({**c, "load1": 2.0, "load5": 2.1, "load1_first": 1.9})
+
+
+def test_fastest_alone_line_names_the_rows_it_was_chosen_from():
+    from bench import report
+
+    def row(method, kind, tps, alone=None):
+        r = {"method": method, "kind": kind, "tokens_per_s": tps}
+        return r | ({"tokens_per_s_alone": alone} if alone else {})
+
+    rows = [
+        row("hf/greedy", "peer", 50.0, 60.0),
+        row("stairs/greedy", "engine", 100.0, 120.0),
+        row("stairs/lookup", "engine", 300.0),  # faster, but interleaved only
+    ]
+    al = [r for r in rows if "tokens_per_s_alone" in r]
+    (line,) = [x for x in report._fastest_alone_lines(rows, al) if x]
+    assert line.startswith("Engine row measured alone: stairs/greedy, 120 tok/s = 2.00x hf/greedy")
+    assert "the other 1 engine rows ran interleaved only" in line and "--alone all" in line
+    rows[2]["tokens_per_s_alone"] = 330.0
+    al = [r for r in rows if "tokens_per_s_alone" in r]
+    (line,) = [x for x in report._fastest_alone_lines(rows, al) if x]
+    assert (
+        line == "Fastest engine row alone: stairs/lookup, 330 tok/s = 5.50x hf/greedy (all alone)."
+    )
+
+
+def test_bench_functions_are_short_and_name_no_folder_file_by_hand():
+    """No function in bench/ over 60 lines; the folder's file names come from engine.layout."""
+    import ast
+    from pathlib import Path
+
+    from engine import layout
+
+    names = {*layout.GRAPH_FILES, *layout.OPTIMUM_FILES, *layout.TOKENIZER_FILES}
+    names |= {layout.MANIFEST, layout.TUNE_FILE, layout.CONFIG_FILE}
+    long, literal = [], []
+    for path in (Path(__file__).resolve().parents[1] / "bench").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long.append(f"{path.name}:{node.lineno} {node.name}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                literal += [f"{path.name}:{node.lineno} {n}" for n in names if n in node.value]
+    assert not long, long
+    assert not literal, literal

@@ -1,4 +1,4 @@
-"""python -m bench.profile: ORT's per-node profile of the graphs at the engine's call shapes,
+"""stairs-bench profile: ORT's per-node profile of the graphs at the engine's call shapes,
 grouped by layer part and op kind, beside the floor (no speed is asserted)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("onnx", reason="bench.profile reads graphs with onnx ([export] extra)")
+pytest.importorskip("onnx", reason="stairs-bench profile reads graphs with onnx ([export] extra)")
 
 from bench import profile
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Here, once, from the repository root: pack what bench.gpu needs on a lent GPU machine into
-# 60 MiB parts under .carry/ (the device gets the working tree and carried files, not ../shared):
-# the pycode pair's Hugging Face folders, the prompts, grow_t5.py and the t5-large config.
+# Here, once, from the repository root: pack what `stairs-bench gpu` needs on a lent GPU machine
+# into 60 MiB parts under .carry/ (the device gets the working tree and carried files, not
+# ../shared): the pycode pair's Hugging Face folders, the prompts, grow_t5.py and the t5-large
+# config.
 # onnxruntime-gpu's parts come from ../shared/gpu/pack-ort-gpu.sh.
 set -euo pipefail
 shared=${SHARED:-../shared}

@@ -1,4 +1,5 @@
-"""Main decoder step costs and per-row logits bit-identity, per cache back end (bench.gpu).
+"""Main decoder step costs and per-row logits bit-identity, per cache back end (stairs-bench
+gpu).
 
 These measure the cache back ends themselves (engine.cache.BatchCache, engine.device_cache
 .DeviceCache), below the public API on purpose: a step's cost as each back end runs it, the
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from engine.layout import DECODER_FILE, INPUT_IDS, LOGITS
 
 PAST = 64  # cached slots per row when a step is timed
 ENC = 129  # encoder length of every row (the public prompts' 128 tokens + EOS)
@@ -91,12 +94,12 @@ def _resident_binding(model, sess, rows: int, tokens: int, rng):
             bind.bind_ortvalue_input(name, value)
         else:
             value.bind(bind, name)
-    shape = [*feed["input_ids"].shape, model.vocab_size]  # a one-token call runs padded
+    shape = [*feed[INPUT_IDS].shape, model.vocab_size]  # a one-token call runs padded
     logits = ort.OrtValue.ortvalue_from_shape_and_type(
         shape, np.float32, model.device, model.device_id
     )
     keep.append(logits)
-    Buffer(logits, model.device_id).rows(0, rows).bind(bind, "logits", output=True)
+    Buffer(logits, model.device_id).rows(0, rows).bind(bind, LOGITS, output=True)
     for name, target in outputs.items():
         if target is not None:
             target.bind(bind, name, output=True)
@@ -111,7 +114,7 @@ def graph_session(model):
     try:
         opts = {"device_id": str(model.device_id), "enable_cuda_graph": "1"}
         make_options, _, _ = model._session_args
-        path = str(Path(model.folder) / "decoder_masked_model.onnx")
+        path = str(Path(model.folder) / DECODER_FILE)
         return ort.InferenceSession(
             path, make_options(), providers=[("CUDAExecutionProvider", opts)]
         )
@@ -141,7 +144,7 @@ def resident_ms(model, rows: int, tokens: int, reps: int, rng, sess=None, graph_
 def weight_bytes(folder: Path) -> int:
     """Bytes of the masked decoder's file(s): its weights, what one step must stream."""
     folder = Path(folder)
-    return sum(p.stat().st_size for p in folder.glob("decoder_masked_model.onnx*"))
+    return sum(p.stat().st_size for p in folder.glob(DECODER_FILE + "*"))
 
 
 def cost_table(

@@ -1,7 +1,8 @@
-"""The device cache's tables in one run: exactness, main step cost, throughput per back end.
+"""`stairs-bench gpu`: the device cache's tables in one run: exactness, main step cost,
+throughput per back end.
 
-    python -m bench.gpu --pair pycode=MAIN,ASSISTANT [--pair t5-large=MAIN,ASSISTANT ...]
-        --prompts FILE.jsonl --out DIR [--provider cuda|cpu] [-n 16] [--max-new-tokens 48]
+    stairs-bench gpu --pair pycode=MAIN,ASSISTANT [--pair t5-large=MAIN,ASSISTANT ...]
+        --prompts FILE.jsonl [--out DIR] [--provider cuda|cpu] [-n 16] [--max-new-tokens 48]
         [--budget-s 450] [--bandwidth 4.8e12] [--threads N]
 
 Per pair, each section written to DIR/results.json as it finishes (a run stopped by its time
@@ -27,8 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench.core import parse_strategy, write_atomic
+from bench.common import default_out, make_parser, out_help, read_prompt_ids, write_atomic, wrote
+from bench.core import parse_strategy
 from bench.quiet import Monitor, describe_check
+from engine.layout import SPIECE_FILE
+
+PROG = "stairs-bench gpu"
 
 STRATEGIES = [
     "greedy",
@@ -58,8 +63,7 @@ def load_prompts(path: Path, spm_path: Path, n: int, eos: int = 1) -> list[list[
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(spm_path))
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [sp.encode(r["context"])[-255:] + [eos] for r in rows[:n]]
+    return read_prompt_ids(path, n, sp.encode, eos)
 
 
 def load(pair: tuple[str, str], provider: str, kv_cache: str, threads, tf32=None):
@@ -102,7 +106,7 @@ def mismatches(outs: list, ref: list) -> int:
 
 def section_exact(args, pair, prompts, big: bool) -> dict:
     """CPU greedy reference; each back end x strategy x size on the provider; invariance."""
-    from bench.gpu_cost import invariance
+    from bench.gpu.cost import invariance
 
     cpu = load(pair, "cpu", "numpy", args.threads)
     cpu_ref = [list(cpu.generate(p, max_new_tokens=args.max_new_tokens).token_ids) for p in prompts]
@@ -143,8 +147,8 @@ def _exact_cells(args, eng, prompts, big: bool, refs: dict) -> list[dict]:
 
 
 def section_cost(args, pair, big: bool) -> dict:
-    """Step costs of the main on the provider (see bench.gpu_cost.cost_table)."""
-    from bench.gpu_cost import cost_table
+    """Step costs of the main on the provider (see bench.gpu.cost.cost_table)."""
+    from bench.gpu.cost import cost_table
 
     eng = load(pair, args.provider, "device", args.threads)
     rows = [1, 16] if big else [1, 4, 8, 16]
@@ -188,7 +192,7 @@ def section_speed(args, pair, prompts, big: bool) -> dict:
 
 def markdown(res: dict) -> str:
     """The tables of results.json as markdown."""
-    from bench.gpu_report import tables
+    from bench.gpu.report import tables
 
     return tables(res)
 
@@ -212,7 +216,7 @@ def run(args) -> dict:
         pass
     for k, (name, pair) in enumerate(args.pair):
         big = k > 0
-        prompts = load_prompts(args.prompts, Path(pair[0]) / "spiece.model", args.n // (1 + big))
+        prompts = load_prompts(args.prompts, Path(pair[0]) / SPIECE_FILE, args.n // (1 + big))
         out = res["pairs"][name] = {"main": pair[0], "assistant": pair[1]}
         for section, fn in (
             ("exact", section_exact),
@@ -245,27 +249,36 @@ def _pair(text: str) -> tuple[str, tuple[str, str]]:
     return name, (main, assistant)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
-    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n")[0])
-    p.add_argument("--pair", type=_pair, action="append", required=True)
-    p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--provider", choices=["cuda", "cpu"], default="cuda")
+def parser() -> argparse.ArgumentParser:
+    """`stairs-bench gpu`'s flags."""
+    p = make_parser(PROG, __doc__)
+    p.add_argument("--pair", type=_pair, action="append", required=True,
+                   metavar="NAME=MAIN,ASSISTANT",
+                   help="exported pair to measure (repeat: later pairs run smaller)")  # fmt: skip
+    p.add_argument("--prompts", type=Path, required=True, help="JSONL prompts file")
+    p.add_argument("--out", type=Path, help=out_help("gpu"))
+    p.add_argument("--provider", choices=["cuda", "cpu"], default="cuda", help="where to run")
     p.add_argument("-n", type=int, default=16, help="prompts (the later pairs: half)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--threads", type=int, default=None, help="CPU sessions' threads")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="new tokens per prompt")
+    p.add_argument("--threads", type=int, help="CPU sessions' threads (default: ORT's)")
     p.add_argument("--reps", type=int, default=20, help="timed calls per step-cost point")
-    p.add_argument("--bandwidth", type=float, default=4.8e12, help="device bytes/s (H200)")
-    p.add_argument("--budget-s", type=float, default=450, help="no section starts after this")
+    p.add_argument("--bandwidth", type=float, default="4.8e12", help="device bytes/s (H200's)")
+    p.add_argument("--budget-s", type=float, default=450, help="seconds; no section starts after")
     p.add_argument("--sections", default="exact,cost,speed", help="which, comma-separated")
     p.add_argument("--wait-quiet", type=float, default=60, help="CPU: seconds to wait for quiet")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`stairs-bench gpu ...`: the exit status."""
+    p = parser()
     args = p.parse_args(argv)
     if not 1 <= args.n <= 200 or not 1 <= args.max_new_tokens <= 512:
         p.error("-n must be 1-200 and --max-new-tokens 1-512")
     args.sections = args.sections.split(",")
     if set(args.sections) - {"exact", "cost", "speed"}:
         p.error("--sections: exact, cost and/or speed")
+    args.out = args.out or default_out("gpu")
     mon = Monitor()  # on a shared CPU machine a busy neighbour makes every figure wrong
     quiet = [] if args.provider == "cuda" else [describe_check(mon.wait_quiet(args.wait_quiet))]
     res = run(args)
@@ -276,8 +289,5 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(res)
     write_atomic(args.out / "results.md", text)
     print(text)
+    wrote(PROG, args.out / "results.md", "results.json")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root, after every carried part was copied to
 # /root/stash (see docs/benchmarks.md#device-cache): install onnxruntime-gpu, export the pycode
-# pair and a t5-large-shape main grown from it, then run bench.gpu into $OUT/gpu.
-#   PROVIDER=cpu STASH=.carry WORK=/tmp/kit LARGE=0 BUDGET=60 N=2 bash bench/gpu_kit/run.sh
+# pair and a t5-large-shape main grown from it, then run `stairs-bench gpu` into $OUT/gpu
+# (as python3 -m bench.gpu: the checkout is on PYTHONPATH, not installed).
+#   PROVIDER=cpu STASH=.carry WORK=/tmp/kit LARGE=0 BUDGET=60 N=2 bash bench/gpu/kit/run.sh
 # is a dry run on a CPU machine (LARGE=0: no t5-large shape).
 set -euo pipefail
 provider=${PROVIDER:-cuda}

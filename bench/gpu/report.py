@@ -1,4 +1,4 @@
-"""Markdown tables of a bench.gpu run (results.json)."""
+"""Markdown tables of a `stairs-bench gpu` run (results.json)."""
 
 from __future__ import annotations
 

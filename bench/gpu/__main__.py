@@ -1,0 +1,5 @@
+"""`python -m bench.gpu ARGS` is `stairs-bench gpu ARGS`."""
+
+from bench.common import alias
+
+raise SystemExit(alias("gpu"))
