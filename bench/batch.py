@@ -614,7 +614,5 @@ def main(argv: list[str] | None = None) -> int:
     return execute(a, check_quiet_arguments(p, a, default_wait=0.0 if a.quick else 60.0), sizes)
 
 
-if __name__ == "__main__":
-    from bench.common import alias
-
-    raise SystemExit(alias("batch"))
+if __name__ == "__main__":  # python -m bench.batch: stairs-bench batch
+    raise SystemExit(main())

@@ -396,7 +396,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from bench.common import alias
-
-    raise SystemExit(alias("coldstart"))
+if __name__ == "__main__":  # python -m bench.coldstart: stairs-bench coldstart
+    raise SystemExit(main())

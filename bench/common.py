@@ -206,10 +206,3 @@ def expected_errors(prog: str, fn) -> object:
     except (NotQuietError, EngineError, FileNotFoundError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-
-
-def alias(name: str) -> int:
-    """`python -m bench.NAME ARGS` is `stairs-bench NAME ARGS`."""
-    from bench.cli import main
-
-    return main([name, *sys.argv[1:]])

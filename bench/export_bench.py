@@ -107,7 +107,5 @@ def _measure(a: argparse.Namespace, work: Path, results: dict) -> None:
         shutil.rmtree(out)
 
 
-if __name__ == "__main__":
-    from bench.common import alias
-
-    raise SystemExit(alias("export"))
+if __name__ == "__main__":  # python -m bench.export_bench: stairs-bench export
+    raise SystemExit(main())

@@ -353,7 +353,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from bench.common import alias
-
-    raise SystemExit(alias("load"))
+if __name__ == "__main__":  # python -m bench.load: stairs-bench load
+    raise SystemExit(main())

@@ -78,7 +78,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from bench.common import alias
-
-    raise SystemExit(alias("memory"))
+if __name__ == "__main__":  # python -m bench.memory: stairs-bench memory
+    raise SystemExit(main())

@@ -408,7 +408,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from bench.common import alias
-
-    raise SystemExit(alias("profile"))
+if __name__ == "__main__":  # python -m bench.profile: stairs-bench profile
+    raise SystemExit(main())

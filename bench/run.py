@@ -394,7 +394,5 @@ def main(argv: list[str] | None = None) -> int:
     return execute(a, check_quiet_arguments(p, a, default_wait=0.0 if a.quick else 60.0))
 
 
-if __name__ == "__main__":
-    from bench.common import alias
-
-    raise SystemExit(alias("run"))
+if __name__ == "__main__":  # python -m bench.run: stairs-bench run
+    raise SystemExit(main())

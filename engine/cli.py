@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from . import options as opt
-from .errors import InputError
-from .layout import MAX_THREADS
+from .errors import EngineError, InputError
+from .layout import MANIFEST, MAX_THREADS
+from .verify import print_folder_check
+from .weights import verify_cache_main
 
 PROMPT_KEYS = ("context", "prompt", "text")
 ASSISTANT_HELP = "exported assistant model folder (default: none)"
@@ -323,6 +325,76 @@ def tune_main(argv: list[str] | None = None) -> int:
     if sizes:
         print("batched auto draft tokens by batch size:", res["batch_auto_k"])
     return 0
+
+
+def _verify_parser() -> Parser:
+    """stairs-verify's flags."""
+    p = Parser(prog="stairs-verify", description=verify_main.__doc__)
+    p.add_argument("folder", nargs="?", help=f"exported model folder (with {MANIFEST})")
+    mode = p.add_mutually_exclusive_group()  # each replaces the folder check
+    mode.add_argument(
+        "--cache", nargs="?", const="", metavar="DIR",
+        help="check the weights cache at DIR (default: $STAIRS_CACHE_DIR, else"
+        " $XDG_CACHE_HOME/stairs, else ~/.cache/stairs) instead: exit 0 = every entry and"
+        " remembered hash good, 2 = some were bad (removed) or DIR is no cache",
+    )  # fmt: skip
+    mode.add_argument(
+        "--exact", action="store_true",
+        help="instead: check on this machine that a row's logits are the same bits in every call"
+        " shape (DIR's main, loaded as Engine.load does): exit 0 = all bit-identical, 2 = not",
+    )  # fmt: skip
+    p.add_argument("--provider", default="cpu", help="--exact: cpu, cuda, coreml or auto")
+    p.add_argument(
+        "--threads",
+        type=opt.count_type(MAX_THREADS),
+        help="--exact: ORT threads per session (default: ORT's choice)",
+    )
+    return p
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    """`stairs-verify DIR`: check every file stairs.json lists; 0 if all match, else 2.
+    `stairs-verify --cache [DIR]`: hash every weights-cache entry against its entry.json and
+    remove the bad ones; 0 if all were good, else 2. `stairs-verify --exact DIR`: the
+    shape-invariance self-check of DIR's main on this machine (engine.selfcheck); 0 if every
+    row is bit-identical, else 2."""
+    p = _verify_parser()
+    a = p.parse_args(argv)
+    if a.exact:
+        if a.folder is None:
+            p.error("--exact needs a model folder")
+        return _exact_main(a.folder, a.provider, a.threads)
+    if a.cache is not None:
+        return verify_cache_main(a.cache or None)
+    if a.folder is None:
+        p.error("give a model folder, or --cache [DIR]")
+    return print_folder_check(a.folder)
+
+
+def _exact_main(folder, provider: str = "cpu", threads: int | None = None) -> int:
+    """`stairs-verify --exact DIR`: load DIR as Engine.load does by default (weights cache
+    included), print every check; 0 when every row is bit-identical, else 2."""
+    import onnxruntime as ort
+
+    from .api import Engine
+    from .selfcheck import passed
+
+    try:
+        eng = Engine.load(folder, provider=provider, threads=threads)
+        checks = eng.self_check()
+    except (EngineError, OSError) as exc:
+        print(f"stairs-verify: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    for c in checks:
+        print(c.line())
+    ok = passed(checks)
+    same = sum(c.identical for c in checks)
+    print(
+        f"{same}/{len(checks)} call shapes bit-identical: {folder} on provider"
+        f" {eng.main.provider}, onnxruntime {ort.__version__}, threads {threads or 'default'}:"
+        f" {'exact here' if ok else 'NOT exact here (outputs may depend on the batch)'}"
+    )
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

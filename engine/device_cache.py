@@ -234,7 +234,7 @@ class DeviceCache(BatchCache):
         and a flag for a NaN/+inf or a tied maximum). A flag on any real token copies the
         logits to the host instead, so ties and NaN resolve exactly as numpy's argmax does."""
         out = {"ids": None, "flag": None}
-        ids, flag = self.model.run("kvops.greedy", {"logits": logits}, counter, out)
+        ids, flag = self.model.run("kvops.greedy", {lay.LOGITS: logits}, counter, out)
         ids, flag = ids.numpy(), flag.numpy()
         real = np.arange(flag.shape[1]) < counts[:, None]
         if (flag & real).any():

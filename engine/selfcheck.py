@@ -179,28 +179,3 @@ def require(engine, out=None) -> list[Check]:
             f" ({engine.main.folder}, provider {engine.main.provider}): output would not be exact"
         )
     return checks
-
-
-def verify_main(folder, provider: str = "cpu", threads: int | None = None) -> int:
-    """`stairs-verify --exact DIR`: load DIR as Engine.load does by default (weights cache
-    included), print every check; 0 when every row is bit-identical, else 2."""
-    import onnxruntime as ort
-
-    from .api import Engine
-
-    try:
-        eng = Engine.load(folder, provider=provider, threads=threads)
-        checks = eng.self_check()
-    except (EngineError, OSError) as exc:
-        print(f"stairs-verify: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    for c in checks:
-        print(c.line())
-    ok = passed(checks)
-    same = sum(c.identical for c in checks)
-    print(
-        f"{same}/{len(checks)} call shapes bit-identical: {folder} on provider"
-        f" {eng.main.provider}, onnxruntime {ort.__version__}, threads {threads or 'default'}:"
-        f" {'exact here' if ok else 'NOT exact here (outputs may depend on the batch)'}"
-    )
-    return 0 if ok else 2

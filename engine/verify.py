@@ -16,7 +16,7 @@ from .errors import ModelFileError
 
 # sha256_file is looked up here at each call (check_files, engine.weights), so a test can count
 # the hashing by replacing engine.verify.sha256_file
-from .layout import MANIFEST, MAX_THREADS, sha256_file
+from .layout import MANIFEST, sha256_file
 
 MAX_JSON_BYTES = 16 << 20  # metadata files are kilobytes; refuse anything absurdly large
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -149,55 +149,10 @@ def verify_folder(folder: str | Path, hashes: bool = True, hasher=None) -> dict 
     return manifest
 
 
-def _parser():
-    """stairs-verify's flags."""
-    from .cli import Parser  # the commands' parser: one-line errors, defaults in --help
-    from .options import count_type
-
-    p = Parser(prog="stairs-verify", description=main.__doc__)
-    p.add_argument("folder", nargs="?", help=f"exported model folder (with {MANIFEST})")
-    mode = p.add_mutually_exclusive_group()  # each replaces the folder check
-    mode.add_argument(
-        "--cache", nargs="?", const="", metavar="DIR",
-        help="check the weights cache at DIR (default: $STAIRS_CACHE_DIR, else"
-        " $XDG_CACHE_HOME/stairs, else ~/.cache/stairs) instead: exit 0 = every entry and"
-        " remembered hash good, 2 = some were bad (removed) or DIR is no cache",
-    )  # fmt: skip
-    mode.add_argument(
-        "--exact", action="store_true",
-        help="instead: check on this machine that a row's logits are the same bits in every call"
-        " shape (DIR's main, loaded as Engine.load does): exit 0 = all bit-identical, 2 = not",
-    )  # fmt: skip
-    p.add_argument("--provider", default="cpu", help="--exact: cpu, cuda, coreml or auto")
-    p.add_argument(
-        "--threads",
-        type=count_type(MAX_THREADS),
-        help="--exact: ORT threads per session (default: ORT's choice)",
-    )
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`stairs-verify DIR`: check every file stairs.json lists; 0 if all match, else 2.
-    `stairs-verify --cache [DIR]`: hash every weights-cache entry against its entry.json and
-    remove the bad ones; 0 if all were good, else 2. `stairs-verify --exact DIR`: the
-    shape-invariance self-check of DIR's main on this machine (engine.selfcheck); 0 if every
-    row is bit-identical, else 2."""
-    p = _parser()
-    a = p.parse_args(argv)
-    if a.exact:
-        from .selfcheck import verify_main  # selfcheck loads models, which import this module
-
-        if a.folder is None:
-            p.error("--exact needs a model folder")
-        return verify_main(a.folder, a.provider, a.threads)
-    if a.cache is not None:
-        from .weights import verify_cache_main  # weights imports this module
-
-        return verify_cache_main(a.cache or None)
-    if a.folder is None:
-        p.error("give a model folder, or --cache [DIR]")
-    folder = Path(a.folder)
+def print_folder_check(folder: str | Path) -> int:
+    """`stairs-verify DIR`: print OK or MISMATCH for every file DIR's manifest lists; 0 if all
+    match, else 2."""
+    folder = Path(folder)
     bad = 0
     try:
         manifest = read_manifest(folder)
@@ -214,7 +169,3 @@ def main(argv: list[str] | None = None) -> int:
     n = len(manifest["files"])
     print(f"{n - bad}/{n} files match {folder / MANIFEST}")
     return 2 if bad else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

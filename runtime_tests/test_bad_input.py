@@ -471,10 +471,10 @@ def test_every_option_has_help_showing_its_default_once():
     its default exactly once (a required option has none), never "(default: None)"."""
     import argparse
 
-    from engine import cli, verify
+    from engine import cli
     from serve import cli as serve_cli
 
-    parsers = [cli._generate_parser(), cli._tune_parser(), verify._parser(), serve_cli._parser()]
+    parsers = [cli._generate_parser(), cli._tune_parser(), cli._verify_parser(), serve_cli._parser()]
     for p in parsers:
         fmt = p._get_formatter()
         for a in p._actions:

@@ -14,9 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from engine import Engine, ModelFileError
+from engine.cli import verify_main
 from engine.model import T5Model
 from engine.scheduler import DEFAULT_AUTO_K
-from engine.verify import main as verify_main
 from engine.verify import sha256_file
 
 

@@ -16,7 +16,7 @@ CLIS = {
     "stairs-generate": ("engine.cli", "main"),
     "stairs-tune": ("engine.cli", "tune_main"),
     "stairs-bench": ("bench.cli", "main"),
-    "stairs-verify": ("engine.verify", "main"),
+    "stairs-verify": ("engine.cli", "verify_main"),
     "stairs-serve": ("serve.cli", "main"),
 }
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine import Engine, EngineError, selfcheck
-from engine.verify import main as verify_main
+from engine.cli import verify_main
 
 
 def unpadded_copy(src: Path, dst: Path) -> Path:

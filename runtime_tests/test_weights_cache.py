@@ -538,7 +538,7 @@ def test_stairs_verify_cache_catches_what_the_stat_does_not_show(
     their stat: loads trust them; `stairs-verify --cache` hashes everything, removes the bad
     entry and drops the wrong hashes (exit 2), leaves what is not the cache's; then loads
     refuse the model file and rebuild the entry."""
-    from engine.verify import main as verify_main
+    from engine.cli import verify_main
 
     monkeypatch.setattr(weights, "RACY_S", 0.0)
     monkeypatch.setenv("STAIRS_CACHE_DIR", str(tmp_path / "cache"))

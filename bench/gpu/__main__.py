@@ -1,5 +1,5 @@
 """`python -m bench.gpu ARGS` is `stairs-bench gpu ARGS`."""
 
-from bench.common import alias
+from bench.gpu.run import main
 
-raise SystemExit(alias("gpu"))
+raise SystemExit(main())
