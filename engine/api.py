@@ -146,8 +146,10 @@ class Engine:
         """Load exported folders (encoder, masked decoder, cross key/values: each weight once);
         provider is cpu, cuda, coreml or auto (the assistant's may differ).
 
-        The load settings come as keyword arguments or as one config=LoadConfig(...), not both
-        (engine.options.LoadConfig says what each does). shared_thread_pool: one process-wide
+        The load settings come as keyword arguments or as one config=LoadConfig(...), not both:
+        beside config=, a keyword that differs from its default is refused (one left at its
+        default cannot be told from an absent one). engine.options.LoadConfig says what each
+        setting does. shared_thread_pool: one process-wide
         ORT pool that spins (2 cores: faster for 1-2 requests, level at 4-16); once it exists
         ORT refuses per-session pools, so every later session of the process joins it
         (engine.providers warns). assistant_threads: the small assistant's ops can be too short

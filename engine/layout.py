@@ -1,6 +1,7 @@
 """The exported folder's format, named once: file names, manifest and metadata keys, and the
-graphs' input/output names. A leaf module (standard library only) that export/, engine/, serve/
-and bench/ import, so a rename cannot leave one side behind.
+graphs' input/output names. It imports only the standard library (importing it as
+`engine.layout` still runs engine/__init__); export/, engine/, serve/ and bench/ take every name
+from it, so a rename cannot leave one side behind.
 """
 
 from __future__ import annotations

@@ -257,7 +257,9 @@ class LoadConfig:
             ("assistant_provider", self.assistant_provider),
         ):
             if not ((isinstance(v, str) and v) or (v is None and name == "assistant_provider")):
-                raise InputError(f"{name} must be a string (cpu, cuda, coreml or auto), not {v!r}")
+                raise InputError(
+                    f"{name} must be a non-empty string (cpu, cuda, coreml or auto), not {v!r}"
+                )
         for name, v in (("threads", self.threads), ("assistant_threads", self.assistant_threads)):
             bad = isinstance(v, bool) or not isinstance(v, numbers.Integral)
             if v is not None and (bad or not 1 <= v <= MAX_THREADS):

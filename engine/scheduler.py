@@ -29,8 +29,8 @@ from .strategies.base import check_finite
 DEFAULT_BATCH_TOKENS = 256
 MAX_BATCH_TOKENS = 65536
 # strategy="auto": draft tokens per request by the number of active requests (the largest key
-# <= N applies; 0 = speculation off). On 2 CPU cores it lost at most 2-4% at 8-16 requests on
-# the 48M pycode main and gained 29% at 8 on a t5-large shape (docs/benchmarks.md);
+# <= N applies; 0 = speculation off). On 2 CPU cores (measured 2026-11, an older engine) it lost
+# at most 2-4% at 8-16 requests on the 48M pycode main and gained 29% at 8 on a t5-large shape (docs/benchmarks.md);
 # `stairs-tune --batch-sizes` measures the table for a pair.
 DEFAULT_AUTO_K = {1: 4, 4: 3}
 DEFAULT_AUTO_K_CUDA = {1: 4}  # H100: speculation paid at every batch size measured (1-16)

@@ -378,7 +378,7 @@ def _export_jobs(jobs: list, out_dir: Path, opset: int) -> list[str]:
                         dynamo=False,  # the TorchScript exporter takes dynamic_axes as named here
                         do_constant_folding=True,
                     )
-            except OSError:  # the disk's (export.core.as_export_error words it)
+            except OSError:  # the disk's (export.output.as_export_error words it)
                 raise
             except Exception as exc:
                 text = " ".join(str(exc).split())

@@ -261,8 +261,8 @@ def test_wrong_typed_sizes_and_truncation(no_model_runs):
 @pytest.mark.parametrize(
     "kwargs,words",
     [
-        ({"provider": None}, "provider must be a string"),
-        ({"provider": 3}, "provider must be a string"),
+        ({"provider": None}, "provider must be a non-empty string"),
+        ({"provider": 3}, "provider must be a non-empty string"),
         ({"threads": "2"}, "threads must be None or an integer"),
         ({"threads": True}, "threads must be None or an integer"),
         ({"threads": 0}, "threads must be None or an integer"),
@@ -287,8 +287,8 @@ def test_main_path_type_and_unknown_provider(tiny_models):
 @pytest.mark.parametrize(
     "kwargs,words",
     [
-        ({"provider": ""}, "provider must be a string"),
-        ({"assistant_provider": 1}, "assistant_provider must be a string"),
+        ({"provider": ""}, "provider must be a non-empty string"),
+        ({"assistant_provider": 1}, "assistant_provider must be a non-empty string"),
         ({"threads": 1025}, "threads must be None or an integer from 1 to 1024"),
         ({"assistant_threads": 0}, "assistant_threads must be None or an integer"),
         ({"provider_options": ["x"]}, "provider_options must be a dict or None"),
