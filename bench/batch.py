@@ -347,7 +347,8 @@ class BatchOptions(Workload):
         if not sizes or not all(isinstance(b, int) and 1 <= b <= MAX_BATCH_SIZE for b in sizes):
             raise InputError(f"batch sizes must be integers 1-{MAX_BATCH_SIZE}, got {given!r}")
         kw["batch_sizes"] = tuple(sizes)
-        kw.setdefault("out", default_out("batch"))
+        if kw.get("out") is None:  # made only when used: default_out creates it
+            kw["out"] = default_out("batch")
         opts = cls(**kw)
         bad = ", ".join(p for p in opts.peers if p not in core.BATCH_PEERS)
         if bad:

@@ -68,7 +68,7 @@ def _either(argv: list[str]) -> int:
     sizes = None
     if a.batch_sizes is None:
         for name in BATCH_ONLY:
-            if getattr(a, name) not in (None, False):
+            if getattr(a, name) is not None and getattr(a, name) is not False:
                 p.error(f"--{name.replace('_', '-')} needs --batch-sizes (batch mode)")
     else:
         sizes = batch.check_batch_arguments(p, a)

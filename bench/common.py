@@ -48,14 +48,18 @@ def make_parser(prog: str, description: str, epilog: str | None = None) -> argpa
 
 
 def default_out(kind: str) -> Path:
-    """A new folder for this run under results/local/: KIND-YYYYmmdd-HHMMSS (a suffix -2, -3...
-    when a run of the same second has it already)."""
+    """A new folder for this run under results/local/, made here so two runs never share it:
+    KIND-YYYYmmdd-HHMMSS (a suffix -2, -3... when a run of the same second has it already)."""
     base = LOCAL_RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     out, k = base, 1
-    while out.exists():
-        k += 1
-        out = base.with_name(f"{base.name}-{k}")
-    return out
+    while True:
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            k += 1
+            out = base.with_name(f"{base.name}-{k}")
 
 
 def out_help(kind: str, what: str = "output folder") -> str:
@@ -178,7 +182,7 @@ def quiet_start(monitor: Monitor, policy: QuietPolicy, log, prog: str = "stairs-
     log(f"checking that the machine is quiet (waiting up to {policy.wait_s:.0f} s)")
     start = monitor.wait_quiet(policy.wait_s, log)
     if not start["quiet"]:
-        failed = check_findings(start, monitor.threshold, monitor.load_threshold)[0]
+        failed = check_findings(start, monitor.threshold, monitor.load_threshold)
         failed = "; ".join(failed) or describe_check(start)
         if policy.require:
             raise NotQuietError(f"machine not quiet after {monitor.waited_s:.0f} s: {failed}")

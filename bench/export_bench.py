@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        help=f"results file (default: {LOCAL_RESULTS}/export-DATE-TIME.json, untracked)",
+        help=f"results file (default: {LOCAL_RESULTS}/export-DATE-TIME/export_bench.json, untracked)",
     )
     return p
 
@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`stairs-bench export ...`: builds the model, exports it in each dtype, writes --out."""
     a = parser().parse_args(argv)
-    out = Path(a.out) if a.out else Path(f"{default_out('export')}.json")
+    out = Path(a.out) if a.out else default_out("export") / "export_bench.json"
     work = Path(a.workdir or tempfile.mkdtemp(prefix="stairs-export-bench-"))
     results = {"config": a.config, "runs": []}
     try:

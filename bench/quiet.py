@@ -17,9 +17,6 @@ from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 LOAD_TAU_S = 60.0  # the 1-minute load average's time constant
-# the 1-minute load average this far below the 5-minute one is falling, past the wobble of a
-# steady load's samples
-FALLING = 0.9
 
 
 class NotQuietError(RuntimeError):
@@ -228,9 +225,8 @@ class Monitor:
         """Watch the machine for `seconds` with this process idle: is it quiet now?
 
         Quiet: other processes' CPU within the threshold, and the load average (less our share)
-        within load_threshold or falling (see load_falling). The load average trails by a
-        minute: a falling one is earlier work winding down, while a steady or rising one with
-        other processes idle means load this process cannot see (another container's)."""
+        within load_threshold: a load this process cannot attribute (earlier work winding down,
+        another container's) is not quiet either."""
         w = Window()
         before = self.snap()
         time.sleep(seconds)
@@ -247,8 +243,7 @@ class Monitor:
         }
         if after.load5 is not None:
             c["load5"] = after.load5
-        c["load1_first"] = self.born.load1  # when this Monitor began watching
-        c["quiet"] = not check_findings(c, self.threshold, self.load_threshold)[0]
+        c["quiet"] = not check_findings(c, self.threshold, self.load_threshold)
         return c
 
     def wait_quiet(self, max_wait_s: float, log=print, window_s: float = 1.0) -> dict:
@@ -260,7 +255,7 @@ class Monitor:
             if c["quiet"] or time.monotonic() - t0 + window_s > max_wait_s:
                 break
             if not said:
-                failed = check_findings(c, self.threshold, self.load_threshold)[0]
+                failed = check_findings(c, self.threshold, self.load_threshold)
                 why = "; ".join(failed) or describe_check(c)
                 log(f"waiting up to {max_wait_s:.0f} s for a quiet machine: {why}")
                 said = True
@@ -273,7 +268,7 @@ class Monitor:
         reasons = []
         c = self.start_check
         if c is not None and not c["quiet"]:
-            failed = check_findings(c, self.threshold, self.load_threshold)[0]
+            failed = check_findings(c, self.threshold, self.load_threshold)
             reasons.append(f"at the start: {'; '.join(failed) or describe_check(c)}")
         phases = {}
         for phase, ws in self.windows.items():
@@ -306,28 +301,9 @@ def describe_check(c: dict) -> str:
     )
 
 
-def load_falling(c: dict) -> bool:
-    """Is the load average of a start check falling? Its 1-minute figure well below the
-    5-minute one (a long load that stopped), or the load less our share below the load when
-    the Monitor began watching (a short one: its 5-minute figure never rose)."""
-    if c.get("load5") is not None and c["load1"] < FALLING * c["load5"]:
-        return True
-    first = c.get("load1_first")
-    return first is not None and c["load_excess"] < first - 0.01
-
-
-def _trend(c: dict) -> str:
-    """The figures a load average's trend is judged by."""
-    parts = [f"5-min {c['load5']:.2f}"] if c.get("load5") is not None else []
-    if c.get("load1_first") is not None:
-        parts.append(f"{c['load1_first']:.2f} when the run began watching")
-    return ", ".join(parts)
-
-
-def check_findings(c: dict, threshold: float, load_threshold: float) -> tuple[list[str], list[str]]:
-    """(the measures that make a start check not quiet, each with its value and limit; notes on
-    a measure over its limit that does not count, and why)."""
-    failed, notes = [], []
+def check_findings(c: dict, threshold: float, load_threshold: float) -> list[str]:
+    """The measures that make a start check not quiet, each with its value and limit."""
+    failed = []
     others = c["others_cpu_per_s"]
     if others > threshold:
         failed.append(
@@ -335,24 +311,19 @@ def check_findings(c: dict, threshold: float, load_threshold: float) -> tuple[li
             f" {_top_text(c.get('top_others') or [])}"
         )
     if c["load_excess"] > load_threshold:
+        load5 = f", 5-min {c['load5']:.2f}" if c.get("load5") is not None else ""
         load = (
-            f"load average {c['load1']:.2f}, less ours ~{c['own_load_estimate']:.2f}, is"
+            f"load average {c['load1']:.2f}{load5}, less ours ~{c['own_load_estimate']:.2f}, is"
             f" {c['load_excess']:.2f} (limit {load_threshold:.2f})"
         )
-        if load_falling(c):
-            notes.append(
-                f"{load} but falling ({_trend(c)}): earlier work winding down, not counted"
+        if not failed:  # say why a load can stand beside idle processes
+            load += (
+                f"; other processes seen here used only {others:.2f} CPU-s/s: the load average"
+                " trails by a minute (earlier work winding down: --wait-quiet S waits for it),"
+                " or the load is another container's"
             )
-        else:
-            trend = f" and not falling ({_trend(c)})" if _trend(c) else ""
-            seen = (
-                f"; other processes seen here used only {others:.2f} CPU-s/s (the load may be"
-                " another container's)"
-                if not failed
-                else ""
-            )
-            failed.append(load + trend + seen)
-    return failed, notes
+        failed.append(load)
+    return failed
 
 
 @dataclass(frozen=True)
@@ -379,8 +350,7 @@ def add_quiet_arguments(p, wait_default: str) -> None:
         type=float,
         default=0.5,
         metavar="LOAD",
-        help="1-min load average, less our own share, above which the start is not quiet"
-        " (unless it is falling while other processes are idle)",
+        help="1-min load average, less our own share, above which the start is not quiet",
     )
     p.add_argument(
         "--wait-quiet",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.common import write_atomic
-from bench.quiet import check_findings
 
 
 def _f(v, fmt):
@@ -37,7 +36,6 @@ def quiet_lines(res: dict) -> list[str]:
                 f"Machine was quiet: other processes used at most {worst:.2f} CPU-s/s during any"
                 f" method (threshold {q['threshold']:.2f}); load average at the start"
                 f" {st.get('load1', float('nan')):.2f} (ours ~{st.get('own_load_estimate', 0):.2f})."
-                + _start_notes(q)
             ),
             "",
         ]
@@ -52,16 +50,6 @@ def quiet_lines(res: dict) -> list[str]:
         ),
         "",
     ]
-
-
-def _start_notes(q: dict) -> str:
-    """The start check's measures over their limits that did not count, and why (a falling
-    load average), so a quiet verdict never hides a high figure."""
-    st = q.get("start")
-    if not st or "load_excess" not in st:
-        return ""
-    notes = check_findings(st, q["threshold"], q.get("load_threshold", float("inf")))[1]
-    return "".join(f" At the start the {n}." for n in notes)
 
 
 def machine_line(res: dict) -> str:

@@ -72,7 +72,8 @@ class RunOptions(Workload):
             kw.update(n=3, max_new_tokens=16, rounds=1, sweep_prompts=2)
             kw.setdefault("strategies", QUICK_STRATEGIES)
             kw.setdefault("peers", QUICK_PEERS)
-        kw.setdefault("out", default_out("run"))
+        if kw.get("out") is None:  # made only when used: default_out creates it
+            kw["out"] = default_out("run")
         opts = cls(**kw)
         for spec in opts.strategies:
             core.parse_strategy(spec)

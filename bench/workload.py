@@ -128,7 +128,7 @@ def parse_strategies(text: str | None) -> tuple[str, ...] | None:
     if not text:
         return None
     sep = ";" if ";" in text or ":" in text else ","
-    return tuple(s for s in text.split(sep) if s.strip())
+    return tuple(s for s in text.split(sep) if s.strip()) or None
 
 
 def parse_peers(text: str | None) -> tuple[str, ...] | None:

@@ -474,7 +474,12 @@ def test_every_option_has_help_showing_its_default_once():
     from engine import cli
     from serve import cli as serve_cli
 
-    parsers = [cli._generate_parser(), cli._tune_parser(), cli._verify_parser(), serve_cli._parser()]
+    parsers = [
+        cli._generate_parser(),
+        cli._tune_parser(),
+        cli._verify_parser(),
+        serve_cli._parser(),
+    ]
     for p in parsers:
         fmt = p._get_formatter()
         for a in p._actions:

@@ -291,3 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     wrote(PROG, args.out / "results.md", "results.json")
     return 0
+
+
+if __name__ == "__main__":  # python -m bench.gpu.run: stairs-bench gpu
+    raise SystemExit(main())
