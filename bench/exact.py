@@ -102,7 +102,7 @@ def markdown(results: dict) -> str:
     lines = [
         (
             f"Mismatches against each main's own greedy `generate` ({s['prompts']} public"
-            f" prompts, mixed lengths, {s['new_tokens']} new tokens; `python -m bench.exact`)."
+            f" prompts, mixed lengths, {s['new_tokens']} new tokens; `stairs-bench exact`)."
         ),
         "",
         "| strategy | " + " | ".join(f"{d} B={b}" for d in dts for b in sizes) + " |",

@@ -35,7 +35,7 @@ from engine.layout import (
 from models import MODELS_DIR, known_names, lookup
 
 # stages by module: each is looked up when it runs, so a test may replace one
-from . import fp16, masked, quantize, validate
+from . import fp16, masked, quantize, stream, validate
 from .errors import (
     CheckpointError,
     ExportError,
@@ -122,14 +122,21 @@ def check_pair(main_cfg: dict, asst_cfg: dict) -> None:
 
 
 def load_torch_model(src: Path):
-    """Load T5 in float32 (bf16/fp16 checkpoints are upcast), with a clear error when broken."""
+    """Load T5 in float32 (bf16/fp16 checkpoints are upcast), with a clear error when broken. A
+    safetensors checkpoint is read tensor by tensor (export.stream.load_model), so its file and
+    the float32 model are never in memory together."""
     import torch
     from transformers import T5ForConditionalGeneration
 
     try:
+        ckpt = stream.Checkpoint.find(src)
+        if ckpt is not None:
+            return stream.load_model(src, ckpt).eval()
         model = T5ForConditionalGeneration.from_pretrained(
             src, dtype=torch.float32, low_cpu_mem_usage=True
         )
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"cannot load the checkpoint in {src}: {exc}") from exc
     return model.eval()
@@ -174,9 +181,9 @@ def _export_one(
     masked_ref = masked.masked_reference(model)
     steps.update()
     stage(steps, "export")
-    files = _write_graphs(model, tmp, opset, device, optimum)
+    held = [model]  # _write_graphs frees the model: no reference may stay here
     del model
-    gc.collect()
+    files = _write_graphs(held, src, tmp, opset, device, optimum)
     steps.update()
     if dtype == "fp16":
         stage(steps, "fp16")
@@ -207,9 +214,34 @@ def _export_one(
     return manifest
 
 
-def _write_graphs(model, tmp: Path, opset: int | None, device: str, optimum: bool) -> list[str]:
-    """The ONNX graphs of model into tmp: the encoder, the masked decoder and the cross key/value
-    graph; optimum's two decoder files (and its encoder) when optimum. Returns their names."""
+def _write_graphs(
+    held: list, src, tmp: Path, opset: int | None, device: str, optimum: bool
+) -> list:
+    """The ONNX graphs of the model in held into tmp, the model freed on the way: the encoder,
+    the masked decoder and the cross key/value graph; optimum's two decoder files (and its
+    encoder) when optimum. A safetensors checkpoint's graphs are traced from a hollow model and
+    its weights streamed in (export.stream), so the model and its graphs are never in memory
+    together. Returns the file names."""
+    model = held.pop()
+    ckpt = None if optimum else stream.Checkpoint.find(src)
+    if ckpt is None:
+        files = _traced_graphs(model, tmp, opset, device, optimum)
+        del model
+        gc.collect()
+        return files
+    _save_configs(model, tmp)
+    cfg = model.config
+    del model
+    gc.collect()
+    hollow, by_class = stream.hollow_model(cfg, ckpt)
+    weights = stream.Weights(ckpt, by_class)
+    masked.export_encoder(hollow, tmp, opset, weights)
+    masked.export_masked_decoder(hollow, tmp, opset, weights)
+    return [ENCODER_FILE] + MASKED_FILES
+
+
+def _traced_graphs(model, tmp: Path, opset: int | None, device: str, optimum: bool) -> list[str]:
+    """_write_graphs from the loaded model itself (its weights copied into each graph)."""
     if optimum:
         from optimum.exporters.onnx import onnx_export_from_model
 

@@ -18,6 +18,7 @@ the same dtype-minimum added); mask their slots out in later calls and ignore th
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,8 +41,9 @@ from engine.layout import (
     POSITIONS,
 )
 
+from . import stream
 from .errors import CheckpointError, ConversionError, OptionError, ValidationError
-from .graphs import DEFAULT_OPSET, check_opset, mark_query_rows, save_exported
+from .graphs import DEFAULT_OPSET, check_opset, follow_umask, mark_query_rows, save_exported
 
 
 def _io_names(layers: int) -> dict:
@@ -276,7 +278,9 @@ def _cross_job(cross, names: dict, cfg) -> tuple:
     )
 
 
-def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
+def export_masked_decoder(
+    model, out_dir: Path, opset: int | None = None, weights=None
+) -> list[str]:
     """Export `decoder_masked_model.onnx` and `cross_kv_model.onnx` of a loaded
     `T5ForConditionalGeneration` (float32, eval) into out_dir; returns the file names written.
     Each file is written in a temporary folder inside out_dir and moved in when complete."""
@@ -293,7 +297,7 @@ def export_masked_decoder(model, out_dir: Path, opset: int | None = None) -> lis
     out_dir.mkdir(parents=True, exist_ok=True)
     decoder, cross, names = _modules(model)
     jobs = [_decoder_job(decoder, names, cfg), _cross_job(cross, names, cfg)]
-    written = _export_jobs(jobs, out_dir, opset)
+    written = _export_jobs(jobs, out_dir, opset, weights)
     mark_query_rows(out_dir / DECODER_FILE)
     return written
 
@@ -322,7 +326,7 @@ def check_in_place(path: Path) -> None:
             raise ConversionError(f"{path.name}: {late} read {past} after {out} is written")
 
 
-def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
+def export_encoder(model, out_dir: Path, opset: int | None = None, weights=None) -> list[str]:
     """Export `encoder_model.onnx` (optimum's names: input_ids, attention_mask ->
     last_hidden_state) of a loaded float32 T5 into out_dir; returns the file names written."""
     import torch
@@ -353,42 +357,60 @@ def export_encoder(model, out_dir: Path, opset: int | None = None) -> list[str]:
         [LAST_HIDDEN_STATE],
         dyn,
     )
-    return _export_jobs([job], out_dir, opset)
+    return _export_jobs([job], out_dir, opset, weights)
 
 
-def _export_jobs(jobs: list, out_dir: Path, opset: int) -> list[str]:
+def _export_jobs(jobs: list, out_dir: Path, opset: int, weights=None) -> list[str]:
     """torch.onnx.export each (file, module, args, inputs, outputs, dynamic axes) into a temporary
-    folder inside out_dir, then move it in (`save_exported`); returns the file names written."""
-    import torch
-
+    folder inside out_dir, then move it in (`save_exported`); returns the file names written.
+    weights (export.stream.Weights): the modules are hollow, traced without weights, and the
+    weights are written from the checkpoint."""
     written = []
     for name, module, args, ins, outs, dyn in jobs:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out_dir))
         try:
-            try:
-                with torch.no_grad():
-                    torch.onnx.export(
-                        module,
-                        args,
-                        str(tmp / name),
-                        input_names=ins,
-                        output_names=outs,
-                        dynamic_axes=dyn,
-                        opset_version=opset,
-                        dynamo=False,  # the TorchScript exporter takes dynamic_axes as named here
-                        do_constant_folding=True,
-                    )
-            except OSError:  # the disk's (export.output.as_export_error words it)
-                raise
-            except Exception as exc:
-                text = " ".join(str(exc).split())
-                raise ConversionError(
-                    f"torch.onnx.export of {name} failed: {type(exc).__name__}: {text}"
-                ) from exc
-            written += save_exported(tmp, name, out_dir)
+            if weights is None:
+                _trace(name, module, args, ins, outs, dyn, opset, tmp / name, True)
+                written += save_exported(tmp, name, out_dir)
+                continue
+            with stream.recorded_initializers() as found:
+                _trace(name, module, args, ins, outs, dyn, opset, tmp / name, False)
+            (tmp / "full").mkdir()
+            files = weights.write(tmp / name, found, tmp / "full" / name)
+            for f in reversed(files):  # the data file first, so the graph never names a missing one
+                follow_umask(tmp / "full" / f)
+                os.replace(tmp / "full" / f, out_dir / f)
+            written += files
         finally:  # Ctrl-C included: nothing half-written stays behind
             shutil.rmtree(tmp, ignore_errors=True)
     return written
+
+
+def _trace(name, module, args, ins, outs, dyn, opset: int, path: Path, params: bool) -> None:
+    """torch.onnx.export of one module to path (with its weights or without)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=ins,
+                output_names=outs,
+                dynamic_axes=dyn,
+                opset_version=opset,
+                dynamo=False,  # the TorchScript exporter takes dynamic_axes as named here
+                do_constant_folding=True,
+                export_params=params,
+            )
+    except OSError:  # the disk's (export.output.as_export_error words it)
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        raise ConversionError(
+            f"torch.onnx.export of {name} failed: {type(exc).__name__}: {text}"
+        ) from exc
 
 
 # ---------------------------------------------------------------- validation against PyTorch

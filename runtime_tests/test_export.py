@@ -484,3 +484,60 @@ def test_int8_assistant_keeps_output_exact(tmp_path):
         assert out.token_ids == ref
         accepted += out.stats.accepted
     assert accepted > 0  # the int8 copy of the main model still agrees with it mostly
+
+
+def _graph_digest(folder) -> dict:
+    """sha256 of each graph (its export id taken out of the metadata) and data file."""
+    import onnx
+
+    out = {}
+    for name in ONNX:
+        proto = onnx.load(str(folder / name), load_external_data=False)
+        keep = [p for p in proto.metadata_props if p.key != "stairs.export_id"]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(keep)
+        out[name] = hashlib.sha256(proto.SerializeToString()).hexdigest()
+    for data in sorted(folder.glob("*_data")):
+        out[data.name] = hashlib.sha256(data.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
+def test_streamed_export_equals_the_traced_one(tmp_path, variant, monkeypatch):
+    """A safetensors checkpoint is traced hollow and its weights streamed in (export.stream); a
+    .bin checkpoint of the same model through the real model's trace: the same graphs, byte for
+    byte (export id aside), inline and as external data."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from export import graphs
+
+    st = make_tiny_t5(tmp_path / "st", variant, seed=3)
+    model = T5ForConditionalGeneration.from_pretrained(st, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    (tmp_path / "bin" / "spiece.model").write_bytes((st / "spiece.model").read_bytes())
+    assert not list((tmp_path / "bin").glob("*.safetensors"))
+    for external in (False, True):
+        if external:  # every graph's weights in a data file, as a big model's are
+            monkeypatch.setattr(graphs, "EXTERNAL_BYTES", 1000)
+        out = {}
+        for src in ("st", "bin"):
+            out[src] = tmp_path / f"out-{src}-{external}"
+            export_model(str(tmp_path / src), out[src], assistant=None, quiet=True)
+        a, b = _graph_digest(out["st"]), _graph_digest(out["bin"])
+        assert a == b
+        assert bool([k for k in a if k.endswith("_data")]) == external
+
+
+def test_streamed_export_names_a_missing_tensor(tmp_path):
+    """from_pretrained would fill a missing weight with random numbers; the streamed load
+    refuses, naming it."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_t5(tmp_path / "m", "v1_1", seed=1)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="no weights for lm_head.weight"):
+        export_model(str(src), tmp_path / "x", assistant=None, quiet=True)
+    assert not (tmp_path / "x").exists()

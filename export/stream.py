@@ -1,0 +1,229 @@
+"""Graphs traced from a T5 that holds no weights, the weights streamed from the checkpoint.
+
+torch.onnx.export copies every weight into the graph it builds (pytorch #61263), so an export
+that traces the real model holds the model and its graphs at once. Here the trace runs on a
+hollow T5: each parameter a stride-0 view of one number, the number naming the parameter's class
+of equal checkpoint tensors. The exporter's constant folding (each Linear weight transposed for
+its MatMul) and its deduplication of equal initializers then give the real model's graph, node
+for node. The graph is exported without weights (export_params=False); the initializers the
+exporter computed are recorded, their class and strides say which checkpoint tensor each is and
+whether it is transposed, and onnx's external-data writer fills them in from the checkpoint one
+tensor at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from . import graphs
+from .errors import CheckpointError, ConversionError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+INLINE_BYTES = 1024  # onnx.save_model's size_threshold: smaller tensors stay in the graph
+
+
+class Checkpoint:
+    """A safetensors checkpoint (one file or shards with an index), read one tensor at a time:
+    each read opens and closes its file, so no mapping of the whole checkpoint stays resident."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        if (self.folder / INDEX).is_file():
+            index = json.loads((self.folder / INDEX).read_text())
+            self.files = {k: self.folder / f for k, f in index["weight_map"].items()}
+        else:
+            self.files = {}
+            with safe_open(str(self.folder / SINGLE), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
+
+    @classmethod
+    def find(cls, folder: Path) -> Checkpoint | None:
+        """The checkpoint in folder, or None when it has no safetensors weights."""
+        folder = Path(folder)
+        return cls(folder) if (folder / INDEX).is_file() or (folder / SINGLE).is_file() else None
+
+    def get(self, key: str):
+        """The tensor `key` as float32 numpy (bf16/fp16 upcast as from_pretrained does)."""
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[key]), "pt") as f:
+            t = f.get_tensor(key)
+        return t.to(torch.float32).numpy()
+
+
+def equal_classes(ckpt: Checkpoint) -> dict[str, int]:
+    """Checkpoint key -> its class (1, 2, ...): keys of equal tensors (same shape, values equal as
+    torch.equal sees them) share one, as the exporter's deduplication merges them. One tensor is
+    held at a time (a fingerprint finds candidates; a candidate is read again to compare)."""
+    import numpy as np
+
+    classes: dict[str, int] = {}
+    leaders: dict[tuple, list[str]] = {}  # fingerprint -> first key of each class with it
+    for key in ckpt.files:
+        a = ckpt.get(key)
+        flat = a.reshape(-1)
+        # values, not bytes: -0.0 and 0.0 compare equal
+        tip = (a.shape, tuple(flat[:8].tolist()), tuple(flat[-8:].tolist()))
+        same = next((k for k in leaders.get(tip, []) if np.array_equal(ckpt.get(k), a)), None)
+        if same is None:
+            leaders.setdefault(tip, []).append(key)
+            classes[key] = len(classes) + 1
+        else:
+            classes[key] = classes[same]
+        del a, flat
+    return classes
+
+
+def load_model(src: Path, ckpt: Checkpoint):
+    """T5ForConditionalGeneration of src in float32, as from_pretrained loads it, but built
+    tensor by tensor: only the float32 model is ever in memory, never the checkpoint beside it."""
+    import torch
+    from transformers import GenerationConfig, T5Config
+
+    cfg = T5Config.from_pretrained(src)
+    cfg._name_or_path = str(src)
+    model = _assign(cfg, ckpt, lambda key, shape: torch.from_numpy(ckpt.get(key)))
+    if (Path(src) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    return model
+
+
+def hollow_model(cfg, ckpt: Checkpoint):
+    """A T5ForConditionalGeneration of cfg whose every parameter is a view of one float (its
+    class in the checkpoint) over a row of its last dimension, and {class: checkpoint key}.
+    A view's strides tell a transposed use from a plain one."""
+    import torch
+
+    classes = equal_classes(ckpt)
+
+    def hollow(key, shape):
+        # a row over the last dimension: strides (0, 1), transposed (1, 0); a vector: (0,)
+        row = torch.full(shape[-1:] if len(shape) > 1 else (1,), float(classes[key]))
+        return row.expand(shape)
+
+    model = _assign(cfg, ckpt, hollow)
+    by_class = {}
+    for key, c in classes.items():
+        by_class.setdefault(c, key)
+    return model, by_class
+
+
+def _assign(cfg, ckpt: Checkpoint, make):
+    """A T5ForConditionalGeneration of cfg built on the meta device, each parameter (tied ones
+    once) replaced by make(checkpoint key, shape)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(cfg).eval()
+    if any(True for _ in model.buffers()):
+        raise CheckpointError(f"{ckpt.folder}: a T5 with buffers is not streamed")
+    groups: dict[int, list[str]] = {}
+    shapes = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+        shapes[id(p)] = tuple(p.shape)
+    for ident, names in groups.items():
+        key = next((n for n in names if n in ckpt.files), None)
+        if key is None:
+            raise CheckpointError(f"{ckpt.folder}: no weights for {' / '.join(names)}")
+        if (found := _shape(ckpt, key)) != shapes[ident]:
+            raise CheckpointError(
+                f"{ckpt.folder}: {key} is {found}, the config says {shapes[ident]}"
+            )
+        param = torch.nn.Parameter(make(key, shapes[ident]), requires_grad=False)
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
+    return model
+
+
+def _shape(ckpt: Checkpoint, key: str) -> tuple:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt.files[key]), "pt") as f:
+        return tuple(f.get_slice(key).get_shape())
+
+
+@contextlib.contextmanager
+def recorded_initializers():
+    """Record the initializers torch.onnx.export computes (after constant folding and
+    deduplication) while exporting without them: yields the dict it fills, name -> tensor."""
+    import torch
+
+    found: dict = {}
+    original = torch._C._jit_pass_onnx_deduplicate_initializers
+
+    def record(graph, params, training):
+        out = original(graph, params, training)
+        found.clear()
+        found.update(out)
+        return out
+
+    torch._C._jit_pass_onnx_deduplicate_initializers = record
+    try:
+        yield found
+    finally:
+        torch._C._jit_pass_onnx_deduplicate_initializers = original
+
+
+class Weights:
+    """Where a hollow model's weights come from: the checkpoint and its classes."""
+
+    def __init__(self, ckpt: Checkpoint, by_class: dict[int, str]):
+        self.ckpt, self.by_class = ckpt, by_class
+
+    def value(self, name: str, t):
+        """The real value of a recorded initializer: a constant the trace computed (its own
+        value), or a hollow weight (its checkpoint tensor, transposed if its strides are)."""
+        if t.numel() < 2 or 0 not in t.stride():
+            return t.detach().contiguous().numpy()
+        c = float(t[(0,) * t.ndim])
+        key = self.by_class.get(int(c)) if c == int(c) else None
+        if key is None:
+            raise ConversionError(f"initializer {name}: computed from weights in a way not traced")
+        a = self.ckpt.get(key)
+        if t.ndim == 2 and t.stride() == (1, 0):  # the row view transposed: W.T for a MatMul
+            a = a.T.copy()
+        elif t.stride() != (0,) * (t.ndim - 1) + ((1,) if t.ndim > 1 else (0,)):
+            raise ConversionError(f"initializer {name}: a view of {key} not traced")
+        if a.shape != tuple(t.shape):
+            raise ConversionError(f"initializer {name}: {key} is {a.shape}, not {tuple(t.shape)}")
+        return a
+
+    def write(self, traced: Path, found: dict, path: Path) -> list[str]:
+        """The graph traced without weights (traced) written to path with found's initializers,
+        each read from the checkpoint in turn; one `name`_data file beside it when the weights
+        are over EXTERNAL_BYTES. Returns the file names written."""
+        import onnx
+        from onnx import external_data_helper as ext
+        from onnx import numpy_helper
+
+        proto = onnx.load(str(traced))
+        graph = proto.graph
+        keep = [i for i in graph.input if i.name not in found]
+        # the exporter writes initializers in the order the graph takes them as inputs
+        order = [i.name for i in graph.input if i.name in found]
+        del graph.input[:]
+        graph.input.extend(keep)
+        total = sum(t.numel() * t.element_size() for t in found.values())
+        data = path.name + "_data"
+        external = total + traced.stat().st_size > graphs.EXTERNAL_BYTES  # as save_exported
+        if external:
+            (path.parent / data).write_bytes(b"")
+        for name in order:
+            tensor = numpy_helper.from_array(self.value(name, found[name]), name)
+            if external and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES:
+                ext.set_external_data(tensor, data)
+                ext.save_external_data(tensor, str(path.parent))
+                tensor.ClearField("raw_data")
+            graph.initializer.append(tensor)
+        onnx.save_model(proto, str(path))
+        return [path.name, data] if external else [path.name]
