@@ -8,6 +8,7 @@ import sys
 from export import ExportError, Terminated, export_model
 from export.core import ASSISTANT_DTYPE, DTYPES
 from export.graphs import DEFAULT_OPSET, MIN_OPSET
+from export.memory import GIB, peak_bytes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="replace an output folder that is empty or a previous stairs export (default: off)",
+    )
+    p.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="export even when the machine has clearly less memory available than the export"
+        " needs (by default it refuses before loading, naming the need) (default: off)",
     )
     p.add_argument(
         "-q",
@@ -106,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             a.assistant_dtype,
             optimum=a.optimum,
             quantization=quantization or None,
+            memory_check=not a.no_memory_check,
         )
     except ExportError as exc:
         print(f"stairs-export: error: {' '.join(str(exc).split())}", file=sys.stderr)
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if term else 130
     for path, m in res.manifests.items():
         print(f"{path}: max abs diff {m['validation']['max_abs_diff']}")
-    print(f"done in {res.seconds:.1f} s")
+    print(f"done in {res.seconds:.1f} s, peak memory {peak_bytes() / GIB:.2f} GiB")
     return 0
 
 

@@ -36,6 +36,7 @@ from models import MODELS_DIR, known_names, lookup
 
 # stages by module: each is looked up when it runs, so a test may replace one
 from . import fp16, masked, quantize, stream, validate
+from . import memory as mem
 from .errors import (
     CheckpointError,
     ExportError,
@@ -368,6 +369,7 @@ def export_model(
     assistant_dtype: str | None = None,
     optimum: bool = False,
     quantization: dict | None = None,
+    memory_check: bool = True,
 ) -> ExportResult:
     """Export MODEL (hub name or local folder) and, if any, its assistant to validated ONNX folders.
 
@@ -381,7 +383,8 @@ def export_model(
     quantization: an int8/int4 main's changes to its settings, {"block_size": 16, 32, 64, 128
     or 256, "keep": a list of "wo", "lm_head" ([] keeps nothing)} (docs/quantization.md).
     opset: 14 to the newest torch.onnx writes. force: replace outputs that are empty or previous
-    stairs exports.
+    stairs exports. memory_check: refuse (MemoryNeedError) before any model loads when the
+    machine has clearly less memory available than the export needs (export.memory).
     Every failure is an ExportError (Ctrl-C a KeyboardInterrupt, SIGTERM a Terminated) and leaves
     the previous output folders exactly as they were.
     """
@@ -389,7 +392,7 @@ def export_model(
     with signals_raise():
         try:
             args = (model, output, assistant, dtype, opset, device, force, quiet, assistant_dtype)
-            return _export(*args, optimum=optimum, overrides=overrides)
+            return _export(*args, optimum=optimum, overrides=overrides, memory_check=memory_check)
         except ExportError:
             raise
         except Exception as exc:
@@ -472,11 +475,14 @@ def _export(
     assistant_dtype,
     optimum=False,
     overrides=None,
+    memory_check=True,
 ):
     """export_model's body: its arguments, already checked. Refusals, exports into temporary
     folders, pairing and the swap, with one cleanup for all of them."""
     t0 = time.perf_counter()
     out, targets = _plan(model, output, assistant, force)
+    if memory_check:
+        mem.check([(s, not optimum and stream.Checkpoint.present(s)) for s, _ in targets])
     tmps: list[Path] = []
     created: list[Path] = []
     try:

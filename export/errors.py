@@ -31,6 +31,10 @@ class ConversionError(ExportError):
     """optimum / torch.onnx / ONNX Runtime failed while converting or checking the model."""
 
 
+class MemoryNeedError(ExportError):
+    """The machine has clearly less memory available than the export needs."""
+
+
 class PairMismatchError(ExportError):
     """Main and assistant disagree on vocabulary or special token ids."""
 

@@ -42,11 +42,15 @@ class Checkpoint:
             with safe_open(str(self.folder / SINGLE), "pt") as f:
                 self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
 
+    @staticmethod
+    def present(folder: Path) -> bool:
+        """Does folder hold safetensors weights (one file or an index of shards)?"""
+        return (Path(folder) / INDEX).is_file() or (Path(folder) / SINGLE).is_file()
+
     @classmethod
     def find(cls, folder: Path) -> Checkpoint | None:
         """The checkpoint in folder, or None when it has no safetensors weights."""
-        folder = Path(folder)
-        return cls(folder) if (folder / INDEX).is_file() or (folder / SINGLE).is_file() else None
+        return cls(Path(folder)) if cls.present(folder) else None
 
     def get(self, key: str):
         """The tensor `key` as float32 numpy (bf16/fp16 upcast as from_pretrained does)."""

@@ -541,3 +541,40 @@ def test_streamed_export_names_a_missing_tensor(tmp_path):
     with pytest.raises(CheckpointError, match="no weights for lm_head.weight"):
         export_model(str(src), tmp_path / "x", assistant=None, quiet=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_export_refuses_when_memory_is_clearly_short(tmp_path, monkeypatch, capsys):
+    """Before any model loads, an export the machine clearly cannot hold is refused in one line
+    naming the need (CLI exit 2); --no-memory-check exports anyway; the summary names the
+    peak."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    import export.core
+    from export import MemoryNeedError
+    from export import memory as mem
+
+    src = make_tiny_t5(tmp_path / "m", "v1_0", seed=1)
+    model = T5ForConditionalGeneration.from_pretrained(src, dtype=torch.float32)
+    assert mem.float32_bytes(src) == 4 * sum(p.numel() for p in model.parameters())
+    peak, weights = mem.need(src, streamed=True)
+    assert peak == weights + mem.BASE_BYTES
+    assert mem.need(src, streamed=False)[0] > peak
+    monkeypatch.setattr(mem, "available", lambda: int(0.8 * peak))
+
+    def no_load(_):
+        raise AssertionError("a model was loaded before the memory check")
+
+    with monkeypatch.context() as m:
+        m.setattr(export.core, "load_torch_model", no_load)
+        with pytest.raises(MemoryNeedError, match=r"needs about .* GiB of memory \(m: "):
+            export_model(str(src), tmp_path / "x", assistant=None, quiet=True)
+        assert export_cli([str(src), "-o", str(tmp_path / "x"), "--assistant", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-memory-check" in err[0], err
+    assert not (tmp_path / "x").exists()
+    args = [str(src), "-o", str(tmp_path / "x"), "--assistant", "none", "--no-memory-check", "-q"]
+    assert export_cli(args) == 0
+    assert ", peak memory " in capsys.readouterr().out
+    monkeypatch.setattr(mem, "available", lambda: int(0.95 * peak))  # close: not refused
+    export_model(str(src), tmp_path / "y", assistant=None, quiet=True)

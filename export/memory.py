@@ -1,0 +1,71 @@
+"""What an export needs in memory, checked before any model loads, and what it used.
+
+Measured peaks (/usr/bin/time -v, 2026-12-07, docs/benchmarks.md): a safetensors checkpoint,
+streamed (export.stream), peaks at its float32 weights plus ~0.5 GiB (t5-large shape 1.16x,
+t5-3b shape 1.05x); one traced with its weights (a .bin checkpoint, --optimum) at 1.7-3.3x.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+
+from .errors import MemoryNeedError
+
+GIB = 1 << 30
+BASE_BYTES = GIB // 2  # Python, torch, ONNX Runtime and the references
+STREAMED = 1.0  # peak over the float32 weights, less BASE_BYTES
+TRACED = 1.7  # the lowest measured: a lower bound, so a refusal is never a close call
+CLEARLY = 0.9  # refuse only when what is available is below this share of the need
+
+
+def float32_bytes(src: Path) -> int:
+    """Bytes of src's parameters in float32 (tied ones once), counted on a model of its config
+    built on the meta device: nothing is read but config.json."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(T5Config.from_pretrained(src))
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+def need(src: Path, streamed: bool) -> tuple[int, int]:
+    """(bytes an export of src is expected to peak at, its float32 weight bytes)."""
+    weights = float32_bytes(src)
+    return int(weights * (STREAMED if streamed else TRACED)) + BASE_BYTES, weights
+
+
+def available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes; None where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check(sources: list[tuple[Path, bool]]) -> None:
+    """MemoryNeedError, one line naming the need, when the machine has clearly less memory
+    available than the largest of these exports (source, streamed) needs; exports run one at a
+    time, so the largest sets the need."""
+    have = available()
+    if have is None:
+        return
+    (peak, weights), src = max((need(s, streamed), s) for s, streamed in sources)
+    if have < CLEARLY * peak:
+        raise MemoryNeedError(
+            f"this export needs about {peak / GIB:.1f} GiB of memory ({src.name}:"
+            f" {weights / GIB:.1f} GiB of float32 weights), and the machine has"
+            f" {have / GIB:.1f} GiB available; free memory or pass --no-memory-check"
+        )
+
+
+def peak_bytes() -> int:
+    """This process's peak resident memory so far (VmHWM) in bytes."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
