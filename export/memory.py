@@ -11,6 +11,8 @@ import resource
 import sys
 from pathlib import Path
 
+from engine.options import available_memory
+
 from .errors import MemoryNeedError
 
 GIB = 1 << 30
@@ -37,23 +39,11 @@ def need(src: Path, streamed: bool) -> tuple[int, int]:
     return int(weights * (STREAMED if streamed else TRACED)) + BASE_BYTES, weights
 
 
-def available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes; None where it cannot be read (not Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def check(sources: list[tuple[Path, bool]]) -> None:
     """MemoryNeedError, one line naming the need, when the machine has clearly less memory
     available than the largest of these exports (source, streamed) needs; exports run one at a
     time, so the largest sets the need."""
-    have = available()
+    have = available_memory()
     if have is None:
         return
     (peak, weights), src = max((need(s, streamed), s) for s, streamed in sources)

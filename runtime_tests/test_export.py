@@ -560,7 +560,7 @@ def test_export_refuses_when_memory_is_clearly_short(tmp_path, monkeypatch, caps
     peak, weights = mem.need(src, streamed=True)
     assert peak == weights + mem.BASE_BYTES
     assert mem.need(src, streamed=False)[0] > peak
-    monkeypatch.setattr(mem, "available", lambda: int(0.8 * peak))
+    monkeypatch.setattr(mem, "available_memory", lambda: int(0.8 * peak))
 
     def no_load(_):
         raise AssertionError("a model was loaded before the memory check")
@@ -576,5 +576,5 @@ def test_export_refuses_when_memory_is_clearly_short(tmp_path, monkeypatch, caps
     args = [str(src), "-o", str(tmp_path / "x"), "--assistant", "none", "--no-memory-check", "-q"]
     assert export_cli(args) == 0
     assert ", peak memory " in capsys.readouterr().out
-    monkeypatch.setattr(mem, "available", lambda: int(0.95 * peak))  # close: not refused
+    monkeypatch.setattr(mem, "available_memory", lambda: int(0.95 * peak))  # close: not refused
     export_model(str(src), tmp_path / "y", assistant=None, quiet=True)
