@@ -675,10 +675,12 @@ def test_default_output_is_a_new_untracked_folder(tmp_path, monkeypatch):
     assert common.default_out("run") != first  # a run of the same second gets its own
 
 
-def test_quick_says_what_it_leaves_out_and_honours_given_peers(capsys):
+def test_quick_says_what_it_leaves_out_and_honours_given_peers(capsys, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from bench import run
+
+    monkeypatch.chdir(tmp_path)  # each create() makes its default output folder
 
     assert run.RunOptions.create(quick=True).peers == ("hf",)
     assert run.RunOptions.create(quick=True, peers=("hf", "ct2")).peers == ("hf", "ct2")
