@@ -13,7 +13,7 @@ from pathlib import Path
 
 from engine.options import available_memory
 
-from .errors import MemoryNeedError
+from .errors import CheckpointError, MemoryNeedError
 
 GIB = 1 << 30
 BASE_BYTES = GIB // 2  # Python, torch, ONNX Runtime and the references
@@ -28,8 +28,12 @@ def float32_bytes(src: Path) -> int:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
+    try:
+        cfg = T5Config.from_pretrained(src)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {src}/config.json: {exc}") from exc
     with torch.device("meta"):
-        model = T5ForConditionalGeneration(T5Config.from_pretrained(src))
+        model = T5ForConditionalGeneration(cfg)
     return 4 * sum(p.numel() for p in model.parameters())
 
 

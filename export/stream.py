@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
+import threading
 from pathlib import Path
 
 from . import graphs
@@ -27,25 +29,28 @@ INLINE_BYTES = 1024  # onnx.save_model's size_threshold: smaller tensors stay in
 
 
 class Checkpoint:
-    """A safetensors checkpoint (one file or shards with an index), read one tensor at a time:
-    each read opens and closes its file, so no mapping of the whole checkpoint stays resident."""
+    """A safetensors checkpoint (one file, else shards with an index, the order from_pretrained
+    looks in), read one tensor at a time: each read opens its file, copies the tensor out and
+    closes it, so no mapping of the checkpoint stays."""
 
     def __init__(self, folder: Path):
         from safetensors import safe_open
 
         self.folder = Path(folder)
-        if (self.folder / INDEX).is_file():
-            index = json.loads((self.folder / INDEX).read_text())
-            self.files = {k: self.folder / f for k, f in index["weight_map"].items()}
-        else:
-            self.files = {}
-            with safe_open(str(self.folder / SINGLE), "pt") as f:
-                self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
+        try:
+            if (self.folder / SINGLE).is_file():
+                with safe_open(str(self.folder / SINGLE), "pt") as f:
+                    self.files = dict.fromkeys(f.keys(), self.folder / SINGLE)
+            else:
+                index = json.loads((self.folder / INDEX).read_text())
+                self.files = {k: self.folder / f for k, f in index["weight_map"].items()}
+        except Exception as exc:
+            raise CheckpointError(f"cannot load the checkpoint in {self.folder}: {exc}") from exc
 
     @staticmethod
     def present(folder: Path) -> bool:
         """Does folder hold safetensors weights (one file or an index of shards)?"""
-        return (Path(folder) / INDEX).is_file() or (Path(folder) / SINGLE).is_file()
+        return (Path(folder) / SINGLE).is_file() or (Path(folder) / INDEX).is_file()
 
     @classmethod
     def find(cls, folder: Path) -> Checkpoint | None:
@@ -55,22 +60,40 @@ class Checkpoint:
     def get(self, key: str):
         """The tensor `key` as float32 numpy (bf16/fp16 upcast as from_pretrained does)."""
         import torch
+
+        with self._open(key) as f:
+            t = f.get_tensor(key)
+        return t.to(torch.float32, copy=True).numpy()
+
+    def header(self, key: str) -> tuple[tuple, str]:
+        """(shape, safetensors dtype) of `key`, read from its file's header."""
+        with self._open(key) as f:
+            s = f.get_slice(key)
+            return tuple(s.get_shape()), s.get_dtype()
+
+    @contextlib.contextmanager
+    def _open(self, key: str):
         from safetensors import safe_open
 
-        with safe_open(str(self.files[key]), "pt") as f:
-            t = f.get_tensor(key)
-        return t.to(torch.float32).numpy()
+        try:
+            with safe_open(str(self.files[key]), "pt") as f:
+                yield f
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{self.folder}: cannot read {key}: {exc}") from exc
 
 
-def equal_classes(ckpt: Checkpoint) -> dict[str, int]:
+def equal_classes(ckpt: Checkpoint, keys: list[str]) -> dict[str, int]:
     """Checkpoint key -> its class (1, 2, ...): keys of equal tensors (same shape, values equal as
-    torch.equal sees them) share one, as the exporter's deduplication merges them. One tensor is
+    torch.equal sees them) share one, as the exporter's deduplication merges them; keys: those the
+    model uses. One tensor is
     held at a time (a fingerprint finds candidates; a candidate is read again to compare)."""
     import numpy as np
 
     classes: dict[str, int] = {}
     leaders: dict[tuple, list[str]] = {}  # fingerprint -> first key of each class with it
-    for key in ckpt.files:
+    for key in keys:
         a = ckpt.get(key)
         flat = a.reshape(-1)
         # values, not bytes: -0.0 and 0.0 compare equal
@@ -85,6 +108,9 @@ def equal_classes(ckpt: Checkpoint) -> dict[str, int]:
     return classes
 
 
+FLOATS = {"F16", "BF16", "F32", "F64"}  # what from_pretrained upcasts; integers are refused
+
+
 def load_model(src: Path, ckpt: Checkpoint):
     """T5ForConditionalGeneration of src in float32, as from_pretrained loads it, but built
     tensor by tensor: only the float32 model is ever in memory, never the checkpoint beside it."""
@@ -93,7 +119,9 @@ def load_model(src: Path, ckpt: Checkpoint):
 
     cfg = T5Config.from_pretrained(src)
     cfg._name_or_path = str(src)
-    model = _assign(cfg, ckpt, lambda key, shape: torch.from_numpy(ckpt.get(key)))
+    cfg.dtype = torch.float32  # what the exported config says, as from_pretrained(dtype=) sets
+    model, plan = _plan(cfg, ckpt)
+    _assign(model, plan, lambda key, shape: torch.from_numpy(ckpt.get(key)))
     if (Path(src) / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(src)
     return model
@@ -105,26 +133,32 @@ def hollow_model(cfg, ckpt: Checkpoint):
     A view's strides tell a transposed use from a plain one."""
     import torch
 
-    classes = equal_classes(ckpt)
+    model, plan = _plan(cfg, ckpt)
+    classes = equal_classes(ckpt, [key for _, key, _ in plan])
 
     def hollow(key, shape):
+        if math.prod(shape) < 2:  # a one-element view would carry no telling stride
+            raise CheckpointError(f"{ckpt.folder}: {key} {shape} cannot be streamed")
         # a row over the last dimension: strides (0, 1), transposed (1, 0); a vector: (0,)
         row = torch.full(shape[-1:] if len(shape) > 1 else (1,), float(classes[key]))
         return row.expand(shape)
 
-    model = _assign(cfg, ckpt, hollow)
+    _assign(model, plan, hollow)
     by_class = {}
     for key, c in classes.items():
         by_class.setdefault(c, key)
     return model, by_class
 
 
-def _assign(cfg, ckpt: Checkpoint, make):
-    """A T5ForConditionalGeneration of cfg built on the meta device, each parameter (tied ones
-    once) replaced by make(checkpoint key, shape)."""
+def _plan(cfg, ckpt: Checkpoint) -> tuple:
+    """A T5ForConditionalGeneration of cfg on the meta device and, for each of its parameters
+    (tied ones once), (its names, the checkpoint key that fills it, its shape), checked against
+    the checkpoint's header: present, of that shape, a float dtype."""
     import torch
     from transformers import T5ForConditionalGeneration
 
+    if getattr(cfg, "quantization_config", None):
+        raise CheckpointError(f"{ckpt.folder}: a quantized checkpoint is not exported")
     with torch.device("meta"):
         model = T5ForConditionalGeneration(cfg).eval()
     if any(True for _ in model.buffers()):
@@ -134,26 +168,33 @@ def _assign(cfg, ckpt: Checkpoint, make):
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
         shapes[id(p)] = tuple(p.shape)
+    plan = []
     for ident, names in groups.items():
         key = next((n for n in names if n in ckpt.files), None)
         if key is None:
             raise CheckpointError(f"{ckpt.folder}: no weights for {' / '.join(names)}")
-        if (found := _shape(ckpt, key)) != shapes[ident]:
+        shape, dtype = ckpt.header(key)
+        if shape != shapes[ident] or dtype not in FLOATS:
             raise CheckpointError(
-                f"{ckpt.folder}: {key} is {found}, the config says {shapes[ident]}"
+                f"{ckpt.folder}: {key} is {dtype} {shape}; the config needs floats {shapes[ident]}"
             )
-        param = torch.nn.Parameter(make(key, shapes[ident]), requires_grad=False)
+        plan.append((names, key, shapes[ident]))
+    return model, plan
+
+
+def _assign(model, plan: list, make) -> None:
+    """Each planned parameter of model replaced by make(checkpoint key, shape), tied ones by
+    one tensor."""
+    import torch
+
+    for names, key, shape in plan:
+        param = torch.nn.Parameter(make(key, shape), requires_grad=False)
         for name in names:
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner), attr, param)
-    return model
 
 
-def _shape(ckpt: Checkpoint, key: str) -> tuple:
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt.files[key]), "pt") as f:
-        return tuple(f.get_slice(key).get_shape())
+_RECORDING = threading.Lock()  # one export at a time replaces torch's pass
 
 
 @contextlib.contextmanager
@@ -163,19 +204,22 @@ def recorded_initializers():
     import torch
 
     found: dict = {}
-    original = torch._C._jit_pass_onnx_deduplicate_initializers
+    with _RECORDING:
+        original = torch._C._jit_pass_onnx_deduplicate_initializers
 
-    def record(graph, params, training):
-        out = original(graph, params, training)
-        found.clear()
-        found.update(out)
-        return out
+        def record(graph, params, training):
+            out = original(graph, params, training)
+            found.clear()
+            found.update(out)
+            return out
 
-    torch._C._jit_pass_onnx_deduplicate_initializers = record
-    try:
-        yield found
-    finally:
-        torch._C._jit_pass_onnx_deduplicate_initializers = original
+        torch._C._jit_pass_onnx_deduplicate_initializers = record
+        try:
+            yield found
+        finally:
+            torch._C._jit_pass_onnx_deduplicate_initializers = original
+    if not found:
+        raise ConversionError("torch.onnx.export no longer reports its initializers: not streamed")
 
 
 class Weights:
@@ -188,6 +232,8 @@ class Weights:
         """The real value of a recorded initializer: a constant the trace computed (its own
         value), or a hollow weight (its checkpoint tensor, transposed if its strides are)."""
         if t.numel() < 2 or 0 not in t.stride():
+            if t.is_floating_point() and t.numel() > 1:  # the hollow model's floats are views
+                raise ConversionError(f"initializer {name}: computed from weights, not traced")
             return t.detach().contiguous().numpy()
         c = float(t[(0,) * t.ndim])
         key = self.by_class.get(int(c)) if c == int(c) else None

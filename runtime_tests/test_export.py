@@ -504,19 +504,23 @@ def _graph_digest(folder) -> dict:
 
 @pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
 def test_streamed_export_equals_the_traced_one(tmp_path, variant, monkeypatch):
-    """A safetensors checkpoint is traced hollow and its weights streamed in (export.stream); a
-    .bin checkpoint of the same model through the real model's trace: the same graphs, byte for
-    byte (export id aside), inline and as external data."""
+    """A safetensors checkpoint (here bf16, in shards) is traced hollow and its weights streamed
+    in (export.stream); a .bin checkpoint of the same model through the real model's trace: the
+    same graphs byte for byte (export id aside), inline and as external data, and the same
+    float32 config."""
     import torch
     from transformers import T5ForConditionalGeneration
 
     from export import graphs
 
-    st = make_tiny_t5(tmp_path / "st", variant, seed=3)
-    model = T5ForConditionalGeneration.from_pretrained(st, dtype=torch.float32)
+    tiny = make_tiny_t5(tmp_path / "tiny", variant, seed=3)
+    model = T5ForConditionalGeneration.from_pretrained(tiny).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "st", max_shard_size="200KB")
     model.save_pretrained(tmp_path / "bin", safe_serialization=False)
-    (tmp_path / "bin" / "spiece.model").write_bytes((st / "spiece.model").read_bytes())
-    assert not list((tmp_path / "bin").glob("*.safetensors"))
+    for src in ("st", "bin"):
+        (tmp_path / src / "spiece.model").write_bytes((tiny / "spiece.model").read_bytes())
+    assert (tmp_path / "st" / "model.safetensors.index.json").is_file()
+    assert not list((tmp_path / "bin").glob("*.safetensors*"))
     for external in (False, True):
         if external:  # every graph's weights in a data file, as a big model's are
             monkeypatch.setattr(graphs, "EXTERNAL_BYTES", 1000)
@@ -527,18 +531,28 @@ def test_streamed_export_equals_the_traced_one(tmp_path, variant, monkeypatch):
         a, b = _graph_digest(out["st"]), _graph_digest(out["bin"])
         assert a == b
         assert bool([k for k in a if k.endswith("_data")]) == external
+        configs = [json.loads((out[k] / "config.json").read_text()) for k in ("st", "bin")]
+        assert configs[0] == configs[1] and configs[0]["dtype"] == "float32"
 
 
 def test_streamed_export_names_a_missing_tensor(tmp_path):
-    """from_pretrained would fill a missing weight with random numbers; the streamed load
-    refuses, naming it."""
+    """from_pretrained would fill a missing weight with random numbers and refuses integers; the
+    streamed load refuses both, naming the tensor. A stale shard index beside model.safetensors
+    is ignored, as from_pretrained ignores it."""
+    import torch
     from safetensors.torch import load_file, save_file
 
     src = make_tiny_t5(tmp_path / "m", "v1_1", seed=1)
+    (src / "model.safetensors.index.json").write_text('{"weight_map": {"x": "gone.safetensors"}}')
+    export_model(str(src), tmp_path / "ok", assistant=None, quiet=True)
     tensors = load_file(src / "model.safetensors")
-    del tensors["lm_head.weight"]
+    head = tensors.pop("lm_head.weight")
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="no weights for lm_head.weight"):
+        export_model(str(src), tmp_path / "x", assistant=None, quiet=True)
+    tensors["lm_head.weight"] = head.to(torch.int8)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head.weight is I8 .*needs floats"):
         export_model(str(src), tmp_path / "x", assistant=None, quiet=True)
     assert not (tmp_path / "x").exists()
 
