@@ -65,6 +65,22 @@ class Checkpoint:
             t = f.get_tensor(key)
         return t.to(torch.float32, copy=True).numpy()
 
+    def fingerprint(self, key: str) -> tuple:
+        """Shape and the values of the first and last row (a vector's first and last 8), read as
+        two slices: equal tensors share it, so only tensors that do are read whole to compare.
+        Values, not bytes: -0.0 and 0.0 compare equal, NaN never does, as in torch.equal."""
+        import torch
+
+        with self._open(key) as f:
+            s = f.get_slice(key)
+            shape = tuple(s.get_shape())
+            if not shape or 0 in shape:
+                return (shape, tuple(f.get_tensor(key).to(torch.float32).reshape(-1).tolist()))
+            n = shape[0]
+            edge = 1 if len(shape) > 1 else min(8, n)
+            ends = [s[:edge], s[n - edge : n]]
+        return (shape, *(tuple(e.to(torch.float32).reshape(-1).tolist()) for e in ends))
+
     def header(self, key: str) -> tuple[tuple, str]:
         """(shape, safetensors dtype) of `key`, read from its file's header."""
         with self._open(key) as f:
@@ -87,24 +103,23 @@ class Checkpoint:
 def equal_classes(ckpt: Checkpoint, keys: list[str]) -> dict[str, int]:
     """Checkpoint key -> its class (1, 2, ...): keys of equal tensors (same shape, values equal as
     torch.equal sees them) share one, as the exporter's deduplication merges them; keys: those the
-    model uses. One tensor is
-    held at a time (a fingerprint finds candidates; a candidate is read again to compare)."""
+    model uses. Each key's fingerprint finds its candidates; only a key with candidates is read
+    whole, one candidate at a time beside it."""
     import numpy as np
 
     classes: dict[str, int] = {}
     leaders: dict[tuple, list[str]] = {}  # fingerprint -> first key of each class with it
     for key in keys:
-        a = ckpt.get(key)
-        flat = a.reshape(-1)
-        # values, not bytes: -0.0 and 0.0 compare equal
-        tip = (a.shape, tuple(flat[:8].tolist()), tuple(flat[-8:].tolist()))
-        same = next((k for k in leaders.get(tip, []) if np.array_equal(ckpt.get(k), a)), None)
+        tip = ckpt.fingerprint(key)
+        candidates = leaders.setdefault(tip, [])
+        a = ckpt.get(key) if candidates else None
+        same = next((k for k in candidates if np.array_equal(ckpt.get(k), a)), None)
         if same is None:
-            leaders.setdefault(tip, []).append(key)
+            candidates.append(key)
             classes[key] = len(classes) + 1
         else:
             classes[key] = classes[same]
-        del a, flat
+        del a
     return classes
 
 
