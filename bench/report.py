@@ -310,52 +310,56 @@ def _throughput_plot(plt, ok: list[dict], out: Path) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("tokens/s (blue: stairs engine, gray: peers, red: output differs)")
     ax.set_title("Throughput, batch 1, greedy-exact")
-    fig.tight_layout()
-    write_atomic(out / "tokens_per_s.png", lambda f: fig.savefig(f, dpi=110))
-    plt.close(fig)
-    return "tokens_per_s.png"
+    return _save_plot(plt, fig, out, "tokens_per_s.png")
 
 
 def _sweeps_plot(plt, sw: dict, out: Path) -> str:
     """Speed-up over engine greedy along each sweep; returns its file name."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (
+    labels = (
         ("batch_size", "stairs: batch size (rows)"),
         ("draft_tokens", "assisted: draft length K"),
-    ):
-        if sw.get(key):
-            ax.plot(
-                [p[key] for p in sw[key]],
-                [p["speedup_vs_engine_greedy"] for p in sw[key]],
-                "o-",
-                label=label,
-            )
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("batch size / K")
-    ax.set_ylabel("speed-up over engine greedy")
-    ax.legend()
-    fig.tight_layout()
-    write_atomic(out / "sweeps.png", lambda f: fig.savefig(f, dpi=110))
-    plt.close(fig)
-    return "sweeps.png"
+    )
+    series = [
+        ([p[key] for p in sw[key]], [p["speedup_vs_engine_greedy"] for p in sw[key]], label)
+        for key, label in labels
+        if sw.get(key)
+    ]
+    ylabel = "speed-up over engine greedy"
+    return _line_plot(plt, series, ("batch size / K", ylabel), out, "sweeps.png", unit_line=True)
 
 
 def _cost_curve_plot(plt, cc: dict, out: Path) -> str:
     """Main decoder call cost against n; returns its file name."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (
+    labels = (
         ("rows", "n rows x 1 token"),
         ("tokens", "1 row x n tokens"),
         ("staircase", "n rows x n tokens (staircase)"),
-    ):
-        ax.plot([p["n"] for p in cc[key]], [p["ratio"] for p in cc[key]], "o-", label=label)
-    ax.set_xlabel("n")
-    ax.set_ylabel("main decoder call time / (1 row, 1 token)")
+    )
+    series = [([p["n"] for p in cc[k]], [p["ratio"] for p in cc[k]], label) for k, label in labels]
+    axes = ("n", "main decoder call time / (1 row, 1 token)")
+    return _line_plot(plt, series, axes, out, "cost_curve.png")
+
+
+def _line_plot(plt, series, axes: tuple, out: Path, name: str, unit_line=False) -> str:
+    """Lines with markers, one per (xs, ys, label), a rule at y = 1 if unit_line, axes
+    (x label, y label); written to out/name."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for xs, ys, label in series:
+        ax.plot(xs, ys, "o-", label=label)
+    if unit_line:
+        ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.legend()
+    return _save_plot(plt, fig, out, name)
+
+
+def _save_plot(plt, fig, out: Path, name: str) -> str:
+    """fig laid out, written to out/name through a temporary file and closed; returns name."""
     fig.tight_layout()
-    write_atomic(out / "cost_curve.png", lambda f: fig.savefig(f, dpi=110))
+    write_atomic(out / name, lambda f: fig.savefig(f, dpi=110))
     plt.close(fig)
-    return "cost_curve.png"
+    return name
 
 
 def _mm(r: dict, key: str) -> str:
@@ -552,7 +556,4 @@ def batch_plots(res: dict, out: Path) -> list[str]:
     ax.set_ylim(bottom=0)
     ax.set_title("Throughput vs batch size (solid: stairs engine, dashed: peers)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(out / "batch_throughput.png", lambda f: fig.savefig(f, dpi=110))
-    plt.close(fig)
-    return ["batch_throughput.png"]
+    return [_save_plot(plt, fig, out, "batch_throughput.png")]
