@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.quiet import Monitor, NotQuietError, QuietPolicy, check_findings, describe_check
+from bench.quiet import Monitor, NotQuietError, QuietPolicy
 from engine.layout import GRAPH_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,8 +182,7 @@ def quiet_start(monitor: Monitor, policy: QuietPolicy, log, prog: str = "stairs-
     log(f"checking that the machine is quiet (waiting up to {policy.wait_s:.0f} s)")
     start = monitor.wait_quiet(policy.wait_s, log)
     if not start["quiet"]:
-        failed = check_findings(start, monitor.threshold, monitor.load_threshold)
-        failed = "; ".join(failed) or describe_check(start)
+        failed = monitor.why(start)
         if policy.require:
             raise NotQuietError(f"machine not quiet after {monitor.waited_s:.0f} s: {failed}")
         warn(f"machine not quiet at the start: {failed}", prog)

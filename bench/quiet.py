@@ -246,6 +246,13 @@ class Monitor:
         c["quiet"] = not check_findings(c, self.threshold, self.load_threshold)
         return c
 
+    def why(self, c: dict) -> str:
+        """A start check's failed measures with their values and limits (every measure when
+        none failed)."""
+        return "; ".join(check_findings(c, self.threshold, self.load_threshold)) or describe_check(
+            c
+        )
+
     def wait_quiet(self, max_wait_s: float, log=print, window_s: float = 1.0) -> dict:
         """Check until quiet or max_wait_s passed; the last check is the run's start check."""
         t0 = time.monotonic()
@@ -255,9 +262,7 @@ class Monitor:
             if c["quiet"] or time.monotonic() - t0 + window_s > max_wait_s:
                 break
             if not said:
-                failed = check_findings(c, self.threshold, self.load_threshold)
-                why = "; ".join(failed) or describe_check(c)
-                log(f"waiting up to {max_wait_s:.0f} s for a quiet machine: {why}")
+                log(f"waiting up to {max_wait_s:.0f} s for a quiet machine: {self.why(c)}")
                 said = True
         self.waited_s = time.monotonic() - t0
         self.start_check = c
@@ -268,8 +273,7 @@ class Monitor:
         reasons = []
         c = self.start_check
         if c is not None and not c["quiet"]:
-            failed = check_findings(c, self.threshold, self.load_threshold)
-            reasons.append(f"at the start: {'; '.join(failed) or describe_check(c)}")
+            reasons.append(f"at the start: {self.why(c)}")
         phases = {}
         for phase, ws in self.windows.items():
             phases[phase] = {name: w.as_dict(self.threshold) for name, w in ws.items()}
