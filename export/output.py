@@ -169,6 +169,12 @@ def signals_raise():
             signal.signal(sig, handler)
     try:
         yield
+    except Exception as exc:
+        # a C extension that the signal's raise interrupted may report another error instead
+        # (torch: "could not determine the shape..."): the signal is still why the export ended
+        if _PENDING[0] is not None:
+            raise type(_PENDING[0])(*_PENDING[0].args) from exc
+        raise
     finally:
         for sig in ours:
             if signal.getsignal(sig) is handler:  # not one the export's own code installed since

@@ -543,3 +543,20 @@ def test_one_definition_of_the_masked_files_and_opset_range(src, tmp_path):
         export.core.check_options("fp32", None, 13)
     assert str(masked_err.value) == str(core_err.value).replace("--opset", "opset")
     assert "between 14 and" in str(masked_err.value) and not (tmp_path / "m").exists()
+
+
+def test_a_signal_reported_as_another_error_still_interrupts():
+    """A C extension interrupted by SIGTERM's raise may swallow it and report another error
+    (torch did, mid-slice): the export still ends as interrupted, not as that error."""
+    import os
+
+    from export import Terminated
+    from export.output import signals_raise
+
+    with pytest.raises(Terminated) as info, signals_raise():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises Terminated here
+        except Terminated:
+            raise TypeError("could not determine the shape of object type") from None
+    assert isinstance(info.value.__cause__, TypeError)
