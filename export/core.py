@@ -122,17 +122,20 @@ def check_pair(main_cfg: dict, asst_cfg: dict) -> None:
         raise PairMismatchError("main and assistant are not a pair: " + "; ".join(diffs))
 
 
-def load_torch_model(src: Path):
+def load_torch_model(src: Path, streamed: bool = False):
     """Load T5 in float32 (bf16/fp16 checkpoints are upcast), with a clear error when broken. A
     safetensors checkpoint is read tensor by tensor (export.stream.load_model), so its file and
-    the float32 model are never in memory together."""
+    the float32 model are never in memory together; streamed, its weights stay in the file and
+    each module reads its own as it runs (export.stream.reference_model: for the references of a
+    streamed export, which never holds the model)."""
     import torch
     from transformers import T5ForConditionalGeneration
 
     try:
         ckpt = stream.Checkpoint.find(src)
         if ckpt is not None:
-            return stream.load_model(src, ckpt).eval()
+            load = stream.reference_model if streamed else stream.load_model
+            return load(src, ckpt).eval()
         model = T5ForConditionalGeneration.from_pretrained(
             src, dtype=torch.float32, low_cpu_mem_usage=True
         )
@@ -175,10 +178,10 @@ def _export_one(
     cfg = read_config(src)
     steps = tqdm(total=4 if dtype == "fp32" else 5, desc=src.name, disable=quiet, unit="step")
     stage(steps, "load")
-    model = load_torch_model(src)
+    model = load_torch_model(src, streamed=not optimum)
     # PyTorch reference outputs first, so the torch weights can go before ONNX Runtime loads
     # the exported files (t5-3b: 11 GB of torch weights + a 6 GB decoder would not fit 24 GB).
-    ref = validate.torch_reference(model, _sample_ids(src, cfg))
+    ref = validate.torch_reference(model, _sample_ids(src, cfg), decoders=optimum)
     masked_ref = masked.masked_reference(model)
     steps.update()
     stage(steps, "export")

@@ -20,6 +20,7 @@ MIN_OPSET = 14
 # ONNX Runtime then holds its weights once (inside the protobuf they sit in memory twice while
 # it loads: 2.15 GB anonymous RSS for a 1.44 GB decoder), and protobuf's 2 GB cap never applies.
 EXTERNAL_BYTES = 256 << 20
+INLINE_BYTES = 1024  # onnx.save_model's size_threshold: smaller tensors stay in the graph
 
 
 def max_opset() -> int:

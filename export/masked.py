@@ -44,6 +44,7 @@ from engine.layout import (
 from . import stream
 from .errors import CheckpointError, ConversionError, OptionError, ValidationError
 from .graphs import DEFAULT_OPSET, check_opset, follow_umask, mark_query_rows, save_exported
+from .memory import release
 
 
 def _io_names(layers: int) -> dict:
@@ -422,21 +423,27 @@ class _Graphs:
     def __init__(self, out_dir: Path, layers: int, heads: int, d_kv: int):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        self.opts = ort.SessionOptions()
+        self.opts.log_severity_level = 3
         # Prepacked weight copies would double a large decoder in RAM during validation.
-        opts.add_session_config_entry("session.disable_prepacking", "1")
+        self.opts.add_session_config_entry("session.disable_prepacking", "1")
+        self.out_dir = out_dir
         self.dec = ort.InferenceSession(
-            str(out_dir / DECODER_FILE), opts, providers=["CPUExecutionProvider"]
-        )
-        self.cross = ort.InferenceSession(
-            str(out_dir / CROSS_FILE), opts, providers=["CPUExecutionProvider"]
+            str(out_dir / DECODER_FILE), self.opts, providers=["CPUExecutionProvider"]
         )
         self.names = _io_names(layers)
         self.heads, self.d_kv = heads, d_kv
 
     def cross_kv(self, enc: np.ndarray) -> dict:
-        outs = self.cross.run(None, {ENCODER_HIDDEN_STATES: enc})
+        """The cross graph's key/values of enc; its session is gone before the decoder runs, so
+        the two graphs' weights are never in memory together."""
+        import onnxruntime as ort
+
+        path = str(self.out_dir / CROSS_FILE)
+        cross = ort.InferenceSession(path, self.opts, providers=["CPUExecutionProvider"])
+        outs = cross.run(None, {ENCODER_HIDDEN_STATES: enc})
+        del cross
+        release()  # an inline graph's weights were read into the heap: give them back
         return dict(zip(self.names["cross"], outs))
 
     def empty_past(self, b: int) -> dict:
@@ -469,17 +476,28 @@ class _Graphs:
         return logits, grown
 
 
-def _hf_logits(model, enc_ids: list[int], dec_ids: list[int]) -> np.ndarray:
-    """HF's own logits for one prompt and one decoder sequence (no cache, no padding): [T, V]."""
+def _hf_logits(model, enc: np.ndarray, dec_ids: list[int]) -> np.ndarray:
+    """HF's own logits for one decoder sequence (no cache, no padding) on one prompt's encoder
+    states enc ([1, S, D], from `_encode_alone`): what model(input_ids=prompt, ...) computes,
+    without running the encoder again. [T, V]."""
     import torch
 
     with torch.no_grad():
         out = model(
-            input_ids=torch.tensor([enc_ids]),
+            encoder_outputs=(torch.from_numpy(enc),),
             decoder_input_ids=torch.tensor([dec_ids]),
             use_cache=False,
         )
     return out.logits[0].numpy()
+
+
+def _encode_alone(model, prompt: list[int]) -> np.ndarray:
+    """The encoder states of one prompt run alone (no mask, no padding), as HF's model() runs
+    its encoder when given input_ids."""
+    import torch
+
+    with torch.no_grad():
+        return model.encoder(input_ids=torch.tensor([prompt])).last_hidden_state.numpy()
 
 
 def _encode_prompts(model, prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -575,8 +593,10 @@ def masked_reference(model) -> dict:
     enc, enc_mask = _encode_prompts(model, prompts)
     cross = _hf_cross(model, prompts, enc)
 
+    alone = [_encode_alone(model, p) for p in prompts]
+
     def hf(r: int, seq: list[int]) -> np.ndarray:
-        return _hf_logits(model, prompts[r], seq)
+        return _hf_logits(model, alone[r], seq)
 
     ref: dict = {
         "layers": len(model.decoder.block),

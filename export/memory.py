@@ -7,6 +7,8 @@ t5-3b shape 1.05x); one traced with its weights (a .bin checkpoint, --optimum) a
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from pathlib import Path
@@ -63,3 +65,22 @@ def peak_bytes() -> int:
     """This process's peak resident memory so far (VmHWM) in bytes."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing):
+    freed weights otherwise stay resident between stages and under the next one's peak."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)

@@ -30,6 +30,7 @@ from .errors import (
     OutputWriteError,
     Terminated,
 )
+from .memory import release
 
 
 def _entry_list(paths: list[Path], limit: int = 5) -> str:
@@ -187,6 +188,7 @@ def stage(steps, name: str) -> None:
     (Terminated) or Ctrl-C (KeyboardInterrupt) whose raise was swallowed."""
     if _PENDING[0] is not None:
         raise type(_PENDING[0])(*_PENDING[0].args)
+    release()  # the last stage's freed memory, not under this one's peak
     if steps is not None:
         steps.set_postfix_str(name)
 

@@ -11,12 +11,14 @@ output) weight-only measured faster too, with the same acceptance, so it is not 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 from engine.layout import LOGITS
 
-from .errors import OptionError
-from .graphs import EXTERNAL_BYTES, save_graph
+from .errors import ConversionError, OptionError
+from .graphs import EXTERNAL_BYTES, INLINE_BYTES, follow_umask, save_graph
 
 # A main's settings: the fastest 1- and 5-token masked decoder calls among those whose greedy
 # continuations are >= 80% the fp32 main's on 32, 64 and 128 prompts (int8: the feed-forward
@@ -112,12 +114,6 @@ def _quiet_quantizer():
     return mnq
 
 
-def _save(model, path: Path) -> None:
-    """Write model to path, with one external data file beside it above EXTERNAL_BYTES."""
-    size = sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-    save_graph(model, path, size > EXTERNAL_BYTES)
-
-
 def weight_only(
     path: Path,
     bits: int = 8,
@@ -127,25 +123,166 @@ def weight_only(
     keep: list[str] | tuple = (),
 ) -> int:
     """Replace every MatMul of path with a constant weight by MatMulNBits (in place), except the
-    parts named in keep (KEEPABLE). Returns the number of MatMulNBits nodes."""
+    parts named in keep (KEEPABLE). Returns the number of MatMulNBits nodes.
+
+    ONNX Runtime's quantizer packs each weight; its MatMulNBitsQuantizer.process (which holds
+    every float32 weight beside its packed copy: a big decoder twice) is not used. Instead the
+    graph is read without its external data and each weight is loaded just before its node is
+    packed and written out after, so a graph is never in memory whole. The result is
+    process()'s, node for node and tensor for tensor."""
     import onnx
 
     mnq = _quiet_quantizer()
-    model = onnx.load(str(path), load_external_data=True)
-    exclude = _kept_nodes(model.graph, keep)
-    q = mnq.MatMulNBitsQuantizer(
-        model,
-        bits=bits,
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        raise ConversionError(f"{path.name}: a graph with subgraphs is not quantized here")
+    config = mnq.DefaultWeightOnlyQuantConfig(
         block_size=block_size,
         is_symmetric=symmetric,
         accuracy_level=accuracy_level,
-        nodes_to_exclude=exclude,
         op_types_to_quantize=("MatMul",),
+        bits=bits,
     )
-    q.process()
-    out = q.model.model
-    _save(out, path)
-    return sum(n.op_type == "MatMulNBits" for n in out.graph.node)
+    spill = _Spill(path, graph)
+    nodes = _quantize_nodes(graph, mnq.DefaultWeightOnlyQuantizer(config), keep, spill)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx_model = mnq.ONNXModel(model)
+    onnx_model.set_opset_import("com.microsoft", 1)
+    onnx_model.clean_initializers()
+    spill.finish(model)
+    return sum(n.op_type == "MatMulNBits" for n in graph.node)
+
+
+def _quantize_nodes(graph, quantizer, keep, spill: _Spill) -> list:
+    """The graph's nodes with each MatMul on a constant weight (not kept) packed by quantizer.
+    Each weight is loaded into a scratch graph of its own and its packed tensors written out
+    from there, so no weight's bytes ever enter the model's protobuf (whose arena would keep
+    them until the end); the model gets their external-data entries only. The float weights
+    no node reads any more go in process()'s own clean-up (ONNXModel.clean_initializers)."""
+    import onnx
+
+    inits = {t.name: t for t in graph.initializer}
+    exclude = set(_kept_nodes(graph, keep))
+    nodes = []
+    for node in list(graph.node):
+        b = inits.get(node.input[1]) if len(node.input) > 1 else None
+        if node.op_type != "MatMul" or node.name in exclude or b is None:
+            nodes.append(node)
+            continue
+        scratch = onnx.GraphProto()
+        spill.load(scratch.initializer.add(), b)
+        out = quantizer.quantize(node, [scratch])
+        nodes.extend(out)
+        for t in scratch.initializer[1:]:
+            spill.write(t)
+            graph.initializer.add().CopyFrom(t)
+        for item in [i for i in graph.input if i.name == b.name and out != [node]]:
+            graph.input.remove(item)  # as the quantizer does in the graph holding the weight
+    return nodes
+
+
+class _Spill:
+    """Where a graph's weights are read from and written to while it is quantized: the old
+    data file (renamed aside, its tensors pointed at the new name) and a new `name`_data file;
+    `finish` moves what is left across and writes the graph (inline when its weights are
+    small, as _save does)."""
+
+    def __init__(self, path: Path, graph):
+        from onnx import external_data_helper as ext
+
+        self.path, self.dir = path, path.parent
+        self.data = path.name + "_data"
+        self.old = self.data + ".float"
+        external = [t for t in graph.initializer if ext.uses_external_data(t)]
+        if external:
+            if {ext.ExternalDataInfo(t).location for t in external} != {self.data}:
+                raise ConversionError(f"{path.name}: weights outside {self.data}")
+            os.replace(self.dir / self.data, self.dir / self.old)
+            for t in external:
+                info = ext.ExternalDataInfo(t)
+                _point(t, self.old, info.offset or 0, info.length)
+        (self.dir / self.data).write_bytes(b"")
+
+    def load(self, into, tensor) -> None:
+        """into: a copy of tensor with its bytes inline."""
+        from onnx import external_data_helper as ext
+
+        into.CopyFrom(tensor)
+        if ext.uses_external_data(into):
+            ext.load_external_data_for_tensor(into, str(self.dir))
+            into.data_location = into.DEFAULT  # as onnx's load_external_data_for_model
+            del into.external_data[:]
+
+    def write(self, tensor) -> None:
+        """Move tensor's bytes to the end of the new data file, as onnx.save_model would
+        (tensors under INLINE_BYTES stay inline)."""
+        from onnx import external_data_helper as ext
+
+        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES:
+            ext.set_external_data(tensor, self.data)
+            ext.save_external_data(tensor, str(self.dir))
+            tensor.ClearField("raw_data")
+
+    def move(self, tensor) -> None:
+        """Copy an old-file tensor's bytes to the end of the new file, a block at a time."""
+        from onnx import external_data_helper as ext
+
+        info = ext.ExternalDataInfo(tensor)
+        with open(self.dir / self.old, "rb") as src, open(self.dir / self.data, "ab") as dst:
+            offset = dst.tell()
+            src.seek(info.offset or 0)
+            left = info.length
+            while left:
+                block = src.read(min(left, 64 << 20))
+                if not block:
+                    raise ConversionError(f"{self.path.name}: {tensor.name} runs past its file")
+                dst.write(block)
+                left -= len(block)
+        _point(tensor, self.data, offset, info.length)
+
+    def finish(self, model) -> None:
+        """Move the old file's remaining tensors into the new one, drop the old file, and
+        write the graph: its weights inline when they are EXTERNAL_BYTES or less."""
+        import onnx
+        from onnx import external_data_helper as ext
+
+        for t in model.graph.initializer:
+            if _location(t) == self.old:
+                self.move(t)
+        (self.dir / self.old).unlink(missing_ok=True)
+        if sum(_bytes(t) for t in model.graph.initializer) <= EXTERNAL_BYTES:
+            ext.load_external_data_for_model(model, str(self.dir))
+            save_graph(model, self.path, False)  # removes the emptied data file
+        else:
+            onnx.save_model(model, str(self.path))
+            for f in (self.path, self.dir / self.data):
+                follow_umask(f)
+
+
+def _point(tensor, location: str, offset: int, length: int) -> None:
+    """Set tensor's external-data entries (as onnx's set_external_data, without its bytes)."""
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    tensor.data_location = tensor.EXTERNAL
+
+
+def _location(tensor) -> str | None:
+    from onnx import external_data_helper as ext
+
+    return ext.ExternalDataInfo(tensor).location if ext.uses_external_data(tensor) else None
+
+
+def _bytes(tensor) -> int:
+    """A tensor's data bytes, inline or external (what _save counts)."""
+    from onnx import external_data_helper as ext
+
+    if ext.uses_external_data(tensor):
+        return int(ext.ExternalDataInfo(tensor).length)
+    return len(tensor.raw_data) or tensor.ByteSize()
 
 
 def settings(dtype: str, assistant: bool, overrides: dict | None = None) -> dict | None:

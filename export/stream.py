@@ -25,7 +25,6 @@ from .errors import CheckpointError, ConversionError
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-INLINE_BYTES = 1024  # onnx.save_model's size_threshold: smaller tensors stay in the graph
 
 
 class Checkpoint:
@@ -126,20 +125,86 @@ def equal_classes(ckpt: Checkpoint, keys: list[str]) -> dict[str, int]:
 FLOATS = {"F16", "BF16", "F32", "F64"}  # what from_pretrained upcasts; integers are refused
 
 
+def _config(src: Path):
+    """src's T5Config as from_pretrained(dtype=torch.float32) leaves it (what the export writes)."""
+    import torch
+    from transformers import T5Config
+
+    cfg = T5Config.from_pretrained(src)
+    cfg._name_or_path = str(src)
+    cfg.dtype = torch.float32
+    return cfg
+
+
+def _with_generation_config(model, src: Path):
+    from transformers import GenerationConfig
+
+    if (Path(src) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    return model
+
+
 def load_model(src: Path, ckpt: Checkpoint):
     """T5ForConditionalGeneration of src in float32, as from_pretrained loads it, but built
     tensor by tensor: only the float32 model is ever in memory, never the checkpoint beside it."""
     import torch
-    from transformers import GenerationConfig, T5Config
 
-    cfg = T5Config.from_pretrained(src)
-    cfg._name_or_path = str(src)
-    cfg.dtype = torch.float32  # what the exported config says, as from_pretrained(dtype=) sets
-    model, plan = _plan(cfg, ckpt)
+    model, plan = _plan(_config(src), ckpt)
     _assign(model, plan, lambda key, shape: torch.from_numpy(ckpt.get(key)))
-    if (Path(src) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(src)
-    return model
+    return _with_generation_config(model, src)
+
+
+def reference_model(src: Path, ckpt: Checkpoint):
+    """T5ForConditionalGeneration of src whose weights stay in the checkpoint: each module's own
+    parameters are read in float32 just before it runs and dropped when it returns, so the
+    reference outputs hold one module's weights at a time, not the model. Its outputs are the
+    loaded model's, bit for bit (the same float32 values through the same modules)."""
+    model, plan = _plan(_config(src), ckpt)
+    key_of = {name: key for names, key, _ in plan for name in names}
+    for prefix, module in model.named_modules():
+        own = {
+            attr: key_of[f"{prefix}.{attr}" if prefix else attr]
+            for attr, p in module._parameters.items()
+            if p is not None
+        }
+        if own:
+            module.register_forward_pre_hook(_Fill(ckpt, own))
+            module.register_forward_hook(_Empty(dict(module._parameters)))
+    for stack in (model.encoder, model.decoder):
+        stack.register_forward_hook(_release)
+    return _with_generation_config(model, src)
+
+
+def _release(module, args, output) -> None:
+    """After each encoder or decoder pass: the weights it read and dropped go back to the
+    system, so they do not pile up in the heap over the references' many passes."""
+    from .memory import release
+
+    release()
+
+
+class _Fill:
+    """A forward pre-hook giving a module its parameters from the checkpoint (attr -> key)."""
+
+    def __init__(self, ckpt: Checkpoint, own: dict[str, str]):
+        self.ckpt, self.own = ckpt, own
+
+    def __call__(self, module, args):
+        import torch
+
+        for attr, key in self.own.items():
+            real = torch.from_numpy(self.ckpt.get(key))
+            module._parameters[attr] = torch.nn.Parameter(real, requires_grad=False)
+
+
+class _Empty:
+    """A forward hook giving a module back its weightless (meta) parameters."""
+
+    def __init__(self, hollow: dict):
+        self.hollow = hollow
+
+    def __call__(self, module, args, output):
+        module._parameters.update(self.hollow)
 
 
 def hollow_model(cfg, ckpt: Checkpoint):
@@ -285,7 +350,7 @@ class Weights:
             (path.parent / data).write_bytes(b"")
         for name in order:
             tensor = numpy_helper.from_array(self.value(name, found[name]), name)
-            if external and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES:
+            if external and sys.getsizeof(tensor.raw_data) >= graphs.INLINE_BYTES:
                 ext.set_external_data(tensor, data)
                 ext.save_external_data(tensor, str(path.parent))
                 tensor.ClearField("raw_data")

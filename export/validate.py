@@ -49,9 +49,11 @@ def _legacy(cache):
     return cache
 
 
-def torch_reference(model, input_ids: list[int]) -> dict:
-    """PyTorch outputs the ONNX files must reproduce: encoder states, a 3-token first decoder
-    step and the 6-token full sequence (logits and key/values), as numpy."""
+def torch_reference(model, input_ids: list[int], decoders: bool = True) -> dict:
+    """PyTorch outputs the ONNX files must reproduce: encoder states and, with decoders (for
+    optimum's decoder files), a 3-token first decoder step and the 6-token full sequence (logits
+    and key/values), as numpy. Without them the decoder's many key/values are neither computed
+    nor held (the masked graphs have their own reference: export.masked.masked_reference)."""
     import torch
 
     cfg = model.config
@@ -62,24 +64,23 @@ def torch_reference(model, input_ids: list[int]) -> dict:
     dec = [cfg.decoder_start_token_id] + [int(t) for t in rng.integers(3, cfg.vocab_size, 5)]
     with torch.no_grad():
         enc = model.encoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        full = model(
-            encoder_outputs=(enc,),
-            attention_mask=mask,
-            decoder_input_ids=torch.tensor([dec]),
-            use_cache=True,
-        )
-        first = model(
-            encoder_outputs=(enc,),
-            attention_mask=mask,
-            decoder_input_ids=torch.tensor([dec[:3]]),
-            use_cache=True,
-        )
-    as_np = lambda kv: [[t.numpy() for t in layer] for layer in _legacy(kv)]
-    return {
+    ref = {
         "ids": ids.numpy().astype(np.int64),
         "mask": mask.numpy().astype(np.int64),
         "dec": dec,
         "enc": enc.numpy(),
+    }
+    if not decoders:
+        return ref
+
+    def run(seq):
+        feed = {"attention_mask": mask, "decoder_input_ids": torch.tensor([seq])}
+        return model(encoder_outputs=(enc,), use_cache=True, **feed)
+
+    with torch.no_grad():
+        full, first = run(dec), run(dec[:3])
+    as_np = lambda kv: [[t.numpy() for t in layer] for layer in _legacy(kv)]
+    return ref | {
         "first_logits": first.logits.numpy(),
         "first_kv": as_np(first.past_key_values),
         "full_logits": full.logits.numpy(),

@@ -592,3 +592,91 @@ def test_export_refuses_when_memory_is_clearly_short(tmp_path, monkeypatch, caps
     assert ", peak memory " in capsys.readouterr().out
     monkeypatch.setattr(mem, "available_memory", lambda: int(0.95 * peak))  # close: not refused
     export_model(str(src), tmp_path / "y", assistant=None, quiet=True)
+
+
+def _same(a, b) -> bool:
+    """Nested dicts/lists of arrays and plain values equal bit for bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    return a == b
+
+
+@pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
+def test_streamed_references_equal_the_loaded_models(tmp_path, variant):
+    """The references a streamed export validates against come from a T5 whose modules read
+    their weights from the checkpoint as they run (export.stream.reference_model): bit for bit
+    the loaded model's, and afterwards it holds no weight."""
+    import torch
+
+    from export import masked, stream, validate
+
+    src = make_tiny_t5(tmp_path / "m", variant, seed=5)
+    ckpt = stream.Checkpoint.find(src)
+    loaded = stream.load_model(src, ckpt).eval()
+    streamed = stream.reference_model(src, ckpt).eval()
+    ids = [5, 9, 17, 33, 8, 1]
+    for fn in (lambda m: validate.torch_reference(m, ids), masked.masked_reference):
+        assert _same(fn(loaded), fn(streamed))
+    assert all(p.device == torch.device("meta") for p in streamed.parameters())
+    assert streamed.config.to_dict() == loaded.config.to_dict()
+
+
+def _ort_quantized(path, how):
+    """What onnxruntime's MatMulNBitsQuantizer.process makes of path, the whole graph loaded."""
+    import onnx
+
+    from export import quantize
+
+    mnq = quantize._quiet_quantizer()
+    model = onnx.load(str(path))
+    q = mnq.MatMulNBitsQuantizer(
+        model,
+        bits=how["bits"],
+        block_size=how["block_size"],
+        is_symmetric=how["symmetric"],
+        accuracy_level=how["accuracy_level"],
+        nodes_to_exclude=quantize._kept_nodes(model.graph, how["keep"]),
+        op_types_to_quantize=("MatMul",),
+    )
+    q.process()
+    return q.model.model
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("external", [False, True])
+def test_streamed_quantizer_equals_onnxruntimes(tmp_path, monkeypatch, dtype, external):
+    """export.quantize packs one weight at a time from the data file; the graph is the one
+    onnxruntime's quantizer makes with every weight loaded: the same nodes, and the same
+    initializers in the same order, value for value (inline, or in one data file)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from export import graphs, quantize
+
+    if external:
+        monkeypatch.setattr(graphs, "EXTERNAL_BYTES", 1000)
+        monkeypatch.setattr(quantize, "EXTERNAL_BYTES", 1000)
+    src = make_tiny_t5(tmp_path / "m", "v1_0", seed=2)
+    out = export_model(str(src), tmp_path / "fp32", assistant=None, quiet=True).main
+    how = quantize.settings(dtype, False)
+    for name in ONNX:
+        shutil.copytree(out, tmp_path / "q", dirs_exist_ok=True)
+        want = _ort_quantized(tmp_path / "q" / name, how)
+        n = quantize.quantize_file(tmp_path / "q" / name, how)
+        got = onnx.load(str(tmp_path / "q" / name))
+        assert n == sum(x.op_type == "MatMulNBits" for x in want.graph.node) > 0
+        assert [x.SerializeToString() for x in got.graph.node] == [
+            x.SerializeToString() for x in want.graph.node
+        ]
+        assert [t.name for t in got.graph.initializer] == [t.name for t in want.graph.initializer]
+        for a, b in zip(got.graph.initializer, want.graph.initializer):
+            assert _same(numpy_helper.to_array(a), numpy_helper.to_array(b)), a.name
+        assert list(got.opset_import) == list(want.opset_import)
+        data = [p.name for p in (tmp_path / "q").iterdir() if p.name.startswith(name + "_")]
+        assert data == ([name + "_data"] if external else [])
