@@ -428,11 +428,19 @@ class _Graphs:
         # Prepacked weight copies would double a large decoder in RAM during validation.
         self.opts.add_session_config_entry("session.disable_prepacking", "1")
         self.out_dir = out_dir
-        self.dec = ort.InferenceSession(
-            str(out_dir / DECODER_FILE), self.opts, providers=["CPUExecutionProvider"]
-        )
+        self._dec = None
         self.names = _io_names(layers)
         self.heads, self.d_kv = heads, d_kv
+
+    @property
+    def dec(self):
+        """The decoder's session, opened on first use (after `cross_kv`'s is gone)."""
+        import onnxruntime as ort
+
+        if self._dec is None:
+            path = str(self.out_dir / DECODER_FILE)
+            self._dec = ort.InferenceSession(path, self.opts, providers=["CPUExecutionProvider"])
+        return self._dec
 
     def cross_kv(self, enc: np.ndarray) -> dict:
         """The cross graph's key/values of enc; its session is gone before the decoder runs, so

@@ -1,14 +1,18 @@
 """What an export needs in memory, checked before any model loads, and what it used.
 
 Measured peaks (/usr/bin/time -v, 2026-12-07, docs/benchmarks.md): a safetensors checkpoint,
-streamed (export.stream), peaks at its float32 weights plus ~0.5 GiB (t5-large shape 1.16x,
-t5-3b shape 1.05x); one traced with its weights (a .bin checkpoint, --optimum) at 1.7-3.3x.
+streamed (export.stream: references read module by module, graphs traced hollow, weights
+written and quantized one at a time), peaks while ONNX Runtime validates the fp32 masked
+decoder (`graph_bytes`: about half the weights) plus ~0.5 GiB of Python, torch and ONNX
+Runtime (t5-large shape 0.70x, t5-3b shape 0.57x, fp32, int8 or int4); one traced with its
+weights (a .bin checkpoint, --optimum) at 1.7-3.3x.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 import resource
 import sys
 from pathlib import Path
@@ -19,14 +23,12 @@ from .errors import CheckpointError, MemoryNeedError
 
 GIB = 1 << 30
 BASE_BYTES = GIB // 2  # Python, torch, ONNX Runtime and the references
-STREAMED = 1.0  # peak over the float32 weights, less BASE_BYTES
 TRACED = 1.7  # the lowest measured: a lower bound, so a refusal is never a close call
 CLEARLY = 0.9  # refuse only when what is available is below this share of the need
 
 
-def float32_bytes(src: Path) -> int:
-    """Bytes of src's parameters in float32 (tied ones once), counted on a model of its config
-    built on the meta device: nothing is read but config.json."""
+def _meta_model(src: Path):
+    """A T5 of src's config on the meta device: nothing is read but config.json."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -35,14 +37,33 @@ def float32_bytes(src: Path) -> int:
     except Exception as exc:
         raise CheckpointError(f"cannot read {src}/config.json: {exc}") from exc
     with torch.device("meta"):
-        model = T5ForConditionalGeneration(cfg)
-    return 4 * sum(p.numel() for p in model.parameters())
+        return T5ForConditionalGeneration(cfg)
+
+
+def float32_bytes(src: Path) -> int:
+    """Bytes of src's parameters in float32 (tied ones once), counted on the meta device."""
+    return 4 * sum(p.numel() for p in _meta_model(src).parameters())
+
+
+def graph_bytes(model) -> int:
+    """Float32 bytes of the largest graph a streamed export holds at once (ONNX Runtime's
+    validation): the masked decoder (its stack less the cross keys/values, which are the cross
+    graph's, an untied head, the embedding) or the encoder (its stack, the embedding)."""
+    part = {"encoder": 0, "decoder": 0, "shared": 0}
+    for name, p in model.named_parameters():  # tied ones once
+        top = name.split(".")[0]
+        if top == "decoder" and re.search(r"EncDecAttention\.[kv]\.", name):
+            continue
+        part["decoder" if top == "lm_head" else top] += 4 * p.numel()
+    return max(part["encoder"], part["decoder"]) + part["shared"]
 
 
 def need(src: Path, streamed: bool) -> tuple[int, int]:
     """(bytes an export of src is expected to peak at, its float32 weight bytes)."""
-    weights = float32_bytes(src)
-    return int(weights * (STREAMED if streamed else TRACED)) + BASE_BYTES, weights
+    model = _meta_model(src)
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    held = graph_bytes(model) if streamed else int(weights * TRACED)
+    return held + BASE_BYTES, weights
 
 
 def check(sources: list[tuple[Path, bool]]) -> None:

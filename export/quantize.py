@@ -144,14 +144,18 @@ def weight_only(
         op_types_to_quantize=("MatMul",),
         bits=bits,
     )
-    spill = _Spill(path, graph)
-    nodes = _quantize_nodes(graph, mnq.DefaultWeightOnlyQuantizer(config), keep, spill)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    onnx_model = mnq.ONNXModel(model)
-    onnx_model.set_opset_import("com.microsoft", 1)
-    onnx_model.clean_initializers()
-    spill.finish(model)
+    spill = _Spill(path, model)
+    try:
+        nodes = _quantize_nodes(graph, mnq.DefaultWeightOnlyQuantizer(config), keep, spill)
+        del graph.node[:]
+        graph.node.extend(nodes)
+        onnx_model = mnq.ONNXModel(model)
+        onnx_model.set_opset_import("com.microsoft", 1)
+        onnx_model.clean_initializers()
+        spill.finish(model)
+    except BaseException:
+        spill.abort()
+        raise
     return sum(n.op_type == "MatMulNBits" for n in graph.node)
 
 
@@ -165,19 +169,24 @@ def _quantize_nodes(graph, quantizer, keep, spill: _Spill) -> list:
 
     inits = {t.name: t for t in graph.initializer}
     exclude = set(_kept_nodes(graph, keep))
+    made = set(inits)
     nodes = []
     for node in list(graph.node):
         b = inits.get(node.input[1]) if len(node.input) > 1 else None
         if node.op_type != "MatMul" or node.name in exclude or b is None:
             nodes.append(node)
             continue
+        if len(b.dims) != 2:  # process() would look up its rank in the graph; T5's are 2-D
+            raise ConversionError(f"{node.name}: a {len(b.dims)}-D weight is not quantized here")
         scratch = onnx.GraphProto()
         spill.load(scratch.initializer.add(), b)
         out = quantizer.quantize(node, [scratch])
         nodes.extend(out)
         for t in scratch.initializer[1:]:
-            spill.write(t)
-            graph.initializer.add().CopyFrom(t)
+            if t.name not in made:  # a weight two MatMuls share: packed once (as process keeps)
+                made.add(t.name)
+                spill.write(t)
+                graph.initializer.add().CopyFrom(t)
         for item in [i for i in graph.input if i.name == b.name and out != [node]]:
             graph.input.remove(item)  # as the quantizer does in the graph holding the weight
     return nodes
@@ -185,24 +194,29 @@ def _quantize_nodes(graph, quantizer, keep, spill: _Spill) -> list:
 
 class _Spill:
     """Where a graph's weights are read from and written to while it is quantized: the old
-    data file (renamed aside, its tensors pointed at the new name) and a new `name`_data file;
-    `finish` moves what is left across and writes the graph (inline when its weights are
-    small, as _save does)."""
+    data file (renamed aside, its tensors, initializers and node attributes alike, pointed at
+    the new name) and a new `name`_data file; `finish` moves what is left across and writes the
+    graph (inline when its weights are small, as _save does); `abort` puts the old file back."""
 
-    def __init__(self, path: Path, graph):
+    def __init__(self, path: Path, model):
         from onnx import external_data_helper as ext
 
         self.path, self.dir = path, path.parent
         self.data = path.name + "_data"
         self.old = self.data + ".float"
-        external = [t for t in graph.initializer if ext.uses_external_data(t)]
-        if external:
-            if {ext.ExternalDataInfo(t).location for t in external} != {self.data}:
-                raise ConversionError(f"{path.name}: weights outside {self.data}")
-            os.replace(self.dir / self.data, self.dir / self.old)
-            for t in external:
-                info = ext.ExternalDataInfo(t)
-                _point(t, self.old, info.offset or 0, info.length)
+        tensors = [*model.graph.initializer, *_attribute_tensors(model.graph)]
+        external = [t for t in tensors if ext.uses_external_data(t)]
+        self.spills = bool(external)  # an inline graph is small: it stays in memory, as before
+        if not external:
+            return
+        if {os.path.normpath(_location(t)) for t in external} != {self.data}:
+            raise ConversionError(f"{path.name}: weights outside {self.data}")
+        size = (self.dir / self.data).stat().st_size
+        os.replace(self.dir / self.data, self.dir / self.old)
+        for t in external:
+            info = ext.ExternalDataInfo(t)
+            offset = info.offset or 0
+            _point(t, self.old, offset, size - offset if info.length is None else info.length)
         (self.dir / self.data).write_bytes(b"")
 
     def load(self, into, tensor) -> None:
@@ -220,7 +234,8 @@ class _Spill:
         (tensors under INLINE_BYTES stay inline)."""
         from onnx import external_data_helper as ext
 
-        if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES:
+        big = tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES
+        if self.spills and big:
             ext.set_external_data(tensor, self.data)
             ext.save_external_data(tensor, str(self.dir))
             tensor.ClearField("raw_data")
@@ -232,7 +247,7 @@ class _Spill:
         info = ext.ExternalDataInfo(tensor)
         with open(self.dir / self.old, "rb") as src, open(self.dir / self.data, "ab") as dst:
             offset = dst.tell()
-            src.seek(info.offset or 0)
+            src.seek(info.offset)
             left = info.length
             while left:
                 block = src.read(min(left, 64 << 20))
@@ -243,31 +258,38 @@ class _Spill:
         _point(tensor, self.data, offset, info.length)
 
     def finish(self, model) -> None:
-        """Move the old file's remaining tensors into the new one, drop the old file, and
-        write the graph: its weights inline when they are EXTERNAL_BYTES or less."""
+        """Move the old file's remaining tensors into the new one, write the graph (its
+        weights inline when they are EXTERNAL_BYTES or less), then drop the old file."""
         import onnx
         from onnx import external_data_helper as ext
 
-        for t in model.graph.initializer:
+        for t in [*model.graph.initializer, *_attribute_tensors(model.graph)]:
             if _location(t) == self.old:
                 self.move(t)
-        (self.dir / self.old).unlink(missing_ok=True)
-        if sum(_bytes(t) for t in model.graph.initializer) <= EXTERNAL_BYTES:
+        small = sum(_bytes(t) for t in model.graph.initializer) <= EXTERNAL_BYTES
+        if not self.spills or small:
             ext.load_external_data_for_model(model, str(self.dir))
-            save_graph(model, self.path, False)  # removes the emptied data file
+            save_graph(model, self.path, not small)  # removes an emptied data file
         else:
             onnx.save_model(model, str(self.path))
             for f in (self.path, self.dir / self.data):
                 follow_umask(f)
+        (self.dir / self.old).unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        """Put the old data file back under its name: the graph on disk still reads it."""
+        if (self.dir / self.old).is_file():
+            os.replace(self.dir / self.old, self.dir / self.data)
 
 
-def _point(tensor, location: str, offset: int, length: int) -> None:
-    """Set tensor's external-data entries (as onnx's set_external_data, without its bytes)."""
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", offset), ("length", length)):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, str(value)
-    tensor.data_location = tensor.EXTERNAL
+def _attribute_tensors(graph) -> list:
+    """The tensors held in node attributes (Constant values; optimum writes big ones to the
+    data file too)."""
+    out = []
+    for node in graph.node:
+        for a in node.attribute:
+            out += [a.t] if a.type == a.TENSOR else list(a.tensors)
+    return out
 
 
 def _location(tensor) -> str | None:
@@ -283,6 +305,15 @@ def _bytes(tensor) -> int:
     if ext.uses_external_data(tensor):
         return int(ext.ExternalDataInfo(tensor).length)
     return len(tensor.raw_data) or tensor.ByteSize()
+
+
+def _point(tensor, location: str, offset: int, length: int) -> None:
+    """Set tensor's external-data entries (as onnx's set_external_data, without its bytes)."""
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    tensor.data_location = tensor.EXTERNAL
 
 
 def settings(dtype: str, assistant: bool, overrides: dict | None = None) -> dict | None:

@@ -169,9 +169,9 @@ def reference_model(src: Path, ckpt: Checkpoint):
         }
         if own:
             module.register_forward_pre_hook(_Fill(ckpt, own))
-            module.register_forward_hook(_Empty(dict(module._parameters)))
+            module.register_forward_hook(_Empty(dict(module._parameters)), always_call=True)
     for stack in (model.encoder, model.decoder):
-        stack.register_forward_hook(_release)
+        stack.register_forward_hook(_release, always_call=True)
     return _with_generation_config(model, src)
 
 
