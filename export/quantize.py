@@ -135,8 +135,12 @@ def weight_only(
     mnq = _quiet_quantizer()
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
-    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
-        raise ConversionError(f"{path.name}: a graph with subgraphs is not quantized here")
+    if model.functions or any(
+        a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute
+    ):
+        raise ConversionError(
+            f"{path.name}: a graph with subgraphs or functions is not quantized here"
+        )
     config = mnq.DefaultWeightOnlyQuantConfig(
         block_size=block_size,
         is_symmetric=symmetric,
@@ -173,11 +177,12 @@ def _quantize_nodes(graph, quantizer, keep, spill: _Spill) -> list:
     nodes = []
     for node in list(graph.node):
         b = inits.get(node.input[1]) if len(node.input) > 1 else None
-        if node.op_type != "MatMul" or node.name in exclude or b is None:
-            nodes.append(node)
+        dims = list(b.dims) if b is not None else []
+        if node.op_type != "MatMul" or node.name in exclude or not _packable(dims):
+            nodes.append(node)  # as process() leaves it
             continue
-        if len(b.dims) != 2:  # process() would look up its rank in the graph; T5's are 2-D
-            raise ConversionError(f"{node.name}: a {len(b.dims)}-D weight is not quantized here")
+        if len(dims) > 2:  # process() reshapes by the graph's shapes; T5's weights are 2-D
+            raise ConversionError(f"{node.name}: a {len(dims)}-D weight is not quantized here")
         scratch = onnx.GraphProto()
         spill.load(scratch.initializer.add(), b)
         out = quantizer.quantize(node, [scratch])
@@ -190,6 +195,12 @@ def _quantize_nodes(graph, quantizer, keep, spill: _Spill) -> list:
         for item in [i for i in graph.input if i.name == b.name and out != [node]]:
             graph.input.remove(item)  # as the quantizer does in the graph holding the weight
     return nodes
+
+
+def _packable(dims: list[int]) -> bool:
+    """Does the quantizer pack a constant MatMul weight of these dims (2-D, or N-D whose leading
+    dimensions are all 1; it skips the others)?"""
+    return len(dims) >= 2 and all(d == 1 for d in dims[:-2])
 
 
 class _Spill:
@@ -207,6 +218,7 @@ class _Spill:
         tensors = [*model.graph.initializer, *_attribute_tensors(model.graph)]
         external = [t for t in tensors if ext.uses_external_data(t)]
         self.spills = bool(external)  # an inline graph is small: it stays in memory, as before
+        self.committed = False  # the new graph is in place (finish): abort keeps it
         if not external:
             return
         if {os.path.normpath(_location(t)) for t in external} != {self.data}:
@@ -217,7 +229,11 @@ class _Spill:
             info = ext.ExternalDataInfo(t)
             offset = info.offset or 0
             _point(t, self.old, offset, size - offset if info.length is None else info.length)
-        (self.dir / self.data).write_bytes(b"")
+        try:
+            (self.dir / self.data).write_bytes(b"")
+        except BaseException:
+            self.abort()
+            raise
 
     def load(self, into, tensor) -> None:
         """into: a copy of tensor with its bytes inline."""
@@ -267,18 +283,27 @@ class _Spill:
             if _location(t) == self.old:
                 self.move(t)
         small = sum(_bytes(t) for t in model.graph.initializer) <= EXTERNAL_BYTES
-        if not self.spills or small:
+        if not self.spills:  # nothing on disk was touched: written as before
+            save_graph(model, self.path, not small)
+            return
+        if small:
             ext.load_external_data_for_model(model, str(self.dir))
-            save_graph(model, self.path, not small)  # removes an emptied data file
+        staged = self.dir / (self.path.name + ".new")
+        onnx.save_model(model, str(staged))  # then one rename: the old graph stays whole till then
+        os.replace(staged, self.path)
+        self.committed = True
+        follow_umask(self.path)
+        if small:
+            (self.dir / self.data).unlink()  # every tensor is inline now
         else:
-            onnx.save_model(model, str(self.path))
-            for f in (self.path, self.dir / self.data):
-                follow_umask(f)
+            follow_umask(self.dir / self.data)
         (self.dir / self.old).unlink(missing_ok=True)
 
     def abort(self) -> None:
-        """Put the old data file back under its name: the graph on disk still reads it."""
-        if (self.dir / self.old).is_file():
+        """Before the new graph is in place: put the old data file back under its name (the
+        graph on disk still reads it) and drop what was staged."""
+        (self.dir / (self.path.name + ".new")).unlink(missing_ok=True)
+        if not self.committed and (self.dir / self.old).is_file():
             os.replace(self.dir / self.old, self.dir / self.data)
 
 

@@ -727,11 +727,22 @@ def test_streamed_quantizer_carries_constants_and_restores_on_failure(tmp_path, 
     def boom(*a):
         raise RuntimeError("disk gone")
 
-    with monkeypatch.context() as m:
-        m.setattr(quantize._Spill, "finish", boom)
-        with pytest.raises(RuntimeError, match="disk gone"):
-            quantize.quantize_file(path, how)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    replace = quantize.os.replace
+
+    def staged_boom(src, dst):  # the new graph is written; its rename into place fails
+        if str(src).endswith(".new"):
+            boom()
+        replace(src, dst)
+
+    for where, name, fail in (
+        (quantize._Spill, "finish", boom),
+        (quantize.os, "replace", staged_boom),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(where, name, fail)
+            with pytest.raises(RuntimeError, match="disk gone"):
+                quantize.quantize_file(path, how)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before, name
     want = _ort_quantized(path, how)
     monkeypatch.setattr(quantize, "EXTERNAL_BYTES", 100)  # the result keeps a data file
     assert quantize.quantize_file(path, how) == 1
