@@ -70,6 +70,19 @@ def save_graph(model, path: Path, external: bool) -> None:
             follow_umask(f)
 
 
+def append_external(tensor, location: str, folder: Path) -> None:
+    """Move tensor's bytes to the end of folder/location, as onnx.save_model writes external
+    data (a tensor under INLINE_BYTES stays inline)."""
+    import sys
+
+    from onnx import external_data_helper as ext
+
+    if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES:
+        ext.set_external_data(tensor, location)
+        ext.save_external_data(tensor, str(folder))
+        tensor.ClearField("raw_data")
+
+
 def save_exported(tmp_dir: Path, name: str, out_dir: Path) -> list[str]:
     """Move the exported `name` from tmp_dir to out_dir, its weights in one `name`_data file
     when it is over EXTERNAL_BYTES (or torch wrote external data). Returns the file names."""

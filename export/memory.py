@@ -42,7 +42,11 @@ def _meta_model(src: Path):
 
 def float32_bytes(src: Path) -> int:
     """Bytes of src's parameters in float32 (tied ones once), counted on the meta device."""
-    return 4 * sum(p.numel() for p in _meta_model(src).parameters())
+    return _weight_bytes(_meta_model(src))
+
+
+def _weight_bytes(model) -> int:
+    return 4 * sum(p.numel() for p in model.parameters())  # tied ones once
 
 
 def graph_bytes(model) -> int:
@@ -61,7 +65,7 @@ def graph_bytes(model) -> int:
 def need(src: Path, streamed: bool) -> tuple[int, int]:
     """(bytes an export of src is expected to peak at, its float32 weight bytes)."""
     model = _meta_model(src)
-    weights = 4 * sum(p.numel() for p in model.parameters())
+    weights = _weight_bytes(model)
     held = graph_bytes(model) if streamed else int(weights * TRACED)
     return held + BASE_BYTES, weights
 

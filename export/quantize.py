@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 from engine.layout import LOGITS
 
 from .errors import ConversionError, OptionError
-from .graphs import EXTERNAL_BYTES, INLINE_BYTES, follow_umask, save_graph
+from .graphs import EXTERNAL_BYTES, append_external, follow_umask, save_graph
 
 # A main's settings: the fastest 1- and 5-token masked decoder calls among those whose greedy
 # continuations are >= 80% the fp32 main's on 32, 64 and 128 prompts (int8: the feed-forward
@@ -187,12 +186,14 @@ def _quantize_nodes(graph, quantizer, keep, spill: _Spill) -> list:
         spill.load(scratch.initializer.add(), b)
         out = quantizer.quantize(node, [scratch])
         nodes.extend(out)
+        if out == [node]:  # skipped: nothing was packed
+            continue
         for t in scratch.initializer[1:]:
             if t.name not in made:  # a weight two MatMuls share: packed once (as process keeps)
                 made.add(t.name)
                 spill.write(t)
                 graph.initializer.add().CopyFrom(t)
-        for item in [i for i in graph.input if i.name == b.name and out != [node]]:
+        for item in [i for i in graph.input if i.name == b.name]:
             graph.input.remove(item)  # as the quantizer does in the graph holding the weight
     return nodes
 
@@ -207,7 +208,7 @@ class _Spill:
     """Where a graph's weights are read from and written to while it is quantized: the old
     data file (renamed aside, its tensors, initializers and node attributes alike, pointed at
     the new name) and a new `name`_data file; `finish` moves what is left across and writes the
-    graph (inline when its weights are small, as _save does); `abort` puts the old file back."""
+    graph (inline when its weights are EXTERNAL_BYTES or less); `abort` puts the old file back."""
 
     def __init__(self, path: Path, model):
         from onnx import external_data_helper as ext
@@ -246,15 +247,9 @@ class _Spill:
             del into.external_data[:]
 
     def write(self, tensor) -> None:
-        """Move tensor's bytes to the end of the new data file, as onnx.save_model would
-        (tensors under INLINE_BYTES stay inline)."""
-        from onnx import external_data_helper as ext
-
-        big = tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_BYTES
-        if self.spills and big:
-            ext.set_external_data(tensor, self.data)
-            ext.save_external_data(tensor, str(self.dir))
-            tensor.ClearField("raw_data")
+        """Move tensor's bytes to the end of the new data file (an inline graph's stay)."""
+        if self.spills:
+            append_external(tensor, self.data, self.dir)
 
     def move(self, tensor) -> None:
         """Copy an old-file tensor's bytes to the end of the new file, a block at a time."""
@@ -324,7 +319,7 @@ def _location(tensor) -> str | None:
 
 
 def _bytes(tensor) -> int:
-    """A tensor's data bytes, inline or external (what _save counts)."""
+    """A tensor's data bytes, inline or external (what the inline-or-external choice counts)."""
     from onnx import external_data_helper as ext
 
     if ext.uses_external_data(tensor):

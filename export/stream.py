@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import threading
 from pathlib import Path
 
@@ -333,7 +332,6 @@ class Weights:
         each read from the checkpoint in turn; one `name`_data file beside it when the weights
         are over EXTERNAL_BYTES. Returns the file names written."""
         import onnx
-        from onnx import external_data_helper as ext
         from onnx import numpy_helper
 
         proto = onnx.load(str(traced))
@@ -350,10 +348,8 @@ class Weights:
             (path.parent / data).write_bytes(b"")
         for name in order:
             tensor = numpy_helper.from_array(self.value(name, found[name]), name)
-            if external and sys.getsizeof(tensor.raw_data) >= graphs.INLINE_BYTES:
-                ext.set_external_data(tensor, data)
-                ext.save_external_data(tensor, str(path.parent))
-                tensor.ClearField("raw_data")
+            if external:
+                graphs.append_external(tensor, data, path.parent)
             graph.initializer.append(tensor)
         onnx.save_model(proto, str(path))
         return [path.name, data] if external else [path.name]
