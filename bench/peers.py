@@ -110,9 +110,10 @@ class Optimum:
         self.torch = torch
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        # Interleaved with other methods: a pool left spinning after its run would slow the next
-        # method (measured: CTranslate2 93 vs 153 tokens/s right after optimum).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The engine's pools: spinning during a run, stopped when it returns (a pool left
+        # spinning slowed the next method: CTranslate2 93 vs 153 tokens/s after optimum).
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         self.model = ORTModelForSeq2SeqLM.from_pretrained(
             main_onnx, use_cache=True, session_options=so
         )

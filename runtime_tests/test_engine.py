@@ -314,3 +314,29 @@ sys.exit(0 if a == b else 3)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "serves this session too" in res.stderr
+
+
+def test_session_pools_spin_only_while_their_own_run_lasts(pycode_pair):
+    """Per-session pools spin between a call's ops and stop when the run returns: after a main
+    call the process uses (almost) no CPU, so the assistant's next call has both cores. Run in a
+    subprocess: this process's other threads would count."""
+    so = prov.session_options(2)
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert so.get_session_config_entry("session.force_spinning_stop") == "1"
+    code = f"""
+import sys, time
+import onnxruntime as ort
+from bench import profile as P
+from engine.providers import session_options
+path = {str(pycode_pair[0] / "decoder_masked_model.onnx")!r}
+s = ort.InferenceSession(path, session_options(2), providers=["CPUExecutionProvider"])
+feed = P.decoder_feed(s, P.engine_shape(8, 1, 32, 64))
+for _ in range(5):
+    s.run(P.outputs(s), feed)
+c0, w0 = time.process_time(), time.perf_counter()
+time.sleep(0.3)
+print((time.process_time() - c0) / (time.perf_counter() - w0))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout) < 0.05, f"{res.stdout} CPU-s/s while idle after a run"
