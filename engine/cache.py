@@ -22,8 +22,9 @@ class BatchCache:
     """Decoder state of many rows of one model; the only place its key/values change.
 
     Active rows are packed at the front (row r belongs to owners[r]), so every feed is a
-    contiguous view arr[:N] of preallocated arrays: no past is copied between calls, and a
-    rewind sets a row's length. Self key/values [R, H, C, D] per layer, cross key/values
+    contiguous view arr[:N] of preallocated arrays: no past is copied between calls (the
+    graph writes the new tokens into the bound arrays), and a rewind sets a row's length.
+    Self key/values [R, H, C, D] per layer, cross key/values
     [R, H, S, D] with enc_mask [R, S]. engine.device_cache.DeviceCache keeps them on the
     decoder's device instead (its _storage methods).
     """
@@ -33,6 +34,9 @@ class BatchCache:
 
     def __init__(self, model: T5Model, rows: int = 1):
         self.model, self.h, self.d = model, model.num_heads, model.d_kv
+        # the graph writes the new key/values into the bound arrays (graphs with kv_cache
+        # outputs, on the CPU); else they come back as outputs and are copied in here
+        self.in_place_writes = model.has_full and model.device == "cpu"
         self.owners: list = []
         self.self_kv: list[np.ndarray] = []
         self._alloc(rows, CHUNK, 1)
@@ -64,6 +68,7 @@ class BatchCache:
     def _new_storage(self, rows: int, cap: int, enc_len: int) -> None:
         """Fresh key/value arrays; the active rows keep their contents (none after shrink())."""
         n, old = len(self.owners), self.self_kv
+        self._binding = None  # bound to the old arrays
         kv = [np.zeros((rows, self.h, cap, self.d), np.float32) for _ in self.model.self_names]
         cross = [
             np.zeros((rows, self.h, enc_len, self.d), np.float32) for _ in self.model.cross_names
@@ -103,6 +108,9 @@ class BatchCache:
         """The decoder on feed (host arrays) and the first N rows' key/values; the real new
         tokens' key/values go into their slots ([H, T_r, D] per row and layer). Logits, or
         with reduce their greedy picks (see run)."""
+        if self.in_place_writes:
+            logits = self._call_in_place(feed, lengths, counts, counter)
+            return pick(logits) if reduce else logits
         n = len(lengths)
         feed.update((k, a[:n]) for k, a in zip(self.model.self_names, self.self_kv))
         feed.update((k, a[:n]) for k, a in zip(self.model.cross_names, self.cross))
@@ -112,6 +120,40 @@ class BatchCache:
             for a, p in zip(self.self_kv, out[1:]):
                 a[r, :, lo : lo + k] = p[r, :, :k]
         return pick(out[0]) if reduce else out[0]
+
+    def _call_in_place(self, feed: dict, lengths, counts, counter) -> np.ndarray:
+        """The decoder writing the new key/values into the bound arrays itself (_bound_call):
+        no buffer is copied; the pads' slots are zeroed after (the path above never writes
+        them)."""
+        logits = self._bound_call(feed, len(lengths), counter).numpy()
+        self._clear_pads(lengths, counts, feed[lay.INPUT_IDS].shape[1])
+        return logits
+
+    def _bound_call(self, feed: dict, n: int, counter):
+        """The decoder with each layer's first n rows bound both as its past input and as its
+        kv_cache output (the graph's scatter writes every new token, pads included, into its
+        slot in place); the binding is kept while the arrays and n stay. The logits OrtValue."""
+        m, binding = self.model, self._binding
+        outputs: dict = {lay.LOGITS: None}
+        if binding is None or self._binding_rows != n:  # arrays or rows changed
+            arrays = dict(zip((*m.self_names, *m.cross_names), (*self.self_kv, *self.cross)))
+            feed.update((k, self._rows_of(a, n)) for k, a in arrays.items())
+            outputs.update((k, self._rows_of(a, n)) for k, a in zip(m.full_names, self.self_kv))
+            binding, self._binding = m.sessions["decoder"].io_binding(), None
+        logits = m.run("decoder", feed, counter, outputs, binding)[0]
+        self._binding, self._binding_rows = binding, n  # complete: reused while n stays
+        return logits
+
+    @staticmethod
+    def _rows_of(array: np.ndarray, n: int):
+        """The first n rows of a key/value array, to bind by address."""
+        return _Host(array, n)
+
+    def _clear_pads(self, lengths: np.ndarray, counts: np.ndarray, t: int) -> None:
+        """Zero the slots a bound call wrote for each row's pads (as the copying path never
+        writes them), so both paths hold the same bits."""
+        for r in range(len(lengths)):
+            self._clear(r, int(lengths[r] + counts[r]), int(lengths[r]) + t)
 
     # -- rows ---------------------------------------------------------------------------------
 
@@ -282,3 +324,17 @@ class BatchCache:
                 else:
                     mask[i, p] = True
                     p = int(self.parent[r, p])
+
+
+class _Host:
+    """The first n rows of a C-contiguous float32 host array, bound by address (no copy)."""
+
+    __slots__ = ("array", "n")
+
+    def __init__(self, array: np.ndarray, n: int):
+        self.array, self.n = array, n
+
+    def bind(self, binding, name: str, output: bool = False) -> None:
+        """Bind these rows as input (or output) `name` of an IO binding."""
+        bind = binding.bind_output if output else binding.bind_input
+        bind(name, "cpu", 0, np.float32, [self.n, *self.array.shape[1:]], self.array.ctypes.data)

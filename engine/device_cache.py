@@ -213,21 +213,18 @@ class DeviceCache(BatchCache):
         self.ops.run("zero", rows, rows, idx=idx)
 
     def _call(self, feed: dict, lengths: np.ndarray, counts: np.ndarray, counter, reduce: bool):
-        """The decoder with each layer's buffer bound as past input and kv_cache output (the
-        graph writes every new token, pads included, into its slot); logits to the host, or
-        with reduce only the greedy picks (see _picks)."""
+        """The decoder with each layer's buffer bound as past input and kv_cache output
+        (BatchCache._bound_call); logits to the host, or with reduce only the greedy picks (see
+        _picks)."""
         self._flush()
-        n, t, binding = len(lengths), feed[lay.INPUT_IDS].shape[1], self._binding
-        if binding is None or self._binding_rows != n:  # buffers or rows changed
-            feed, outputs = self._bound(feed, n)
-            binding, self._binding = self.model.sessions["decoder"].io_binding(), None
-        else:  # the buffers stay bound: only the host inputs and a fresh logits output
-            outputs = {lay.LOGITS: None}
-        logits = self.model.run("decoder", feed, counter, outputs, binding)[0]
-        self._binding, self._binding_rows = binding, n  # complete: reused while n stays
-        for r in range(n):  # the pads' slots (the numpy back end never writes them)
-            self._clear(r, int(lengths[r] + counts[r]), int(lengths[r]) + t)
+        logits = self._bound_call(feed, len(lengths), counter)
+        self._clear_pads(lengths, counts, feed[lay.INPUT_IDS].shape[1])
         return self._picks(logits, counts, counter) if reduce else logits.numpy()
+
+    @staticmethod
+    def _rows_of(buffer: Buffer, n: int) -> Slab:
+        """The first n rows of a buffer, to bind by address."""
+        return buffer.rows(0, n)
 
     def _picks(self, logits: ort.OrtValue, counts: np.ndarray, counter):
         """Greedy ids [N, T] and bad picks, reduced on the device (kvops greedy graph: ArgMax,
@@ -240,18 +237,6 @@ class DeviceCache(BatchCache):
         if (flag & real).any():
             return pick(logits.numpy())
         return ids, np.zeros(ids.shape, bool)
-
-    def _bound(self, feed: dict, n: int) -> tuple[dict, dict]:
-        """feed with the first n rows' buffers added, and the outputs: logits left on the
-        device, kv_cache.* written into the buffers they came from."""
-        m = self.model
-        for name, a in zip(m.self_names, self.self_kv):
-            feed[name] = a.rows(0, n)
-        for name, a in zip(m.cross_names, self.cross):
-            feed[name] = a.rows(0, n)
-        outputs = {lay.LOGITS: None}
-        outputs.update((k, a.rows(0, n)) for k, a in zip(m.full_names, self.self_kv))
-        return feed, outputs
 
 
 def device_free_bytes(model: T5Model) -> int | None:

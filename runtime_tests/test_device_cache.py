@@ -135,37 +135,46 @@ def test_tiny_models_device_equals_numpy(tiny_models, variant):
             assert [r.token_ids for r in out] == ref, (strategy, size)
 
 
-def _both(eng):
+def _caches(eng):
+    """The numpy back end copying the new key/values back itself, the numpy back end whose
+    arrays the graph writes in place, and the device back end, on one model."""
     m = eng.main
-    return BatchCache(m), DeviceCache(m)
+    copying = BatchCache(m)
+    copying.in_place_writes = False
+    host = BatchCache(m)
+    assert host.in_place_writes
+    return copying, host, DeviceCache(m)
 
 
 def test_logits_and_key_values_bit_identical_through_every_cache_operation(eng, prompts):
     """One script of adds, ragged and tree calls, keeps, rewinds, removals, row reuse and
-    growth on both back ends: every call's logits np.array_equal, and every active row's
-    buffers the same bits, slot for slot (the dropped ones zeroed on both)."""
-    host, dev = _both(eng)
+    growth on every back end (numpy copying the new key/values back, numpy written in place,
+    device): every call's logits np.array_equal, and every active row's buffers the same bits,
+    slot for slot (the dropped ones and the pads' zeroed on all)."""
+    caches = _caches(eng)
+    copying, host, dev = caches
     rng, c = np.random.default_rng(11), Counter()
 
     def add(owner, ids):
-        for cache in (host, dev):
+        for cache in caches:
             cross, mask = cache.model.encode(ids, c, device=cache.on_device)
             cache.add(owner, cross, mask)
 
     def run(tokens, counts, parents=None):
-        a = host.run(tokens, counts, c, parents)
-        b = dev.run(tokens, counts, c, parents)
-        assert np.array_equal(a, b)
+        a = copying.run(tokens, counts, c, parents)
+        for cache in caches[1:]:
+            assert np.array_equal(a, cache.run(tokens, counts, c, parents))
         return a
 
-    def check():  # every active row's every slot: rewound and pad slots zeroed on both
-        assert host.owners == dev.owners
+    def check():  # every active row's every slot: rewound and pad slots zeroed on all
+        assert copying.owners == host.owners == dev.owners
         for o in host.owners:
-            assert host.length(o) == dev.length(o)
+            assert copying.length(o) == host.length(o) == dev.length(o)
         dev._flush()
         rows = len(host.owners)
-        for a, b in zip(host.self_kv, dev.self_kv):
-            assert np.array_equal(a[:rows], b.numpy()[:rows])
+        for a, b, d in zip(copying.self_kv, host.self_kv, dev.self_kv):
+            assert np.array_equal(a[:rows], b[:rows])
+            assert np.array_equal(a[:rows], d.numpy()[:rows])
 
     for o in range(3):
         add(o, prompts[o])
@@ -175,32 +184,33 @@ def test_logits_and_key_values_bit_identical_through_every_cache_operation(eng, 
         run(rng.integers(3, 8000, (3, 4)), counts)
         for o in range(3):
             keep = int(rng.integers(max(1, host.length(o) - 3), host.length(o) + 1))
-            host.rewind(o, keep)
-            dev.rewind(o, keep)
+            for cache in caches:
+                cache.rewind(o, keep)
     check()
     lo = [host.length(o) for o in range(3)]  # a tree in row 1: two paths of two tokens
     tree = [None, [lo[1] - 1, lo[1], lo[1], lo[1] + 1, lo[1] + 2], None]
     run(rng.integers(3, 8000, (3, 5)), np.array([2, 5, 3]), tree)
-    for cache in (host, dev):
+    for cache in caches:
         cache.keep(1, lo[1], [lo[1], lo[1] + 2, lo[1] + 4])  # the second path: slots move
         cache.rewind(0, lo[0] + 1)
     check()
-    for cache in (host, dev):
+    for cache in caches:
         cache.remove(0)  # the last row moves into row 0
     add(3, prompts[3])  # takes the freed row at the back
-    add(4, prompts[9])  # rows double: storage grows on the device
+    add(4, prompts[9])  # rows double: storage grows
     run(rng.integers(3, 8000, (4, 2)), np.array([1, 2, 2, 1]))
     for _ in range(12):  # past the first capacity (32 slots): growth keeps every row
         run(rng.integers(3, 8000, (4, 6)), np.array([6, 5, 6, 4]))
-    assert host.capacity == dev.capacity > 64
+    assert copying.capacity == host.capacity == dev.capacity > 64
     check()
     i = dev.owners.index(4)
     assert dev.lengths[i] > 0
-    for cache in (host, dev):
+    for cache in caches:
         cache.remove(4)
-    add(5, prompts[5])  # a reused row starts empty: its self key/values zeroed on the device
+    add(5, prompts[5])  # a reused row starts empty: its self key/values zeroed
     r = dev.owners.index(5)
     assert all(not a.numpy()[r].any() for a in dev.self_kv)
+    assert all(not a[r].any() for a in host.self_kv)
     run(rng.integers(3, 8000, (4, 3)), np.array([3, 1, 2, 3]))
     check()
 
