@@ -35,8 +35,8 @@ class BatchCache:
     def __init__(self, model: T5Model, rows: int = 1):
         self.model, self.h, self.d = model, model.num_heads, model.d_kv
         # the graph writes the new key/values into the bound arrays (graphs with kv_cache
-        # outputs, on the CPU); else they come back as outputs and are copied in here
-        self.in_place_writes = model.has_full and model.device == "cpu"
+        # outputs, on the CPU provider); else they come back as outputs and are copied in here
+        self.in_place_writes = model.has_full and model.provider == "cpu"
         self.owners: list = []
         self.self_kv: list[np.ndarray] = []
         self._alloc(rows, CHUNK, 1)
@@ -133,16 +133,23 @@ class BatchCache:
         """The decoder with each layer's first n rows bound both as its past input and as its
         kv_cache output (the graph's scatter writes every new token, pads included, into its
         slot in place); the binding is kept while the arrays and n stay. The logits OrtValue."""
-        m, binding = self.model, self._binding
-        outputs: dict = {lay.LOGITS: None}
+        binding, outputs = self._binding, {lay.LOGITS: None}
         if binding is None or self._binding_rows != n:  # arrays or rows changed
-            arrays = dict(zip((*m.self_names, *m.cross_names), (*self.self_kv, *self.cross)))
-            feed.update((k, self._rows_of(a, n)) for k, a in arrays.items())
-            outputs.update((k, self._rows_of(a, n)) for k, a in zip(m.full_names, self.self_kv))
-            binding, self._binding = m.sessions["decoder"].io_binding(), None
-        logits = m.run("decoder", feed, counter, outputs, binding)[0]
+            feed, outputs = self._bound_io(feed, n)
+            binding, self._binding = self.model.sessions["decoder"].io_binding(), None
+        logits = self.model.run("decoder", feed, counter, outputs, binding)[0]
         self._binding, self._binding_rows = binding, n  # complete: reused while n stays
         return logits
+
+    def _bound_io(self, feed: dict, n: int) -> tuple[dict, dict]:
+        """feed with each layer's first n rows added, and the outputs: the logits fetched,
+        each kv_cache.* written into the array it came from."""
+        m = self.model
+        arrays = zip((*m.self_names, *m.cross_names), (*self.self_kv, *self.cross))
+        feed.update((k, self._rows_of(a, n)) for k, a in arrays)
+        outputs = {lay.LOGITS: None}
+        outputs.update((k, self._rows_of(a, n)) for k, a in zip(m.full_names, self.self_kv))
+        return feed, outputs
 
     @staticmethod
     def _rows_of(array: np.ndarray, n: int):

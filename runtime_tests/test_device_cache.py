@@ -135,10 +135,9 @@ def test_tiny_models_device_equals_numpy(tiny_models, variant):
             assert [r.token_ids for r in out] == ref, (strategy, size)
 
 
-def _caches(eng):
+def _caches(m):
     """The numpy back end copying the new key/values back itself, the numpy back end whose
     arrays the graph writes in place, and the device back end, on one model."""
-    m = eng.main
     copying = BatchCache(m)
     copying.in_place_writes = False
     host = BatchCache(m)
@@ -146,12 +145,16 @@ def _caches(eng):
     return copying, host, DeviceCache(m)
 
 
-def test_logits_and_key_values_bit_identical_through_every_cache_operation(eng, prompts):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
+def test_logits_and_key_values_bit_identical_through_every_cache_operation(
+    eng, pycode_dtypes, prompts, dtype
+):
     """One script of adds, ragged and tree calls, keeps, rewinds, removals, row reuse and
     growth on every back end (numpy copying the new key/values back, numpy written in place,
-    device): every call's logits np.array_equal, and every active row's buffers the same bits,
-    slot for slot (the dropped ones and the pads' zeroed on all)."""
-    caches = _caches(eng)
+    device), for each dtype of the main: every call's logits np.array_equal, and every active
+    row's buffers the same bits, slot for slot (the dropped ones and the pads' zeroed on all)."""
+    model = eng.main if dtype == "fp32" else Engine.load(pycode_dtypes[dtype], threads=2).main
+    caches = _caches(model)
     copying, host, dev = caches
     rng, c = np.random.default_rng(11), Counter()
 

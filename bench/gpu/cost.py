@@ -77,7 +77,7 @@ def _resident_binding(model, sess, rows: int, tokens: int, rng):
 
     class Capture(DeviceCache):  # keeps what one step binds
         def _call(self, feed, lengths, counts, counter, reduce):
-            self.bound = self._bound(dict(feed), len(lengths))
+            self.bound = self._bound_io(dict(feed), len(lengths))
             return super()._call(feed, lengths, counts, counter, reduce)
 
     cache = _cache(model, Capture, rows, rng)
