@@ -145,6 +145,32 @@ def _caches(m):
     return copying, host, DeviceCache(m)
 
 
+def _add(caches, owner, ids, c) -> None:
+    for cache in caches:
+        cross, mask = cache.model.encode(ids, c, device=cache.on_device)
+        cache.add(owner, cross, mask)
+
+
+def _run(caches, c, tokens, counts, parents=None) -> None:
+    """One call on every cache: the same logits bits."""
+    a = caches[0].run(tokens, counts, c, parents)
+    for cache in caches[1:]:
+        assert np.array_equal(a, cache.run(tokens, counts, c, parents))
+
+
+def _check(caches) -> None:
+    """Every active row's every slot the same bits (rewound and pad slots zeroed on all)."""
+    copying, host, dev = caches
+    assert copying.owners == host.owners == dev.owners
+    for o in host.owners:
+        assert copying.length(o) == host.length(o) == dev.length(o)
+    dev._flush()
+    rows = len(host.owners)
+    for a, b, d in zip(copying.self_kv, host.self_kv, dev.self_kv):
+        assert np.array_equal(a[:rows], b[:rows])
+        assert np.array_equal(a[:rows], d.numpy()[:rows])
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8", "int4"])
 def test_logits_and_key_values_bit_identical_through_every_cache_operation(
     eng, pycode_dtypes, prompts, dtype
@@ -155,67 +181,43 @@ def test_logits_and_key_values_bit_identical_through_every_cache_operation(
     row's buffers the same bits, slot for slot (the dropped ones and the pads' zeroed on all)."""
     model = eng.main if dtype == "fp32" else Engine.load(pycode_dtypes[dtype], threads=2).main
     caches = _caches(model)
-    copying, host, dev = caches
+    host, dev = caches[1:]
     rng, c = np.random.default_rng(11), Counter()
-
-    def add(owner, ids):
-        for cache in caches:
-            cross, mask = cache.model.encode(ids, c, device=cache.on_device)
-            cache.add(owner, cross, mask)
-
-    def run(tokens, counts, parents=None):
-        a = copying.run(tokens, counts, c, parents)
-        for cache in caches[1:]:
-            assert np.array_equal(a, cache.run(tokens, counts, c, parents))
-        return a
-
-    def check():  # every active row's every slot: rewound and pad slots zeroed on all
-        assert copying.owners == host.owners == dev.owners
-        for o in host.owners:
-            assert copying.length(o) == host.length(o) == dev.length(o)
-        dev._flush()
-        rows = len(host.owners)
-        for a, b, d in zip(copying.self_kv, host.self_kv, dev.self_kv):
-            assert np.array_equal(a[:rows], b[:rows])
-            assert np.array_equal(a[:rows], d.numpy()[:rows])
-
     for o in range(3):
-        add(o, prompts[o])
-    run(rng.integers(3, 8000, (3, 1)) * 0, np.array([1, 1, 1]))  # decoder start
+        _add(caches, o, prompts[o], c)
+    _run(caches, c, rng.integers(3, 8000, (3, 1)) * 0, np.array([1, 1, 1]))  # decoder start
     for _ in range(20):  # ragged rows: 1-4 real tokens, then rewinds to a random length
-        counts = rng.integers(1, 5, 3)
-        run(rng.integers(3, 8000, (3, 4)), counts)
+        _run(caches, c, rng.integers(3, 8000, (3, 4)), rng.integers(1, 5, 3))
         for o in range(3):
             keep = int(rng.integers(max(1, host.length(o) - 3), host.length(o) + 1))
             for cache in caches:
                 cache.rewind(o, keep)
-    check()
+    _check(caches)
     lo = [host.length(o) for o in range(3)]  # a tree in row 1: two paths of two tokens
     tree = [None, [lo[1] - 1, lo[1], lo[1], lo[1] + 1, lo[1] + 2], None]
-    run(rng.integers(3, 8000, (3, 5)), np.array([2, 5, 3]), tree)
+    _run(caches, c, rng.integers(3, 8000, (3, 5)), np.array([2, 5, 3]), tree)
     for cache in caches:
         cache.keep(1, lo[1], [lo[1], lo[1] + 2, lo[1] + 4])  # the second path: slots move
         cache.rewind(0, lo[0] + 1)
-    check()
+    _check(caches)
     for cache in caches:
         cache.remove(0)  # the last row moves into row 0
-    add(3, prompts[3])  # takes the freed row at the back
-    add(4, prompts[9])  # rows double: storage grows
-    run(rng.integers(3, 8000, (4, 2)), np.array([1, 2, 2, 1]))
+    _add(caches, 3, prompts[3], c)  # takes the freed row at the back
+    _add(caches, 4, prompts[9], c)  # rows double: storage grows
+    _run(caches, c, rng.integers(3, 8000, (4, 2)), np.array([1, 2, 2, 1]))
     for _ in range(12):  # past the first capacity (32 slots): growth keeps every row
-        run(rng.integers(3, 8000, (4, 6)), np.array([6, 5, 6, 4]))
-    assert copying.capacity == host.capacity == dev.capacity > 64
-    check()
-    i = dev.owners.index(4)
-    assert dev.lengths[i] > 0
+        _run(caches, c, rng.integers(3, 8000, (4, 6)), np.array([6, 5, 6, 4]))
+    assert caches[0].capacity == host.capacity == dev.capacity > 64
+    _check(caches)
+    assert dev.lengths[dev.owners.index(4)] > 0
     for cache in caches:
         cache.remove(4)
-    add(5, prompts[5])  # a reused row starts empty: its self key/values zeroed
+    _add(caches, 5, prompts[5], c)  # a reused row starts empty: its self key/values zeroed
     r = dev.owners.index(5)
     assert all(not a.numpy()[r].any() for a in dev.self_kv)
     assert all(not a[r].any() for a in host.self_kv)
-    run(rng.integers(3, 8000, (4, 3)), np.array([3, 1, 2, 3]))
-    check()
+    _run(caches, c, rng.integers(3, 8000, (4, 3)), np.array([3, 1, 2, 3]))
+    _check(caches)
 
 
 def test_bad_kv_cache_values_are_refused_before_loading(pycode_pair):

@@ -51,6 +51,23 @@ def test_text_prompt_stream_and_result(tiny):
     assert set(s.as_dict()) >= {"acceptance_rate", "tokens_per_main_call", "overhead_s"}
 
 
+def _host(value) -> np.ndarray:
+    """A decoder output as numpy (the cache that binds its arrays gets the logits as an
+    OrtValue)."""
+    return value.numpy() if hasattr(value, "numpy") else value
+
+
+def _with_logits(out: list, logits: np.ndarray) -> list:
+    """out with its logits replaced, in the type the call site got."""
+    import onnxruntime as ort
+
+    if isinstance(out[0], ort.OrtValue):  # ORT-owned memory: a wrapped array may be freed
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(logits.shape), logits.dtype)
+        value.update_inplace(logits)
+        logits = value
+    return [logits, *out[1:]]
+
+
 def test_stops_at_eos_and_max_new_tokens(tiny, monkeypatch):
     ref = tiny.generate([5, 6, 7, 1], max_new_tokens=7)
     assert len(ref.token_ids) == 7 or ref.token_ids[-1] == 1
@@ -62,12 +79,12 @@ def test_stops_at_eos_and_max_new_tokens(tiny, monkeypatch):
     # Force EOS as the third token: every strategy must stop right there.
     real = tiny.main.run
 
-    def eos_third(role, feed, counter):
-        out = real(role, feed, counter)
+    def eos_third(role, feed, counter, *bound):
+        out = real(role, feed, counter, *bound)
         if role == "decoder":  # the logits at decoder position 3 pick EOS
-            logits = out[0].copy()
+            logits = _host(out[0]).copy()
             logits[feed["positions"] == 3, 1] = 1e9
-            out = [logits, *out[1:]]
+            out = _with_logits(out, logits)
         return out
 
     monkeypatch.setattr(tiny.main, "run", eos_third)
@@ -103,12 +120,12 @@ def test_nan_logits_raise_naming_model_and_step(tiny, monkeypatch):
     real = tiny.main.run
     calls = {"n": 0}
 
-    def nan_later(role, feed, counter):
-        out = real(role, feed, counter)
+    def nan_later(role, feed, counter, *bound):
+        out = real(role, feed, counter, *bound)
         if role == "decoder":
             calls["n"] += 1
             if calls["n"] == 3:  # the third main call: decoder step 2
-                out = [np.full_like(out[0], np.nan), *out[1:]]
+                out = _with_logits(out, np.full_like(_host(out[0]), np.nan))
         return out
 
     monkeypatch.setattr(tiny.main, "run", nan_later)

@@ -689,18 +689,12 @@ def test_streamed_quantizer_equals_onnxruntimes(tmp_path, monkeypatch, dtype, ex
         assert data == ([name + "_data"] if external else [])
 
 
-def test_streamed_quantizer_carries_constants_and_restores_on_failure(tmp_path, monkeypatch):
-    """A graph whose data file holds a Constant node's value too (optimum saves with
-    convert_attribute): that value is carried into the new data file, and the graph computes
-    what onnxruntime's quantizer's graph computes. A failure midway leaves the graph and its
-    data file as they were."""
+def _constant_in_data_file(path, rng) -> None:
+    """A MatMul + Add graph at path whose data file holds the weight and a Constant node's
+    value (as optimum saves with convert_attribute)."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export import quantize
-
-    rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
     c = numpy_helper.from_array(rng.standard_normal((1, 32)).astype(np.float32), "c")
     nodes = [
@@ -711,7 +705,6 @@ def test_streamed_quantizer_carries_constants_and_restores_on_failure(tmp_path, 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 32])
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [out], [w]))
-    path = tmp_path / "m.onnx"
     onnx.save_model(
         model,
         str(path),
@@ -721,6 +714,21 @@ def test_streamed_quantizer_carries_constants_and_restores_on_failure(tmp_path, 
         convert_attribute=True,
     )
     assert onnx.load(str(path), load_external_data=False).graph.node[0].attribute[0].t.external_data
+
+
+def test_streamed_quantizer_carries_constants_and_restores_on_failure(tmp_path, monkeypatch):
+    """A graph whose data file holds a Constant node's value too (optimum saves with
+    convert_attribute): that value is carried into the new data file, and the graph computes
+    what onnxruntime's quantizer's graph computes. A failure midway leaves the graph and its
+    data file as they were."""
+    import onnx
+    import onnxruntime as ort
+
+    from export import quantize
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "m.onnx"
+    _constant_in_data_file(path, rng)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     how = quantize.settings("int8", False, {"keep": []})
 

@@ -68,19 +68,21 @@ def test_second_load_maps_the_prepacked_graphs_same_logits(pycode_pair, pycode_p
 
 
 def _decoder_feed(eng, prompt) -> dict:
-    """The feed of the widest decoder call a generation makes (captured at the call site)."""
-    seen, run = [], eng.main.run
+    """The feed of the widest decoder call a generation makes (captured at the call site, on
+    the cache path that feeds every array by value rather than binding it)."""
+    seen, run, full = [], eng.main.run, eng.main.has_full
 
     def capture(role, feed, counter=None):
         if role == "decoder":
             seen.append({k: np.array(v) for k, v in feed.items()})
         return run(role, feed, counter)
 
-    eng.main.run = capture
+    eng.main.run, eng.main.has_full = capture, False
     try:
         eng.generate(prompt, max_new_tokens=12, strategy="assisted")
     finally:
         del eng.main.run
+        eng.main.has_full = full
     return max(seen, key=lambda f: f["input_ids"].size)
 
 
