@@ -24,9 +24,9 @@ class BatchCache:
     Active rows are packed at the front (row r belongs to owners[r]), so every feed is a
     contiguous view arr[:N] of preallocated arrays: no past is copied between calls (the
     graph writes the new tokens into the bound arrays), and a rewind sets a row's length.
-    Self key/values [R, H, C, D] per layer, cross key/values
-    [R, H, S, D] with enc_mask [R, S]. engine.device_cache.DeviceCache keeps them on the
-    decoder's device instead (its _storage methods).
+    Self key/values [R, H, C, D] per layer, cross key/values [R, H, S, D] with enc_mask
+    [R, S]. engine.device_cache.DeviceCache keeps them on the decoder's device instead (its
+    _storage methods).
     """
 
     on_device = False  # key/values as host numpy arrays
@@ -142,8 +142,8 @@ class BatchCache:
         return logits
 
     def _bound_io(self, feed: dict, n: int) -> tuple[dict, dict]:
-        """feed with each layer's first n rows added, and the outputs: the logits fetched,
-        each kv_cache.* written into the array it came from."""
+        """feed with each layer's first n rows added, and the outputs: the logits (allocated
+        by the session), each kv_cache.* written into the array it came from."""
         m = self.model
         arrays = zip((*m.self_names, *m.cross_names), (*self.self_kv, *self.cross))
         feed.update((k, self._rows_of(a, n)) for k, a in arrays)
