@@ -10,8 +10,8 @@ Beside it the floor: the graph's weight bytes over this machine's measured weigh
 rate (an ORT MatMul of a few rows by a weight far larger than the caches), and its FLOPs over
 measured GEMM throughput. Wall times come from a session without profiling; shares from the
 profiled one. Each call runs as the engine's caches run it (the key/value buffers bound as the
-kv_cache outputs, so the graph writes in place). Feeds are synthetic with the shapes the engine feeds (the values do not change
-the kernels' work).
+kv_cache outputs, so the graph writes in place). Feeds are synthetic with the shapes the engine
+feeds (the values do not change the kernels' work).
 """
 
 from __future__ import annotations
@@ -141,13 +141,12 @@ def runner(sess: ort.InferenceSession, feed: dict):
     to its past input's array (the graph writes the new tokens in place) and only its logits
     fetched; others return their outputs()."""
     names = outputs(sess)
-    full = [o.name for o in sess.get_outputs() if o.name not in names]
-    if not full:
+    layers = (len(sess.get_outputs()) - len(names)) // 2  # the kv_cache.* pairs
+    if not layers:
         return lambda: sess.run(names, feed)
     bind = sess.io_binding()
     for name, value in feed.items():
         bind.bind_cpu_input(name, value)
-    layers = len(full) // 2
     for out, past in zip(layout.full_names(layers), layout.past_names(layers), strict=True):
         a = feed[past]
         bind.bind_output(out, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
