@@ -236,12 +236,12 @@ def matmul_weights(path: Path) -> int:
 
 def decoder_flops(path: Path, sess: ort.InferenceSession, shape: Shape) -> float:
     """Multiply-adds x 2 of one masked-decoder call: every new token through every weight, and
-    attention (one extra query row) over the capacity's slots and the source."""
+    attention (each query alone) over the capacity's slots and the source."""
     names = _past_inputs(sess)
     past = [i for i in sess.get_inputs() if i.name in names]
     layers, heads, d_kv = len(past) // 2, past[0].shape[1], past[0].shape[3]
     cap = -(-(shape.past + shape.tokens) // CHUNK) * CHUNK
-    queries = shape.rows * (shape.tokens + 1) * heads
+    queries = shape.rows * shape.tokens * heads
     attention = 4 * layers * queries * d_kv * (cap + shape.source)
     return 2.0 * shape.rows * shape.tokens * matmul_weights(path) + attention
 

@@ -16,6 +16,9 @@ from .stats import Counter
 from .strategies.base import pick
 
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
+# Encoder positions are held in multiples of this: attention's one-query products then see key
+# counts whose tails the CPU kernels handle alike whatever the longest prompt of the call.
+ENC_CHUNK = 16
 
 
 class BatchCache:
@@ -42,8 +45,9 @@ class BatchCache:
         self._alloc(rows, CHUNK, 1)
 
     def _alloc(self, rows: int, cap: int, enc_len: int) -> None:
-        """(Re)allocate rows x cap slots x enc_len, keeping the active rows' contents."""
-        n = len(self.owners)
+        """(Re)allocate rows x cap slots x enc_len (rounded up to ENC_CHUNK), keeping the
+        active rows' contents."""
+        n, enc_len = len(self.owners), -(-enc_len // ENC_CHUNK) * ENC_CHUNK
         self._new_storage(rows, cap, enc_len)
         enc_mask = np.zeros((rows, enc_len), np.int64)
         lengths, trunk = np.zeros(rows, np.int64), np.zeros(rows, np.int64)

@@ -10,8 +10,9 @@ import hashlib
 from pathlib import Path
 
 # stairs.json's format_version. 2: the masked, positioned decoder and the cross key/value graph;
-# format 1 folders (optimum's two decoders only) are refused by the engine.
-FORMAT_VERSION = 2
+# 3: its attention one product per query (graph metadata QUERY_ROWS_KEY "1"); format 2 folders
+# still run exactly, more slowly (the engine says so); format 1 (optimum's decoders only) refused.
+FORMAT_VERSION = 3
 
 MANIFEST = "stairs.json"
 MANIFEST_EXPORT_ID = "export_id"  # stairs.json's key for the id every graph's metadata repeats
@@ -39,7 +40,8 @@ OPTIMUM_PAST_FILE = "decoder_with_past_model.onnx"
 OPTIMUM_FILES = (OPTIMUM_DECODER_FILE, OPTIMUM_PAST_FILE)
 
 # graph metadata: the export a graph came from (graphs of other exports copied into a folder
-# are refused), and the attention's fewest query rows
+# are refused), and the query rows of each attention product: "1" each query its own (format
+# 3), "2" the queries of a row together plus a copy of the first (format 2)
 EXPORT_ID_KEY = "stairs.export_id"
 QUERY_ROWS_KEY = "stairs.attention_query_rows"
 

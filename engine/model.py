@@ -40,8 +40,9 @@ STEP_FEEDS = (
 )
 # The fewest tokens a call carries (and encoder positions): ORT's kernels take another path for
 # a single row, so a one-token call would give other bits than the same row in a wider call.
-# Graphs whose attention adds a query row of its own (stairs.attention_query_rows = 2) need it
-# for the call as a whole (its linear layers); older ones for every row (their attention).
+# Graphs whose attention is one product per query (stairs.attention_query_rows = 1) or adds a
+# query row of its own (= 2) need it for the call as a whole (its linear layers); older ones for
+# every row (their attention).
 MIN_TOKENS = 2
 # config.json keys the engine uses -> smallest valid value (ints; bools refused).
 CONFIG_INTS = {
@@ -270,10 +271,16 @@ class T5Model:
         # in place: the new tokens' key/values go into their slots of one buffer in the graph;
         # older folders concatenate them
         self.in_place = lay.NEW_SLOTS in ins
-        # graphs whose attention already runs >= 2 query rows need a pad only when a call has a
-        # single token in all (then the linear layers would run one row); older ones every row
-        meta = dec.get_modelmeta().custom_metadata_map
-        self.min_tokens = 1 if meta.get(lay.QUERY_ROWS_KEY) == "2" else MIN_TOKENS
+        # graphs whose attention is safe per query need a pad only when a call has a single
+        # token in all (then the linear layers would run one row); older ones every row
+        rows = dec.get_modelmeta().custom_metadata_map.get(lay.QUERY_ROWS_KEY)
+        self.min_tokens = 1 if rows in ("1", "2") else MIN_TOKENS
+        if rows == "2":
+            log.warning(
+                "%s: exported before attention took one product per query (format 3); it runs"
+                " exactly but 1.1-1.4x slower per call: export it again with stairs-export",
+                path,
+            )
         if not self.in_place:
             log.warning(
                 "%s: exported before the decoder wrote into its slots; it runs, but its outputs"

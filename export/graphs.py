@@ -113,13 +113,14 @@ def save_exported(tmp_dir: Path, name: str, out_dir: Path) -> list[str]:
 
 
 def mark_query_rows(path: Path) -> None:
-    """Record in the graph's metadata that its attention runs >= 2 query rows (the engine then
-    pads only one-row, one-token calls to two tokens; graphs without it get every row padded)."""
+    """Record in the graph's metadata that its attention multiplies each query alone (the engine
+    then pads only one-row, one-token calls to two tokens; graphs without it get every row
+    padded)."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
     if not any(p.key == QUERY_ROWS_KEY for p in proto.metadata_props):
-        proto.metadata_props.add(key=QUERY_ROWS_KEY, value="2")
+        proto.metadata_props.add(key=QUERY_ROWS_KEY, value="1")
         onnx.save_model(proto, str(path))
 
 

@@ -79,22 +79,18 @@ def _split(x, b, heads, d_kv):
     return x.view(b, -1, heads, d_kv).transpose(1, 2)
 
 
-def _attend(q, k, v, bias, o, b, heads, d_kv, per_query: bool):
+def _attend(q, k, v, bias, o, b, heads, d_kv):
     """One attention of the masked graphs: T5's (no 1/sqrt(d_kv) scaling), softmax in fp32 as
-    HF, over one extra query row (a copy of the first, dropped after): ORT multiplies a single
-    query row by another kernel path, so with >= 2 rows a token's attention is the same bits
-    however many share its row. per_query: bias has a row per query (self attention), else one
-    row broadcast to all (cross); a flag, not bias's shape, which the trace cannot branch on."""
+    HF. Each query is a product of its own ([B, H, T, 1, D] against [B, H, 1, S, D]), so a
+    token's attention is the same bits however many tokens and rows share its call, and the keys
+    and values are read as they lie (ORT packs a key matrix for each product of >= 2 rows).
+    bias: [B, H or 1, T or 1, S]."""
     import torch
 
-    t = q.shape[2]
-    q = torch.cat([q, q[:, :, :1]], dim=2)
-    if per_query:
-        bias = torch.cat([bias, bias[:, :, :1]], dim=2)
-    scores = torch.matmul(q, k.transpose(3, 2)) + bias
+    scores = torch.matmul(q.unsqueeze(3), k.unsqueeze(2).transpose(4, 3)) + bias.unsqueeze(3)
     weights = torch.softmax(scores.float(), dim=-1).type_as(scores)
-    out = torch.matmul(weights, v)[:, :, :t].transpose(1, 2).reshape(b, -1, heads * d_kv)
-    return o(out)
+    out = torch.matmul(weights, v.unsqueeze(2)).squeeze(3)
+    return o(out.transpose(1, 2).reshape(b, -1, heads * d_kv))
 
 
 def _embed(dec, tied: bool, input_ids, b, t):
@@ -173,11 +169,11 @@ def _masked_decoder(model):
                 v = past[2 * i + 1].scatter(2, slot_idx, v_new)
                 full += [k, v]
                 q = _split(sa.SelfAttention.q(x), b, heads, d_kv)
-                h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv, True)
+                h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv)
                 ca = block.layer[1]
                 q = _split(ca.EncDecAttention.q(ca.layer_norm(h)), b, heads, d_kv)
                 k, v = cross[2 * i], cross[2 * i + 1]
-                h = h + _attend(q, k, v, cross_bias, ca.EncDecAttention.o, b, heads, d_kv, False)
+                h = h + _attend(q, k, v, cross_bias, ca.EncDecAttention.o, b, heads, d_kv)
                 h = block.layer[2](h)
             h = dec.final_layer_norm(h)
             if cfg.tie_word_embeddings:

@@ -46,7 +46,7 @@ def test_tiny_export_files_and_manifest(tiny_models, variant):
         assert not (folder / f).exists(), f
     m = json.loads((folder / "stairs.json").read_text())
     cfg = json.loads((folder / "config.json").read_text())
-    assert m["format_version"] == 2 and m["dtype"] == "fp32"
+    assert m["format_version"] == 3 and m["dtype"] == "fp32"
     assert m["d_kv"] == 16 and m["num_heads"] == 4 and m["vocab_size"] == cfg["vocab_size"]
     assert (m["pad_token_id"], m["eos_token_id"], m["decoder_start_token_id"]) == (0, 1, 0)
     assert m["feed_forward_proj"] == cfg["feed_forward_proj"]

@@ -1,7 +1,7 @@
 """Exact on the user's machine: `stairs-verify --exact DIR`, Engine.self_check and
 `stairs-serve --self-check` pass on exported folders here, and fail (exit 2, refuse to serve) on
-a graph whose one-token rows are not padded: its attention's extra query row removed while its
-metadata still says the engine need not pad them."""
+a graph whose attention multiplies a row's queries together (a one-token row then runs a
+one-query product beside rows of more) while its metadata still says each query runs alone."""
 
 from __future__ import annotations
 
@@ -16,29 +16,51 @@ from engine import Engine, EngineError, selfcheck
 from engine.cli import verify_main
 
 
+def _per_query_unsqueezes(proto, squeeze) -> tuple[dict, object]:
+    """{output: input} bypassing the per-query Unsqueezes of the attention ending at `squeeze`
+    (its weights x values, scores and bias), and the Transpose of its keys."""
+    made = {o: n for n in proto.graph.node for o in n.output}
+    bypass = {squeeze.output[0]: squeeze.input[0]}
+    values = made[squeeze.input[0]]  # MatMul(weights, Unsqueeze(v))
+    w = made[values.input[0]]
+    while w.op_type != "Add":  # back through Softmax and Cast to scores + Unsqueeze(bias)
+        w = made[w.input[0]]
+    scores = made[w.input[0]]  # MatMul(Unsqueeze(q), Transpose(Unsqueeze(k)))
+    keys = made[scores.input[1]]
+    for u in (made[values.input[1]], made[w.input[1]], made[scores.input[0]], made[keys.input[0]]):
+        assert u.op_type == "Unsqueeze", u.op_type
+        bypass[u.output[0]] = u.input[0]
+    return bypass, keys
+
+
 def unpadded_copy(src: Path, dst: Path) -> Path:
-    """A copy of src whose decoder attention runs a single query row for a one-token row (the
-    Concat that adds a copy of the first query row, and its bias row, bypassed); its metadata
-    still says 2 query rows, so the engine pads only one-token calls. stairs.json is updated:
-    the folder is valid, only no longer exact."""
+    """A copy of src whose decoder attention multiplies each row's queries in one product (the
+    per-query Unsqueezes and Squeezes bypassed, the keys' Transpose back to 4-D); its metadata
+    still says each query runs alone, so the engine pads only one-token calls. stairs.json is
+    updated: the folder is valid, only no longer exact."""
     import onnx
 
     dst = Path(shutil.copytree(src, dst))
     path = dst / "decoder_masked_model.onnx"
     proto = onnx.load(str(path))
-    made_by = {o: n for n in proto.graph.node for o in n.output}
     bypass = {}
-    for n in proto.graph.node:
-        axis = [a.i for a in n.attribute if a.name == "axis"]
-        if n.op_type == "Concat" and axis == [2] and len(n.input) == 2:
-            first, extra = n.input
-            src = made_by.get(extra)
-            if src is not None and src.op_type == "Slice" and src.input[0] == first:
-                bypass[n.output[0]] = first  # cat([x, x[:, :, :1]], dim=2) -> x
-    assert bypass, "no extra query row found in the graph"
-    for n in proto.graph.node:
+    for n in [n for n in proto.graph.node if n.op_type == "Squeeze"]:
+        more, keys = _per_query_unsqueezes(proto, n)
+        bypass.update(more)
+        keys.attribute[0].ints[:] = [0, 1, 3, 2]
+    assert bypass, "no per-query attention found in the graph"
+    kept = [n for n in proto.graph.node if n.output[0] not in bypass]
+    for n in kept:
         n.input[:] = [bypass.get(i, i) for i in n.input]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept)
+    del proto.graph.value_info[:]  # shapes of the old attention
     onnx.save(proto, str(path))
+    return _listed(dst, path)
+
+
+def _listed(dst: Path, path: Path) -> Path:
+    """dst with stairs.json listing path's new bytes (the folder stays valid)."""
     manifest = json.loads((dst / "stairs.json").read_text())
     data = path.read_bytes()
     manifest["files"][path.name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
@@ -72,6 +94,24 @@ def test_verify_exact_fails_on_a_graph_whose_one_token_rows_are_not_padded(unpad
     assert bad and all("bit-identical no" in ln and "max abs diff 0," not in ln for ln in bad)
     assert any("1-token chunks" in ln for ln in bad)  # rows of one token beside others
     assert "NOT exact here" in out[-1]
+
+
+def test_a_format_2_folder_runs_with_a_warning_to_export_it_again(tiny_models, tmp_path, caplog):
+    import onnx
+
+    dst = Path(shutil.copytree(tiny_models["v1_1"]["main"], tmp_path / "old"))
+    path = dst / "decoder_masked_model.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    for p in proto.metadata_props:
+        if p.key == "stairs.attention_query_rows":
+            assert p.value == "1"  # what the exporter writes now
+            p.value = "2"
+    onnx.save_model(proto, str(path))
+    with caplog.at_level("WARNING", logger="stairs"):
+        eng = Engine.load(_listed(dst, path), threads=2)
+    assert eng.main.min_tokens == 1
+    assert "export it again with stairs-export" in caplog.text and "format 3" in caplog.text
+    assert len(eng.generate([5, 6, 7, 1], max_new_tokens=3).token_ids) == 3
 
 
 def test_self_check_api_and_require(tiny_models, unpadded, capsys):
