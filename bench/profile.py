@@ -208,7 +208,7 @@ def parts(nodes: list[tuple], sublayers: tuple[str, ...]) -> list[str]:
             out.append("layer norms")
         elif final and op in MATMULS:
             out.append("LM head")
-        elif op == "ScatterElements":
+        elif op in ("ScatterElements", "ScatterND"):
             out.append("kv writes" if kind.startswith("float") else "position bias")
         elif "relative_attention_bias" in name or op == "Clip":
             out.append("position bias")

@@ -120,7 +120,11 @@ def _biases(m, b, t, positions, past_positions, attention_mask, new_slots, enc_m
     dist = (positions[:, :, None] - key_pos[:, None, :]).clamp(0, m.max_distance)
     table = m.dec.block[0].layer[0].SelfAttention.relative_attention_bias
     bias = table(m.buckets[dist]).permute(0, 3, 1, 2)  # [B, H, T, C]
-    slot_idx = new_slots[:, None, :, None].expand(b, m.heads, t, m.d_kv)
+    # (row, head, slot) of each new key/value: a ScatterND writes [D] slices, and leaves the
+    # rest of a buffer bound as its own output untouched (a ScatterElements copies it whole)
+    rows = torch.arange(b)[:, None, None].expand(b, m.heads, t)
+    heads = torch.arange(m.heads)[None, :, None].expand(b, m.heads, t)
+    slot_idx = (rows, heads, new_slots[:, None, :].expand(b, m.heads, t))
     keep = attention_mask[:, None, :, :].to(torch.float32)
     self_bias = bias + (1.0 - keep) * m.min_value
     cross_bias = (1.0 - enc_mask[:, None, None, :].to(torch.float32)) * m.min_value
@@ -165,8 +169,8 @@ def _masked_decoder(model):
                 k_new = _split(sa.SelfAttention.k(x), b, heads, d_kv)
                 v_new = _split(sa.SelfAttention.v(x), b, heads, d_kv)
                 presents += [k_new, v_new]
-                k = past[2 * i].scatter(2, slot_idx, k_new)
-                v = past[2 * i + 1].scatter(2, slot_idx, v_new)
+                k = past[2 * i].index_put(slot_idx, k_new)
+                v = past[2 * i + 1].index_put(slot_idx, v_new)
                 full += [k, v]
                 q = _split(sa.SelfAttention.q(x), b, heads, d_kv)
                 h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv)

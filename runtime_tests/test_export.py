@@ -38,6 +38,22 @@ MASKED_CASES = {
 
 
 @pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
+def test_each_buffer_written_by_slices_and_each_query_attending_alone(tiny_models, variant):
+    """The key/value writes are ScatterNDs (a ScatterElements copies the whole bound buffer onto
+    itself every call); each attention product has one query row (format 3's metadata)."""
+    import onnx
+
+    proto = onnx.load(str(tiny_models[variant]["main"] / DECODER_FILE), load_external_data=False)
+    graph = proto.graph
+    writer = {o: n.op_type for n in graph.node for o in n.output}
+    full = [o.name for o in graph.output if o.name.startswith("kv_cache.")]
+    assert full and {writer[o] for o in full} == {"ScatterND"}
+    assert {p.key: p.value for p in proto.metadata_props}["stairs.attention_query_rows"] == "1"
+    squeezed = [n for n in graph.node if n.op_type == "Squeeze"]  # [B, H, T, 1, D] -> 4-D
+    assert len(squeezed) == len(full)  # one per attention: a self and a cross per layer
+
+
+@pytest.mark.parametrize("variant", ["v1_0", "v1_1"])
 def test_tiny_export_files_and_manifest(tiny_models, variant):
     folder = tiny_models[variant]["main"]
     for f in FILES:

@@ -45,7 +45,7 @@ def test_profile_groups_every_node_by_part(tiny_models, tmp_path, monkeypatch, v
 
 def test_parts_follow_the_layer_norms():
     """Nodes after each block's norms belong to self-attention, cross-attention, feed-forward in
-    turn; float scatters are key/value writes, int ones position bias; the matmul after the
+    turn; float scatters (elements or slices) are key/value writes, int ones position bias; the matmul after the
     final norm is the LM head."""
     norm = "SimplifiedLayerNormalization"
     nodes = [
@@ -54,6 +54,7 @@ def test_parts_follow_the_layer_norms():
         ("/q/MatMul", "MatMul", "float", 1.0),
         ("/ScatterElements", "ScatterElements", "int64", 1.0),
         ("/ScatterElements_1", "ScatterElements", "float", 1.0),
+        ("/ScatterND", "ScatterND", "float", 1.0),
         ("/layer_norm_1", norm, "float", 1.0),
         ("/MatMul_2", "FusedMatMul", "float", 1.0),
         ("/layer.2/layer_norm", norm, "float", 1.0),
@@ -64,5 +65,5 @@ def test_parts_follow_the_layer_norms():
     got = profile.parts(nodes, ("self-attention", "cross-attention", "feed-forward"))
     assert got == [
         "embedding and masks", "layer norms", "self-attention", "position bias", "kv writes",
-        "layer norms", "cross-attention", "layer norms", "feed-forward", "layer norms", "LM head",
+        "kv writes", "layer norms", "cross-attention", "layer norms", "feed-forward", "layer norms", "LM head",
     ]  # fmt: skip
