@@ -38,6 +38,7 @@ from bench.common import (
 )
 from engine import layout
 from engine.cache import CHUNK
+from engine.layout import ENC_CHUNK
 from engine.model import MIN_TOKENS
 from engine.providers import session_options
 
@@ -60,6 +61,11 @@ class Shape:
     @property
     def label(self) -> str:
         return f"{self.rows} x {self.tokens}"
+
+
+def _enc_width(source: int) -> int:
+    """Encoder positions the engine's cache holds for a source of this length."""
+    return -(-source // ENC_CHUNK) * ENC_CHUNK
 
 
 def engine_shape(rows: int, tokens: int, past: int, source: int) -> Shape:
@@ -86,8 +92,8 @@ def _dtype(onnx_type: str):
 
 def decoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
     """A feed of the masked decoder for shape: every row has `past` cached slots and its new
-    tokens in the next ones; the capacity rounded up as the engine's cache rounds it."""
-    b, t, p, s = shape.rows, shape.tokens, shape.past, shape.source
+    tokens in the next ones; capacity and encoder width rounded up as the engine's cache does."""
+    b, t, p, s = shape.rows, shape.tokens, shape.past, _enc_width(shape.source)
     cap = -(-(p + t) // CHUNK) * CHUNK
     rng = np.random.default_rng(0)
     slots = np.broadcast_to(p + np.arange(t), (b, t)).copy()
@@ -100,7 +106,7 @@ def decoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
         layout.NEW_SLOTS: slots,
         layout.PAST_POSITIONS: np.broadcast_to(np.arange(cap), (b, cap)).copy(),
         layout.ATTENTION_MASK: mask,
-        layout.ENCODER_ATTENTION_MASK: np.ones((b, s), bool),
+        layout.ENCODER_ATTENTION_MASK: np.arange(s)[None, :].repeat(b, 0) < shape.source,
     }
     past = _past_inputs(sess)
     feed = {}
@@ -242,7 +248,7 @@ def decoder_flops(path: Path, sess: ort.InferenceSession, shape: Shape) -> float
     layers, heads, d_kv = len(past) // 2, past[0].shape[1], past[0].shape[3]
     cap = -(-(shape.past + shape.tokens) // CHUNK) * CHUNK
     queries = shape.rows * shape.tokens * heads
-    attention = 4 * layers * queries * d_kv * (cap + shape.source)
+    attention = 4 * layers * queries * d_kv * (cap + _enc_width(shape.source))
     return 2.0 * shape.rows * shape.tokens * matmul_weights(path) + attention
 
 

@@ -16,9 +16,7 @@ from .stats import Counter
 from .strategies.base import pick
 
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
-# Encoder positions are held in multiples of this: attention's one-query products then see key
-# counts whose tails the CPU kernels handle alike whatever the longest prompt of the call.
-ENC_CHUNK = 16
+ENC_CHUNK = lay.ENC_CHUNK
 
 
 class BatchCache:
@@ -233,7 +231,7 @@ class BatchCache:
         """Bytes of the arrays for rows x cap slots x enc (default: as allocated now)."""
         rows = len(self.lengths) if rows is None else rows
         cap = self.capacity if cap is None else cap
-        enc = self.enc_len if enc is None else enc
+        enc = self.enc_len if enc is None else -(-enc // ENC_CHUNK) * ENC_CHUNK
         layers = len(self.model.self_names)  # 2 per layer, as cross
         return rows * layers * self.h * self.d * 4 * (cap + enc)
 

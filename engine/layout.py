@@ -44,6 +44,10 @@ OPTIMUM_FILES = (OPTIMUM_DECODER_FILE, OPTIMUM_PAST_FILE)
 # 3), "2" the queries of a row together plus a copy of the first (format 2)
 EXPORT_ID_KEY = "stairs.export_id"
 QUERY_ROWS_KEY = "stairs.attention_query_rows"
+# What a format 3 graph asks of whoever feeds it: encoder positions in multiples of this (and
+# self slots in multiples of 32, engine.cache.CHUNK), so attention's one-query products see key
+# counts whose tails the CPU kernels sum alike whatever the longest prompt of the call.
+ENC_CHUNK = 16
 
 # config.json keys a main and its assistant must share
 PAIR_KEYS = ("vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id")

@@ -89,6 +89,19 @@ def check_folder(folder: Path) -> None:
         )
 
 
+def _check_format(folder: Path, manifest: dict | None) -> None:
+    """ModelFileError for a folder a newer stairs-export wrote (its graphs may need what this
+    engine does not do to stay exact); older formats load."""
+    version = (manifest or {}).get("format_version", lay.FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ModelFileError(f"{folder / lay.MANIFEST}: format_version {version!r} is not a number")
+    if version > lay.FORMAT_VERSION:
+        raise ModelFileError(
+            f"{folder}: folder format {version}, written by a newer stairs-export; this engine"
+            f" reads formats up to {lay.FORMAT_VERSION}: upgrade stairs"
+        )
+
+
 class T5Model:
     """Sessions, config and tokenizer of one exported folder: encoder, masked decoder and
     cross key/value graph (optimum's decoder files, if present, are not loaded)."""
@@ -124,6 +137,7 @@ class T5Model:
         hasher = weights_cache.sha256 if weights_cache else None
         self.verified = checked.verify_enabled(verify)
         self.manifest = checked.verify_folder(self.folder, self.verified, hasher)
+        _check_format(self.folder, self.manifest)
         self._read_dimensions(self.config)
         self.tokenizer = Tokenizer(
             self.folder / lay.SPIECE_FILE,

@@ -123,7 +123,7 @@ def shapes(model, seed: int = 0, sizes=SIZES) -> list[Check]:
 
 def long_neighbour(model, seed: int = 3) -> list[Check]:
     """Rows beside a long one (150-token history, 200-token prompt): the call's capacity and
-    encoder length grow from 32 and ~40 to 160+ and 201; every other row's bits must stay."""
+    encoder width grow from 32 and 48 to 160+ and 208; every other row's bits must stay."""
     rng = np.random.default_rng(seed)
     rows = [Row(rng, model.vocab_size, int(rng.integers(1, 7))) for _ in range(3)]
     long = Row(rng, model.vocab_size, 3)

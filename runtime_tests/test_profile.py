@@ -45,8 +45,8 @@ def test_profile_groups_every_node_by_part(tiny_models, tmp_path, monkeypatch, v
 
 def test_parts_follow_the_layer_norms():
     """Nodes after each block's norms belong to self-attention, cross-attention, feed-forward in
-    turn; float scatters (elements or slices) are key/value writes, int ones position bias; the matmul after the
-    final norm is the LM head."""
+    turn; float scatters (elements or slices) are key/value writes, int ones position bias; the
+    matmul after the final norm is the LM head."""
     norm = "SimplifiedLayerNormalization"
     nodes = [
         ("/Gather", "Gather", "float", 1.0),
@@ -65,5 +65,6 @@ def test_parts_follow_the_layer_norms():
     got = profile.parts(nodes, ("self-attention", "cross-attention", "feed-forward"))
     assert got == [
         "embedding and masks", "layer norms", "self-attention", "position bias", "kv writes",
-        "kv writes", "layer norms", "cross-attention", "layer norms", "feed-forward", "layer norms", "LM head",
+        "kv writes", "layer norms", "cross-attention", "layer norms", "feed-forward",
+        "layer norms", "LM head",
     ]  # fmt: skip

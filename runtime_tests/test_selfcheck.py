@@ -114,6 +114,22 @@ def test_a_format_2_folder_runs_with_a_warning_to_export_it_again(tiny_models, t
     assert len(eng.generate([5, 6, 7, 1], max_new_tokens=3).token_ids) == 3
 
 
+def test_a_folder_of_a_newer_format_is_refused_before_any_graph_loads(tiny_models, tmp_path):
+    from engine import ModelFileError
+
+    dst = Path(shutil.copytree(tiny_models["v1_1"]["main"], tmp_path / "newer"))
+    manifest = json.loads((dst / "stairs.json").read_text())
+    assert manifest["format_version"] == 3
+    for version, words in ((4, "newer stairs-export"), ("3", "not a number")):
+        manifest["format_version"] = version
+        (dst / "stairs.json").write_text(json.dumps(manifest))
+        with pytest.raises(ModelFileError, match=words):
+            Engine.load(dst, threads=2)
+    manifest["format_version"] = 2  # older formats load
+    (dst / "stairs.json").write_text(json.dumps(manifest))
+    assert Engine.load(dst, threads=2).main.min_tokens == 1
+
+
 def test_self_check_api_and_require(tiny_models, unpadded, capsys):
     good = Engine.load(tiny_models["v1_1"]["main"], threads=2)
     checks = good.self_check()
