@@ -291,8 +291,8 @@ class T5Model:
         self.min_tokens = 1 if rows in ("1", "2") else MIN_TOKENS
         if rows == "2":
             log.warning(
-                "%s: exported before attention took one product per query (format 3); it runs"
-                " exactly but 1.1-1.4x slower per call: export it again with stairs-export",
+                "%s: exported before format 3 (attention one product per query, slice writes);"
+                " it runs exactly but 1.1-1.6x slower per call: export it again with stairs-export",
                 path,
             )
         if not self.in_place:
