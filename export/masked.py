@@ -106,9 +106,26 @@ def _embed(dec, tied: bool, input_ids, b, t):
     return dec.embed_tokens(input_ids), None
 
 
+def _scatter_nd(data, indices, updates):
+    """data with updates [..., D] written at indices [..., 3]: one ONNX ScatterND in the graph,
+    its index built once per call (index_put would trace its own per layer)."""
+    import torch
+
+    class ScatterND(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, data, indices, updates):
+            return data.index_put(tuple(indices.unbind(-1)), updates)
+
+        @staticmethod
+        def symbolic(g, data, indices, updates):
+            return g.op("ScatterND", data, indices, updates)
+
+    return ScatterND.apply(data, indices, updates)
+
+
 def _biases(m, b, t, positions, past_positions, attention_mask, new_slots, enc_mask):
-    """(self-attention bias [B, H, T, C] with the mask folded in, the new tokens' slot index for
-    the key/value scatters, cross-attention bias) of one call of m (the MaskedDecoder)."""
+    """(self-attention bias [B, H, T, C] with the mask folded in, the (row, head, slot) of each
+    new key/value [B, H, T, 3], cross-attention bias) of one call of m (the MaskedDecoder)."""
     import torch
 
     # Relative position bias from key position - query position (decoder: causal
@@ -124,7 +141,7 @@ def _biases(m, b, t, positions, past_positions, attention_mask, new_slots, enc_m
     # rest of a buffer bound as its own output untouched (a ScatterElements copies it whole)
     rows = torch.arange(b)[:, None, None].expand(b, m.heads, t)
     heads = torch.arange(m.heads)[None, :, None].expand(b, m.heads, t)
-    slot_idx = (rows, heads, new_slots[:, None, :].expand(b, m.heads, t))
+    slot_idx = torch.stack([rows, heads, new_slots[:, None, :].expand(b, m.heads, t)], -1)
     keep = attention_mask[:, None, :, :].to(torch.float32)
     self_bias = bias + (1.0 - keep) * m.min_value
     cross_bias = (1.0 - enc_mask[:, None, None, :].to(torch.float32)) * m.min_value
@@ -169,8 +186,8 @@ def _masked_decoder(model):
                 k_new = _split(sa.SelfAttention.k(x), b, heads, d_kv)
                 v_new = _split(sa.SelfAttention.v(x), b, heads, d_kv)
                 presents += [k_new, v_new]
-                k = past[2 * i].index_put(slot_idx, k_new)
-                v = past[2 * i + 1].index_put(slot_idx, v_new)
+                k = _scatter_nd(past[2 * i], slot_idx, k_new)
+                v = _scatter_nd(past[2 * i + 1], slot_idx, v_new)
                 full += [k, v]
                 q = _split(sa.SelfAttention.q(x), b, heads, d_kv)
                 h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv)
