@@ -82,9 +82,9 @@ def _split(x, b, heads, d_kv):
 def _attend(q, k, v, bias, o, b, heads, d_kv):
     """One attention of the masked graphs: T5's (no 1/sqrt(d_kv) scaling), softmax in fp32 as
     HF. Each query is a product of its own ([B, H, T, 1, D] against [B, H, 1, S, D]), so a
-    token's attention is the same bits however many tokens and rows share its call, and the keys
-    and values are read as they lie (ORT packs a key matrix for each product of >= 2 rows).
-    bias: [B, H or 1, T or 1, S]."""
+    token's attention is the same bits however many tokens and rows share its call (S held in
+    multiples of layout.ENC_CHUNK), and the keys and values are read as they lie (ORT packs a
+    key matrix for each product of >= 2 rows). bias: [B, H or 1, T or 1, S]."""
     import torch
 
     scores = torch.matmul(q.unsqueeze(3), k.unsqueeze(2).transpose(4, 3)) + bias.unsqueeze(3)
