@@ -38,7 +38,6 @@ from bench.common import (
 )
 from engine import layout
 from engine.cache import CHUNK
-from engine.layout import ENC_CHUNK
 from engine.model import MIN_TOKENS
 from engine.providers import session_options
 
@@ -61,11 +60,6 @@ class Shape:
     @property
     def label(self) -> str:
         return f"{self.rows} x {self.tokens}"
-
-
-def _enc_width(source: int) -> int:
-    """Encoder positions the engine's cache holds for a source of this length."""
-    return -(-source // ENC_CHUNK) * ENC_CHUNK
 
 
 def engine_shape(rows: int, tokens: int, past: int, source: int) -> Shape:
@@ -93,7 +87,7 @@ def _dtype(onnx_type: str):
 def decoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
     """A feed of the masked decoder for shape: every row has `past` cached slots and its new
     tokens in the next ones; capacity and encoder width rounded up as the engine's cache does."""
-    b, t, p, s = shape.rows, shape.tokens, shape.past, _enc_width(shape.source)
+    b, t, p, s = shape.rows, shape.tokens, shape.past, layout.enc_width(shape.source)
     cap = -(-(p + t) // CHUNK) * CHUNK
     rng = np.random.default_rng(0)
     slots = np.broadcast_to(p + np.arange(t), (b, t)).copy()
@@ -248,7 +242,7 @@ def decoder_flops(path: Path, sess: ort.InferenceSession, shape: Shape) -> float
     layers, heads, d_kv = len(past) // 2, past[0].shape[1], past[0].shape[3]
     cap = -(-(shape.past + shape.tokens) // CHUNK) * CHUNK
     queries = shape.rows * shape.tokens * heads
-    attention = 4 * layers * queries * d_kv * (cap + _enc_width(shape.source))
+    attention = 4 * layers * queries * d_kv * (cap + layout.enc_width(shape.source))
     return 2.0 * shape.rows * shape.tokens * matmul_weights(path) + attention
 
 

@@ -16,7 +16,6 @@ from .stats import Counter
 from .strategies.base import pick
 
 CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
-ENC_CHUNK = lay.ENC_CHUNK
 
 
 class BatchCache:
@@ -43,9 +42,9 @@ class BatchCache:
         self._alloc(rows, CHUNK, 1)
 
     def _alloc(self, rows: int, cap: int, enc_len: int) -> None:
-        """(Re)allocate rows x cap slots x enc_len (rounded up to ENC_CHUNK), keeping the
+        """(Re)allocate rows x cap slots x enc_len (rounded up: layout.enc_width), keeping the
         active rows' contents."""
-        n, enc_len = len(self.owners), -(-enc_len // ENC_CHUNK) * ENC_CHUNK
+        n, enc_len = len(self.owners), lay.enc_width(enc_len)
         self._new_storage(rows, cap, enc_len)
         enc_mask = np.zeros((rows, enc_len), np.int64)
         lengths, trunk = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
@@ -231,7 +230,7 @@ class BatchCache:
         """Bytes of the arrays for rows x cap slots x enc (default: as allocated now)."""
         rows = len(self.lengths) if rows is None else rows
         cap = self.capacity if cap is None else cap
-        enc = self.enc_len if enc is None else -(-enc // ENC_CHUNK) * ENC_CHUNK
+        enc = self.enc_len if enc is None else lay.enc_width(enc)
         layers = len(self.model.self_names)  # 2 per layer, as cross
         return rows * layers * self.h * self.d * 4 * (cap + enc)
 

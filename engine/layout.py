@@ -49,6 +49,12 @@ QUERY_ROWS_KEY = "stairs.attention_query_rows"
 # counts whose tails the CPU kernels sum alike whatever the longest prompt of the call.
 ENC_CHUNK = 16
 
+
+def enc_width(positions: int) -> int:
+    """Encoder positions held for a prompt of this many (rounded up to ENC_CHUNK)."""
+    return -(-positions // ENC_CHUNK) * ENC_CHUNK
+
+
 # config.json keys a main and its assistant must share
 PAIR_KEYS = ("vocab_size", "pad_token_id", "eos_token_id", "decoder_start_token_id")
 MAX_THREADS = 1024  # a bound on thread counts (ORT would try to start them all)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from .errors import InputError
-from .layout import ENC_CHUNK, MAX_THREADS
+from .layout import MAX_THREADS, enc_width
 from .strategies import MAX_DRAFT_TOKENS, STRATEGIES
 
 # Hard ceilings (per Engine: Engine.load(..., limits=Limits(max_new_tokens=N)) or eng.limits).
@@ -340,7 +340,7 @@ def _decoder_bytes(model, s: int, t: int, p: int) -> int:
     # present), cross key/values, attention scores and logits.
     _, layers, h, d, _, _, v = _dims(model)
     self_kv = 2 * layers * h * d * (p + t) * 2
-    cross_kv = 2 * layers * h * d * -(-s // ENC_CHUNK) * ENC_CHUNK
+    cross_kv = 2 * layers * h * d * enc_width(s)
     scores = h * t * (p + t + s) * 2
     return 4 * (self_kv + cross_kv + scores + t * v)
 

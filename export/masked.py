@@ -18,6 +18,7 @@ the same dtype-minimum added); mask their slots out in later calls and ignore th
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -106,9 +107,11 @@ def _embed(dec, tied: bool, input_ids, b, t):
     return dec.embed_tokens(input_ids), None
 
 
-def _scatter_nd(data, indices, updates):
-    """data with updates [..., D] written at indices [..., 3]: one ONNX ScatterND in the graph,
-    its index built once per call (index_put would trace its own per layer)."""
+@functools.cache
+def _scatter_nd():
+    """f(data, indices, updates): data with updates [..., D] written at indices [..., 3], one
+    ONNX ScatterND in the graph, its index built once per call (index_put would trace its own
+    per layer). A factory: torch is imported only when a graph is traced."""
     import torch
 
     class ScatterND(torch.autograd.Function):
@@ -120,7 +123,7 @@ def _scatter_nd(data, indices, updates):
         def symbolic(g, data, indices, updates):
             return g.op("ScatterND", data, indices, updates)
 
-    return ScatterND.apply(data, indices, updates)
+    return ScatterND.apply
 
 
 def _biases(m, b, t, positions, past_positions, attention_mask, new_slots, enc_mask):
@@ -186,8 +189,8 @@ def _masked_decoder(model):
                 k_new = _split(sa.SelfAttention.k(x), b, heads, d_kv)
                 v_new = _split(sa.SelfAttention.v(x), b, heads, d_kv)
                 presents += [k_new, v_new]
-                k = _scatter_nd(past[2 * i], slot_idx, k_new)
-                v = _scatter_nd(past[2 * i + 1], slot_idx, v_new)
+                k = _scatter_nd()(past[2 * i], slot_idx, k_new)
+                v = _scatter_nd()(past[2 * i + 1], slot_idx, v_new)
                 full += [k, v]
                 q = _split(sa.SelfAttention.q(x), b, heads, d_kv)
                 h = h + _attend(q, k, v, self_bias, sa.SelfAttention.o, b, heads, d_kv)

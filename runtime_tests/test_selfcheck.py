@@ -16,10 +16,10 @@ from engine import Engine, EngineError, selfcheck
 from engine.cli import verify_main
 
 
-def _per_query_unsqueezes(proto, squeeze) -> tuple[dict, object]:
+def _per_query_unsqueezes(made: dict, squeeze) -> tuple[dict, object]:
     """{output: input} bypassing the per-query Unsqueezes of the attention ending at `squeeze`
-    (its weights x values, scores and bias), and the Transpose of its keys."""
-    made = {o: n for n in proto.graph.node for o in n.output}
+    (its weights x values, scores and bias), and the Transpose of its keys; made: each output's
+    node."""
     bypass = {squeeze.output[0]: squeeze.input[0]}
     values = made[squeeze.input[0]]  # MatMul(weights, Unsqueeze(v))
     w = made[values.input[0]]
@@ -43,9 +43,9 @@ def unpadded_copy(src: Path, dst: Path) -> Path:
     dst = Path(shutil.copytree(src, dst))
     path = dst / "decoder_masked_model.onnx"
     proto = onnx.load(str(path))
-    bypass = {}
+    bypass, made = {}, {o: n for n in proto.graph.node for o in n.output}
     for n in [n for n in proto.graph.node if n.op_type == "Squeeze"]:
-        more, keys = _per_query_unsqueezes(proto, n)
+        more, keys = _per_query_unsqueezes(made, n)
         bypass.update(more)
         keys.attribute[0].ints[:] = [0, 1, 3, 2]
     assert bypass, "no per-query attention found in the graph"
