@@ -380,11 +380,11 @@ class Engine:
 
     def auto_table(self) -> dict[int, int]:
         """'auto': draft tokens per request by the number of active requests (0 = off); what
-        stairs-tune stored for this pair, else DEFAULT_AUTO_K (CPU) or DEFAULT_AUTO_K_CUDA. A
-        damaged stored table is ignored with a warning."""
+        stairs-tune stored for this pair, else scheduler.default_auto_k for the main's dtype and
+        provider. A damaged stored table is ignored with a warning."""
         from . import tune
 
-        default = sch.DEFAULT_AUTO_K_CUDA if self.main.provider == "cuda" else sch.DEFAULT_AUTO_K
+        default = sch.default_auto_k(self.main.provider, (self.main.manifest or {}).get("dtype"))
         stored = (tune.load(self) or {}).get("batch_auto_k")
         if stored is None:
             return dict(default)

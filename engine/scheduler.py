@@ -29,11 +29,21 @@ from .strategies.base import check_finite
 DEFAULT_BATCH_TOKENS = 256
 MAX_BATCH_TOKENS = 65536
 # strategy="auto": draft tokens per request by the number of active requests (the largest key
-# <= N applies; 0 = speculation off). On 2 CPU cores (measured 2026-11, an older engine) it lost
-# at most 2-4% at 8-16 requests on the 48M pycode main and gained 29% at 8 on a t5-large shape (docs/benchmarks.md);
-# `stairs-tune --batch-sizes` measures the table for a pair.
-DEFAULT_AUTO_K = {1: 4, 4: 3}
+# <= N applies; 0 = speculation off), by the main's dtype. On 2 CPU cores a verify call of N rows
+# x K+1 tokens turns compute-bound as N grows, the sooner the cheaper the main's weights: greedy
+# was fastest from 8 requests (fp32; within 4% at 5-7), 4 (int8) and 2 (int4) in
+# results/onepath-final, and even at 8 on a t5-large shape. `stairs-tune --batch-sizes`
+# measures the table for a pair.
+DEFAULT_AUTO_K = {"fp32": {1: 4, 2: 3, 5: 0}, "int8": {1: 4, 2: 3, 4: 0}, "int4": {1: 3, 2: 0}}
 DEFAULT_AUTO_K_CUDA = {1: 4}  # H100: speculation paid at every batch size measured (1-16)
+
+
+def default_auto_k(provider: str, dtype: str | None) -> dict[int, int]:
+    """auto's untuned table for a main of this dtype (stairs.json's; fp16 and unknown as fp32)
+    on this provider."""
+    if provider == "cuda":
+        return dict(DEFAULT_AUTO_K_CUDA)
+    return dict(DEFAULT_AUTO_K.get(dtype or "fp32", DEFAULT_AUTO_K["fp32"]))
 
 
 def cut(tokens, remaining: int, eos: int) -> tuple[list[int], bool]:

@@ -336,7 +336,7 @@ def test_damaged_auto_table_is_ignored(eng, monkeypatch):
 
     for bad in ([1, 2], {"8": "x"}, {"1": 99}):
         monkeypatch.setattr(tune, "load", lambda e, bad=bad: {"batch_auto_k": bad})
-        assert eng.auto_table() == scheduler.DEFAULT_AUTO_K
+        assert eng.auto_table() == scheduler.DEFAULT_AUTO_K["fp32"]
 
 
 def test_rewound_and_reused_slots_hold_zeros(eng, prompts, ref):

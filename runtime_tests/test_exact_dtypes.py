@@ -53,7 +53,9 @@ def test_every_strategy_and_batch_gives_the_mains_own_greedy(case, strategy, bat
         got += [r.token_ids for r in res]
         accepted += sum(r.stats.accepted for r in res)
     assert got == own, f"{dtype} {name} {opts} B={batch}: " + _diff(got, own)
-    if name != "greedy":  # drafts were accepted, so the accepting path really ran
+    table = eng.auto_table()
+    drafts = name != "greedy" and (name != "auto" or table[max(n for n in table if n <= batch)])
+    if drafts:  # drafts were accepted, so the accepting path really ran
         assert accepted > 0, f"{dtype} {name}: nothing accepted"
 
 
@@ -96,3 +98,17 @@ def _idle(eng) -> bool:
     while eng.health().busy and time.monotonic() < end:
         time.sleep(0.02)
     return not eng.health().busy
+
+
+def test_auto_follows_the_mains_dtype_and_stays_exact(case):
+    """Untuned, auto's table is the main dtype's (fp16 as fp32): a cheaper main stops
+    speculating at fewer requests, and a batch past that point is still its own greedy."""
+    from engine import scheduler
+
+    dtype, eng, prompts, own = case
+    table = eng.auto_table()
+    assert table == scheduler.DEFAULT_AUTO_K["fp32" if dtype == "fp16" else dtype]
+    off = min(n for n, k in table.items() if k == 0)
+    res = eng.generate_batch(prompts[:off], strategy="auto", max_new_tokens=NEW)
+    assert [r.token_ids for r in res] == own[:off]
+    assert all(r.stats.drafted == 0 for r in res), [r.stats for r in res]

@@ -118,7 +118,7 @@ def test_auto_calibrates_stores_and_stays_exact(pycode_pair, pycode_prompts, gre
     main = shutil.copytree(pycode_pair[0], tmp_path / "main")
     draft = pycode_pair[1]
     eng = Engine.load(main, assistant=draft, threads=2)
-    assert eng.auto_table() == scheduler.DEFAULT_AUTO_K  # untuned default
+    assert eng.auto_table() == scheduler.DEFAULT_AUTO_K["fp32"]  # untuned default
     res = eng.calibrate(pycode_prompts[:2], max_new_tokens=16)
     assert res["strategy"] != "greedy" and len(res["candidates"]) > 10
     assert res["assistant_threads"] in (1, None) and 1 in res["batch_auto_k"]
@@ -130,5 +130,5 @@ def test_auto_calibrates_stores_and_stays_exact(pycode_pair, pycode_prompts, gre
         assert out.token_ids == ref and out.strategy == "assisted"
         assert out.options["auto_draft_tokens"] == res["batch_auto_k"]
     other = Engine.load(main, assistant=draft, threads=1)  # another setting: not this tuning
-    assert other.auto_table() == scheduler.DEFAULT_AUTO_K
+    assert other.auto_table() == scheduler.DEFAULT_AUTO_K["fp32"]
     assert not (pycode_pair[0] / "stairs-tune.json").exists()

@@ -210,7 +210,7 @@ def test_corrupt_tune_file_is_ignored_with_warning(folder, tiny_models, caplog, 
         warning = "ignoring damaged entry"
     with caplog.at_level(logging.WARNING, logger="stairs"):
         eng = Engine.load(folder, assistant=assistant)
-        assert eng.auto_table() == DEFAULT_AUTO_K  # the untuned default
+        assert eng.auto_table() == DEFAULT_AUTO_K["fp32"]  # the untuned default
     assert eng.assistant.threads is None
     assert warning in caplog.text
 
@@ -221,7 +221,7 @@ def test_tune_file_outside_is_not_read(folder, tiny_models, secret, caplog):
     os.symlink(secret, folder / "stairs-tune.json")
     with caplog.at_level(logging.WARNING, logger="stairs"):
         eng = Engine.load(folder, assistant=tiny_models["v1_1"]["random"])
-        assert eng.auto_table() == DEFAULT_AUTO_K
+        assert eng.auto_table() == DEFAULT_AUTO_K["fp32"]
     assert "resolves outside the model folder" in caplog.text
 
 
