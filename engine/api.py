@@ -384,7 +384,7 @@ class Engine:
         provider. A damaged stored table is ignored with a warning."""
         from . import tune
 
-        default = sch.default_auto_k(self.main.provider, (self.main.manifest or {}).get("dtype"))
+        default = sch.default_auto_k(self.main)
         stored = (tune.load(self) or {}).get("batch_auto_k")
         if stored is None:
             return dict(default)

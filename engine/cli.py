@@ -292,7 +292,7 @@ def _tune_parser() -> Parser:
         "--batch-sizes",
         metavar="B,B,...",
         help="also measure batched auto's draft length at these batch sizes (e.g. 1,2,4,8,16;"
-        " default: batch size 1 only)",
+        " default: batch size 1 only); above the largest, auto keeps its untuned entries",
     )
     return p
 

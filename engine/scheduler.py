@@ -38,12 +38,20 @@ DEFAULT_AUTO_K = {"fp32": {1: 4, 2: 3, 5: 0}, "int8": {1: 4, 2: 3, 4: 0}, "int4"
 DEFAULT_AUTO_K_CUDA = {1: 4}  # H100: speculation paid at every batch size measured (1-16)
 
 
-def default_auto_k(provider: str, dtype: str | None) -> dict[int, int]:
-    """auto's untuned table for a main of this dtype (stairs.json's; fp16 and unknown as fp32)
-    on this provider."""
-    if provider == "cuda":
+def default_auto_k(main: T5Model) -> dict[int, int]:
+    """auto's untuned table for this main: by its provider and its dtype (stairs.json's; fp16
+    and unknown as fp32)."""
+    if main.provider == "cuda":
         return dict(DEFAULT_AUTO_K_CUDA)
-    return dict(DEFAULT_AUTO_K.get(dtype or "fp32", DEFAULT_AUTO_K["fp32"]))
+    dtype = (main.manifest or {}).get("dtype") or "fp32"
+    return dict(DEFAULT_AUTO_K.get(dtype, DEFAULT_AUTO_K["fp32"]))
+
+
+def beyond_measured(measured: dict[int, int], default: dict[int, int]) -> dict[int, int]:
+    """A measured table, then the default's entries above its largest size: a table measured
+    at batch 1 alone must not speculate at 16 requests where the default turns it off."""
+    top = max(measured, default=0)
+    return {**measured, **{n: k for n, k in default.items() if n > top}}
 
 
 def cut(tokens, remaining: int, eos: int) -> tuple[list[int], bool]:

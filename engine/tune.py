@@ -19,6 +19,7 @@ from .errors import InputError, ModelFileError
 from .layout import TUNE_FILE
 from .options import validate
 from .providers import process_pool_exists
+from .scheduler import beyond_measured, default_auto_k
 
 log = logging.getLogger("stairs")
 
@@ -180,7 +181,8 @@ def calibrate(engine, prompts, max_new_tokens: int = 64, save: bool = True, batc
     )
     # what strategy="auto" runs: the draft length by the number of requests, batch 1 included
     sizes = sorted({1, *batch_sizes})
-    result["batch_auto_k"] = batch_table(engine, prompts, sizes, max_new_tokens)
+    measured = batch_table(engine, prompts, sizes, max_new_tokens)
+    result["batch_auto_k"] = beyond_measured(measured, default_auto_k(engine.main))
     if save:
         path = engine.main.folder / TUNE_FILE
         try:

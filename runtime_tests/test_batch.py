@@ -269,7 +269,8 @@ def test_tune_measures_batched_auto_per_size(tiny_models, tmp_path):
     assert tune_main(args + ["--max-new-tokens", "8", "--batch-sizes", "1,2"]) == 0
     eng = Engine.load(main, assistant=main)
     table = eng.auto_table()
-    assert set(table) == {1, 2} and all(0 <= k <= 5 for k in table.values())
+    assert {1, 2} <= set(table) and all(0 <= k <= 5 for k in table.values())
+    assert {n: k for n, k in table.items() if n > 2} == {5: 0}  # the default's, beyond 2
     out = eng.generate_batch([[5, 6, 1], [7, 1]], strategy="auto", max_new_tokens=8)
     assert [r.token_ids for r in out] == [
         eng.generate(p, max_new_tokens=8).token_ids for p in ([5, 6, 1], [7, 1])
