@@ -380,8 +380,8 @@ class Engine:
 
     def auto_table(self) -> dict[int, int]:
         """'auto': draft tokens per request by the number of active requests (0 = off); what
-        stairs-tune stored for this pair, else scheduler.default_auto_k for the main's dtype and
-        provider. A damaged stored table is ignored with a warning."""
+        stairs-tune stored for this pair (above its sizes, scheduler.beyond_measured), else
+        scheduler.default_auto_k. A damaged stored table is ignored with a warning."""
         from . import tune
 
         default = sch.default_auto_k(self.main)
@@ -391,7 +391,7 @@ class Engine:
         try:
             table = {int(n): int(k) for n, k in stored.items()}
             if table and all(n >= 1 and 0 <= k <= opt.MAX_DRAFT_TOKENS for n, k in table.items()):
-                return table
+                return sch.beyond_measured(table, default)  # tables stored before the merge too
         except (AttributeError, TypeError, ValueError):
             pass
         tune.log.warning("ignoring damaged batch_auto_k %r in %s", stored, TUNE_FILE)

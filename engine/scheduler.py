@@ -43,15 +43,20 @@ def default_auto_k(main: T5Model) -> dict[int, int]:
     and unknown as fp32)."""
     if main.provider == "cuda":
         return dict(DEFAULT_AUTO_K_CUDA)
-    dtype = (main.manifest or {}).get("dtype") or "fp32"
-    return dict(DEFAULT_AUTO_K.get(dtype, DEFAULT_AUTO_K["fp32"]))
+    dtype = (main.manifest or {}).get("dtype")
+    return dict(
+        DEFAULT_AUTO_K.get(dtype if isinstance(dtype, str) else "fp32", DEFAULT_AUTO_K["fp32"])
+    )
 
 
 def beyond_measured(measured: dict[int, int], default: dict[int, int]) -> dict[int, int]:
-    """A measured table, then the default's entries above its largest size: a table measured
-    at batch 1 alone must not speculate at 16 requests where the default turns it off."""
-    top = max(measured, default=0)
-    return {**measured, **{n: k for n, k in default.items() if n > top}}
+    """A measured table, then the default's entries above its largest size, none drafting
+    more than the largest measured size did: a table measured at batch 1 alone must not
+    speculate at 16 requests where the default turns it off, nor where batch 1 did not."""
+    if not measured:
+        return dict(default)
+    top = max(measured)
+    return {**measured, **{n: min(k, measured[top]) for n, k in default.items() if n > top}}
 
 
 def cut(tokens, remaining: int, eos: int) -> tuple[list[int], bool]:

@@ -332,6 +332,24 @@ def test_batch_memory_is_bounded(eng, prompts, ref):
     assert isinstance(lone.error, InputError) and "do not fit" in str(lone.error)
 
 
+def test_auto_default_by_dtype_and_measured_tables_extended():
+    from types import SimpleNamespace as NS
+
+    from engine.scheduler import DEFAULT_AUTO_K, beyond_measured, default_auto_k
+
+    fp32 = DEFAULT_AUTO_K["fp32"]
+    assert default_auto_k(NS(provider="cpu", manifest=None)) == fp32  # no stairs.json
+    for dtype in ("fp16", "fp8", ["int4"], None):  # fp16, unknown and damaged: as fp32
+        assert default_auto_k(NS(provider="cpu", manifest={"dtype": dtype})) == fp32
+    assert default_auto_k(NS(provider="cpu", manifest={"dtype": "int4"})) == {1: 3, 2: 0}
+    assert default_auto_k(NS(provider="cuda", manifest={"dtype": "int4"})) == {1: 4}
+    assert beyond_measured({1: 5}, fp32) == {1: 5, 2: 3, 5: 0}
+    assert beyond_measured({1: 2}, fp32) == {1: 2, 2: 2, 5: 0}  # never longer than measured
+    assert beyond_measured({1: 0}, fp32) == {1: 0, 2: 0, 5: 0}  # lost at 1: off above too
+    assert beyond_measured({1: 4, 8: 3}, fp32) == {1: 4, 8: 3}  # measured past the default
+    assert beyond_measured({}, fp32) == fp32
+
+
 def test_damaged_auto_table_is_ignored(eng, monkeypatch):
     from engine import scheduler, tune
 
