@@ -84,11 +84,17 @@ def _dtype(onnx_type: str):
             "tensor(int64)": np.int64, "tensor(bool)": np.bool_}[onnx_type]  # fmt: skip
 
 
+def widths(shape: Shape) -> tuple[int, int]:
+    """(self slots, encoder positions) of a call of shape, rounded up as the engine's cache
+    holds them."""
+    return -(-(shape.past + shape.tokens) // CHUNK) * CHUNK, layout.enc_width(shape.source)
+
+
 def decoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:
     """A feed of the masked decoder for shape: every row has `past` cached slots and its new
-    tokens in the next ones; capacity and encoder width rounded up as the engine's cache does."""
-    b, t, p, s = shape.rows, shape.tokens, shape.past, layout.enc_width(shape.source)
-    cap = -(-(p + t) // CHUNK) * CHUNK
+    tokens in the next ones; capacity and encoder width as `widths`."""
+    b, t, p = shape.rows, shape.tokens, shape.past
+    cap, s = widths(shape)
     rng = np.random.default_rng(0)
     slots = np.broadcast_to(p + np.arange(t), (b, t)).copy()
     mask = np.zeros((b, t, cap), bool)
@@ -240,9 +246,8 @@ def decoder_flops(path: Path, sess: ort.InferenceSession, shape: Shape) -> float
     names = _past_inputs(sess)
     past = [i for i in sess.get_inputs() if i.name in names]
     layers, heads, d_kv = len(past) // 2, past[0].shape[1], past[0].shape[3]
-    cap = -(-(shape.past + shape.tokens) // CHUNK) * CHUNK
     queries = shape.rows * shape.tokens * heads
-    attention = 4 * layers * queries * d_kv * (cap + layout.enc_width(shape.source))
+    attention = 4 * layers * queries * d_kv * sum(widths(shape))
     return 2.0 * shape.rows * shape.tokens * matmul_weights(path) + attention
 
 
