@@ -8,6 +8,8 @@ row (padded to the longest, at least MIN_TOKENS), C capacity in slots, S encoder
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import layout as lay
@@ -102,6 +104,8 @@ class BatchCache:
 
     def _clear(self, r: int, lo: int, hi: int) -> None:
         """Slots lo..hi of row r no longer hold anything: zeroed."""
+        if hi <= lo:  # nothing to clear (a plain step's rewind): skip the per-layer loop
+            return
         for a in self.self_kv:
             a[r, :, lo:hi] = 0.0
 
@@ -126,29 +130,34 @@ class BatchCache:
         """The decoder writing the new key/values into the bound arrays itself (_bound_call):
         no buffer is copied; the pads' slots are zeroed after (the path above never writes
         them)."""
-        logits = self._bound_call(feed, len(lengths), counter).numpy()
+        n, t = len(lengths), feed[lay.INPUT_IDS].shape[1]
+        logits = np.empty((n, t, self.model.vocab_size), np.float32)  # ORT writes it: no copy
+        self._bound_call(feed, n, counter, logits)
         self._clear_pads(lengths, counts, feed[lay.INPUT_IDS].shape[1])
         return logits
 
-    def _bound_call(self, feed: dict, n: int, counter):
+    def _bound_call(self, feed: dict, n: int, counter, host_logits: np.ndarray | None = None):
         """The decoder with each layer's first n rows bound both as its past input and as its
         kv_cache output (the graph's scatter writes every new token, pads included, into its
-        slot in place); the binding is kept while the arrays and n stay. The logits OrtValue."""
-        binding, outputs = self._binding, {lay.LOGITS: None}
+        slot in place); the binding is kept while the arrays and n stay. The logits: written
+        into host_logits [n, T, V] when given, else an OrtValue the session allocated."""
+        logits = None if host_logits is None else _Host(host_logits, n)
+        binding, outputs = self._binding, {lay.LOGITS: logits}
         if binding is None or self._binding_rows != n:  # arrays or rows changed
-            feed, outputs = self._bound_io(feed, n)
+            feed, outputs = self._bound_io(feed, n, logits)
             binding, self._binding = self.model.sessions["decoder"].io_binding(), None
-        logits = self.model.run("decoder", feed, counter, outputs, binding)[0]
+        got = self.model.run("decoder", feed, counter, outputs, binding)
         self._binding, self._binding_rows = binding, n  # complete: reused while n stays
-        return logits
+        return got[0] if host_logits is None else host_logits
 
-    def _bound_io(self, feed: dict, n: int) -> tuple[dict, dict]:
-        """feed with each layer's first n rows added, and the outputs: the logits (allocated
-        by the session), each kv_cache.* written into the array it came from."""
+    def _bound_io(self, feed: dict, n: int, logits) -> tuple[dict, dict]:
+        """feed with each layer's first n rows added, and the outputs: the logits (logits:
+        where to write them, None: allocated by the session), each kv_cache.* written into the
+        array it came from."""
         m = self.model
         arrays = zip((*m.self_names, *m.cross_names), (*self.self_kv, *self.cross))
         feed.update((k, self._rows_of(a, n)) for k, a in arrays)
-        outputs = {lay.LOGITS: None}
+        outputs = {lay.LOGITS: logits}
         outputs.update((k, self._rows_of(a, n)) for k, a in zip(m.full_names, self.self_kv))
         return feed, outputs
 
@@ -310,7 +319,7 @@ class BatchCache:
         mask = np.zeros((n, t, width), self.model.mask_dtype)
         mask[:, :, :c] = (np.arange(c) < lengths[:, None])[:, None, :]
         cols = (lengths[:, None] if self.model.in_place else np.full((n, 1), c)) + np.arange(t)
-        causal = np.tril(np.ones((t, t), bool))[None]  # [1, T, T]
+        causal = _causal(t)  # [1, T, T]
         mask[np.arange(n)[:, None, None], np.arange(t)[None, :, None], cols[:, None, :]] = causal
         return mask, cols
 
@@ -332,6 +341,14 @@ class BatchCache:
                 else:
                     mask[i, p] = True
                     p = int(self.parent[r, p])
+
+
+@functools.lru_cache(maxsize=64)
+def _causal(t: int) -> np.ndarray:
+    """[1, t, t]: new token i sees new tokens 0..i (read-only, shared by every call)."""
+    causal = np.tril(np.ones((t, t), bool))[None]
+    causal.flags.writeable = False
+    return causal
 
 
 class _Host:

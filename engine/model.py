@@ -358,8 +358,9 @@ class T5Model:
 
         feed values: numpy arrays, OrtValues, or engine.device_cache.Slab (rows of a device
         buffer, bound by address). outputs (IO binding): name -> a Slab to write into, or None
-        to leave it on the device; returns the bound outputs' OrtValues. binding: an IO binding
-        of this graph to bind into and run (what it already holds stays bound). Without
+        to leave it on the device; returns the bound outputs' OrtValues (none when every
+        output went into a given Slab). binding: an IO binding of this graph to bind into and
+        run (what it already holds stays bound). Without
         outputs: numpy arrays of the graph's outputs (the decoder's logits and new key/values)."""
         t = time.perf_counter()
         sess = self.sessions[role]
@@ -389,7 +390,10 @@ class T5Model:
             else:
                 target.bind(bind, name, output=True)
         sess.run_with_iobinding(bind)
-        return bind.copy_outputs_to_cpu() if outputs is None else bind.get_outputs()
+        if outputs is None:
+            return bind.copy_outputs_to_cpu()
+        # wrapping every output costs per call: skipped when each went into a given buffer
+        return bind.get_outputs() if any(v is None for v in outputs.values()) else []
 
     def encode(
         self, ids: list[int], counter: Counter, device: bool = False

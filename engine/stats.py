@@ -59,10 +59,11 @@ class Counter:
     """Mutable twin of Stats, filled during one generation."""
 
     __slots__ = [f.name for f in fields(Stats)]
+    _DEFAULTS = tuple((f.name, f.default) for f in fields(Stats))  # made per call: kept cheap
 
     def __init__(self) -> None:
-        for f in fields(Stats):
-            setattr(self, f.name, f.default)
+        for name, value in self._DEFAULTS:
+            setattr(self, name, value)
 
     def freeze(self) -> Stats:
         return Stats(**{name: getattr(self, name) for name in self.__slots__})

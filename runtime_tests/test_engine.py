@@ -51,21 +51,23 @@ def test_text_prompt_stream_and_result(tiny):
     assert set(s.as_dict()) >= {"acceptance_rate", "tokens_per_main_call", "overhead_s"}
 
 
-def _host(value) -> np.ndarray:
-    """A decoder output as numpy (the cache that binds its arrays gets the logits as an
-    OrtValue)."""
-    return value.numpy() if hasattr(value, "numpy") else value
-
-
-def _with_logits(out: list, logits: np.ndarray) -> list:
-    """out with its logits replaced, in the type the call site got."""
+def _edit_logits(out: list, bound: tuple, edit) -> list:
+    """A decoder call's result with its logits through edit (numpy -> numpy), wherever the
+    call site reads them: a host array it bound as the output (edited in place), an OrtValue
+    (replaced by a new one: a wrapped array may be freed) or a numpy array (replaced)."""
     import onnxruntime as ort
 
-    if isinstance(out[0], ort.OrtValue):  # ORT-owned memory: a wrapped array may be freed
+    target = bound[0].get("logits") if bound and bound[0] else None
+    if isinstance(getattr(target, "array", None), np.ndarray):  # engine.cache._Host
+        rows = target.array[: target.n]
+        rows[...] = edit(rows.copy())
+        return out
+    if isinstance(out[0], ort.OrtValue):
+        logits = edit(out[0].numpy().copy())
         value = ort.OrtValue.ortvalue_from_shape_and_type(list(logits.shape), logits.dtype)
         value.update_inplace(logits)
-        logits = value
-    return [logits, *out[1:]]
+        return [value, *out[1:]]
+    return [edit(out[0].copy()), *out[1:]]
 
 
 def test_stops_at_eos_and_max_new_tokens(tiny, monkeypatch):
@@ -82,15 +84,35 @@ def test_stops_at_eos_and_max_new_tokens(tiny, monkeypatch):
     def eos_third(role, feed, counter, *bound):
         out = real(role, feed, counter, *bound)
         if role == "decoder":  # the logits at decoder position 3 pick EOS
-            logits = _host(out[0]).copy()
-            logits[feed["positions"] == 3, 1] = 1e9
-            out = _with_logits(out, logits)
+
+            def eos(logits):
+                logits[feed["positions"] == 3, 1] = 1e9
+                return logits
+
+            out = _edit_logits(out, bound, eos)
         return out
 
     monkeypatch.setattr(tiny.main, "run", eos_third)
     for strategy in ("greedy", "assisted", "stairs", "lookup", "staged"):
         ids = tiny.generate([5, 6, 7, 1], strategy=strategy, max_new_tokens=20).token_ids
         assert len(ids) == 4 and ids[-1] == 1, strategy
+
+
+def test_each_decoder_call_returns_logits_of_its_own(tiny):
+    """ORT writes a call's logits straight into a host array; a caller may still hold them
+    after the next call (a drafter reading its rows), so no two calls share that array."""
+    from engine.cache import BatchCache
+    from engine.stats import Counter
+
+    cache = BatchCache(tiny.main)
+    assert cache.in_place_writes  # the path that binds the logits' array
+    cross, mask = tiny.main.encode([5, 6, 7, 1], Counter())
+    cache.add("r", cross, mask)
+    first = cache.run(np.array([[0, 5]]), np.array([2]), Counter())
+    kept = first.copy()
+    second = cache.run(np.array([[6, 7]]), np.array([2]), Counter())
+    assert not np.shares_memory(first, second)
+    assert np.array_equal(first, kept) and not np.array_equal(first, second)
 
 
 def test_bad_input_is_refused_clearly(tiny):
@@ -125,7 +147,7 @@ def test_nan_logits_raise_naming_model_and_step(tiny, monkeypatch):
         if role == "decoder":
             calls["n"] += 1
             if calls["n"] == 3:  # the third main call: decoder step 2
-                out = _with_logits(out, np.full_like(_host(out[0]), np.nan))
+                out = _edit_logits(out, bound, lambda x: np.full_like(x, np.nan))
         return out
 
     monkeypatch.setattr(tiny.main, "run", nan_later)
