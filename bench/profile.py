@@ -6,9 +6,10 @@ masked pad the engine adds), ONNX Runtime's own per-node profile of the masked d
 (`SessionOptions.enable_profiling`), grouped by op kind and by layer part (self-attention, the
 key/value writes into the buffer, cross-attention, feed-forward, LM head, layer norms, position
 bias, the embedding and masks), and the encoder's and the assistant's decoder's the same way.
-Beside it the floor: the graph's weight bytes over this machine's measured weight-streaming
-rate (an ORT MatMul of a few rows by a weight far larger than the caches), and its FLOPs over
-measured GEMM throughput. Wall times come from a session without profiling; shares from the
+Beside it the floor: the graph's weight bytes and the key/values the call reads (every row's
+cached slots and encoder positions) over this machine's measured weight-streaming rate (an ORT
+MatMul of a few rows by a weight far larger than the caches), and its FLOPs over measured GEMM
+throughput. Wall times come from a session without profiling; shares from the
 profiled one. Each call runs as the engine's caches run it (the key/value buffers bound as the
 kv_cache outputs, so the graph writes in place). Feeds are synthetic with the shapes the engine
 feeds (the values do not change the kernels' work).
@@ -240,12 +241,26 @@ def matmul_weights(path: Path) -> int:
     return total
 
 
+def _kv_dims(sess: ort.InferenceSession) -> tuple[int, int, int, int]:
+    """(layers, heads, d_kv, bytes per element) of the decoder's key/value inputs."""
+    names = _past_inputs(sess)
+    past = [i for i in sess.get_inputs() if i.name in names]
+    size = np.dtype(_dtype(past[0].type)).itemsize
+    return len(past) // 2, past[0].shape[1], past[0].shape[3], size
+
+
+def cache_bytes(sess: ort.InferenceSession, shape: Shape) -> int:
+    """Key/value bytes one masked-decoder call reads: every row's self slots and encoder
+    positions (as `widths` holds them; the mask hides slots, the matmuls still read them),
+    keys and values, every layer."""
+    layers, heads, d_kv, size = _kv_dims(sess)
+    return 2 * layers * shape.rows * heads * d_kv * sum(widths(shape)) * size
+
+
 def decoder_flops(path: Path, sess: ort.InferenceSession, shape: Shape) -> float:
     """Multiply-adds x 2 of one masked-decoder call: every new token through every weight, and
     attention (each query alone) over the capacity's slots and the source."""
-    names = _past_inputs(sess)
-    past = [i for i in sess.get_inputs() if i.name in names]
-    layers, heads, d_kv = len(past) // 2, past[0].shape[1], past[0].shape[3]
+    layers, heads, d_kv, _ = _kv_dims(sess)
     queries = shape.rows * shape.tokens * heads
     attention = 4 * layers * queries * d_kv * sum(widths(shape))
     return 2.0 * shape.rows * shape.tokens * matmul_weights(path) + attention
@@ -278,6 +293,17 @@ def measured_rates(threads: int, runs: int = 10) -> dict:
             "gemm_flops_per_s": 2 * 512 * 2048 * 2048 / gemm_s}  # fmt: skip
 
 
+def _floor(weights: int, cache: int, flops: float, rates: dict) -> dict:
+    """What a call cannot go below, ms: its weights and the key/values it reads streamed once
+    (each part alone too), or its FLOPs at the GEMM rate; ms is the larger."""
+    stream = rates["stream_bytes_per_s"] / 1e3
+    floor = {"weights_ms": weights / stream, "cache_ms": cache / stream,
+             "bytes_ms": (weights + cache) / stream,
+             "flops_ms": flops / rates["gemm_flops_per_s"] * 1e3}  # fmt: skip
+    floor["ms"] = max(floor["bytes_ms"], floor["flops_ms"])
+    return floor
+
+
 def profile_graph(path: Path, role: str, shapes: list[Shape], threads: int, runs: int,
                   rates: dict) -> list[dict]:  # fmt: skip
     """One record per shape: wall ms, the floor, and ms by layer part and by op kind."""
@@ -298,18 +324,16 @@ def profile_graph(path: Path, role: str, shapes: list[Shape], threads: int, runs
             by_op[op] = by_op.get(op, 0.0) + us / 1e3
         tokens = shape.rows * (shape.tokens if decoder else shape.source)
         if decoder:
-            flops = decoder_flops(path, sess, shape)
+            flops, kv = decoder_flops(path, sess, shape), cache_bytes(sess, shape)
         else:
-            flops = 2.0 * tokens * matmul_weights(path)
-        wbytes = graph_bytes(path)
-        floor = {"bytes_ms": wbytes / rates["stream_bytes_per_s"] * 1e3,
-                 "flops_ms": flops / rates["gemm_flops_per_s"] * 1e3}  # fmt: skip
-        floor["ms"] = max(floor["bytes_ms"], floor["flops_ms"])
+            flops, kv = 2.0 * tokens * matmul_weights(path), 0
+        floor = _floor(graph_bytes(path), kv, flops, rates)
         records.append({
             "graph": role, "shape": shape.label, "rows": shape.rows, "tokens": shape.tokens,
             "past": shape.past, "source": shape.source, "wall_ms": wall,
-            "kernel_ms": sum(by_op.values()), "nodes": len(nodes), "weight_bytes": wbytes,
-            "flops": flops, "floor": floor, "x_floor": wall / floor["ms"],
+            "kernel_ms": sum(by_op.values()), "nodes": len(nodes),
+            "weight_bytes": graph_bytes(path), "cache_bytes": kv, "flops": flops,
+            "floor": floor, "x_floor": wall / floor["ms"],
             "by_part": by_part, "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
         })  # fmt: skip
     return records
@@ -325,8 +349,9 @@ def markdown(result: dict) -> str:
             f"{result['threads']} threads, {result['past']} cached slots, {result['source']} source"
             f" positions; medians of {result['runs']} runs. Weight streaming"
             f" {r['stream_bytes_per_s'] / 1e9:.1f} GB/s, GEMM {r['gemm_flops_per_s'] / 1e9:.0f}"
-            " GFLOP/s (ORT MatMul probes). Floor = max(weight bytes / streaming rate, FLOPs /"
-            " GEMM rate); a graph whose weights fit the CPU's caches can run below it."
+            " GFLOP/s (ORT MatMul probes). Floor = max((weight bytes + the key/values the call"
+            " reads) / streaming rate, FLOPs / GEMM rate); weights floor: the weights alone."
+            " A graph whose weights fit the CPU's caches can run below it."
             f" Quiet: {result['quiet']}."
         ),
     ]
@@ -334,15 +359,17 @@ def markdown(result: dict) -> str:
         recs = [rec for rec in result["records"] if rec["graph"] == role]
         cols = [p for p in PARTS if any(p in rec["by_part"] for rec in recs)]
         lines += ["", f"## {role} ({recs[0]['weight_bytes'] / 1e6:.1f} MB of weights)", ""]
-        lines += ["| rows x tokens | wall ms | floor ms | x floor | nodes | "
-                  + " | ".join(cols) + " |", "|---" * (len(cols) + 5) + "|"]  # fmt: skip
+        lines += ["| rows x tokens | wall ms | key/values read MB | floor ms | x floor |"
+                  " weights floor ms | nodes | " + " | ".join(cols) + " |",
+                  "|---" * (len(cols) + 7) + "|"]  # fmt: skip
         for rec in recs:
-            k = rec["kernel_ms"] or 1.0
+            k, floor = rec["kernel_ms"] or 1.0, rec["floor"]
             cells = [f"{rec['by_part'].get(p, 0):.2f} ({rec['by_part'].get(p, 0) / k:.0%})"
                      for p in cols]  # fmt: skip
             lines.append(
-                f"| {rec['shape']} | {rec['wall_ms']:.2f} | {rec['floor']['ms']:.2f} |"
-                f" {rec['x_floor']:.2f} | {rec['nodes']} | " + " | ".join(cells) + " |"
+                f"| {rec['shape']} | {rec['wall_ms']:.2f} | {rec['cache_bytes'] / 1e6:.1f} |"
+                f" {floor['ms']:.2f} | {rec['x_floor']:.2f} | {floor['weights_ms']:.2f} |"
+                f" {rec['nodes']} | " + " | ".join(cells) + " |"
             )
         ops = list(dict.fromkeys(op for rec in recs for op in list(rec["by_op"])[:6]))
         lines += ["", "| rows x tokens | " + " | ".join(ops) + " | the rest |",

@@ -20,7 +20,7 @@ def test_profile_groups_every_node_by_part(tiny_models, tmp_path, monkeypatch, v
     """Every shape asked for is profiled as the engine feeds it (1 x 1 padded to 1 x 2); each
     node lands in one layer part (so the parts add up to the kernel time); the decoder's parts
     include each sublayer, the key/value writes and the LM head; the floor is the weight bytes
-    over the streaming rate at one row."""
+    and the key/values each call reads over the streaming rate."""
     main = Path(tiny_models[variant]["main"])
     monkeypatch.setattr(profile, "measured_rates", lambda threads: RATES)
     out = tmp_path / "prof"
@@ -39,7 +39,14 @@ def test_profile_groups_every_node_by_part(tiny_models, tmp_path, monkeypatch, v
     data = main / (profile.DECODER + "_data")
     size = graph.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     assert dec[0]["weight_bytes"] == size
-    assert dec[0]["floor"]["bytes_ms"] == pytest.approx(size / RATES["stream_bytes_per_s"] * 1e3)
+    rate = RATES["stream_bytes_per_s"] / 1e3
+    assert dec[0]["floor"]["weights_ms"] == pytest.approx(size / rate)
+    # keys and values of 128 self slots (96 + 2 rounded up) and 256 source positions per row
+    c = json.loads((main / "config.json").read_text())
+    layers = c.get("num_decoder_layers") or c["num_layers"]
+    kv = 2 * layers * c["num_heads"] * c["d_kv"] * (128 + 256) * 4
+    assert [r["cache_bytes"] for r in dec] == [kv, kv, 3 * kv, 3 * kv]
+    assert dec[0]["floor"]["bytes_ms"] == pytest.approx((size + kv) / rate)
     assert "## main decoder" in (out / "profile.md").read_text()
 
 
