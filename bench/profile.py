@@ -327,14 +327,15 @@ def profile_graph(path: Path, role: str, shapes: list[Shape], threads: int, runs
             flops, kv = decoder_flops(path, sess, shape), cache_bytes(sess, shape)
         else:
             flops, kv = 2.0 * tokens * matmul_weights(path), 0
-        floor = _floor(graph_bytes(path), kv, flops, rates)
+        wbytes = graph_bytes(path)
+        floor = _floor(wbytes, kv, flops, rates)
         records.append({
             "graph": role, "shape": shape.label, "rows": shape.rows, "tokens": shape.tokens,
             "past": shape.past, "source": shape.source, "wall_ms": wall,
             "kernel_ms": sum(by_op.values()), "nodes": len(nodes),
-            "weight_bytes": graph_bytes(path), "cache_bytes": kv, "flops": flops,
+            "weight_bytes": wbytes, "cache_bytes": kv, "flops": flops,
             "floor": floor, "x_floor": wall / floor["ms"],
-            "by_part": by_part, "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "by_part": by_part, "by_op": dict(sorted(by_op.items(), key=lambda item: -item[1])),
         })  # fmt: skip
     return records
 
@@ -351,7 +352,7 @@ def markdown(result: dict) -> str:
             f" {r['stream_bytes_per_s'] / 1e9:.1f} GB/s, GEMM {r['gemm_flops_per_s'] / 1e9:.0f}"
             " GFLOP/s (ORT MatMul probes). Floor = max((weight bytes + the key/values the call"
             " reads) / streaming rate, FLOPs / GEMM rate); weights floor: the weights alone."
-            " A graph whose weights fit the CPU's caches can run below it."
+            " A graph whose weights or key/values fit the CPU's caches can run below it."
             f" Quiet: {result['quiet']}."
         ),
     ]

@@ -133,7 +133,7 @@ class BatchCache:
         n, t = len(lengths), feed[lay.INPUT_IDS].shape[1]
         logits = np.empty((n, t, self.model.vocab_size), np.float32)  # ORT writes it: no copy
         self._bound_call(feed, n, counter, logits)
-        self._clear_pads(lengths, counts, feed[lay.INPUT_IDS].shape[1])
+        self._clear_pads(lengths, counts, t)
         return logits
 
     def _bound_call(self, feed: dict, n: int, counter, host_logits: np.ndarray | None = None):
@@ -147,7 +147,9 @@ class BatchCache:
             feed, outputs = self._bound_io(feed, n, logits)
             binding, self._binding = self.model.sessions["decoder"].io_binding(), None
         got = self.model.run("decoder", feed, counter, outputs, binding)
-        self._binding, self._binding_rows = binding, n  # complete: reused while n stays
+        # kept while n stays; its logits output still names this call's array, so the next
+        # call binds its own before running (nothing reads the kept one's outputs)
+        self._binding, self._binding_rows = binding, n
         return got[0] if host_logits is None else host_logits
 
     def _bound_io(self, feed: dict, n: int, logits) -> tuple[dict, dict]:

@@ -309,6 +309,8 @@ class T5Model:
                 f"{path}: not this engine's masked decoder for {self.num_decoder_layers} layers"
                 " (inputs or outputs differ)"
             )
+        # a named (free) vocab dimension passes here; ORT then checks each call's logits
+        # against the host array engine.cache sizes by vocab_size
         vocab = dec.get_outputs()[0].shape[-1]
         heads = ins[self.self_names[0]].shape[1]
         for what, got, want in ((lay.LOGITS, vocab, self.vocab_size), ("heads", heads,
@@ -356,12 +358,13 @@ class T5Model:
     ) -> list:
         """The one call site of a graph (encoder, decoder or cross); counts its seconds.
 
-        feed values: numpy arrays, OrtValues, or engine.device_cache.Slab (rows of a device
-        buffer, bound by address). outputs (IO binding): name -> a Slab to write into, or None
-        to leave it on the device; returns the bound outputs' OrtValues (none when every
-        output went into a given Slab). binding: an IO binding of this graph to bind into and
-        run (what it already holds stays bound). Without
-        outputs: numpy arrays of the graph's outputs (the decoder's logits and new key/values)."""
+        feed values: numpy arrays, OrtValues, or a buffer bound by address (engine.device_cache
+        Slab: rows of a device buffer; engine.cache._Host: rows of a host array). outputs (IO
+        binding): name -> such a buffer to write into, or None to leave it on the device;
+        returns the bound outputs' OrtValues (none when every output went into a buffer).
+        binding: an IO binding of this graph to bind into and run (what it already holds stays
+        bound). Without outputs: numpy arrays of the graph's outputs (the decoder's logits and
+        new key/values)."""
         t = time.perf_counter()
         sess = self.sessions[role]
         if outputs is not None or self.io_binding:
