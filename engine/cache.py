@@ -152,7 +152,7 @@ class BatchCache:
         self._binding, self._binding_rows = binding, n
         return got[0] if host_logits is None else host_logits
 
-    def _bound_io(self, feed: dict, n: int, logits) -> tuple[dict, dict]:
+    def _bound_io(self, feed: dict, n: int, logits=None) -> tuple[dict, dict]:
         """feed with each layer's first n rows added, and the outputs: the logits (logits:
         where to write them, None: allocated by the session), each kv_cache.* written into the
         array it came from."""
