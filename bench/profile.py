@@ -38,7 +38,6 @@ from bench.common import (
     wrote,
 )
 from engine import layout
-from engine.cache import CHUNK
 from engine.model import MIN_TOKENS
 from engine.providers import session_options
 
@@ -88,7 +87,7 @@ def _dtype(onnx_type: str):
 def widths(shape: Shape) -> tuple[int, int]:
     """(self slots, encoder positions) of a call of shape, rounded up as the engine's cache
     holds them."""
-    return -(-(shape.past + shape.tokens) // CHUNK) * CHUNK, layout.enc_width(shape.source)
+    return layout.slot_width(shape.past + shape.tokens), layout.enc_width(shape.source)
 
 
 def decoder_feed(sess: ort.InferenceSession, shape: Shape) -> dict:

@@ -17,7 +17,7 @@ from .model import MIN_TOKENS, T5Model
 from .stats import Counter
 from .strategies.base import pick
 
-CHUNK = 32  # cache capacity grows in steps of this many slots (one copy every CHUNK tokens)
+CHUNK = lay.SLOT_CHUNK  # capacity grows in steps of this many slots (as format 3 asks)
 
 
 class BatchCache:
@@ -282,7 +282,7 @@ class BatchCache:
         n, t = tokens.shape
         need = int((self.lengths[:n] + t).max())
         if need > self.capacity:
-            self._alloc(len(self.lengths), -(-need // CHUNK) * CHUNK, self.enc_len)
+            self._alloc(len(self.lengths), lay.slot_width(need), self.enc_len)
         lengths = self.lengths[:n].copy()
         slots = lengths[:, None] + np.arange(t)  # [N, T]: new token i takes slot lo + i
         positions = slots.copy()  # a tree row's tokens take their depth instead

@@ -44,15 +44,21 @@ OPTIMUM_FILES = (OPTIMUM_DECODER_FILE, OPTIMUM_PAST_FILE)
 # 3), "2" the queries of a row together plus a copy of the first (format 2)
 EXPORT_ID_KEY = "stairs.export_id"
 QUERY_ROWS_KEY = "stairs.attention_query_rows"
-# What a format 3 graph asks of whoever feeds it: encoder positions in multiples of this (and
-# self slots in multiples of 32, engine.cache.CHUNK), so attention's one-query products see key
-# counts whose tails the CPU kernels sum alike whatever the longest prompt of the call.
+# What a format 3 graph asks of whoever feeds it: encoder positions and self slots in
+# multiples of these, so attention's one-query products see key counts whose tails the CPU
+# kernels sum alike whatever the longest prompt or row of the call.
 ENC_CHUNK = 16
+SLOT_CHUNK = 32  # also the step the caches grow by (one copy every SLOT_CHUNK tokens)
 
 
 def enc_width(positions: int) -> int:
     """Encoder positions held for a prompt of this many (rounded up to ENC_CHUNK)."""
     return -(-positions // ENC_CHUNK) * ENC_CHUNK
+
+
+def slot_width(slots: int) -> int:
+    """Self key/value slots held for this many (rounded up to SLOT_CHUNK)."""
+    return -(-slots // SLOT_CHUNK) * SLOT_CHUNK
 
 
 # config.json keys a main and its assistant must share

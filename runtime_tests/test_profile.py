@@ -42,7 +42,7 @@ def test_profile_groups_every_node_by_part(tiny_models, tmp_path, monkeypatch, v
     rate = RATES["stream_bytes_per_s"] / 1e3
     assert dec[0]["floor"]["weights_ms"] == pytest.approx(size / rate)
     # the defaults --past 96 and --source 256: per row, keys and values of 128 self slots
-    # (96 + 2 new, rounded up to cache.CHUNK = 32) and 256 encoder positions (ENC_CHUNK = 16)
+    # (96 + 2 new, rounded up to layout.SLOT_CHUNK = 32) and 256 encoder positions (ENC_CHUNK)
     c = json.loads((main / "config.json").read_text())
     layers = c.get("num_decoder_layers") or c["num_layers"]
     kv = 2 * layers * c["num_heads"] * c["d_kv"] * (128 + 256) * 4
