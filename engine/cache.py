@@ -17,8 +17,6 @@ from .model import MIN_TOKENS, T5Model
 from .stats import Counter
 from .strategies.base import pick
 
-CHUNK = lay.SLOT_CHUNK  # capacity grows in steps of this many slots (as format 3 asks)
-
 
 class BatchCache:
     """Decoder state of many rows of one model; the only place its key/values change.
@@ -41,7 +39,7 @@ class BatchCache:
         self.in_place_writes = model.has_full and model.provider == "cpu"
         self.owners: list = []
         self.self_kv: list[np.ndarray] = []
-        self._alloc(rows, CHUNK, 1)
+        self._alloc(rows, lay.SLOT_CHUNK, 1)
 
     def _alloc(self, rows: int, cap: int, enc_len: int) -> None:
         """(Re)allocate rows x cap slots x enc_len (rounded up: layout.enc_width), keeping the
@@ -249,12 +247,12 @@ class BatchCache:
         """Forget every row and start over small (after a failed operation; nothing kept)."""
         self.owners = []
         self.self_kv = []
-        self._alloc(1, CHUNK, 1)
+        self._alloc(1, lay.SLOT_CHUNK, 1)
 
     def shrink(self) -> None:
         """Back to a small allocation once no row is active (memory goes back to the host, or to
         ORT's device arena, which keeps it; later calls stop attending over a long capacity)."""
-        if not self.owners and (self.capacity > CHUNK or len(self.lengths) > 1):
+        if not self.owners and (self.capacity > lay.SLOT_CHUNK or len(self.lengths) > 1):
             self.reset()
 
     def run(

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .accept import accept_path
-from .cache import CHUNK, BatchCache
+from .cache import BatchCache
 from .device_cache import device_free_bytes, make_cache
 from .errors import CancelledError, EngineError, InputError, NonFiniteLogitsError
+from .layout import SLOT_CHUNK
 from .model import T5Model
 from .options import MEMORY_SAFETY, available_memory
 from .stats import Counter
@@ -201,7 +202,7 @@ class Scheduler:
         # caches hold now (they keep their size until no request is active)
         longest = max(q.max_new_tokens for q in reqs)
         widest = max(q.max_length() - q.max_new_tokens for q in reqs)
-        cap = max(longest + widest + CHUNK, self.main.capacity)
+        cap = max(longest + widest + SLOT_CHUNK, self.main.capacity)
         enc = max(max(len(q.ids) for q in reqs), self.main.enc_len)
         rows = 1 << (len(reqs) - 1).bit_length()  # the caches double their rows
         need, now = {"host": 0, "device": 0}, {"host": 0, "device": 0}

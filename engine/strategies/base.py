@@ -28,6 +28,12 @@ def pick(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, ~np.isfinite(top).reshape(ids.shape)
 
 
+def auto_entry(table: dict[int, int], active: int) -> int:
+    """auto's draft length for `active` requests: the entry of the largest size <= active (the
+    smallest size's below it)."""
+    return table[max([n for n in table if n <= active], default=min(table))]
+
+
 def check_finite(bad: np.ndarray, model: str, step: int) -> None:
     """The one NaN check: raise, naming the model and decoder step, if any pick is bad."""
     if bad.any():
@@ -82,9 +88,7 @@ class Drafter:
 
     def draft_len(self, active: int) -> int:
         """Draft tokens per path this step: k, or auto's table entry for `active` requests."""
-        if self.auto_k is None:
-            return self.k
-        return self.auto_k[max([n for n in self.auto_k if n <= active], default=min(self.auto_k))]
+        return self.k if self.auto_k is None else auto_entry(self.auto_k, active)
 
     def max_draft(self) -> int:
         """The most draft tokens per path it can ever ask for."""
